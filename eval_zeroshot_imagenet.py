@@ -1,0 +1,43 @@
+"""ImageNet zero-shot top-1 of LaCLIP's ViT checkpoints (CC3M, CC12M, RedCaps).
+
+    python eval_zeroshot_imagenet.py --imagenet-root PATH --ckpt-path CKPT --model CLIP_VITB16 --batch-size 128 --workers 8
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+import models
+from tokenizer import SimpleTokenizer
+from zeroshot import add_eval_args, check_eval_args, eval_transform, run_eval_cli
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="LaCLIP ImageNet zero-shot evaluation", add_help=True)
+    parser.add_argument("--model", default="CLIP_VITB16", help=f"one of {', '.join(models.PRESETS)}")
+    return add_eval_args(parser, default_templates="simple")
+
+
+def load_model(name: str, ckpt_path: str, device: torch.device) -> torch.nn.Module:
+    if name not in models.PRESETS:
+        raise ValueError(f"--model {name!r} is not a CLIP preset; choose one of {', '.join(models.PRESETS)}")
+    state = models.load_checkpoint_state(ckpt_path)  # checks the file before building the model
+    model = models.get_model(name, rand_embed=False)
+    models.load_into(model, state, name, ckpt_path)
+    return model.to(device).eval()
+
+
+def main(argv: list[str] | argparse.Namespace | None = None) -> dict:
+    args = argv if isinstance(argv, argparse.Namespace) else get_args_parser().parse_args(argv)
+    device = check_eval_args(args)
+    model = load_model(args.model, args.ckpt_path, device)
+    return run_eval_cli(args, model, SimpleTokenizer(), eval_transform(), device)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError, PermissionError, OSError) as err:
+        sys.exit(f"error: {err}")

@@ -1,0 +1,126 @@
+"""ImageNet validation folders for zero-shot evaluation: class names by WordNet ID, robust image loading.
+
+Class folders are mapped to class names through their WordNet IDs, so any subset of
+ImageNet classes (say 100 of them) gets the right names; the original scripts assumed all
+1000 folders and silently mislabelled subsets.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset, default_collate
+
+from imagenet_templates import IMAGENET_CLASSNAMES, IMAGENET_WNIDS, OPENAI_TEMPLATES, SIMPLE_TEMPLATES
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+_WNID_TO_NAME = dict(zip(IMAGENET_WNIDS, IMAGENET_CLASSNAMES))
+
+
+def read_lines(path: str, flag: str) -> list[str]:
+    """Non-empty stripped lines of a UTF-8 text file; errors name the flag and the file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{flag}: file {path!r} does not exist")
+    with open(path, encoding="utf-8") as f:
+        lines = [line.strip() for line in f]
+    lines = [line for line in lines if line]
+    if not lines:
+        raise ValueError(f"{flag}: file {path!r} is empty")
+    return lines
+
+
+def resolve_templates(spec: str) -> list[str]:
+    """'simple' (the 7 LaCLIP templates), 'openai' (the 80), or a file with one '{}' template a line."""
+    if spec == "simple":
+        return list(SIMPLE_TEMPLATES)
+    if spec == "openai":
+        return list(OPENAI_TEMPLATES)
+    templates = read_lines(spec, "--templates")
+    bad = [t for t in templates if t.count("{}") != 1]
+    if bad:
+        raise ValueError(f"--templates: each line of {spec!r} needs exactly one '{{}}'; got {bad[0]!r}")
+    return templates
+
+
+def list_class_folders(val_dir: str) -> list[str]:
+    folders = sorted(e.name for e in os.scandir(val_dir) if e.is_dir())
+    if not folders:
+        raise ValueError(f"--imagenet-root: {val_dir!r} has no class folders")
+    return folders
+
+
+def class_names_for(folders: list[str], val_dir: str, classnames_file: str | None) -> list[str]:
+    """Names for the sorted class folders: from ``--classnames`` if given, else by WordNet ID."""
+    if classnames_file is not None:
+        names = read_lines(classnames_file, "--classnames")
+        if len(names) != len(folders):
+            raise ValueError(f"--classnames: {classnames_file!r} has {len(names)} names but {val_dir!r} "
+                             f"has {len(folders)} class folders (one name per folder, sorted folder order)")
+        return names
+    unknown = [f for f in folders if f not in _WNID_TO_NAME]
+    if unknown:
+        raise ValueError(f"--imagenet-root: class folders in {val_dir!r} are not ImageNet WordNet IDs "
+                         f"(e.g. {unknown[0]!r}); pass --classnames FILE with one class name per line "
+                         f"in sorted folder order")
+    return [_WNID_TO_NAME[f] for f in folders]
+
+
+def list_samples(val_dir: str, folders: list[str]) -> list[tuple[str, int]]:
+    samples = []
+    for label, folder in enumerate(folders):
+        files = sorted(e.path for e in os.scandir(os.path.join(val_dir, folder))
+                       if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS))
+        if not files:
+            raise ValueError(f"--imagenet-root: class folder {os.path.join(val_dir, folder)!r} has no images")
+        samples.extend((path, label) for path in files)
+    return samples
+
+
+class ImageList(Dataset):
+    """(image, label) pairs; a bad image raises naming the file, or with ``skip_bad`` yields None."""
+
+    def __init__(self, samples: list[tuple[str, int]], transform: Callable, skip_bad: bool = False):
+        self.samples = samples
+        self.transform = transform
+        self.skip_bad = skip_bad
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        path, label = self.samples[index]
+        try:
+            with Image.open(path) as img:
+                # RGB conversion covers grayscale, CMYK, RGBA and palette images.
+                image = img.convert("RGB")
+        except Exception as err:
+            if self.skip_bad:
+                return None
+            raise OSError(f"cannot read image {path!r} ({err}); fix or remove it, "
+                          f"or pass --skip-bad-images to skip such files") from err
+        return self.transform(image), label
+
+
+def collate_skipping_bad(batch: list):
+    """Default collate over the readable items; also returns how many were skipped."""
+    good = [item for item in batch if item is not None]
+    skipped = len(batch) - len(good)
+    if not good:
+        return torch.empty(0), torch.empty(0, dtype=torch.long), skipped
+    images, labels = default_collate(good)
+    return images, labels, skipped
+
+
+def imagenet_val(root: str, transform: Callable, classnames_file: str | None = None,
+                 skip_bad_images: bool = False) -> tuple[ImageList, list[str]]:
+    """The dataset over ``<root>/val`` and the class name of each label."""
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"--imagenet-root: folder {root!r} does not exist")
+    val_dir = os.path.join(root, "val")
+    if not os.path.isdir(val_dir):
+        raise FileNotFoundError(f"--imagenet-root: {root!r} has no 'val' folder (expected {val_dir!r})")
+    folders = list_class_folders(val_dir)
+    names = class_names_for(folders, val_dir, classnames_file)
+    return ImageList(list_samples(val_dir, folders), transform, skip_bad_images), names

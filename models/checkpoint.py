@@ -1,0 +1,106 @@
+"""Reading released LaCLIP checkpoints and fitting them to a preset, with errors a user can act on."""
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from .clip import PRESETS
+
+
+def read_checkpoint(path: str, flag: str = "--ckpt-path") -> dict:
+    """torch.load a checkpoint onto the CPU; errors name the flag and the file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{flag}: checkpoint file {path!r} does not exist")
+    if not os.access(path, os.R_OK):
+        raise PermissionError(f"{flag}: checkpoint file {path!r} is not readable")
+    # The released files pickle an argparse.Namespace next to the weights; allow just that in
+    # the safe loader, and fall back to full unpickling (torch<2.6 behaviour) for other extras.
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        obj = None
+    except Exception as err:  # truncated zip, not a torch file, ...
+        raise ValueError(f"{flag}: cannot read checkpoint {path!r}: {err}") from err
+    if obj is None:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as err:
+            raise ValueError(f"{flag}: cannot read checkpoint {path!r}: {err}") from err
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"{flag}: {path!r} holds a {type(obj).__name__}, not a checkpoint dict")
+    return dict(obj)
+
+
+def extract_state_dict(ckpt: Mapping, path: str = "", flag: str = "--ckpt-path") -> dict[str, torch.Tensor]:
+    """``ckpt['state_dict']`` or the bare dict, with the DDP ``module.`` prefix stripped."""
+    state = ckpt.get("state_dict", ckpt)
+    if not isinstance(state, Mapping) or not all(torch.is_tensor(v) for v in state.values()):
+        raise ValueError(f"{flag}: {path!r} has no state dict of tensors (keys: {sorted(ckpt)[:8]})")
+    return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}
+
+
+def load_checkpoint_state(path: str, flag: str = "--ckpt-path") -> dict[str, torch.Tensor]:
+    return extract_state_dict(read_checkpoint(path, flag), path, flag)
+
+
+def preset_shapes(name: str) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of a preset, built on the meta device so even ViT-L costs no memory."""
+    with torch.device("meta"):
+        model = PRESETS[name]()
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def closest_preset(state: Mapping[str, torch.Tensor]) -> str | None:
+    """The preset whose keys and shapes match the most entries of ``state`` (None if none fits well)."""
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    best, best_score = None, 0.0
+    for name in PRESETS:
+        ref = preset_shapes(name)
+        same = sum(1 for k, s in shapes.items() if ref.get(k) == s)
+        score = same / max(len(ref), len(shapes))
+        if score > best_score:
+            best, best_score = name, score
+    return best if best_score > 0.5 else None
+
+
+def _describe(keys: list[str], limit: int = 8) -> str:
+    shown = ", ".join(keys[:limit])
+    return f"{shown}{f', ... ({len(keys)} in all)' if len(keys) > limit else ''}"
+
+
+def mismatch_lines(model: nn.Module, state: Mapping[str, torch.Tensor]) -> list[str]:
+    """Human-readable differences between a model's keys/shapes and a state dict (empty if it fits)."""
+    own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong_shape = sorted(k for k in set(own) & set(state) if tuple(state[k].shape) != own[k])
+    lines = []
+    if missing:
+        lines.append(f"  missing keys: {_describe(missing)}")
+    if unexpected:
+        lines.append(f"  unexpected keys: {_describe(unexpected)}")
+    if wrong_shape:
+        lines.append("  wrong shapes: " + _describe(
+            [f"{k} {tuple(state[k].shape)} vs {own[k]}" for k in wrong_shape]))
+    return lines
+
+
+def load_into(model: nn.Module, state: Mapping[str, torch.Tensor], model_name: str, path: str,
+              flag: str = "--ckpt-path") -> None:
+    """Strict load; on mismatch say which keys are missing/unexpected and which preset the file fits."""
+    lines = mismatch_lines(model, state)
+    if lines:
+        lines.insert(0, f"{flag}: checkpoint {path!r} does not fit --model {model_name}")
+        guess = closest_preset(state)
+        if guess and guess != model_name:
+            lines.append(f"  it looks like a {guess} checkpoint: try --model {guess}")
+        elif any(k.startswith(("visual.conv1", "visual.transformer.")) for k in state):
+            lines.append("  it looks like an open_clip model: use eval_zeroshot_imagenet_laion.py")
+        raise ValueError("\n".join(lines))
+    model.load_state_dict(state, strict=True)

@@ -1,0 +1,194 @@
+"""Both eval scripts end to end on synthetic ImageFolders, checked against an independent computation."""
+from __future__ import annotations
+
+import json
+import os
+
+import open_clip
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision.transforms.functional as TF
+from PIL import Image
+
+import eval_zeroshot_imagenet
+import eval_zeroshot_imagenet_laion
+import models
+from conftest import write_image
+from imagenet_data import imagenet_val
+from imagenet_templates import IMAGENET_CLASSNAMES, IMAGENET_WNIDS, OPENAI_TEMPLATES, SIMPLE_TEMPLATES
+from tokenizer import SimpleTokenizer
+
+WNIDS = ("n01440764", "n02102040", "n03000684", "n04592741")
+
+
+@pytest.fixture
+def tiny_ckpt(tmp_path):
+    torch.manual_seed(0)
+    model = models.get_model("CLIP_TINY")
+    path = tmp_path / "tiny.pt"
+    torch.save({"epoch": 1, "state_dict": {"module." + k: v for k, v in model.state_dict().items()}}, path)
+    return str(path), model.eval()
+
+
+def eval_args(root, ckpt, *extra):
+    return ["--imagenet-root", root, "--ckpt-path", ckpt, "--model", "CLIP_TINY", "--batch-size", "4",
+            "--workers", "0", "--device", "cpu", *extra]
+
+
+def reference_top1(model, encode_text, tokenize, root, folders, names, templates, preprocess):
+    """Per-image, per-template loop, written apart from zeroshot.py."""
+    with torch.no_grad():
+        weights = []
+        for name in names:
+            emb = torch.stack([F.normalize(encode_text(tokenize([t.format(name)]))[0], dim=-1)
+                               for t in templates])
+            weights.append(F.normalize(emb.mean(0), dim=-1))
+        weights = torch.stack(weights)  # [C, E]
+        correct = total = 0
+        for label, folder in enumerate(folders):
+            for fname in sorted(os.listdir(os.path.join(root, "val", folder))):
+                image = Image.open(os.path.join(root, "val", folder, fname)).convert("RGB")
+                feat = F.normalize(model.encode_image(preprocess(image)[None])[0], dim=-1)
+                correct += int((weights @ feat).argmax()) == label
+                total += 1
+    return 100.0 * correct / total, total
+
+
+def laclip_preprocess(image):
+    image = TF.resize(image, 224, interpolation=TF.InterpolationMode.BILINEAR)
+    image = TF.to_tensor(TF.center_crop(image, 224))
+    return TF.normalize(image, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+def test_eval_matches_independent_computation(tmp_path, make_imagenet, tiny_ckpt, capsys):
+    ckpt, model = tiny_ckpt
+    root = make_imagenet(WNIDS, per_class=3)
+    # grayscale, RGBA, palette and CMYK images are converted, not rejected
+    for i, mode in enumerate(["L", "RGBA", "P"]):
+        write_image(os.path.join(root, "val", WNIDS[i], f"mode_{mode}.png"), seed=900 + i, mode=mode)
+    write_image(os.path.join(root, "val", WNIDS[3], "cmyk.jpg"), seed=999, mode="CMYK")
+    out = tmp_path / "res.json"
+    results = eval_zeroshot_imagenet.main(eval_args(root, ckpt, "--output-json", str(out)))
+    names = [IMAGENET_CLASSNAMES[IMAGENET_WNIDS.index(w)] for w in WNIDS]
+    tok = SimpleTokenizer()
+    top1, total = reference_top1(model, model.encode_text, tok, root, WNIDS, names, SIMPLE_TEMPLATES,
+                                 laclip_preprocess)
+    assert results["images"] == total == 16
+    assert results["top1"] == pytest.approx(top1)
+    assert results["top5"] == pytest.approx(100.0)  # 4 classes: the top-5 holds all of them
+    saved = json.loads(out.read_text())
+    assert saved["top1"] == pytest.approx(top1) and saved["templates"] == SIMPLE_TEMPLATES
+    assert saved["model"] == "CLIP_TINY" and saved["images"] == 16 and "mean_per_class" in saved
+    assert f"ImageNet zero-shot accuracy: {top1:.2f}" in capsys.readouterr().out
+
+
+def test_subset_of_wordnet_folders_gets_right_names(make_imagenet):
+    root = make_imagenet(("n01443537", "n02123045", "n04592741"), per_class=1)
+    _, names = imagenet_val(root, transform=lambda x: x)
+    assert names == ["goldfish", "tabby cat", "airplane wing"]
+
+
+def test_non_wordnet_folders_need_classnames(tmp_path, make_imagenet, tiny_ckpt):
+    ckpt, _ = tiny_ckpt
+    root = make_imagenet(("cats", "dogs"), per_class=2)
+    with pytest.raises(ValueError, match="--classnames"):
+        eval_zeroshot_imagenet.main(eval_args(root, ckpt))
+    names = tmp_path / "names.txt"
+    names.write_text("cat\ndog\nbird\n")
+    with pytest.raises(ValueError, match="3 names but"):
+        eval_zeroshot_imagenet.main(eval_args(root, ckpt, "--classnames", str(names)))
+    names.write_text("cat\ndog\n")
+    assert eval_zeroshot_imagenet.main(eval_args(root, ckpt, "--classnames", str(names)))["images"] == 4
+
+
+def test_corrupt_image_fails_naming_file_or_is_skipped_and_counted(make_imagenet, tiny_ckpt, capsys):
+    ckpt, _ = tiny_ckpt
+    root = make_imagenet(WNIDS[:2], per_class=2)
+    good = os.path.join(root, "val", WNIDS[0], "img_0.png")
+    bad = os.path.join(root, "val", WNIDS[1], "broken.png")
+    with open(good, "rb") as f:
+        data = f.read()
+    with open(bad, "wb") as f:
+        f.write(data[: len(data) // 2])  # truncated PNG
+    with pytest.raises(OSError, match="broken.png"):
+        eval_zeroshot_imagenet.main(eval_args(root, ckpt))
+    results = eval_zeroshot_imagenet.main(eval_args(root, ckpt, "--skip-bad-images"))
+    assert results["skipped_images"] == 1 and results["images"] == 4
+    assert "Skipped 1 unreadable images" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("case", ["missing_ckpt", "wrong_model", "no_val", "empty_class", "unknown_model",
+                                  "missing_root", "bad_templates"])
+def test_bad_inputs_get_clear_errors(tmp_path, make_imagenet, tiny_ckpt, case):
+    ckpt, _ = tiny_ckpt
+    root = make_imagenet(WNIDS[:2], per_class=1)
+    args = eval_args(root, ckpt)
+    if case == "missing_ckpt":
+        args[3], expect = str(tmp_path / "nope.pt"), "--ckpt-path.*nope.pt"
+    elif case == "wrong_model":
+        args[5], expect = "CLIP_VITS16", "(?s)does not fit --model CLIP_VITS16.*missing keys.*try --model CLIP_TINY"
+    elif case == "no_val":
+        os.rename(os.path.join(root, "val"), os.path.join(root, "train"))
+        expect = "no 'val' folder"
+    elif case == "empty_class":
+        os.makedirs(os.path.join(root, "val", "n04592741"))
+        expect = "n04592741.*has no images"
+    elif case == "unknown_model":
+        args[5], expect = "CLIP_VITB32", "--model 'CLIP_VITB32'"
+    elif case == "missing_root":
+        args[1], expect = str(tmp_path / "nowhere"), "--imagenet-root.*nowhere"
+    else:
+        (tmp_path / "t.txt").write_text("a photo of a dog\n")
+        args += ["--templates", str(tmp_path / "t.txt")]
+        expect = "--templates"
+    with pytest.raises((ValueError, FileNotFoundError), match=expect):
+        eval_zeroshot_imagenet.main(args)
+
+
+TINY_OPEN_CLIP = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 224, "layers": 1, "width": 64, "head_width": 32, "patch_size": 32},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1},
+}
+
+
+@pytest.fixture
+def tiny_open_clip(tmp_path):
+    cfg_dir = tmp_path / "configs"
+    cfg_dir.mkdir()
+    (cfg_dir / "LaCLIP-test-tiny.json").write_text(json.dumps(TINY_OPEN_CLIP))
+    open_clip.add_model_config(str(cfg_dir))
+    torch.manual_seed(0)
+    model, _, preprocess = open_clip.create_model_and_transforms("LaCLIP-test-tiny", pretrained=None)
+    path = tmp_path / "laion_tiny.pt"
+    torch.save({"epoch": 32, "state_dict": {"module." + k: v for k, v in model.state_dict().items()}}, path)
+    return str(path), model.eval(), preprocess
+
+
+def test_laion_eval_matches_independent_computation(make_imagenet, tiny_open_clip):
+    ckpt, model, preprocess = tiny_open_clip
+    root = make_imagenet(WNIDS[:3], per_class=2)
+    args = ["--imagenet-root", root, "--ckpt-path", ckpt, "--model", "LaCLIP-test-tiny", "--batch-size", "3",
+            "--workers", "0", "--device", "cpu"]
+    results = eval_zeroshot_imagenet_laion.main(args)
+    names = [IMAGENET_CLASSNAMES[IMAGENET_WNIDS.index(w)] for w in WNIDS[:3]]
+    tokenizer = open_clip.get_tokenizer("LaCLIP-test-tiny")
+    top1, total = reference_top1(model, model.encode_text, tokenizer, root, WNIDS[:3], names,
+                                 OPENAI_TEMPLATES, preprocess)
+    assert results["images"] == total == 6 and len(results["templates"]) == 80
+    assert results["top1"] == pytest.approx(top1)
+    # --quickgelu builds another activation: same keys, different outputs
+    quick = eval_zeroshot_imagenet_laion.main(args + ["--quickgelu"])
+    assert quick["images"] == 6
+
+
+def test_laion_bad_model_and_mismatch(make_imagenet, tiny_open_clip, tiny_ckpt):
+    root = make_imagenet(WNIDS[:1], per_class=1)
+    laion_ckpt, _, _ = tiny_open_clip
+    with pytest.raises(ValueError, match="not an open_clip model.*ViT-B-32"):
+        eval_zeroshot_imagenet_laion.main(["--imagenet-root", root, "--ckpt-path", laion_ckpt,
+                                           "--model", "ViT-B-33"])
+    with pytest.raises(ValueError, match="(?s)does not fit.*use eval_zeroshot_imagenet.py"):
+        eval_zeroshot_imagenet_laion.main(["--imagenet-root", root, "--ckpt-path", tiny_ckpt[0],
+                                           "--model", "LaCLIP-test-tiny"])

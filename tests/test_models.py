@@ -1,0 +1,98 @@
+"""CLIP presets match the released checkpoints' keys and shapes, load the released way, and run."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+import models
+
+# A copy of shared/formats/clip_checkpoint_keys.json: every key and shape of the released files.
+MANIFEST = os.path.join(os.path.dirname(__file__), "data", "clip_checkpoint_keys.json")
+
+
+def manifest() -> dict:
+    with open(MANIFEST) as f:
+        return json.load(f)
+
+
+@pytest.mark.parametrize("name", ["CLIP_VITS16", "CLIP_VITB16", "CLIP_VITL16"])
+def test_preset_keys_and_shapes_equal_manifest(name):
+    expected = {k: tuple(v) for k, v in manifest()[name].items()}
+    assert models.preset_shapes(name) == expected
+
+
+def test_released_style_checkpoint_loads_strictly(tmp_path):
+    torch.manual_seed(0)
+    src = models.get_model("CLIP_TINY")
+    path = tmp_path / "ckpt.pt"
+    torch.save({"epoch": 3, "state_dict": {"module." + k: v for k, v in src.state_dict().items()},
+                "best_acc1": 1.0, "args": __import__("argparse").Namespace(model="CLIP_TINY")}, path)
+    dst = models.get_model("CLIP_TINY", rand_embed=False)
+    models.load_into(dst, models.load_checkpoint_state(str(path)), "CLIP_TINY", str(path))
+    for k, v in src.state_dict().items():
+        assert torch.equal(v, dst.state_dict()[k]), k
+    bare = tmp_path / "bare.pt"
+    torch.save(src.state_dict(), bare)
+    assert set(models.load_checkpoint_state(str(bare))) == set(src.state_dict())
+
+
+def test_mismatched_checkpoint_names_keys_and_preset(tmp_path):
+    src = models.get_model("CLIP_TINY").state_dict()
+    state = dict(src)
+    del state["visual.norm.weight"]
+    state["extra.weight"] = torch.zeros(1)
+    path = str(tmp_path / "bad.pt")
+    with pytest.raises(ValueError) as err:
+        models.load_into(models.get_model("CLIP_TINY"), state, "CLIP_TINY", path)
+    msg = str(err.value)
+    assert "visual.norm.weight" in msg and "extra.weight" in msg and path in msg
+    with pytest.raises(ValueError, match="try --model CLIP_TINY"):
+        with torch.device("meta"):
+            target = models.get_model("CLIP_VITS16")
+        models.load_into(target, src, "CLIP_VITS16", path)
+
+
+def test_encode_text_truncation_is_exact():
+    """Running only up to the longest <|endoftext|> gives the 77-position result."""
+    torch.manual_seed(0)
+    model = models.get_model("CLIP_TINY").eval()
+    tokens = torch.zeros(3, 77, dtype=torch.long)
+    for row, length in enumerate([2, 9, 30]):
+        tokens[row, 0] = 49406
+        tokens[row, 1:length] = torch.randint(1, 49000, (length - 1,))
+        tokens[row, length] = 49407
+    with torch.no_grad():
+        x = model.token_embedding(tokens) + model.positional_embedding
+        mask = torch.full((77, 77), float("-inf")).triu_(1)
+        x = model.ln_final(model.transformer(x, mask))
+        full = x[torch.arange(3), tokens.argmax(-1)] @ model.text_projection
+        assert torch.allclose(model.encode_text(tokens), full, atol=1e-5)
+        # one row alone equals the same row in a batch with longer captions
+        assert torch.allclose(model.encode_text(tokens[:1]), full[:1], atol=1e-5)
+
+
+def test_forward_backward_shapes():
+    model = models.get_model("CLIP_TINY")
+    out = model(torch.randn(2, 3, 224, 224), torch.tensor([[49406, 320, 49407] + [0] * 74] * 2))
+    assert out["image_embed"].shape == (2, 32) and out["text_embed"].shape == (2, 32)
+    assert torch.isclose(out["logit_scale"], torch.tensor(1 / 0.07))
+    (out["image_embed"] @ out["text_embed"].t()).sum().backward()
+    assert model.visual.blocks[0].attn.q_norm.weight.grad is not None
+    assert model.transformer.resblocks[0].attn.in_proj_weight.grad is not None
+
+
+def test_unknown_preset_lists_choices():
+    with pytest.raises(ValueError, match="CLIP_VITB16"):
+        models.get_model("CLIP_VITB32")
+
+
+def test_unreadable_checkpoint_names_file(tmp_path):
+    bad = tmp_path / "trunc.pt"
+    bad.write_bytes(b"PK\x03\x04 this is not a zip")
+    with pytest.raises(ValueError, match="trunc.pt"):
+        models.load_checkpoint_state(str(bad))
+    with pytest.raises(FileNotFoundError, match="--ckpt-path"):
+        models.load_checkpoint_state(str(tmp_path / "missing.pt"))
