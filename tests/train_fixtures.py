@@ -1,0 +1,79 @@
+"""Synthetic training data for the tests of train.py: images, a caption CSV with a header,
+two aligned rewrite files, and a tiny ImageNet val folder."""
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+WNIDS = ["n01440764", "n01443537", "n01484850"]  # tench, goldfish, great white shark
+
+
+def write_image(path: Path, seed: int, size: tuple[int, int] = (40, 32)) -> None:
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path)
+
+
+def make_train_data(tmp: Path, n: int = 8, corrupt: tuple[int, ...] = (),
+                    missing: tuple[int, ...] = ()) -> dict[str, str]:
+    """n samples; indices in `corrupt` get garbage bytes, those in `missing` no file at all.
+
+    Captions hold commas and quotes to exercise CSV quoting; rewrite 2 of sample 0 is
+    one word (so it must fall back to the original).
+    """
+    root = tmp / "images"
+    rows = []
+    for i in range(n):
+        name = f"img_{i}.{'JPG' if i % 3 == 0 else 'png'}"
+        path = root / "sub" / name
+        if i in corrupt:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(b"not an image at all")
+        elif i not in missing:
+            write_image(path, seed=i)
+        rows.append((f"sub/{name}", f'original {i}, a "quoted" caption'))
+    csv_path = tmp / "train.csv"
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["image_path", "caption"])  # header: not a sample
+        writer.writerows(rows)
+    rewrites = []
+    for k in (1, 2):
+        path = tmp / f"rewrite_{k}.txt"
+        lines = [f"rewrite {k} of sample {i}" for i in range(n)]
+        if k == 2:
+            lines[0] = "single"
+        path.write_text("\n".join(lines) + "\n")
+        rewrites.append(str(path))
+    return {"csv": str(csv_path), "root": str(root), "rewrites": rewrites}
+
+
+def make_imagenet_root(tmp: Path, per_class: int = 2) -> str:
+    root = tmp / "imagenet"
+    for c, wnid in enumerate(WNIDS):
+        for j in range(per_class):
+            write_image(root / "val" / wnid / f"{j}.png", seed=100 + 10 * c + j, size=(64, 48))
+    return str(root)
+
+
+def train_argv(data: dict[str, str], out: Path, *extra: str, aug: bool = True) -> list[str]:
+    """Flags for a few-second CPU run of the tiny preset."""
+    argv = ["--train-data", data["csv"], "--root", data["root"], "--output-dir", str(out),
+            "--model", "CLIP_TINY", "--batch-size", "4", "--workers", "0", "--epochs", "2",
+            "--warmup-epochs", "1", "--lr", "1e-3", "--print-freq", "1", "--device", "cpu"]
+    if aug:
+        argv += ["--aug-text", "--augmented_caption_filelist", *data["rewrites"]]
+    return argv + list(extra)
+
+
+def clean_dist_env() -> dict[str, str]:
+    """The environment without torchrun's variables (so main() runs as one process)."""
+    env = dict(os.environ)
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return env

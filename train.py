@@ -1,0 +1,276 @@
+"""Train CLIP or LaCLIP (CLIP with language-rewrite augmentation) on an image-caption CSV.
+
+    # one process (CPU smoke run or one GPU)
+    python train.py --train-data cc3m_original.csv --root /data/cc3m --model CLIP_VITB16 \
+        --aug-text --augmented_caption_filelist cc3m_chatgpt.txt cc3m_bard.txt cc3m_mscoco.txt cc3m_human.txt
+    # one node, 8 GPUs (add --nnodes/--node-rank/--rdzv-endpoint for several nodes)
+    torchrun --nproc-per-node 8 train.py ...same flags...
+
+Setup lives here; the pieces are in `training/` (data, loss, engine, checkpoint,
+distributed). See docs/README_train.md for every flag and the CC3M/CC12M recipes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+
+import models
+from training import checkpoint as ckpt_io
+from training.data import CaptionImageDataset, EpochSampler, train_transform
+from training.distributed import (DistInfo, all_reduce_min_max, barrier, cleanup_distributed,
+                                  init_distributed_mode)
+from training.engine import CosineSchedule, Trainer, build_optimizer, train_one_epoch
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="LaCLIP / CLIP training", add_help=True)
+    add = p.add_argument
+    add("--train-data", required=True, help="caption CSV: rows image_path,caption (header optional)")
+    add("--root", default="./data/", help="folder the CSV's image paths are relative to")
+    add("--aug-text", action="store_true", help="LaCLIP: pick among original + rewritten captions")
+    add("--augmented_caption_filelist", "--augmented-caption-filelist", nargs="+", default=[],
+        metavar="FILE", help="rewrite files, one caption per line aligned with the CSV's samples")
+    add("--imagenet-root", default=None, help="ImageNet folder with val/<wnid>/: zero-shot top-1 after each epoch")
+    add("--output-dir", default="./output", help="checkpoints, log.txt and TensorBoard logs go here")
+    add("--model", default="CLIP_VITB16", help=f"one of {', '.join(models.PRESETS)}")
+    add("--resume", default="", help="checkpoint to resume from (default: <output-dir>/checkpoint.pt if present)")
+    add("--epochs", type=int, default=25)
+    add("--warmup-epochs", type=int, default=1)
+    add("--start-epoch", type=int, default=0, help="first epoch of a fresh run (a resume uses the checkpoint's)")
+    add("--batch-size", type=int, default=64, help="samples per process per micro-batch")
+    add("--lr", type=float, default=3e-3, help="peak learning rate")
+    add("--lr-start", type=float, default=1e-6, help="learning rate at the first warmup step")
+    add("--lr-end", type=float, default=1e-5, help="learning rate at the end of the cosine decay")
+    add("--update-freq", type=int, default=1, help="micro-batches per optimizer step (gradient accumulation)")
+    add("--wd", type=float, default=0.1, help="AdamW weight decay (not on biases, norms, 1-D tensors)")
+    add("--betas", type=float, nargs=2, default=(0.9, 0.98))
+    add("--eps", type=float, default=1e-8)
+    add("--disable-amp", action="store_true", help="float32 on CUDA too (the CPU always uses float32)")
+    add("--amp-dtype", choices=("fp16", "bf16"), default="fp16",
+        help="mixed precision on CUDA: fp16 with a GradScaler (as the released models) or bf16")
+    add("--print-freq", type=int, default=10, help="progress-bar update interval in optimizer steps")
+    add("-j", "--workers", type=int, default=10, help="data-loading processes per training process")
+    add("--seed", type=int, default=0)
+    add("--device", default=None, help="cpu, cuda or cuda:N (default: this process's GPU, else CPU)")
+    add("--eval-batch-size", type=int, default=256, help="images per batch for zero-shot evaluation")
+    add("--max-steps-per-epoch", type=int, default=None,
+        help="cut every epoch to this many optimizer steps (smoke runs; the lr schedule follows)")
+    add("--dist-timeout", type=float, default=60.0, help="minutes a collective may wait (zero-shot eval runs on rank 0 alone)")
+    add("--local_rank", "--local-rank", type=int, default=0, help=argparse.SUPPRESS)  # torch.distributed.launch
+    return p
+
+
+def _positive(args: argparse.Namespace, **minimums: int) -> None:
+    for name, low in minimums.items():
+        value = getattr(args, name)
+        if value is not None and value < low:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
+
+
+def validate_args(args: argparse.Namespace) -> None:
+    """Every check that needs no model: errors name the flag and the file."""
+    if not args.train_data or not os.path.isfile(args.train_data):
+        raise ValueError(f"--train-data: caption CSV {args.train_data!r} does not exist")
+    if not os.path.isdir(args.root):
+        raise ValueError(f"--root: image folder {args.root!r} does not exist")
+    if args.aug_text and not args.augmented_caption_filelist:
+        raise ValueError("--aug-text needs --augmented_caption_filelist F1 [F2 ...] (the rewrite files)")
+    for path in args.augmented_caption_filelist if args.aug_text else []:
+        if not os.path.isfile(path):
+            raise ValueError(f"--augmented_caption_filelist: file {path!r} does not exist")
+    if args.model not in models.PRESETS:
+        raise ValueError(f"--model {args.model!r} is not a CLIP preset; choose one of {', '.join(models.PRESETS)}")
+    _positive(args, epochs=1, warmup_epochs=0, start_epoch=0, batch_size=1, update_freq=1,
+              workers=0, print_freq=1, seed=0, eval_batch_size=1, max_steps_per_epoch=1)
+    if args.warmup_epochs > args.epochs:
+        raise ValueError(f"--warmup-epochs {args.warmup_epochs} exceeds --epochs {args.epochs}")
+    if min(args.lr, args.lr_start, args.lr_end, args.wd, args.eps) < 0:
+        raise ValueError("--lr, --lr-start, --lr-end, --wd and --eps must be >= 0")
+    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+        raise ValueError(f"--output-dir {args.output_dir!r} exists and is not a folder")
+    if args.imagenet_root:
+        from imagenet_data import imagenet_val  # checks val/<wnid>/ now, not after an epoch
+        from zeroshot import eval_transform
+        imagenet_val(args.imagenet_root, eval_transform())
+    ckpt_io.resume_path(args.resume, args.output_dir)
+
+
+def build_loader(args: argparse.Namespace, info: DistInfo, tokenizer) -> tuple[DataLoader, EpochSampler]:
+    rewrites = args.augmented_caption_filelist if args.aug_text else []
+    dataset = CaptionImageDataset(args.train_data, args.root, train_transform(), tokenizer,
+                                  rewrites, seed=args.seed)
+    sampler = EpochSampler(dataset, info.world_size, info.rank, args.seed)
+    loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler,
+                        num_workers=args.workers, pin_memory=info.device.type == "cuda",
+                        drop_last=True)  # the gathered loss needs equal batches on every rank
+    return loader, sampler
+
+
+def steps_per_epoch(args: argparse.Namespace, loader: DataLoader, info: DistInfo) -> int:
+    steps = len(loader) // args.update_freq
+    if args.max_steps_per_epoch:
+        steps = min(steps, args.max_steps_per_epoch)
+    if steps == 0:
+        raise ValueError(
+            f"--train-data {args.train_data!r} has {len(loader.dataset)} samples, too few for one "
+            f"optimizer step of --batch-size {args.batch_size} x {info.world_size} processes x "
+            f"--update-freq {args.update_freq}")
+    return steps
+
+
+def precision(args: argparse.Namespace, device: torch.device) -> tuple[torch.dtype | None, torch.amp.GradScaler]:
+    """(autocast dtype or None for float32, GradScaler enabled only for fp16 on CUDA)."""
+    if device.type != "cuda" or args.disable_amp:
+        return None, torch.amp.GradScaler("cuda", enabled=False)
+    dtype = torch.bfloat16 if args.amp_dtype == "bf16" else torch.float16
+    return dtype, torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+
+
+def open_tensorboard(output_dir: str) -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        print("=> tensorboard is not installed: no TensorBoard logs (log.txt is still written)")
+        return None
+    return SummaryWriter(log_dir=os.path.join(output_dir, "tb_logs"))
+
+
+def reseed(seed: int, epoch: int, rank: int) -> None:
+    """Global RNGs per (seed, epoch, rank): a resumed epoch starts from the same state."""
+    state = np.random.SeedSequence([seed, epoch, rank]).generate_state(1, np.uint64)
+    torch.manual_seed(int(state[0]) >> 1)
+
+
+def zero_shot(args, raw_model, tokenizer, info: DistInfo, amp: bool) -> dict | None:
+    """Zero-shot ImageNet on the main process while the other ranks wait.
+
+    A failure here (say, the ImageNet disk went away) is reported and the run goes on:
+    the epoch's checkpoint.pt is still written, only checkpoint_best.pt is not updated.
+    """
+    result = None
+    if args.imagenet_root and info.rank == 0:
+        from imagenet_templates import SIMPLE_TEMPLATES
+        from zeroshot import evaluate_imagenet
+        try:
+            result = evaluate_imagenet(raw_model, tokenizer, args.imagenet_root, SIMPLE_TEMPLATES,
+                                       args.eval_batch_size, args.workers, info.device, amp=amp,
+                                       skip_bad_images=True)
+        except (OSError, ValueError, RuntimeError) as err:
+            print(f"=> zero-shot evaluation on --imagenet-root {args.imagenet_root!r} failed: {err}")
+    barrier()
+    return result
+
+
+def end_of_epoch(args, epoch: int, stats: dict, zs: dict | None, best_acc1: float | None,
+                 tr: Trainer, seconds: float) -> float | None:
+    """Checkpoint and log.txt line (main process); returns the new best_acc1."""
+    acc1 = zs["top1"] if zs else None
+    if args.imagenet_root:  # best by zero-shot top-1; a failed evaluation is never best
+        is_best = acc1 is not None and (best_acc1 is None or acc1 > best_acc1)
+        best_acc1 = acc1 if is_best else best_acc1
+    else:  # nothing to rank by: the latest is the best
+        is_best = True
+    record = {"epoch": epoch, **{f"train_{k}": v for k, v in stats.items() if k != "skipped_images"},
+              "skipped_images": stats["skipped_images"],
+              "zeroshot_top1": acc1, "zeroshot_top5": zs["top5"] if zs else None,
+              "best_acc1": best_acc1, "epoch_time_s": round(seconds, 3)}
+    if tr.is_main:
+        ckpt = ckpt_io.make_checkpoint(epoch + 1, tr.raw_model, tr.optimizer, tr.scaler, best_acc1, args)
+        ckpt_io.save_checkpoint(ckpt, args.output_dir, is_best)
+        with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if tr.writer is not None:
+            for key in ("train_loss", "train_clip_acc", "skipped_images", "zeroshot_top1", "zeroshot_top5"):
+                if record[key] is not None:
+                    tr.writer.add_scalar(f"epoch/{key}", record[key], epoch)
+        print("=> " + json.dumps(record))
+    barrier()
+    return best_acc1
+
+
+def setup(args: argparse.Namespace, info: DistInfo):
+    """Model, optimizer, scaler and (if any) the resumed state; returns (..., start_epoch, best_acc1)."""
+    torch.manual_seed(args.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
+    model = models.get_model(args.model).to(info.device)
+    optimizer = build_optimizer(model, args.lr, args.wd, tuple(args.betas), args.eps)
+    amp_dtype, scaler = precision(args, info.device)
+    start_epoch, best_acc1 = args.start_epoch, None
+    path = ckpt_io.resume_path(args.resume, args.output_dir)
+    if path:
+        start_epoch, best_acc1 = ckpt_io.load_training_state(path, model, args.model, optimizer, scaler)
+        print(f"=> rank {info.rank}: resumed from {path!r} after epoch {start_epoch} (best_acc1 {best_acc1})")
+    low, high = all_reduce_min_max(start_epoch, info.device)
+    if low != high:
+        raise RuntimeError(f"ranks disagree on the start epoch ({low:g} vs {high:g}): --output-dir "
+                           f"{args.output_dir!r} must be on a filesystem every node can read")
+    return model, optimizer, amp_dtype, scaler, start_epoch, best_acc1
+
+
+def wrap_ddp(model: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
+    if not info.distributed:
+        return model
+    return DistributedDataParallel(model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
+
+
+def run(args: argparse.Namespace, info: DistInfo) -> list[dict]:
+    from tokenizer import SimpleTokenizer
+    is_main = info.rank == 0
+    torch.backends.cudnn.benchmark = True  # fixed 224x224 inputs: pick the fastest conv once
+    if is_main:
+        os.makedirs(args.output_dir, exist_ok=True)
+    model, optimizer, amp_dtype, scaler, start_epoch, best_acc1 = setup(args, info)
+    tokenizer = SimpleTokenizer()
+    loader, sampler = build_loader(args, info, tokenizer)
+    steps = steps_per_epoch(args, loader, info)
+    schedule = CosineSchedule(args.lr, args.lr_end, args.lr_start, args.epochs * steps,
+                              args.warmup_epochs * steps)
+    tr = Trainer(wrap_ddp(model, info), model, optimizer, scaler, loader, schedule, steps, args.update_freq,
+                 info.device, amp_dtype, args.print_freq, is_main, info.world_size,
+                 open_tensorboard(args.output_dir) if is_main else None)
+    if is_main and args.augmented_caption_filelist and not args.aug_text:
+        print("=> note: --augmented_caption_filelist without --aug-text: the rewrites are not used (CLIP)")
+    if is_main:
+        print(f"=> {args.model}: {len(loader.dataset)} samples, {steps} steps/epoch of "
+              f"{args.batch_size}x{info.world_size}x{args.update_freq}, epochs {start_epoch}..{args.epochs - 1}")
+    if is_main and start_epoch >= args.epochs:
+        print(f"=> nothing to train: {start_epoch} epochs done, --epochs is {args.epochs}")
+    records = []
+    for epoch in range(start_epoch, args.epochs):
+        start = time.time()
+        sampler.set_epoch(epoch)
+        reseed(args.seed, epoch, info.rank)
+        stats = train_one_epoch(tr, epoch)
+        zs = zero_shot(args, model, tokenizer, info, amp=amp_dtype is not None)
+        best_acc1 = end_of_epoch(args, epoch, stats, zs, best_acc1, tr, time.time() - start)
+        records.append({"epoch": epoch, **stats, "zeroshot": zs})
+    if tr.writer is not None:
+        tr.writer.close()
+    return records
+
+
+def main(argv: list[str] | argparse.Namespace | None = None) -> list[dict]:
+    """Train; returns one stats dict per epoch run. Raises ValueError on bad flags or files."""
+    args = argv if isinstance(argv, argparse.Namespace) else get_args_parser().parse_args(argv)
+    validate_args(args)
+    info = init_distributed_mode(args.device, args.dist_timeout)
+    try:
+        return run(args, info)
+    finally:
+        if info.distributed:
+            cleanup_distributed()
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError, FloatingPointError) as err:
+        sys.exit(f"error: {err}")

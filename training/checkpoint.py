@@ -1,0 +1,99 @@
+"""Training checkpoints: atomic writes in the released format, and resuming.
+
+`<output-dir>/checkpoint.pt` holds `epoch` (epochs completed), `state_dict` (keys with
+the DDP `module.` prefix, as in the released LaCLIP files), `optimizer`, `scaler`,
+`best_acc1` (zero-shot top-1 in percent, None when no --imagenet-root) and `args` (a
+plain dict, so the file also loads with torch.load(weights_only=True)).
+`checkpoint_best.pt` is a copy made when the epoch's zero-shot top-1 is the best so
+far; without --imagenet-root every epoch counts as best, so it equals the latest.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+import models
+
+LATEST = "checkpoint.pt"
+BEST = "checkpoint_best.pt"
+
+
+def _atomic_write(path: str, write: Callable[[str], None]) -> None:
+    """Write to a temp file beside `path`, fsync, then os.replace: a crash mid-write
+    leaves the previous checkpoint intact instead of a truncated one."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def atomic_save(obj: Any, path: str) -> None:
+    _atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def make_checkpoint(epoch: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    scaler: torch.amp.GradScaler, best_acc1: float | None, args: Any) -> dict:
+    """`model` is the bare CLIP (not DDP); its keys get the `module.` prefix here."""
+    state = {f"module.{k}": v for k, v in model.state_dict().items()}
+    return {
+        "epoch": epoch,
+        "state_dict": state,
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict(),
+        "best_acc1": best_acc1,
+        "args": dict(vars(args)),
+    }
+
+
+def save_checkpoint(ckpt: dict, output_dir: str, is_best: bool) -> str:
+    """Write checkpoint.pt (and checkpoint_best.pt if is_best); call on the main process only."""
+    latest = os.path.join(output_dir, LATEST)
+    atomic_save(ckpt, latest)
+    if is_best:
+        _atomic_write(os.path.join(output_dir, BEST), lambda tmp: shutil.copyfile(latest, tmp))
+    return latest
+
+
+def resume_path(resume: str | None, output_dir: str) -> str | None:
+    """--resume PATH if given (it must exist), else <output-dir>/checkpoint.pt if present."""
+    if resume:
+        if not os.path.isfile(resume):
+            raise ValueError(f"--resume: checkpoint {resume!r} does not exist (a wrong path never "
+                             f"starts a fresh run; leave --resume out to continue from "
+                             f"{os.path.join(output_dir, LATEST)!r} when it exists)")
+        return resume
+    latest = os.path.join(output_dir, LATEST)
+    return latest if os.path.isfile(latest) else None
+
+
+def load_training_state(path: str, model: nn.Module, model_name: str,
+                        optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                        flag: str = "--resume") -> tuple[int, float | None]:
+    """Restore model (strict), optimizer and scaler; returns (epochs completed, best_acc1).
+
+    Also accepts a released checkpoint (args pickled as a Namespace) or a bare state
+    dict: missing optimizer/scaler/epoch entries are left at their fresh values.
+    """
+    ckpt = models.read_checkpoint(path, flag)
+    state = models.extract_state_dict(ckpt, path, flag)
+    models.load_into(model, state, model_name, path, flag)
+    if "optimizer" in ckpt:
+        try:
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except (ValueError, KeyError) as err:
+            raise ValueError(f"{flag}: optimizer state in {path!r} does not fit this model: {err}") from err
+    # A disabled scaler (CPU, bf16) saves {}; loading {} into an enabled one would fail,
+    # and the fresh scale is the right start in that case anyway.
+    if ckpt.get("scaler") and scaler.is_enabled():
+        scaler.load_state_dict(ckpt["scaler"])
+    return int(ckpt.get("epoch", 0)), ckpt.get("best_acc1")

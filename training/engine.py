@@ -1,0 +1,171 @@
+"""One training epoch, the learning-rate schedule and the optimizer's parameter groups."""
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from .distributed import all_reduce_sum
+from .loss import LOGIT_SCALE_MAX, clip_loss
+
+
+@dataclass
+class CosineSchedule:
+    """Per optimizer step: linear warmup start_lr -> base_lr, then cosine to final_lr.
+
+    Same values as SLIP's `cosine_scheduler`: warmup is `linspace(start, base, warmup)`
+    (its last step already reaches base), then `final + (base - final)/2 * (1 + cos(pi*i/n))`
+    for i = 0 .. n-1 over the remaining n steps. Steps past the end stay at final_lr.
+    """
+    base_lr: float
+    final_lr: float
+    start_lr: float
+    total_steps: int
+    warmup_steps: int
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            if self.warmup_steps == 1:
+                return self.start_lr
+            return self.start_lr + (self.base_lr - self.start_lr) * step / (self.warmup_steps - 1)
+        n = self.total_steps - self.warmup_steps
+        i = step - self.warmup_steps
+        if n <= 0 or i >= n:
+            return self.final_lr
+        return self.final_lr + 0.5 * (self.base_lr - self.final_lr) * (1 + math.cos(math.pi * i / n))
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """SLIP's rule: no decay for 0/1-D tensors (biases, norm weights, logit_scale) and any
+    name containing 'bias', 'ln' or 'bn'. Positional embeddings and the class token are
+    2-D/3-D and therefore decayed, as in the released models' training."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim < 2 or "bias" in name or "ln" in name or "bn" in name:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: nn.Module, lr: float, wd: float, betas: tuple[float, float],
+                    eps: float) -> torch.optim.AdamW:
+    return torch.optim.AdamW(param_groups(model, wd), lr=lr, betas=betas, eps=eps)
+
+
+@dataclass
+class Trainer:
+    """What one epoch needs; `model` is what forward runs on (DDP or bare), `raw_model` the CLIP."""
+    model: nn.Module
+    raw_model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    loader: Any
+    schedule: CosineSchedule
+    steps_per_epoch: int
+    update_freq: int
+    device: torch.device
+    amp_dtype: torch.dtype | None  # None: float32
+    print_freq: int = 10
+    is_main: bool = True
+    world_size: int = 1
+    writer: Any = None  # TensorBoard SummaryWriter or None
+
+
+def micro_step(tr: Trainer, batch, sync: bool, step: int) -> tuple[float, float, int, int]:
+    """Forward + backward of one micro-batch; returns (loss, acc, batch size, failed loads)."""
+    images, tokens, failed = batch
+    images = images.to(tr.device, non_blocking=True)  # [b, 3, 224, 224]
+    tokens = tokens.to(tr.device, non_blocking=True)  # [b, 77]
+    # Skip DDP's gradient all-reduce on all but the last micro-batch of an accumulation.
+    no_sync = getattr(tr.model, "no_sync", None)
+    ctx = no_sync() if (no_sync is not None and not sync) else nullcontext()
+    with ctx:
+        with torch.autocast(tr.device.type, dtype=tr.amp_dtype or torch.float32,
+                            enabled=tr.amp_dtype is not None):
+            out = tr.model(images, tokens)
+            metrics = clip_loss(out["image_embed"], out["text_embed"], out["logit_scale"])
+        loss = metrics["loss"]
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(
+                f"loss is {loss_value} at optimizer step {step}; stopping. Lower --lr, try "
+                f"--amp-dtype bf16 or --disable-amp, or resume from the last checkpoint.")
+        tr.scaler.scale(loss / tr.update_freq).backward()
+    return loss_value, metrics["clip_acc"].item(), images.shape[0], int(failed.sum())
+
+
+def optimizer_step(tr: Trainer) -> None:
+    tr.scaler.step(tr.optimizer)
+    tr.scaler.update()
+    tr.optimizer.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        tr.raw_model.logit_scale.clamp_(0, LOGIT_SCALE_MAX)
+
+
+def train_one_epoch(tr: Trainer, epoch: int) -> dict[str, float]:
+    """Run `steps_per_epoch` optimizer steps of `update_freq` micro-batches each.
+
+    Batches past steps_per_epoch * update_freq are not used, so no gradient leaks
+    into the next epoch. Returns the epoch's statistics, summed over all ranks.
+    """
+    tr.model.train()
+    sums = {"loss": 0.0, "acc": 0.0, "samples": 0.0, "skipped": 0.0}
+    start = time.time()
+    bar = tqdm(total=tr.steps_per_epoch, desc=f"epoch {epoch}", disable=not tr.is_main,
+               dynamic_ncols=True)
+    batches = iter(tr.loader)
+    for micro in range(tr.steps_per_epoch * tr.update_freq):
+        local_step, sub = divmod(micro, tr.update_freq)
+        step = epoch * tr.steps_per_epoch + local_step  # global optimizer step
+        if sub == 0:
+            for group in tr.optimizer.param_groups:
+                group["lr"] = tr.schedule(step)
+        last = sub == tr.update_freq - 1
+        loss, acc, n, failed = micro_step(tr, next(batches), last, step)
+        for key, value in (("loss", loss * n), ("acc", acc * n), ("samples", n), ("skipped", failed)):
+            sums[key] += value
+        if not last:
+            continue
+        optimizer_step(tr)
+        _report(tr, bar, step, local_step, loss, acc, sums["samples"], start)
+    bar.close()
+    return _epoch_stats(tr, sums, time.time() - start)
+
+
+def _report(tr: Trainer, bar, step: int, local_step: int, loss: float, acc: float,
+            samples: float, start: float) -> None:
+    lr = tr.optimizer.param_groups[0]["lr"]
+    bar.update(1)
+    if tr.writer is not None:
+        for key, value in (("train/loss", loss), ("train/clip_acc", acc), ("train/lr", lr),
+                           ("train/logit_scale", tr.raw_model.logit_scale.exp().item()),
+                           ("train/amp_scale", tr.scaler.get_scale())):
+            tr.writer.add_scalar(key, value, step)
+    if local_step % tr.print_freq == 0 or local_step == tr.steps_per_epoch - 1:
+        rate = samples * tr.world_size / max(time.time() - start, 1e-9)  # global samples/s
+        bar.set_postfix(loss=f"{loss:.4f}", acc=f"{acc:.1f}", lr=f"{lr:.2e}",
+                        samples_per_s=f"{rate:.1f}")
+
+
+def _epoch_stats(tr: Trainer, sums: dict[str, float], seconds: float) -> dict[str, float]:
+    loss, acc, samples, skipped = all_reduce_sum(
+        [sums["loss"], sums["acc"], sums["samples"], sums["skipped"]], tr.device)
+    return {
+        "loss": loss / max(samples, 1),
+        "clip_acc": acc / max(samples, 1),
+        "lr": tr.optimizer.param_groups[0]["lr"],
+        "logit_scale": tr.raw_model.logit_scale.exp().item(),
+        "samples": int(samples),
+        "samples_per_s": samples / max(seconds, 1e-9),
+        "skipped_images": int(skipped),
+    }

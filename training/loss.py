@@ -1,0 +1,71 @@
+"""Symmetric InfoNCE (CLIP loss) over the global batch.
+
+Each rank holds b image/text pairs. The embeddings of all W ranks are gathered with
+gradients, so every local image is contrasted with all W*b texts and vice versa. Rank r
+computes the loss of its own b rows; the labels of those rows are r*b + arange(b).
+DDP averages parameter gradients over ranks, which makes the result the gradient of
+the mean loss over the global batch, i.e. exactly what one process with the whole
+batch would compute (tests/test_train_distributed.py checks this).
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+# SLIP/LaCLIP clamp the logit-scale *parameter* to [0, ln 100] after every step, so the
+# temperature exp(logit_scale) never exceeds 100.
+LOGIT_SCALE_MAX = 4.6052
+
+
+class GatherWithGrad(torch.autograd.Function):
+    """all_gather along dim 0 that lets gradients flow back to every rank.
+
+    forward:  x [b, E] on each rank -> [W*b, E], rank r's rows at r*b .. (r+1)*b.
+    backward: rank s's loss depends on every rank's rows, so the gradient for the
+    local rows is the sum over ranks of d loss_s / d x_r: all-reduce, then slice.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        world = dist.get_world_size()
+        parts = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(parts, x.contiguous())
+        ctx.rank, ctx.rows = dist.get_rank(), x.shape[0]
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone(memory_format=torch.contiguous_format)  # never reduce autograd's buffer in place
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """[b, E] -> [W*b, E]; the identity without a process group."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    return GatherWithGrad.apply(x)
+
+
+def clip_loss(image_embed: torch.Tensor, text_embed: torch.Tensor,
+              logit_scale: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Loss and in-batch accuracy for local embeddings [b, E] and logit_scale = exp(param).
+
+    Returns {'loss', 'clip_loss', 'clip_acc'}; accuracy (in percent) is image -> text
+    over the local rows. Computed in float32 even under autocast: normalisation and
+    the softmax over W*b columns are where fp16 loses precision.
+    """
+    image = F.normalize(image_embed.float(), dim=-1)  # [b, E]
+    text = F.normalize(text_embed.float(), dim=-1)    # [b, E]
+    rows = image.shape[0]
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    labels = rank * rows + torch.arange(rows, device=image.device)  # [b]
+    all_image, all_text = gather_with_grad(image), gather_with_grad(text)  # [W*b, E]
+    scale = logit_scale.float()
+    logits_per_image = scale * image @ all_text.t()  # [b, W*b]
+    logits_per_text = scale * text @ all_image.t()   # [b, W*b]
+    loss = (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
+    with torch.no_grad():
+        acc = (logits_per_image.argmax(dim=-1) == labels).float().mean() * 100
+    return {"loss": loss, "clip_loss": loss.detach(), "clip_acc": acc}
