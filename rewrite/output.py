@@ -1,0 +1,260 @@
+"""The aligned, resumable output: one writer per data-parallel group appends its
+share's lines and commits after every window; a small JSON progress record beside
+the file says how much of it is committed, for which input and settings.
+
+Crash safety: a commit is (append + flush + fsync of the output), then the record
+rewritten atomically (temp file + fsync + os.replace). A resumed run first truncates
+the output to the recorded byte count, so bytes appended after the last record are
+discarded and redone; lines depend only on (seed, mode, line), so the redone bytes
+are the same and the final file equals an uninterrupted run's.
+
+Files for --output_filename OUT:
+  one data-parallel group:  OUT itself, record OUT.progress.json
+  D > 1 groups:             OUT.part-RRRRR-of-DDDDD (+ .progress.json each); when all
+                            are complete, global rank 0 concatenates them into OUT
+                            (temp file + os.replace), writes OUT.progress.json and
+                            removes the parts.
+A finished run keeps OUT.progress.json with "complete": true, so the same command
+again reports that it is complete instead of redoing the work.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+RECORD_SUFFIX = ".progress.json"
+RECORD_VERSION = 1
+STAT_KEYS = ("lines", "rewritten", "fallbacks", "empty", "truncated", "undecodable")
+
+
+class ResumeError(ValueError):
+    """An existing output or progress record does not fit this run."""
+
+
+def record_path(out: Path) -> Path:
+    return out.with_name(out.name + RECORD_SUFFIX)
+
+
+def part_path(output: Path, dp_rank: int, dp_size: int) -> Path:
+    return output.with_name(f"{output.name}.part-{dp_rank:05d}-of-{dp_size:05d}")
+
+
+def _fsync_dir(path: Path) -> None:
+    # makes a rename durable; not possible on every platform, where it is skipped
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: Path, obj: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def read_record(path: Path) -> dict | None:
+    if not path.exists():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ResumeError(f"progress record {path} is unreadable ({e}); pass --overwrite to start over") from None
+    if not isinstance(record, dict) or record.get("version") != RECORD_VERSION:
+        raise ResumeError(f"progress record {path} is not one this version writes; pass --overwrite to start over")
+    return record
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    flat = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            flat.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            flat[f"{prefix}{k}"] = v
+    return flat
+
+
+def describe_changes(old: dict, new: dict) -> str:
+    a, b = _flatten(old), _flatten(new)
+    keys = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+    return "; ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys[:6]) or "(no difference)"
+
+
+def add_stats(total: dict, delta: dict) -> dict:
+    return {k: total.get(k, 0) + delta.get(k, 0) for k in STAT_KEYS}
+
+
+@dataclass
+class ShareState:
+    next_line: int  # first input line not yet committed
+    in_offset: int  # its byte offset in the input
+    out_bytes: int  # committed size of the output (part) file
+    stats: dict = field(default_factory=lambda: dict.fromkeys(STAT_KEYS, 0))
+    complete: bool = False
+
+
+class ShareWriter:
+    """Appends the lines of one share [start, end) to `out_path`."""
+
+    def __init__(self, out_path: Path, fingerprint: dict, layout: dict, overwrite: bool) -> None:
+        self.out_path = out_path
+        self.record_path = record_path(out_path)
+        self.fingerprint = fingerprint
+        self.layout = layout
+        self.overwrite = overwrite
+        self.state: ShareState | None = None
+        self._fh = None
+
+    def open(self, start_line: int, start_offset: int) -> ShareState:
+        """Resume from the record, or start the share afresh."""
+        record = None if self.overwrite else read_record(self.record_path)
+        if record is not None:
+            self.state = self._resume(record)
+        else:
+            if self.out_path.exists() and not self.overwrite:
+                raise ResumeError(
+                    f"--output_filename: {self.out_path} exists and has no progress record "
+                    f"{self.record_path.name}; pass --overwrite to replace it, or choose another file")
+            self.state = ShareState(next_line=start_line, in_offset=start_offset, out_bytes=0)
+            self._write_record()  # record first: a crash right after leaves a resumable state
+            with open(self.out_path, "wb") as f:
+                os.fsync(f.fileno())
+        if not self.state.complete:
+            self._fh = open(self.out_path, "ab")
+        return self.state
+
+    def _resume(self, record: dict) -> ShareState:
+        where = f"--output_filename: the partial run in {self.out_path} ({self.record_path.name})"
+        if record.get("fingerprint") != self.fingerprint:
+            raise ResumeError(f"{where} was made from a different input or settings: "
+                              f"{describe_changes(record.get('fingerprint', {}), self.fingerprint)}. "
+                              "Rerun with the same input and flags to continue, or pass --overwrite to start over")
+        if record.get("layout") != self.layout:
+            raise ResumeError(f"{where} used another data-parallel layout: "
+                              f"{describe_changes(record.get('layout', {}), self.layout)}. "
+                              "Rerun with the same number of processes and --model_parallel_size, or pass --overwrite")
+        state = ShareState(**record["state"])
+        size = self.out_path.stat().st_size if self.out_path.exists() else -1
+        if size < state.out_bytes:
+            raise ResumeError(f"{where}: the file has {max(size, 0)} bytes but {state.out_bytes} were committed; "
+                              "it was changed outside this program. Pass --overwrite to start over")
+        if size > state.out_bytes:
+            with open(self.out_path, "r+b") as f:  # drop what was written after the last commit
+                f.truncate(state.out_bytes)
+                os.fsync(f.fileno())
+        return state
+
+    def _write_record(self) -> None:
+        write_json_atomic(self.record_path, {
+            "version": RECORD_VERSION, "fingerprint": self.fingerprint, "layout": self.layout,
+            "complete": self.state.complete, "state": self.state.__dict__})
+
+    def commit(self, lines: list[str], next_line: int, in_offset: int, stats: dict) -> None:
+        """Append the window's lines (without newlines), make them durable, then
+        record the new committed position."""
+        data = "".join(f"{line}\n" for line in lines).encode("utf-8")
+        self._fh.write(data)
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+        s = self.state
+        s.next_line, s.in_offset, s.out_bytes = next_line, in_offset, s.out_bytes + len(data)
+        s.stats = add_stats(s.stats, stats)
+        self._write_record()
+
+    def finish(self) -> None:
+        self.close()
+        self.state.complete = True
+        self._write_record()
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+
+_PART_RE = re.compile(r"\.part-(\d{5})-of-(\d{5})$")
+
+
+def existing_parts(output: Path) -> list[tuple[Path, int]]:
+    """Part files (not their records) left next to `output`, with their D."""
+    found = []
+    for p in output.parent.glob(f"{output.name}.part-*"):
+        m = _PART_RE.search(p.name)
+        if m:
+            found.append((p, int(m.group(2))))
+    return sorted(found)
+
+
+def _remove(path: Path) -> None:
+    for p in (path, record_path(path)):
+        p.unlink(missing_ok=True)
+
+
+def plan_run(output: Path, dp_size: int, fingerprint: dict, overwrite: bool) -> bool:
+    """Run on global rank 0 before any writer opens. True: OUT is already complete
+    for this input and these settings. Refuses leftovers of another layout;
+    with --overwrite removes them (and any record) so every share starts over."""
+    record = read_record(record_path(output)) if not overwrite else None
+    if record is not None and record.get("complete"):
+        if record.get("fingerprint") == fingerprint:
+            if output.exists():
+                return True
+            raise ResumeError(f"--output_filename: {output} is missing although {record_path(output).name} "
+                              "says the run finished; pass --overwrite to redo it")
+        raise ResumeError(
+            f"--output_filename: {output} is a finished run of a different input or settings: "
+            f"{describe_changes(record.get('fingerprint', {}), fingerprint)}. "
+            "Pass --overwrite to redo it, or choose another --output_filename")
+    if record is not None and dp_size > 1:
+        raise ResumeError(f"--output_filename: {output} holds a partial run with 1 data-parallel group; "
+                          f"this run has {dp_size}. Rerun with the same layout, or pass --overwrite")
+    for part, d in existing_parts(output):
+        if overwrite:
+            _remove(part)
+        elif d != dp_size:
+            raise ResumeError(f"--output_filename: {part} is left from a run with {d} data-parallel groups; "
+                              f"this run has {dp_size}. Rerun with the same layout, or pass --overwrite")
+    if overwrite:
+        record_path(output).unlink(missing_ok=True)
+    return False
+
+
+def merge_parts(output: Path, dp_size: int, fingerprint: dict, stats: dict) -> None:
+    """Concatenate the finished parts in order into OUT (atomically), mark OUT
+    complete, then remove the parts. A crash anywhere here is redone by rerunning:
+    the parts stay until OUT and its record are in place."""
+    parts = [part_path(output, r, dp_size) for r in range(dp_size)]
+    for p in parts:
+        record = read_record(record_path(p))
+        if record is None or not record.get("complete"):
+            raise ResumeError(f"--output_filename: part {p} is missing or unfinished; rerun the same command "
+                              "(multi-node runs need --output_filename on a shared file system)")
+    tmp = output.with_name(output.name + ".merge.tmp")
+    with open(tmp, "wb") as out:
+        for p in parts:
+            with open(p, "rb") as f:
+                shutil.copyfileobj(f, out, 16 << 20)
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(tmp, output)
+    _fsync_dir(output.parent)
+    write_json_atomic(record_path(output), {
+        "version": RECORD_VERSION, "fingerprint": fingerprint, "layout": {"dp_size": dp_size},
+        "complete": True, "state": {"stats": stats}})
+    for p in parts:
+        _remove(p)

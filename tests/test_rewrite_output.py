@@ -1,0 +1,126 @@
+"""rewrite/input_lines.py and rewrite/output.py without a model: line index, shares,
+decoding policy, the commit protocol, layout refusals and the final merge."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+REWRITE = Path(__file__).resolve().parents[1] / "rewrite"
+sys.path.insert(0, str(REWRITE))
+
+from input_lines import decode_line, offset_of_line, read_lines, scan_input, share_range  # noqa: E402
+from output import (ResumeError, ShareWriter, merge_parts, part_path, plan_run, read_record,  # noqa: E402
+                    record_path)
+
+FP = {"input": {"size": 1}, "settings": {"seed": 1}}
+
+
+def test_scan_index_and_seek_every_line(tmp_path):
+    lines = [f"caption {i}" + "x" * (i % 7) for i in range(200)] + ["", "no newline at the end"]
+    path = tmp_path / "in.txt"
+    path.write_bytes("\n".join(lines).encode())
+    info = scan_input(path, chunk_size=64)  # small chunks: many index entries
+    assert info.lines == len(lines) and info.size == path.stat().st_size and len(info.index) > 20
+    for k in (0, 1, 63, 100, 200, len(lines) - 1, len(lines)):
+        offset = offset_of_line(path, info, k)
+        got = [text for _, text, _, _ in read_lines(path, offset, k, info.lines)]
+        assert got == lines[k:]
+    assert scan_input(path).digest == info.digest
+    path.write_bytes(path.read_bytes() + b"\n")
+    assert scan_input(path).lines == len(lines)  # a final newline adds no line
+    assert scan_input(path).digest != info.digest
+
+
+def test_shares_cover_all_lines_in_order():
+    for n, d in ((0, 2), (1, 3), (10, 3), (31, 2), (1000, 7)):
+        ranges = [share_range(n, d, r) for r in range(d)]
+        assert ranges[0][0] == 0 and ranges[-1][1] == n
+        assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+        assert max(e - s for s, e in ranges) - min(e - s for s, e in ranges) <= 1
+
+
+def test_decoding_policy():
+    assert decode_line(b"caf\xc3\xa9\r\n") == ("caf\u00e9", False)
+    assert decode_line(b"bad \xff byte\n") == ("bad \ufffd byte", True)
+    assert decode_line(b"keeps inner \r returns") == ("keeps inner \r returns", False)
+
+
+def test_bom_is_not_part_of_the_first_caption(tmp_path):
+    path = tmp_path / "bom.txt"
+    path.write_bytes(b"\xef\xbb\xbffirst\nsecond\n")
+    assert [t for _, t, _, _ in read_lines(path, 0, 0, 2)] == ["first", "second"]
+
+
+def writer(out: Path, **kw) -> ShareWriter:
+    args = dict(fingerprint=FP, layout={"dp_size": 1, "share": [0, 10]}, overwrite=False)
+    args.update(kw)
+    return ShareWriter(out, **args)
+
+
+def test_commit_protocol_and_resume(tmp_path):
+    out = tmp_path / "out.txt"
+    w = writer(out)
+    assert w.open(0, 0).next_line == 0 and out.read_bytes() == b""
+    w.commit(["a", "", "caf\u00e9"], next_line=3, in_offset=17, stats={"lines": 3, "empty": 1})
+    w.close()
+    with open(out, "ab") as f:
+        f.write(b"uncommitted")  # a crash after the append, before the record
+    state = writer(out).open(0, 0)
+    assert (state.next_line, state.in_offset, state.out_bytes) == (3, 17, len("a\n\ncaf\u00e9\n".encode()))
+    assert out.read_bytes() == "a\n\ncaf\u00e9\n".encode() and state.stats["empty"] == 1
+    with pytest.raises(ResumeError, match=r"different input or settings: settings.seed: 1 -> 2.*--overwrite"):
+        writer(out, fingerprint={"input": {"size": 1}, "settings": {"seed": 2}}).open(0, 0)
+    with pytest.raises(ResumeError, match="another data-parallel layout"):
+        writer(out, layout={"dp_size": 2, "share": [0, 5]}).open(0, 0)
+    out.write_bytes(b"a\n")
+    with pytest.raises(ResumeError, match="changed outside this program"):
+        writer(out).open(0, 0)
+    assert writer(out, overwrite=True).open(0, 0).next_line == 0 and out.read_bytes() == b""
+
+
+def test_unreadable_record_is_refused(tmp_path):
+    out = tmp_path / "out.txt"
+    record_path(out).write_text("{half")
+    with pytest.raises(ResumeError, match="out.txt.progress.json is unreadable.*--overwrite"):
+        read_record(record_path(out))
+
+
+def finished_part(output: Path, r: int, d: int, text: str) -> None:
+    w = writer(part_path(output, r, d), layout={"dp_size": d, "share": [r, r + 1]})
+    w.open(r, 0)
+    w.commit([text], next_line=r + 1, in_offset=0, stats={"lines": 1})
+    w.finish()
+
+
+def test_layout_changes_refuse_and_merge(tmp_path):
+    output = tmp_path / "out.txt"
+    w = writer(output)
+    w.open(0, 0)
+    w.close()  # a partial one-group run
+    with pytest.raises(ResumeError, match="partial run with 1 data-parallel group; this run has 2"):
+        plan_run(output, 2, FP, overwrite=False)
+    assert plan_run(output, 2, FP, overwrite=True) is False and not record_path(output).exists()
+    for r in range(3):
+        finished_part(output, r, 3, f"line {r}")
+    with pytest.raises(ResumeError, match=r"part-00000-of-00003 is left from a run with 3 .* this run has 2"):
+        plan_run(output, 2, FP, overwrite=False)
+    assert plan_run(output, 3, FP, overwrite=False) is False
+    merge_parts(output, 3, FP, {"lines": 3})
+    assert output.read_text() == "line 0\nline 1\nline 2\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.txt", "out.txt.progress.json"]
+    assert plan_run(output, 2, FP, overwrite=False) is True  # complete, whatever the layout now
+    other = {"input": {"size": 2}, "settings": {"seed": 1}}
+    with pytest.raises(ResumeError, match="finished run of a different input or settings: input.size: 1 -> 2"):
+        plan_run(output, 1, other, overwrite=False)
+    assert json.loads(record_path(output).read_text())["complete"] is True
+
+
+def test_merge_refuses_missing_part(tmp_path):
+    output = tmp_path / "out.txt"
+    finished_part(output, 0, 2, "x")
+    with pytest.raises(ResumeError, match="part-00001-of-00002 is missing or unfinished"):
+        merge_parts(output, 2, FP, {})
+    assert not output.exists()

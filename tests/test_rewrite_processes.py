@@ -1,0 +1,114 @@
+"""rewrite/llama_rewrite.py as real processes: resume after SIGKILL at different
+moments, and 2 data-parallel torchrun processes against 1 process."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+REWRITE = Path(__file__).resolve().parents[1] / "rewrite"
+sys.path.insert(0, str(REWRITE))
+
+import llama_rewrite  # noqa: E402
+from llama import make_tiny_llama  # noqa: E402
+from output import record_path  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+PAIRS = [["a dog on grass", "A dog lies on the grass."], ["red car", "A red car parks."],
+         ["city at night", "The city glows at night."], ["a cat", "A cat sleeps."]]
+CAPTIONS = ["person rides a bike", "a bowl of soup", "", "boats in the harbour", "actor at the premiere",
+            "snow on the hills", "tea and cake", "a cat on a mat", "the old bridge", "kids play football"]
+FLAGS = {"max_seq_len": 256, "max_gen_len": 8, "max_batch_size": 2}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rewrite_proc")
+    texts = CAPTIONS + [s for p in PAIRS for s in p] + ["write image captions differently, =>"]
+    ckpt = make_tiny_llama(root / "tiny", texts, dim=32, n_layers=1, n_heads=2, vocab_size=300)
+    examples = root / "pool.json"
+    examples.write_text(json.dumps({"pairs": PAIRS}))
+    return {"ckpt_dir": str(ckpt), "tokenizer_path": str(ckpt / "tokenizer.model"), "examples": str(examples)}
+
+
+def argv(tiny, src: Path, out: Path, **extra) -> list[str]:
+    flags = dict(tiny, prompt_filename=str(src), output_filename=str(out), **FLAGS)
+    flags.update(extra)
+    return [f"--{k}={v}" for k, v in flags.items()]
+
+
+def env() -> dict:
+    e = dict(os.environ, OMP_NUM_THREADS="1")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        e.pop(k, None)
+    return e
+
+
+def reference(tiny, src: Path, out: Path, **extra) -> bytes:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert llama_rewrite.cli(argv(tiny, src, out, **extra)) == 0
+    finally:
+        torch.set_num_threads(before)
+    return out.read_bytes()
+
+
+def committed_lines(out: Path) -> int:
+    try:
+        return json.loads(record_path(out).read_text())["state"]["next_line"]
+    except (OSError, ValueError, KeyError):
+        return -1  # not there yet, or caught mid-replace
+
+
+@pytest.mark.parametrize("kill_after_lines, then_wait", [(0, 0.0), (16, 0.2)])
+def test_resume_after_sigkill_is_byte_identical(tiny, tmp_path, kill_after_lines, then_wait):
+    """Killed right after the first record, and at an arbitrary moment mid-run."""
+    src = tmp_path / "src.txt"
+    src.write_text("".join(f"{c} {i}\n" for i in range(30) for c in CAPTIONS))  # 300 lines
+    expected = reference(tiny, src, tmp_path / "ref.txt")
+    out = tmp_path / "out.txt"
+    proc = subprocess.Popen([sys.executable, str(REWRITE / "llama_rewrite.py"), *argv(tiny, src, out)],
+                            env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while committed_lines(out) < kill_after_lines and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(then_wait)
+        assert proc.poll() is None, "the run ended before it could be killed; give it more lines"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    done = committed_lines(out)
+    assert 0 <= done < 300
+    assert llama_rewrite.cli(argv(tiny, src, out, max_batch_size=3)) == 0
+    assert out.read_bytes() == expected
+
+
+@pytest.mark.parametrize("mp, temperature", [(1, 0.9), (2, 0.0)])
+def test_two_processes_equal_one(tiny, tmp_path, mp, temperature):
+    """2 data-parallel groups (MP=1), or one MP=2 group (greedy: the split matmuls
+    may round differently, which sampling could amplify): the same file as 1 process."""
+    src = tmp_path / "src.txt"
+    src.write_text("".join(f"{c} {i}\n" for i in range(3) for c in CAPTIONS) + "last line without newline")
+    expected = reference(tiny, src, tmp_path / "one.txt", temperature=temperature)
+    out = tmp_path / "two.txt"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(REWRITE / "llama_rewrite.py"),
+           *argv(tiny, src, out, max_batch_size=3, model_parallel_size=mp, temperature=temperature)]
+    done = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert out.read_bytes() == expected
+    leftovers = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("two.txt"))
+    assert leftovers == ["two.txt", "two.txt.progress.json"]  # parts merged and removed
+    record = json.loads(record_path(out).read_text())
+    assert record["complete"] and record["state"]["stats"]["lines"] == 31
+    assert "done: " in done.stdout and done.stdout.count("done: ") == 1  # one summary, from rank 0
