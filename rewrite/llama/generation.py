@@ -1,0 +1,283 @@
+"""Batched text generation with a KV cache: padded one-pass prefill, early stop, seeded sampling.
+
+Schedule of one `generate` call: prompts are sorted by length and taken in
+micro-batches of at most `max_batch_size`. A micro-batch is left-padded so all
+contexts end at the same cache column P (each row keeps its own RoPE positions
+0, 1, ...; pad keys are masked), prefilled in one forward pass, then decoded
+one column per step into a cache of P + (tokens still allowed) columns. A row
+stops at its first stop token (EOS, and '\n' when asked) or its length limit;
+finished rows are dropped from the cache once a quarter of the live rows are
+done; when at most half of the batch is still going and prompts are waiting,
+those stragglers move into the next micro-batch with their cache rows and
+logits (K/V carry row-local RoPE positions, so they can move to other columns)
+and the new prompts fill the freed rows, instead of a few long completions
+stepping an almost empty batch.
+
+Sampling draws one uniform number per (prompt, step) from a counter-based hash
+of (seed, step), so a prompt's text does not depend on the batch it lands in,
+on the batch size, on the process count or on the other prompts (up to
+floating-point differences between batch shapes: exact in float64).
+"""
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from .model import KVCache, Transformer
+from .parallel import ParallelInfo
+from .tokenizer import Tokenizer
+
+_M64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _M64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
+    return x ^ (x >> 31)
+
+
+def uniforms(seed: int, n: int, start: int = 0) -> list[float]:
+    """Uniform numbers in [0, 1) for steps start..start+n-1; step t's depends only on (seed, t)."""
+    base = _splitmix64(seed & _M64)
+    return [(_splitmix64(base ^ t) >> 11) / float(1 << 53) for t in range(start, start + n)]
+
+
+def _sorted_probs(probs: torch.Tensor, top_p: float, k: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """probs [b, V] sorted descending, ties by token id (as a stable sort): values and ids.
+
+    Only the head matters to the nucleus: when the k-1 most likely tokens of
+    every row already pass top_p, the top k replace a full sort of V (cheap
+    where V is 32000); ranks past k are simply absent.
+    """
+    if k < probs.shape[-1]:
+        p, idx = probs.topk(k, dim=-1)
+        if bool((p[:, :k - 1].sum(-1) > top_p).all()):
+            idx, order = idx.sort(dim=-1)  # topk leaves tie order open: id order, then stable by value
+            p = p.gather(-1, order)
+            p, order = p.sort(dim=-1, descending=True, stable=True)
+            return p, idx.gather(-1, order)
+    return probs.sort(dim=-1, descending=True, stable=True)
+
+
+def sample(logits: torch.Tensor, temperature: float, top_p: float, u: Optional[torch.Tensor]) -> torch.Tensor:
+    """Next token per row from logits [b, V] (float32): greedy if temperature <= 0, else nucleus.
+
+    Nucleus: the smallest set of most likely tokens whose mass reaches top_p
+    (Meta's rule), renormalised, sampled by inverting its CDF at u [b].
+    """
+    if temperature <= 0:
+        return logits.argmax(-1)
+    p, idx = _sorted_probs(torch.softmax(logits / temperature, dim=-1), top_p)
+    p = p.masked_fill(p.cumsum(-1) - p > top_p, 0.0)
+    cdf = p.cumsum(-1)
+    k = (cdf <= u[:, None] * cdf[:, -1:]).sum(-1)
+    k = torch.minimum(k, (p > 0).sum(-1) - 1)  # rounding must not pick a dropped token
+    return idx.gather(-1, k[:, None])[:, 0]
+
+
+class Generator:
+    """Generates continuations with a loaded `Transformer` (see `checkpoint.load_generator`)."""
+
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, max_seq_len: int, max_batch_size: int,
+                 parallel: Optional[ParallelInfo] = None, compact_below: float = 0.75,
+                 hand_off_below: float = 0.5):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_seq_len = max_seq_len
+        self.max_batch_size = max_batch_size
+        self.parallel = parallel or ParallelInfo.single(model.tok_embeddings.weight.device)
+        self.compact_below = compact_below  # drop finished rows when active/rows falls to this
+        self.hand_off_below = hand_off_below  # move stragglers to the next batch below this fraction
+        self.device = model.tok_embeddings.weight.device
+        self.dtype = model.tok_embeddings.weight.dtype
+        self._stats = {"prompts": 0, "generated_tokens": 0, "prompt_tokens": 0, "seconds": 0.0,
+                       "batches": 0, "hand_offs": 0}
+
+    @property
+    def stats(self) -> dict:
+        """Cumulative over all `generate` calls: prompts, generated_tokens, prompt_tokens, seconds;
+        and batches (micro-batches run), hand_offs (rows moved on to a next micro-batch)."""
+        return dict(self._stats)
+
+    def _check(self, prompts: list[list[int]], seeds: list[int], max_gen_len: int) -> None:
+        if len(seeds) != len(prompts):
+            raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds")
+        if max_gen_len < 0:
+            raise ValueError(f"max_gen_len must be >= 0, got {max_gen_len}")
+        for i, p in enumerate(prompts):
+            if not p:
+                raise ValueError(f"prompt {i} is empty (it should start with BOS)")
+            if len(p) > self.max_seq_len:
+                raise ValueError(f"prompt {i} has {len(p)} tokens, more than max_seq_len={self.max_seq_len}")
+            if min(p) < 0 or max(p) >= self.tokenizer.n_words:
+                raise ValueError(f"prompt {i} has token ids outside [0, {self.tokenizer.n_words})")
+
+    @torch.inference_mode()
+    def generate(self, prompt_tokens: list[list[int]], max_gen_len: int, temperature: float, top_p: float,
+                 seeds: list[int], stop_at_newline: bool = True) -> list[list[int]]:
+        """Generated ids per prompt, in input order, without the stop token.
+
+        prompt_tokens include BOS. A row stops at EOS, at its first newline when
+        stop_at_newline, after max_gen_len tokens, or when prompt + generation
+        reaches max_seq_len (a prompt longer than max_seq_len - max_gen_len is
+        cut short there, not rejected). temperature 0: greedy.
+        """
+        self._check(prompt_tokens, seeds, max_gen_len)
+        t0 = time.perf_counter()
+        stop = {self.tokenizer.eos_id}
+        if stop_at_newline and self.tokenizer.newline_id is not None:
+            stop.add(self.tokenizer.newline_id)
+        rows = [_Row(p, s, min(max_gen_len, self.max_seq_len - len(p))) for p, s in zip(prompt_tokens, seeds)]
+        pending = deque(sorted((r for r in rows if r.limit > 0), key=lambda r: len(r.prompt)))
+        carry: Optional[_Carry] = None
+        while pending or carry:
+            n_new = min(len(pending), self.max_batch_size - (len(carry.rows) if carry else 0))
+            new = [pending.popleft() for _ in range(n_new)]
+            carry = self._batch(new, carry, temperature, top_p, stop, hand_off=bool(pending))
+            self._stats["batches"] += 1
+            self._stats["hand_offs"] += len(carry.rows) if carry else 0
+        out = [r.out for r in rows]
+        self._check_agreement(out)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        s = self._stats
+        s["prompts"] += len(prompt_tokens)
+        s["prompt_tokens"] += sum(len(p) for p in prompt_tokens)
+        s["generated_tokens"] += sum(len(o) for o in out)
+        s["seconds"] += time.perf_counter() - t0
+        return out
+
+    def _batch(self, new: list["_Row"], carry: Optional["_Carry"], temperature: float, top_p: float,
+               stop: set[int], hand_off: bool) -> Optional["_Carry"]:
+        """One micro-batch: stragglers carried in from the last one, then new prompts.
+
+        Every row's context (prompt + text so far) is right-aligned to end at
+        column P; the cache has P + (most tokens still allowed) columns.
+        """
+        rows = (carry.rows if carry else []) + new
+        dev = self.device
+        lens = [len(r.prompt) + len(r.out) for r in rows]
+        P, G = max(lens), max(r.limit - len(r.out) for r in rows)
+        positions, key_valid = _layout(lens, P + G, dev)
+        cache = self.model.new_cache(len(rows), P + G, dev, self.dtype)
+        logits = self._prefill(cache, carry, new, P, positions, key_valid)
+        u = None
+        if temperature > 0:  # [B, G]: row i's draw for its k-th token depends on (seed_i, k) only
+            u = torch.tensor([uniforms(r.seed, G, start=len(r.out)) for r in rows], device=dev)
+        return self._decode(rows, cache, logits, positions, key_valid, u, P, G, temperature, top_p, stop, hand_off)
+
+    def _prefill(self, cache: KVCache, carry: Optional["_Carry"], new: list["_Row"], P: int,
+                 positions: torch.Tensor, key_valid: Optional[torch.Tensor]) -> torch.Tensor:
+        """Fill cache columns [0, P): copy the carried rows' K/V, run new prompts in one pass.
+        Returns next-token logits [B, V] (carried rows first)."""
+        nc, parts = 0, []
+        if carry is not None:
+            nc, m = len(carry.rows), carry.cache[0][0].shape[2]
+            for (k, v), (ck, cv) in zip(cache, carry.cache):
+                k[:nc, :, P - m:P] = ck  # K already holds RoPE at row-local positions:
+                v[:nc, :, P - m:P] = cv  # moving it to other columns changes nothing
+            parts.append(carry.logits)
+        if new:  # only the columns new prompts occupy: carried rows may reach further left
+            n = max(len(r.prompt) for r in new)
+            tokens = torch.zeros(len(new), n, dtype=torch.long)
+            for i, r in enumerate(new):
+                tokens[i, n - len(r.prompt):] = torch.tensor(r.prompt)
+            masked = key_valid is not None and (nc > 0 or min(len(r.prompt) for r in new) < P)
+            view = [(k[nc:], v[nc:]) for k, v in cache]
+            parts.append(self.model(tokens.to(self.device), positions[nc:, P - n:P],
+                                    key_valid[nc:, :P] if masked else None, view, P - n, last_only=True))
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+    def _decode(self, rows: list["_Row"], cache: KVCache, logits: torch.Tensor, positions: torch.Tensor,
+                key_valid: Optional[torch.Tensor], u: Optional[torch.Tensor], P: int, G: int,
+                temperature: float, top_p: float, stop: set[int], hand_off: bool) -> Optional["_Carry"]:
+        """Sample and feed one column per step until every row stops, or hand stragglers off."""
+        B = len(rows)
+        live = list(range(B))  # batch row of each cache row; shrinks as finished rows are dropped
+        for t in range(G):
+            nxt = sample(logits, temperature, top_p, None if u is None else u[:, t])
+            for i, tok in zip(live, nxt.tolist()):
+                rows[i].push(tok, stop)
+            keep = [j for j, i in enumerate(live) if not rows[i].done]
+            if not keep:
+                return None
+            handing_off = hand_off and len(keep) <= self.hand_off_below * B
+            if len(keep) < len(live) and (handing_off or len(keep) <= self.compact_below * len(live)):
+                idx = torch.tensor(keep, device=self.device)
+                cache, nxt, positions = _take(cache, idx), nxt[idx], positions[idx]
+                key_valid = None if key_valid is None else key_valid[idx]
+                u = None if u is None else u[idx]
+                live = [live[j] for j in keep]
+            c = P + t  # cache column of the token being fed
+            logits = self.model(nxt[:, None], positions[:, c:c + 1],
+                                None if key_valid is None else key_valid[:, :c + 1], cache, c, last_only=True)
+            if handing_off:  # stragglers join the next micro-batch with their cache and logits
+                m = max(len(rows[i].prompt) + len(rows[i].out) for i in live)
+                return _Carry([rows[i] for i in live], [(k[:, :, c + 1 - m:c + 1], v[:, :, c + 1 - m:c + 1])
+                                                       for k, v in cache], logits)
+        return None
+
+    def _check_agreement(self, out: list[list[int]]) -> None:
+        """MP ranks sample independently from identical logits; fail loudly if they ever diverge."""
+        if self.parallel.mp_size == 1:
+            return
+        import torch.distributed as dist
+        from fairscale.nn.model_parallel.initialize import get_model_parallel_group
+        h = 0
+        for o in out:
+            for tok in o:
+                h = _splitmix64(h ^ tok)
+            h = _splitmix64(h ^ 0xFFFF)
+        x = torch.tensor([h >> 12, -(h >> 12)], dtype=torch.long, device=self.device)
+        dist.all_reduce(x, op=dist.ReduceOp.MAX, group=get_model_parallel_group())
+        if x[0].item() != -x[1].item():
+            raise RuntimeError("model-parallel ranks generated different tokens; "
+                               "they must receive identical prompts and seeds")
+
+
+@dataclass
+class _Row:
+    """One prompt's generation state."""
+    prompt: list[int]
+    seed: int
+    limit: int  # tokens it may generate (max_gen_len, or less near max_seq_len)
+    out: list[int] = field(default_factory=list)
+    done: bool = False
+
+    def push(self, tok: int, stop: set[int]) -> None:
+        if self.done:
+            return  # finished, still in the batch until it is compacted: ignore
+        if tok in stop:
+            self.done = True
+        else:
+            self.out.append(tok)
+            self.done = len(self.out) >= self.limit
+
+
+@dataclass
+class _Carry:
+    """Unfinished rows leaving a micro-batch, everything they have fed still cached."""
+    rows: list[_Row]
+    cache: KVCache  # per layer [n, H, m, D]: the last m columns, each row's context right-aligned
+    logits: torch.Tensor  # [n, V] next-token logits
+
+
+def _layout(lens: list[int], cols: int, dev: torch.device) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """For contexts right-aligned to end at column max(lens): row-local RoPE positions
+    [B, cols] and key validity [B, cols] (None when nothing is padded)."""
+    P = max(lens)
+    pad = torch.tensor([P - n for n in lens], device=dev)
+    col = torch.arange(cols, device=dev)
+    positions = (col[None] - pad[:, None]).clamp(min=0)
+    key_valid = col[None] >= pad[:, None] if min(lens) < P else None
+    return positions, key_valid
+
+
+def _take(cache: KVCache, idx: torch.Tensor) -> KVCache:
+    """Keep only the batch rows idx [b] of every layer's K/V."""
+    return [(k.index_select(0, idx), v.index_select(0, idx)) for k, v in cache]

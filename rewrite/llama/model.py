@@ -1,0 +1,273 @@
+"""LLaMA-v1 transformer for inference, with a batch KV cache and padded prefill.
+
+Parameter names are the keys of Meta's `consolidated.*.pth` files, so a shard
+loads with `load_state_dict` as is. The module is pure: no device moves, no
+process-group queries at construction, no global dtype switch. With
+`model_parallel_size > 1` the projections are split like fairscale's parallel
+layers and communicate over fairscale's model-parallel group, which
+`initialize_model_parallel` must have created before the first forward.
+
+Shapes: B batch rows, T new tokens this call, S cached key columns,
+H heads on this rank, D head dim, C model dim, V vocabulary.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# One (k, v) pair per layer, each [B, H, S_max, D].
+KVCache = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class ModelArgs:
+    """Fields of Meta's params.json (LLaMA-7B values as defaults)."""
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    vocab_size: int = -1  # -1 in Meta's files: the tokenizer decides
+    multiple_of: int = 256  # SwiGLU hidden size is rounded up to a multiple of this
+    norm_eps: float = 1e-6
+
+    @classmethod
+    def from_params(cls, params: dict, vocab_size: Optional[int] = None) -> "ModelArgs":
+        """Build from a params.json dict; raises ValueError on keys LLaMA-v1 lacks."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(params) - known)
+        if unknown:
+            raise ValueError(f"params.json has keys a LLaMA-v1 model does not use: {unknown}")
+        args = cls(**params)
+        if vocab_size is not None:
+            args.vocab_size = vocab_size
+        return args
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def ffn_hidden(self) -> int:
+        # Meta's rule: 2/3 of 4*dim, rounded up to multiple_of (11008 for 7B).
+        hidden = int(2 * 4 * self.dim / 3)
+        return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+
+
+class ParallelLinear(nn.Module):
+    """Bias-free projection split over the fairscale model-parallel group.
+
+    kind 'col': weight [n_out/mp, n_in], output stays split (wq, wk, wv, w1, w3);
+    'out': the same, then all-gathered along the last dim (the vocabulary
+    projection); 'row': weight [n_out, n_in/mp] on a split input, output
+    all-reduced (wo, w2). Written here rather than taken from fairscale.layers
+    because those allocate with the legacy `torch.Tensor(size)` (which ignores a
+    `torch.device('meta')` context) and build a full-size master weight per layer.
+    """
+
+    def __init__(self, n_in: int, n_out: int, mp: int, kind: str):
+        super().__init__()
+        if (n_in if kind == "row" else n_out) % mp:
+            raise ValueError(f"a {kind}-parallel projection {n_in}->{n_out} does not split over {mp} ranks")
+        self.kind = kind
+        shape = (n_out, n_in // mp) if kind == "row" else (n_out // mp, n_in)
+        self.weight = nn.Parameter(torch.empty(shape))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from fairscale.nn.model_parallel import mappings
+        y = F.linear(x, self.weight)
+        if self.kind == "row":
+            return mappings.reduce_from_model_parallel_region(y)
+        if self.kind == "out":
+            return mappings.gather_from_model_parallel_region(y)
+        return y
+
+
+class ParallelEmbedding(nn.Module):
+    """Embedding table [V, C/mp] split along the embedding dim, gathered after lookup."""
+
+    def __init__(self, n_vocab: int, dim: int, mp: int):
+        super().__init__()
+        if dim % mp:
+            raise ValueError(f"dim={dim} is not divisible by model_parallel_size={mp}")
+        self.weight = nn.Parameter(torch.empty(n_vocab, dim // mp))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        from fairscale.nn.model_parallel import mappings
+        return mappings.gather_from_model_parallel_region(F.embedding(tokens, self.weight))
+
+
+def _linear(n_in: int, n_out: int, mp: int, kind: str) -> nn.Module:
+    # One process: a plain layer with the same parameter name, no process group needed.
+    return nn.Linear(n_in, n_out, bias=False) if mp == 1 else ParallelLinear(n_in, n_out, mp, kind)
+
+
+def _embedding(n_vocab: int, dim: int, mp: int) -> nn.Module:
+    return nn.Embedding(n_vocab, dim) if mp == 1 else ParallelEmbedding(n_vocab, dim, mp)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Statistics in float32 even for fp16 activations, as Meta computes them.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return xf.type_as(x) * self.weight
+
+
+def rope_table(n: int, head_dim: int, device: torch.device, theta: float = 10000.0) -> torch.Tensor:
+    """Rotations e^(i * pos * theta^(-2j/D)) for positions 0..n-1: complex64 [n, D/2] (Meta's freqs_cis)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device)[: head_dim // 2].float() / head_dim))
+    angles = torch.outer(torch.arange(n, device=device).float(), inv_freq)
+    return torch.polar(torch.ones_like(angles), angles)
+
+
+def apply_rope(x: torch.Tensor, cis: torch.Tensor) -> torch.Tensor:
+    """Rotate the interleaved pairs (0,1), (2,3), ... of x [B, T, H, D] as complex numbers
+    by cis [B, T, 1, D/2], in float32."""
+    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+    return torch.view_as_real(xc * cis).flatten(-2).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, mp: int):
+        super().__init__()
+        if args.n_heads % mp:
+            raise ValueError(f"n_heads={args.n_heads} is not divisible by model_parallel_size={mp}")
+        self.n_local_heads = args.n_heads // mp
+        self.head_dim = args.head_dim
+        self.wq = _linear(args.dim, args.dim, mp, "col")
+        self.wk = _linear(args.dim, args.dim, mp, "col")
+        self.wv = _linear(args.dim, args.dim, mp, "col")
+        self.wo = _linear(args.dim, args.dim, mp, "row")
+
+    def forward(self, x: torch.Tensor, cis: torch.Tensor,
+                mask: Optional[torch.Tensor], cache: Optional[tuple[torch.Tensor, torch.Tensor]],
+                start: int) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_local_heads, self.head_dim)
+        k = self.wk(x).view(B, T, self.n_local_heads, self.head_dim)
+        v = self.wv(x).view(B, T, self.n_local_heads, self.head_dim)
+        q, k = apply_rope(q, cis), apply_rope(k, cis)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, T, D]
+        if cache is not None:
+            ck, cv = cache  # [B, H, S_max, D]; columns [start, start+T) are this call's
+            ck[:, :, start:start + T] = k
+            cv[:, :, start:start + T] = v
+            k, v = ck[:, :, :start + T], cv[:, :, :start + T]
+        if mask is None:  # no padding and no cached prefix: plain causal
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=(T > 1))
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.wo(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args: ModelArgs, mp: int):
+        super().__init__()
+        hidden = args.ffn_hidden
+        self.w1 = _linear(args.dim, hidden, mp, "col")
+        self.w2 = _linear(hidden, args.dim, mp, "row")
+        self.w3 = _linear(args.dim, hidden, mp, "col")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))  # SwiGLU
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs, mp: int):
+        super().__init__()
+        self.attention = Attention(args, mp)
+        self.feed_forward = FeedForward(args, mp)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, x, cis, mask, cache, start):
+        h = x + self.attention(self.attention_norm(x), cis, mask, cache, start)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    """LLaMA-v1. Build under `torch.device('meta')` and load with `assign=True` to skip init cost."""
+
+    def __init__(self, args: ModelArgs, model_parallel_size: int = 1):
+        super().__init__()
+        if args.vocab_size <= 0:
+            raise ValueError("ModelArgs.vocab_size must be set (params.json has -1: take it from the tokenizer)")
+        self.args = args
+        self.model_parallel_size = model_parallel_size
+        mp = model_parallel_size
+        self.tok_embeddings = _embedding(args.vocab_size, args.dim, mp)
+        self.layers = nn.ModuleList(TransformerBlock(args, mp) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = _linear(args.dim, args.vocab_size, mp, "out")
+
+    def new_cache(self, batch: int, length: int, device: torch.device, dtype: torch.dtype) -> KVCache:
+        """Zeroed K/V buffers for `batch` rows of `length` key columns, on this rank's heads."""
+        n_heads = self.args.n_heads // self.model_parallel_size
+        shape = (batch, n_heads, length, self.args.head_dim)
+        return [(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+                for _ in self.layers]
+
+    def forward(self, tokens: torch.Tensor, positions: Optional[torch.Tensor] = None,
+                key_valid: Optional[torch.Tensor] = None, cache: Optional[KVCache] = None,
+                start: int = 0, last_only: bool = False) -> torch.Tensor:
+        """Logits (float32) for tokens [B, T] placed at cache columns [start, start+T).
+
+        positions [B, T]: RoPE positions per row (default start..start+T-1), at
+        most the column; a left-padded row uses column - n_pad so its tokens keep
+        positions 0, 1, ...
+        key_valid [B, start+T] bool: False at pad columns, which no query may see.
+        cache: from `new_cache`, filled in place; without it start must be 0.
+        last_only: project only the last column to the vocabulary -> [B, V], else [B, T, V].
+        """
+        B, T = tokens.shape
+        if cache is None and start != 0:
+            raise ValueError("start > 0 needs a KV cache")
+        if positions is None:
+            positions = torch.arange(start, start + T, device=tokens.device).expand(B, T)
+        cis = self._rope(positions, start)[:, :, None]  # [B, T, 1, D/2]
+        mask = None  # None: SDPA's own causal mask (T > 1, no cached prefix) or no mask (T == 1)
+        if key_valid is not None or (start > 0 and T > 1):
+            mask = self._mask(B, T, start, key_valid, tokens.device)
+        h = self.tok_embeddings(tokens)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cis, mask, None if cache is None else cache[i], start)
+        if last_only:
+            h = h[:, -1:]
+        logits = self.output(self.norm(h)).float()
+        return logits[:, 0] if last_only else logits
+
+    def _rope(self, positions: torch.Tensor, start: int) -> torch.Tensor:
+        """Rotations for positions [B, T] from a table grown on demand (a plain attribute,
+        not a buffer: the model may be built on the meta device and loaded with assign)."""
+        need = positions.shape[1] + start  # positions never pass their column: no device sync
+        table = getattr(self, "_rope_table", None)
+        if table is None or table.shape[0] < need or table.device != positions.device:
+            n = max(need, 2 * (0 if table is None else table.shape[0]), 256)
+            with torch.inference_mode(False):  # a normal tensor: the same model may later train
+                table = rope_table(n, self.args.head_dim, positions.device)
+            self._rope_table = table
+        return table[positions]
+
+    @staticmethod
+    def _mask(B: int, T: int, start: int, key_valid: Optional[torch.Tensor], device) -> torch.Tensor:
+        """Boolean attention mask [B, 1, T, start+T]: causal by column, pad keys hidden.
+
+        A query always sees its own column, so a pad query row is never fully
+        masked (SDPA would return NaN there, and NaN would leak through the cache).
+        """
+        if T == 1 and key_valid is not None:  # a decode step: its own column is always valid
+            return key_valid[:, None, None, :]
+        q_col = torch.arange(start, start + T, device=device)[:, None]
+        k_col = torch.arange(start + T, device=device)[None, :]
+        mask = (k_col <= q_col)[None]  # [1, T, S]
+        if key_valid is not None:
+            mask = (mask & key_valid[:, None, :]) | (k_col == q_col)[None]
+        return mask.expand(B, T, start + T)[:, None]

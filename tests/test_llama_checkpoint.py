@@ -1,0 +1,158 @@
+"""Loading Meta-format directories: every validation error, rope.freqs, shard merge and split."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from rewrite.llama import ParallelInfo, load_generator, make_tiny_llama, setup_parallel
+from rewrite.llama.checkpoint import load_rank_state
+from rewrite.llama.parallel import choose_mp_size
+from rewrite.llama.tiny import TINY_TEXTS, random_state_dict
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors gain nothing from a second thread, and on shared cores it can stall."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    """The same weights written as 1, 2 and 4 shards (tokenizer in the 1-shard directory)."""
+    root = tmp_path_factory.mktemp("ckpts")
+    one = make_tiny_llama(root / "mp1", TINY_TEXTS, dim=32, n_heads=4, seed=2)
+    state = {k: v.float() for k, v in torch.load(one / "consolidated.00.pth").items() if k != "rope.freqs"}
+    dirs = {1: one}
+    for mp in (2, 4):
+        d = make_tiny_llama(root / f"mp{mp}", TINY_TEXTS, dim=32, n_heads=4, mp=mp, state_dict=state)
+        dirs[mp] = d
+    return dirs
+
+
+def load(d, tok=None, parallel=None):
+    tok = tok or d / "tokenizer.model"
+    return load_generator(str(d), str(tok), 32, 4, parallel or ParallelInfo.single(), dtype=torch.float64)
+
+
+def test_merged_shards_give_the_same_model(ckpts):
+    tokens = torch.tensor([[1, 5, 9, 30, 7, 2]])
+    with torch.inference_mode():
+        logits = [load(ckpts[mp]).model(tokens) for mp in (1, 2, 4)]
+    torch.testing.assert_close(logits[1], logits[0])
+    torch.testing.assert_close(logits[2], logits[0])
+
+
+def test_split_and_merge_give_each_rank_its_part(ckpts):
+    # rank r of MP=2 cut from the 1-shard file, and merged from shards 2r, 2r+1 of the 4-shard one,
+    # equals shard r of the 2-shard file.
+    for r in range(2):
+        want = torch.load(ckpts[2] / f"consolidated.{r:02d}.pth")
+        for d in (ckpts[1], ckpts[4]):
+            got = load_rank_state(str(d), 2, r)
+            assert got.keys() == want.keys()
+            for k in want:
+                assert torch.equal(got[k], want[k]), (d, r, k)
+
+
+def test_rope_freqs_is_optional(ckpts, tmp_path):
+    d = shutil.copytree(ckpts[1], tmp_path / "c")
+    state = torch.load(d / "consolidated.00.pth")
+    assert "rope.freqs" in state  # written like Meta's, ignored on load
+    del state["rope.freqs"]
+    torch.save(state, d / "consolidated.00.pth")
+    load(d)
+
+
+def copy(ckpts, tmp_path, mp=1):
+    return shutil.copytree(ckpts[mp], tmp_path / f"c{mp}")
+
+
+def test_directory_errors(ckpts, tmp_path):
+    tok = ckpts[1] / "tokenizer.model"
+    with pytest.raises(ValueError, match="--ckpt_dir .* is not a directory"):
+        load(tmp_path / "nowhere", tok)
+    d = copy(ckpts, tmp_path)
+    (d / "params.json").write_text("{not json")
+    with pytest.raises(ValueError, match="params.json is not valid JSON"):
+        load(d)
+    (d / "params.json").unlink()
+    with pytest.raises(ValueError, match="has no params.json"):
+        load(d)
+    d4 = copy(ckpts, tmp_path, 4)
+    (d4 / "consolidated.01.pth").unlink()
+    with pytest.raises(ValueError, match="missing consolidated.01.pth"):
+        load(d4, tok)
+    for p in d4.glob("consolidated.*"):
+        p.unlink()
+    with pytest.raises(ValueError, match="no consolidated"):
+        load(d4, tok)
+
+
+def test_params_with_unknown_keys(ckpts, tmp_path):
+    d = copy(ckpts, tmp_path)
+    params = json.loads((d / "params.json").read_text())
+    (d / "params.json").write_text(json.dumps({**params, "n_kv_heads": 2}))
+    with pytest.raises(ValueError, match="n_kv_heads"):
+        load(d)
+
+
+def test_tokenizer_errors(ckpts, tmp_path):
+    with pytest.raises(ValueError, match="--tokenizer_path"):
+        load(ckpts[1], tmp_path / "missing.model")
+    other = make_tiny_llama(tmp_path / "other", TINY_TEXTS[:3], dim=32, n_heads=4, vocab_size=300)
+    with pytest.raises(ValueError, match=r"has \d+ pieces but tok_embeddings.weight in .* has \d+ rows") as e:
+        load(ckpts[1], other / "tokenizer.model")
+    assert "other/tokenizer.model" in str(e.value) and str(ckpts[1]) in str(e.value)
+
+
+def test_key_errors_list_the_keys(ckpts, tmp_path):
+    d = copy(ckpts, tmp_path)
+    state = torch.load(d / "consolidated.00.pth")
+    del state["layers.1.ffn_norm.weight"]
+    state["layers.2.attention.wq.weight"] = state["layers.1.attention.wq.weight"]
+    torch.save(state, d / "consolidated.00.pth")
+    with pytest.raises(ValueError) as e:
+        load(d)
+    assert "missing keys ['layers.1.ffn_norm.weight']" in str(e.value)
+    assert "unexpected keys ['layers.2.attention.wq.weight']" in str(e.value)
+
+
+def test_shard_count_must_map_to_model_parallel_size(ckpts, tmp_path):
+    d = tmp_path / "mp3"
+    d.mkdir()
+    for s in range(3):
+        shutil.copy(ckpts[1] / "consolidated.00.pth", d / f"consolidated.{s:02d}.pth")
+    shutil.copy(ckpts[1] / "params.json", d / "params.json")
+    par = ParallelInfo(0, 2, 0, 2, 0, 1, 0, torch.device("cpu"))
+    with pytest.raises(ValueError, match="--model_parallel_size 2 cannot load the 3 shards"):
+        load(d, ckpts[1] / "tokenizer.model", par)
+    with pytest.raises(ValueError, match="--model_parallel_size 2 cannot load the 3 shards"):
+        choose_mp_size(3, 2, 2)
+    with pytest.raises(ValueError, match="--model_parallel_size 3 does not divide the 4 processes"):
+        choose_mp_size(3, 4, None)
+    assert choose_mp_size(8, 2, None) == 2 and choose_mp_size(1, 4, None) == 1
+    assert choose_mp_size(2, 4, 4) == 4
+
+
+def test_setup_parallel_single_process(ckpts, monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    info = setup_parallel(str(ckpts[4]), device="cpu")
+    assert (info.world_size, info.mp_size, info.dp_size, info.is_writer) == (1, 1, 1, True)
+    assert info.device == torch.device("cpu")
+    with pytest.raises(ValueError, match="--model_parallel_size 2 needs that many processes"):
+        setup_parallel(str(ckpts[1]), model_parallel_size=2)
+    with pytest.raises(ValueError, match="--ckpt_dir"):
+        setup_parallel(str(ckpts[1] / "nowhere"))
+
+
+def test_random_weights_are_reproducible():
+    from rewrite.llama.model import ModelArgs
+    args = ModelArgs(dim=16, n_layers=1, n_heads=2, vocab_size=20, multiple_of=8)
+    a, b = random_state_dict(args, 5), random_state_dict(args, 5)
+    assert all(torch.equal(a[k], b[k]) for k in a)
