@@ -42,7 +42,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="LaCLIP end to end on the CPU: rewrite, train, evaluate.")
     p.add_argument("--out", default="demo_out", help="folder for everything the demo makes (default demo_out/)")
     p.add_argument("--lines", type=int, default=100, help="captions of rewrite/text/source.txt to use (max 100)")
-    p.add_argument("--llama-steps", type=int, default=300, help="training steps of the tiny LLaMA")
+    p.add_argument("--llama-steps", type=int, default=800, help="training steps of the tiny LLaMA")
     p.add_argument("--epochs", type=int, default=3, help="CLIP training epochs")
     p.add_argument("--eval-images", type=int, default=8, help="images per class in the zero-shot set")
     p.add_argument("--seed", type=int, default=0)
