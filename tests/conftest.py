@@ -42,3 +42,26 @@ def make_imagenet(tmp_path):
         return str(root)
 
     return make
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of tiny-tensor tests: a second thread gains nothing on
+    such sizes, and on two shared cores it can stall the whole run."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def make_tiny_rewrite_setup(root, captions, pairs) -> dict:
+    """A tiny LLaMA whose tokenizer knows the test's captions and pool, plus the pool as JSON:
+    the flags a rewrite test passes (--ckpt_dir, --tokenizer_path, --examples)."""
+    import json
+
+    from rewrite.llama import make_tiny_llama
+    texts = list(captions) + [s for p in pairs for s in p] + ["write image captions differently, =>"]
+    ckpt = make_tiny_llama(root / "tiny", texts, dim=32, n_layers=1, n_heads=2, vocab_size=300)
+    examples = root / "pool.json"
+    examples.write_text(json.dumps({"pairs": pairs}))
+    return {"ckpt_dir": str(ckpt), "tokenizer_path": str(ckpt / "tokenizer.model"), "examples": str(examples)}

@@ -13,13 +13,7 @@ from rewrite.llama.parallel import choose_mp_size
 from rewrite.llama.tiny import TINY_TEXTS, random_state_dict
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors gain nothing from a second thread, and on shared cores it can stall."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

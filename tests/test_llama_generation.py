@@ -11,13 +11,7 @@ from rewrite.llama.generation import sample
 from rewrite.llama.tiny import TINY_TEXTS
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors gain nothing from a second thread, and on shared cores it can stall."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 MAX_SEQ_LEN = 48

@@ -10,13 +10,7 @@ from rewrite.llama.model import ModelArgs, RMSNorm, Transformer, apply_rope, rop
 from rewrite.llama.tiny import random_state_dict
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors gain nothing from a second thread, and on shared cores it can stall."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(vocab: int = 97, dtype=torch.float64) -> Transformer:

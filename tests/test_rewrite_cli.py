@@ -13,7 +13,8 @@ REWRITE = Path(__file__).resolve().parents[1] / "rewrite"
 sys.path.insert(0, str(REWRITE))
 
 import llama_rewrite  # noqa: E402
-from llama import Tokenizer, make_tiny_llama  # noqa: E402
+from conftest import make_tiny_rewrite_setup  # noqa: E402
+from llama import Tokenizer  # noqa: E402
 from output import record_path  # noqa: E402
 
 PAIRS = [["a dog on grass", "A dog lies on the grass."], ["red car", "A red car parks."],
@@ -23,23 +24,12 @@ CAPTIONS = ["person rides a bike", "a bowl of soup", "", "boats in the harbour",
             "a cat on a mat", "the old bridge", "kids play football", "a lamp", "dog runs"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # the two cores are shared; one thread per process avoids oversubscription
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("rewrite_cli")
-    texts = CAPTIONS + [s for p in PAIRS for s in p] + ["write image captions differently, =>"]
-    ckpt = make_tiny_llama(root / "tiny", texts, dim=32, n_layers=1, n_heads=2, vocab_size=300)
-    examples = root / "pool.json"
-    examples.write_text(json.dumps({"pairs": PAIRS}))
-    return {"ckpt_dir": str(ckpt), "tokenizer_path": str(ckpt / "tokenizer.model"), "examples": str(examples)}
+    return make_tiny_rewrite_setup(tmp_path_factory.mktemp("rewrite_cli"), CAPTIONS, PAIRS)
 
 
 def write_lines(path: Path, lines: list[str]) -> Path:

@@ -17,7 +17,7 @@ REWRITE = Path(__file__).resolve().parents[1] / "rewrite"
 sys.path.insert(0, str(REWRITE))
 
 import llama_rewrite  # noqa: E402
-from llama import make_tiny_llama  # noqa: E402
+from conftest import make_tiny_rewrite_setup  # noqa: E402
 from output import record_path  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -31,12 +31,7 @@ FLAGS = {"max_seq_len": 256, "max_gen_len": 8, "max_batch_size": 2}
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("rewrite_proc")
-    texts = CAPTIONS + [s for p in PAIRS for s in p] + ["write image captions differently, =>"]
-    ckpt = make_tiny_llama(root / "tiny", texts, dim=32, n_layers=1, n_heads=2, vocab_size=300)
-    examples = root / "pool.json"
-    examples.write_text(json.dumps({"pairs": PAIRS}))
-    return {"ckpt_dir": str(ckpt), "tokenizer_path": str(ckpt / "tokenizer.model"), "examples": str(examples)}
+    return make_tiny_rewrite_setup(tmp_path_factory.mktemp("rewrite_proc"), CAPTIONS, PAIRS)
 
 
 def argv(tiny, src: Path, out: Path, **extra) -> list[str]:
