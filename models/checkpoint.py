@@ -26,7 +26,8 @@ def read_checkpoint(path: str, flag: str = "--ckpt-path") -> dict:
     except pickle.UnpicklingError:
         obj = None
     except Exception as err:  # truncated zip, not a torch file, ...
-        raise ValueError(f"{flag}: cannot read checkpoint {path!r}: {err}") from err
+        raise ValueError(f"{flag}: cannot read checkpoint {path!r} (not a torch.save file, or truncated "
+                         f"by an interrupted download): {err}") from err
     if obj is None:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=False)

@@ -97,7 +97,12 @@ def _load(path: Path) -> dict[str, torch.Tensor]:
     try:  # mmap: only the pages this rank touches are read
         return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except RuntimeError:  # files written in the legacy (non-zip) format cannot be mapped
+        pass
+    try:
         return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(f"--ckpt_dir: cannot read shard {path} (not a torch.save file, or truncated "
+                         f"by an interrupted copy): {err}") from err
 
 
 def load_rank_state(ckpt_dir: str, mp_size: int, mp_rank: int) -> dict[str, torch.Tensor]:

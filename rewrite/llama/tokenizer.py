@@ -12,7 +12,11 @@ class Tokenizer:
         if not os.path.isfile(model_path):
             raise ValueError(f"--tokenizer_path: no SentencePiece model at {model_path}")
         self.model_path = model_path
-        self.sp = SentencePieceProcessor(model_file=model_path)
+        try:
+            self.sp = SentencePieceProcessor(model_file=model_path)
+        except (RuntimeError, OSError) as err:
+            raise ValueError(f"--tokenizer_path: {model_path} is not a SentencePiece model "
+                             f"(LLaMA's tokenizer.model): {err}") from err
         self.n_words: int = self.sp.vocab_size()
         self.bos_id: int = self.sp.bos_id()
         self.eos_id: int = self.sp.eos_id()
