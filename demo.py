@@ -83,6 +83,12 @@ def run(cmd: list[str], log: Path) -> None:
         sys.exit(f"demo: step failed (exit {code}): {' '.join(cmd)}\nfull log: {log}")
 
 
+def torchrun() -> list[str]:
+    """The torchrun launcher of this Python's environment (same program as -m torch.distributed.run)."""
+    exe = Path(sys.executable).with_name("torchrun")
+    return [str(exe)] if exe.is_file() else [sys.executable, "-m", "torch.distributed.run"]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -126,7 +132,7 @@ def rewrite_captions(out: Path, ckpt: Path, source: Path, args) -> dict[str, Pat
             print(f"reusing {target}")
             continue
         target.parent.mkdir(parents=True, exist_ok=True)
-        run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+        run([*torchrun(), "--nproc_per_node", "2",
              "--master_port", str(free_port()), "rewrite/llama_rewrite.py",
              "--ckpt_dir", str(ckpt), "--tokenizer_path", str(ckpt / "tokenizer.model"),
              "--max_batch_size", "32", "--max_seq_len", "400", "--prompt_filename", str(source),

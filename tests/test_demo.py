@@ -46,7 +46,9 @@ def test_demo_end_to_end_and_reuse(tmp_path):
     # a second run reuses every finished step
     again = run_demo(out)
     assert again.count("reusing") == 1 + len(MODES) + 1
-    assert "$ " + sys.executable + " -m torch.distributed.run" not in again
+    launched = [line for line in stdout.splitlines() if line.startswith("$ ") and "llama_rewrite.py" in line]
+    assert len(launched) == len(MODES) and all("--nproc_per_node 2" in line for line in launched)
+    assert not [line for line in again.splitlines() if line.startswith("$ ") and "llama_rewrite.py" in line]
 
 
 def test_demo_rejects_bad_line_count(tmp_path):
