@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from PIL import Image
@@ -45,9 +46,14 @@ def resolve_templates(spec: str) -> list[str]:
 
 
 def list_class_folders(val_dir: str) -> list[str]:
-    folders = sorted(e.name for e in os.scandir(val_dir) if e.is_dir())
+    entries = list(os.scandir(val_dir))
+    folders = sorted(e.name for e in entries if e.is_dir())
     if not folders:
-        raise ValueError(f"--imagenet-root: {val_dir!r} has no class folders")
+        # ILSVRC2012_img_val.tar unpacks to 50,000 files in one folder: say so, not just "empty".
+        images = sum(1 for e in entries if e.name.lower().endswith(IMAGE_EXTENSIONS))
+        hint = (f"; it holds {images} images directly: move them into one folder per WordNet ID "
+                f"(e.g. with ImageNet's valprep.sh)") if images else ""
+        raise ValueError(f"--imagenet-root: {val_dir!r} has no class folders{hint}")
     return folders
 
 
@@ -78,13 +84,22 @@ def list_samples(val_dir: str, folders: list[str]) -> list[tuple[str, int]]:
     return samples
 
 
-class ImageList(Dataset):
-    """(image, label) pairs; a bad image raises naming the file, or with ``skip_bad`` yields None."""
+class BadImage(NamedTuple):
+    """An image that could not be read: the consumer fails naming it, or skips and counts it."""
+    path: str
+    reason: str
 
-    def __init__(self, samples: list[tuple[str, int]], transform: Callable, skip_bad: bool = False):
+
+class ImageList(Dataset):
+    """(image, label) pairs; an unreadable image gives a ``BadImage`` instead of raising.
+
+    Raising inside a DataLoader worker would reach the user as a worker traceback; a marker
+    lets the main process stop with one line naming the file, or skip it and count it.
+    """
+
+    def __init__(self, samples: list[tuple[str, int]], transform: Callable):
         self.samples = samples
         self.transform = transform
-        self.skip_bad = skip_bad
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -95,32 +110,32 @@ class ImageList(Dataset):
             with Image.open(path) as img:
                 # RGB conversion covers grayscale, CMYK, RGBA and palette images.
                 image = img.convert("RGB")
-        except Exception as err:
-            if self.skip_bad:
-                return None
-            raise OSError(f"cannot read image {path!r} ({err}); fix or remove it, "
-                          f"or pass --skip-bad-images to skip such files") from err
+        except Exception as err:  # truncated, corrupt, not an image at all, ...
+            return BadImage(path, f"{type(err).__name__}: {err}")
         return self.transform(image), label
 
 
-def collate_skipping_bad(batch: list):
-    """Default collate over the readable items; also returns how many were skipped."""
-    good = [item for item in batch if item is not None]
-    skipped = len(batch) - len(good)
+def collate_with_bad(batch: list):
+    """(images, labels, bad): default collate over the readable items, and the BadImages apart."""
+    bad = [item for item in batch if isinstance(item, BadImage)]
+    good = [item for item in batch if not isinstance(item, BadImage)]
     if not good:
-        return torch.empty(0), torch.empty(0, dtype=torch.long), skipped
+        return torch.empty(0), torch.empty(0, dtype=torch.long), bad
     images, labels = default_collate(good)
-    return images, labels, skipped
+    return images, labels, bad
 
 
-def imagenet_val(root: str, transform: Callable, classnames_file: str | None = None,
-                 skip_bad_images: bool = False) -> tuple[ImageList, list[str]]:
+def imagenet_val(root: str, transform: Callable,
+                 classnames_file: str | None = None) -> tuple[ImageList, list[str]]:
     """The dataset over ``<root>/val`` and the class name of each label."""
     if not os.path.isdir(root):
         raise FileNotFoundError(f"--imagenet-root: folder {root!r} does not exist")
     val_dir = os.path.join(root, "val")
     if not os.path.isdir(val_dir):
-        raise FileNotFoundError(f"--imagenet-root: {root!r} has no 'val' folder (expected {val_dir!r})")
+        # A common slip is to pass the val folder itself.
+        inside = any(e.is_dir() and e.name in _WNID_TO_NAME for e in os.scandir(root))
+        hint = "; it holds WordNet-ID folders itself: pass the folder above it" if inside else ""
+        raise FileNotFoundError(f"--imagenet-root: {root!r} has no 'val' folder (expected {val_dir!r}){hint}")
     folders = list_class_folders(val_dir)
     names = class_names_for(folders, val_dir, classnames_file)
-    return ImageList(list_samples(val_dir, folders), transform, skip_bad_images), names
+    return ImageList(list_samples(val_dir, folders), transform), names

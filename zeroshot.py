@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 from torchvision import transforms
 from tqdm import tqdm
 
-from imagenet_data import collate_skipping_bad, imagenet_val, resolve_templates
+from imagenet_data import BadImage, collate_with_bad, imagenet_val, resolve_templates
 from models import IMAGENET_MEAN, IMAGENET_STD
 
 
@@ -40,57 +40,81 @@ def autocast(device: torch.device, enabled: bool):
 
 @torch.no_grad()
 def build_classifier(model, tokenizer: Callable, classnames: Sequence[str], templates: Sequence[str],
-                     device: torch.device, amp: bool = False, text_batch_size: int = 500) -> torch.Tensor:
-    """Zero-shot weights [embed_dim, num_classes]: normalised mean of normalised template embeddings."""
-    texts = [t.format(c) for c in classnames for t in templates]  # class-major: [C * T]
+                     device: torch.device, amp: bool = False, text_batch_size: int = 500,
+                     progress: bool = False) -> torch.Tensor:
+    """Zero-shot weights [embed_dim, num_classes]: normalised mean of normalised template embeddings.
+
+    Each distinct name is encoded once and repeated names share one column, bit for bit.
+    ImageNet's list names two pairs of classes alike ('missile', 'sunglasses'); the original
+    encoded each class alone, so such pairs tied exactly and argmax took the first. Encoding
+    them in different batches would break the tie by rounding noise instead.
+    """
+    unique = list(dict.fromkeys(classnames))
+    texts = [t.format(c) for c in unique for t in templates]  # class-major: [U * T]
     feats = []
-    for start in range(0, len(texts), text_batch_size):
+    starts = range(0, len(texts), text_batch_size)
+    for start in tqdm(starts, desc="classifier", disable=not progress, unit="batch"):
         tokens = tokenizer(texts[start:start + text_batch_size]).to(device)
         with autocast(device, amp):
             feats.append(model.encode_text(tokens).float())
-    emb = F.normalize(torch.cat(feats), dim=-1).view(len(classnames), len(templates), -1)  # [C, T, E]
-    return F.normalize(emb.mean(dim=1), dim=-1).t().contiguous()  # [E, C]
+    emb = F.normalize(torch.cat(feats), dim=-1).view(len(unique), len(templates), -1)  # [U, T, E]
+    weights = F.normalize(emb.mean(dim=1), dim=-1)  # [U, E]
+    column = {name: i for i, name in enumerate(unique)}
+    index = torch.tensor([column[c] for c in classnames], device=weights.device)
+    return weights[index].t().contiguous()  # [E, C]
+
+
+def _check_bad(bad: list[BadImage], skip_bad_images: bool) -> None:
+    if bad and not skip_bad_images:
+        raise OSError(f"cannot read image {bad[0].path!r} ({bad[0].reason}); fix or remove it, "
+                      f"or pass --skip-bad-images to skip such files")
 
 
 @torch.no_grad()
 def evaluate(model, classifier: torch.Tensor, loader, device: torch.device, amp: bool = False,
-             progress: bool = True) -> dict:
-    """Top-1, top-5 and mean per-class accuracy (percent) over a loader of (images, labels, skipped)."""
+             progress: bool = True, skip_bad_images: bool = False) -> dict:
+    """Top-1, top-5 and mean per-class accuracy (percent) over a loader of (images, labels, bad)."""
     num_classes = classifier.shape[1]
     correct_per_class = torch.zeros(num_classes, dtype=torch.long)
     count_per_class = torch.zeros(num_classes, dtype=torch.long)
-    top5_correct, skipped = 0, 0
+    top5_correct, skipped_files = 0, []
     k = min(5, num_classes)
-    for images, labels, n_skipped in tqdm(loader, desc="zero-shot", disable=not progress, unit="batch"):
-        skipped += int(n_skipped)
+    for images, labels, bad in tqdm(loader, desc="zero-shot", disable=not progress, unit="batch"):
+        _check_bad(bad, skip_bad_images)
+        skipped_files.extend(b.path for b in bad)
         if labels.numel() == 0:
             continue
         with autocast(device, amp):
             feats = model.encode_image(images.to(device, non_blocking=True)).float()
         logits = F.normalize(feats, dim=-1) @ classifier  # [B, C]
-        topk = logits.topk(k, dim=-1).indices.cpu()  # [B, k]
-        hits = topk == labels[:, None]
-        correct_per_class += torch.bincount(labels[hits[:, 0]], minlength=num_classes)
+        # Top-1 is argmax, as in the original: on an exact tie it takes the first class, while
+        # topk's order among equal values is unspecified (and differs between kernels).
+        top1 = logits.argmax(dim=-1).cpu()  # [B]
+        top5 = logits.topk(k, dim=-1).indices.cpu()  # [B, k]
+        correct_per_class += torch.bincount(labels[top1 == labels], minlength=num_classes)
         count_per_class += torch.bincount(labels, minlength=num_classes)
-        top5_correct += int(hits.any(dim=1).sum())
+        # "| top-1 hit": top-5 counts every top-1 hit even when six classes tie at the top.
+        top5_correct += int(((top5 == labels[:, None]).any(dim=1) | (top1 == labels)).sum())
     total = int(count_per_class.sum())
     if total == 0:
         raise ValueError("no image could be evaluated (all were skipped as unreadable)")
     seen = count_per_class > 0
     per_class = correct_per_class[seen].double() / count_per_class[seen].double()
     return {
-        "top1": 100.0 * int(correct_per_class.sum()) / total,
-        "top5": 100.0 * top5_correct / total,
+        # 100 * int / int, the original's expression, so its printed value is reproduced exactly.
+        "top1": 100 * int(correct_per_class.sum()) / total,
+        "top5": 100 * top5_correct / total,
         "mean_per_class": 100.0 * float(per_class.mean()),
         "images": total,
-        "skipped_images": skipped,
+        "skipped_images": len(skipped_files),
+        "skipped_files": skipped_files,
         "classes": num_classes,
     }
 
 
 def make_loader(dataset, batch_size: int, workers: int, device: torch.device) -> DataLoader:
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
-                      pin_memory=device.type == "cuda", collate_fn=collate_skipping_bad,
+                      pin_memory=device.type == "cuda", collate_fn=collate_with_bad,
                       persistent_workers=False)
 
 
@@ -99,14 +123,14 @@ def evaluate_imagenet(model, tokenizer: Callable, imagenet_root: str, templates:
                       transform: Callable | None = None, classnames_file: str | None = None,
                       skip_bad_images: bool = False, progress: bool = True) -> dict:
     """Zero-shot accuracy of ``model`` on ``<imagenet_root>/val`` (any subset of WordNet-ID folders)."""
-    dataset, classnames = imagenet_val(imagenet_root, transform or eval_transform(), classnames_file,
-                                       skip_bad_images)
+    dataset, classnames = imagenet_val(imagenet_root, transform or eval_transform(), classnames_file)
     was_training = model.training
     model.eval()
     try:
-        classifier = build_classifier(model, tokenizer, classnames, templates, device, amp)
+        classifier = build_classifier(model, tokenizer, classnames, templates, device, amp,
+                                      progress=progress)
         return evaluate(model, classifier, make_loader(dataset, batch_size, workers, device), device,
-                        amp, progress)
+                        amp, progress, skip_bad_images)
     finally:
         model.train(was_training)
 
@@ -131,6 +155,23 @@ def add_eval_args(parser: argparse.ArgumentParser, default_templates: str) -> ar
     return parser
 
 
+def eval_device(spec: str | None) -> torch.device:
+    """``--device``, checked here so a typo or a missing GPU is one line, not a CUDA traceback."""
+    if spec is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError as err:
+        raise ValueError(f"--device {spec!r} is not a device name (use cuda, cuda:1 or cpu)") from err
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {spec}: CUDA is not available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {spec}: this machine has {torch.cuda.device_count()} CUDA "
+                             f"device(s), numbered from 0")
+    return device
+
+
 def check_eval_args(args: argparse.Namespace) -> torch.device:
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -138,10 +179,11 @@ def check_eval_args(args: argparse.Namespace) -> torch.device:
         raise ValueError(f"--workers must be >= 0, got {args.workers}")
     if args.output_json and not os.path.isdir(os.path.dirname(os.path.abspath(args.output_json))):
         raise FileNotFoundError(f"--output-json: folder of {args.output_json!r} does not exist")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}: CUDA is not available on this machine")
-    return device
+    # Check the folders and files before a checkpoint of several GB is read, not after. Listing
+    # the 50,000 validation files takes well under a second, and evaluation lists them again.
+    resolve_templates(args.templates)
+    imagenet_val(args.imagenet_root, transform=None, classnames_file=args.classnames)
+    return eval_device(args.device)
 
 
 def run_eval_cli(args: argparse.Namespace, model, tokenizer: Callable, transform: Callable,
@@ -154,11 +196,13 @@ def run_eval_cli(args: argparse.Namespace, model, tokenizer: Callable, transform
                                 args.skip_bad_images)
     results.update(model=args.model, checkpoint=os.path.abspath(args.ckpt_path),
                    templates=templates, seconds=round(time.time() - start, 2))
-    print(f"ImageNet zero-shot accuracy: {results['top1']:.2f}")
+    print(f"ImageNet zero-shot accuracy: {results['top1']}")  # the original line, value unrounded
     print(f"ImageNet zero-shot top-5: {results['top5']:.2f}  mean per-class: {results['mean_per_class']:.2f}  "
           f"({results['images']} images, {results['classes']} classes)")
     if results["skipped_images"]:
-        print(f"Skipped {results['skipped_images']} unreadable images; accuracy is over the "
+        shown = ", ".join(results["skipped_files"][:5])
+        print(f"Skipped {results['skipped_images']} unreadable images ({shown}"
+              f"{', ...' if results['skipped_images'] > 5 else ''}); accuracy is over the "
               f"{results['images']} that were read")
     if args.output_json:
         with open(args.output_json, "w") as f:

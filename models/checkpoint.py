@@ -12,8 +12,22 @@ from torch import nn
 from .clip import PRESETS
 
 
-def read_checkpoint(path: str, flag: str = "--ckpt-path") -> dict:
-    """torch.load a checkpoint onto the CPU; errors name the flag and the file."""
+def _torch_load(path: str, weights_only: bool, mmap: bool):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=weights_only, mmap=mmap)
+    except RuntimeError as err:
+        # mmap needs the zip format (torch >= 1.6); a file in the older format is read whole.
+        if mmap and "mmap" in str(err):
+            return torch.load(path, map_location="cpu", weights_only=weights_only)
+        raise
+
+
+def read_checkpoint(path: str, flag: str = "--ckpt-path", mmap: bool = False) -> dict:
+    """torch.load a checkpoint onto the CPU; errors name the flag and the file.
+
+    ``mmap=True`` maps the file instead of reading it: a training checkpoint is about two
+    thirds optimizer state, which a caller that only wants the weights then never reads.
+    """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{flag}: checkpoint file {path!r} does not exist")
     if not os.access(path, os.R_OK):
@@ -22,7 +36,7 @@ def read_checkpoint(path: str, flag: str = "--ckpt-path") -> dict:
     # the safe loader, and fall back to full unpickling (torch<2.6 behaviour) for other extras.
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            obj = _torch_load(path, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError:
         obj = None
     except Exception as err:  # truncated zip, not a torch file, ...
@@ -30,7 +44,7 @@ def read_checkpoint(path: str, flag: str = "--ckpt-path") -> dict:
                          f"by an interrupted download): {err}") from err
     if obj is None:
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=False)
+            obj = _torch_load(path, weights_only=False, mmap=mmap)
         except Exception as err:
             raise ValueError(f"{flag}: cannot read checkpoint {path!r}: {err}") from err
     if not isinstance(obj, Mapping):
@@ -47,7 +61,9 @@ def extract_state_dict(ckpt: Mapping, path: str = "", flag: str = "--ckpt-path")
 
 
 def load_checkpoint_state(path: str, flag: str = "--ckpt-path") -> dict[str, torch.Tensor]:
-    return extract_state_dict(read_checkpoint(path, flag), path, flag)
+    """The weights only, memory-mapped: ``load_state_dict`` copies them (casting an fp16 file
+    to the model's dtype), so the optimizer state in the same file is never read."""
+    return extract_state_dict(read_checkpoint(path, flag, mmap=True), path, flag)
 
 
 def preset_shapes(name: str) -> dict[str, tuple[int, ...]]:

@@ -41,7 +41,7 @@ def test_demo_end_to_end_and_reuse(tmp_path):
     assert [e["epoch"] for e in epochs] == [0, 1]
     result = json.loads((out / "zeroshot.json").read_text())
     assert result["images"] == 10 and result["classes"] == 5
-    assert f"ImageNet zero-shot accuracy: {result['top1']:.2f}" in stdout
+    assert f"ImageNet zero-shot accuracy: {result['top1']}" in stdout
     assert "CLIP training loss per epoch:" in stdout and "original: " + source[0] in stdout
     # a second run reuses every finished step
     again = run_demo(out)

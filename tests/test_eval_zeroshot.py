@@ -14,6 +14,7 @@ from PIL import Image
 import eval_zeroshot_imagenet
 import eval_zeroshot_imagenet_laion
 import models
+import zeroshot
 from conftest import write_image
 from imagenet_data import imagenet_val
 from imagenet_templates import IMAGENET_CLASSNAMES, IMAGENET_WNIDS, OPENAI_TEMPLATES, SIMPLE_TEMPLATES
@@ -80,7 +81,22 @@ def test_eval_matches_independent_computation(tmp_path, make_imagenet, tiny_ckpt
     saved = json.loads(out.read_text())
     assert saved["top1"] == pytest.approx(top1) and saved["templates"] == SIMPLE_TEMPLATES
     assert saved["model"] == "CLIP_TINY" and saved["images"] == 16 and "mean_per_class" in saved
-    assert f"ImageNet zero-shot accuracy: {top1:.2f}" in capsys.readouterr().out
+    # the original's line, value unrounded: 100 * correct / images
+    assert f"\nImageNet zero-shot accuracy: {top1}\n" in "\n" + capsys.readouterr().out
+
+
+def test_imagenet_data_equals_open_clip_and_timm():
+    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES as OC_NAMES
+    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+    from timm.data import ImageNetInfo
+    assert list(IMAGENET_CLASSNAMES) == list(OC_NAMES)
+    assert list(OPENAI_TEMPLATES) == [t("{}") for t in OPENAI_IMAGENET_TEMPLATES]
+    assert SIMPLE_TEMPLATES == ["itap of a {}.", "a bad photo of the {}.", "a origami {}.",
+                                "a photo of the large {}.", "a {} in a video game.", "art of the {}.",
+                                "a photo of the small {}."]
+    info = ImageNetInfo()
+    wnids = [info.index_to_label_name(i) for i in range(1000)]
+    assert list(IMAGENET_WNIDS) == wnids == sorted(wnids)
 
 
 def test_subset_of_wordnet_folders_gets_right_names(make_imagenet):
@@ -115,11 +131,29 @@ def test_corrupt_image_fails_naming_file_or_is_skipped_and_counted(make_imagenet
         eval_zeroshot_imagenet.main(eval_args(root, ckpt))
     results = eval_zeroshot_imagenet.main(eval_args(root, ckpt, "--skip-bad-images"))
     assert results["skipped_images"] == 1 and results["images"] == 4
+    assert results["skipped_files"] == [bad]
     assert "Skipped 1 unreadable images" in capsys.readouterr().out
 
 
+def test_corrupt_image_in_a_worker_is_one_line_naming_the_file(make_imagenet, tiny_ckpt):
+    """With --workers > 0 (the default is 8) the error is ours, not a DataLoader worker traceback."""
+    ckpt, _ = tiny_ckpt
+    root = make_imagenet(WNIDS[:2], per_class=2)
+    bad = os.path.join(root, "val", WNIDS[1], "broken.JPEG")
+    with open(bad, "wb") as f:
+        f.write(b"\xff\xd8\xff\xe0 not a jpeg")
+    args = eval_args(root, ckpt)
+    args[args.index("--workers") + 1] = "2"
+    with pytest.raises(OSError) as err:
+        eval_zeroshot_imagenet.main(args)
+    assert str(err.value).startswith(f"cannot read image {bad!r}") and "Traceback" not in str(err.value)
+    results = eval_zeroshot_imagenet.main(args + ["--skip-bad-images"])
+    assert results["skipped_files"] == [bad] and results["images"] == 4
+
+
 @pytest.mark.parametrize("case", ["missing_ckpt", "wrong_model", "no_val", "empty_class", "unknown_model",
-                                  "missing_root", "bad_templates"])
+                                  "missing_root", "bad_templates", "flat_val", "root_is_val", "bad_device",
+                                  "missing_classnames"])
 def test_bad_inputs_get_clear_errors(tmp_path, make_imagenet, tiny_ckpt, case):
     ckpt, _ = tiny_ckpt
     root = make_imagenet(WNIDS[:2], per_class=1)
@@ -138,12 +172,61 @@ def test_bad_inputs_get_clear_errors(tmp_path, make_imagenet, tiny_ckpt, case):
         args[5], expect = "CLIP_VITB32", "--model 'CLIP_VITB32'"
     elif case == "missing_root":
         args[1], expect = str(tmp_path / "nowhere"), "--imagenet-root.*nowhere"
-    else:
+    elif case == "bad_templates":
         (tmp_path / "t.txt").write_text("a photo of a dog\n")
         args += ["--templates", str(tmp_path / "t.txt")]
         expect = "--templates"
+    elif case == "flat_val":  # ILSVRC2012_img_val.tar unpacked as it is
+        flat = tmp_path / "flat"
+        (flat / "val").mkdir(parents=True)
+        write_image(str(flat / "val" / "ILSVRC2012_val_00000001.JPEG"), seed=1)
+        args[1], expect = str(flat), "no class folders; it holds 1 images directly.*valprep"
+    elif case == "root_is_val":
+        args[1], expect = os.path.join(root, "val"), "no 'val' folder.*pass the folder above it"
+    elif case == "bad_device":
+        args[args.index("--device") + 1], expect = "gpu0", "--device 'gpu0' is not a device"
+    else:
+        args += ["--classnames", str(tmp_path / "names.txt")]
+        expect = "--classnames.*names.txt"
+    if case not in ("missing_ckpt", "wrong_model", "unknown_model", "bad_device"):
+        args[3] = str(tmp_path / "nope.pt")  # folder and file errors come before the checkpoint is read
     with pytest.raises((ValueError, FileNotFoundError), match=expect):
         eval_zeroshot_imagenet.main(args)
+
+
+def test_cuda_index_beyond_the_machine_is_an_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert zeroshot.eval_device("cuda:0") == torch.device("cuda:0")
+    with pytest.raises(ValueError, match="--device cuda:1: this machine has 1 CUDA device"):
+        zeroshot.eval_device("cuda:1")
+
+
+def test_repeated_class_names_share_one_column_and_ties_go_to_the_first():
+    """ImageNet names two pairs of classes alike; the original's argmax gives such ties to the first."""
+    torch.manual_seed(0)
+    model = models.get_model("CLIP_TINY").eval()
+    long = "a very long class name with many many words in it indeed"
+    names = ["missile", long, "missile", "x", long]
+    # 14 texts a batch: the two "missile" land in batches of different lengths
+    weights = zeroshot.build_classifier(model, SimpleTokenizer(), names, SIMPLE_TEMPLATES,
+                                        torch.device("cpu"), text_batch_size=14)
+    assert weights.shape == (32, 5)
+    assert torch.equal(weights[:, 0], weights[:, 2]) and torch.equal(weights[:, 1], weights[:, 4])
+
+    # Exact ties in evaluate: class 4's column is class 0's; every image is class 0.
+    classifier = torch.eye(5)
+    classifier[:, 4] = classifier[:, 0]
+
+    class Fixed(torch.nn.Module):
+        def encode_image(self, images):
+            return images  # the "image" is its own feature, largest on dimension 0
+
+    gen = torch.Generator().manual_seed(0)
+    feats = torch.rand(64, 5, generator=gen) + torch.tensor([2.0, 0, 0, 0, 0])
+    loader = [(feats, torch.zeros(64, dtype=torch.long), [])]
+    res = zeroshot.evaluate(Fixed(), classifier, loader, torch.device("cpu"), progress=False)
+    assert res["top1"] == 100.0 and res["top5"] == 100.0
 
 
 TINY_OPEN_CLIP = {
@@ -192,3 +275,35 @@ def test_laion_bad_model_and_mismatch(make_imagenet, tiny_open_clip, tiny_ckpt):
     with pytest.raises(ValueError, match="(?s)does not fit.*use eval_zeroshot_imagenet.py"):
         eval_zeroshot_imagenet_laion.main(["--imagenet-root", root, "--ckpt-path", tiny_ckpt[0],
                                            "--model", "LaCLIP-test-tiny"])
+
+
+def test_laion_open_clip_training_checkpoints_load(tmp_path, make_imagenet, tiny_open_clip):
+    """Files as open_clip's training writes them: epoch/name/optimizer beside a 'module.' state
+    dict; with a logit_bias (trained with --siglip) or not; logit_scale stored as [1]."""
+    _, model, _ = tiny_open_clip
+    root = make_imagenet(WNIDS[:3], per_class=2)
+    state = {"module." + k: v for k, v in model.state_dict().items()}
+    optimizer = torch.optim.AdamW(model.parameters()).state_dict()
+    base = ["--imagenet-root", root, "--model", "LaCLIP-test-tiny", "--batch-size", "3",
+            "--workers", "0", "--device", "cpu", "--templates", "simple"]
+    plain = tmp_path / "epoch_32.pt"
+    torch.save({"epoch": 32, "name": "laion400m_laclip", "optimizer": optimizer,
+                "state_dict": {**state, "module.logit_scale": state["module.logit_scale"].reshape(1)}}, plain)
+    expected = eval_zeroshot_imagenet_laion.main(base + ["--ckpt-path", str(plain)])
+    biased = tmp_path / "siglip.pt"
+    torch.save({"epoch": 1, "name": "x", "optimizer": optimizer,
+                "state_dict": {**state, "module.logit_bias": torch.tensor(-7.5)}}, biased)
+    with_bias = eval_zeroshot_imagenet_laion.main(base + ["--ckpt-path", str(biased)])
+    assert with_bias["top1"] == expected["top1"] and with_bias["images"] == 6
+    loaded, _ = eval_zeroshot_imagenet_laion.load_model(
+        eval_zeroshot_imagenet_laion.get_args_parser().parse_args(base + ["--ckpt-path", str(biased)]),
+        torch.device("cpu"))
+    assert float(loaded.logit_bias.detach()) == -7.5
+    # a config with a logit_bias (SigLIP-style) and a file without one: 0, as open_clip does
+    cfg_dir = tmp_path / "configs_bias"
+    cfg_dir.mkdir()
+    (cfg_dir / "LaCLIP-test-tiny-bias.json").write_text(json.dumps({**TINY_OPEN_CLIP, "init_logit_bias": -10}))
+    open_clip.add_model_config(str(cfg_dir))
+    args = base + ["--ckpt-path", str(plain)]
+    args[args.index("--model") + 1] = "LaCLIP-test-tiny-bias"
+    assert eval_zeroshot_imagenet_laion.main(args)["top1"] == expected["top1"]

@@ -84,6 +84,16 @@ def test_forward_backward_shapes():
     assert model.transformer.resblocks[0].attn.in_proj_weight.grad is not None
 
 
+@pytest.mark.parametrize("name", sorted(models.PRESETS))
+def test_presets_accept_and_ignore_rand_embed(name):
+    """The original eval builds ``getattr(models, name)(rand_embed=False)``."""
+    with torch.device("meta"):
+        plain = models.get_model(name).state_dict()
+        for flag in (False, True):
+            shapes = {k: v.shape for k, v in models.get_model(name, rand_embed=flag).state_dict().items()}
+            assert shapes == {k: v.shape for k, v in plain.items()}
+
+
 def test_unknown_preset_lists_choices():
     with pytest.raises(ValueError, match="CLIP_VITB16"):
         models.get_model("CLIP_VITB32")
@@ -96,3 +106,37 @@ def test_unreadable_checkpoint_names_file(tmp_path):
         models.load_checkpoint_state(str(bad))
     with pytest.raises(FileNotFoundError, match="--ckpt-path"):
         models.load_checkpoint_state(str(tmp_path / "missing.pt"))
+
+
+def test_fp16_checkpoint_loads_into_a_float32_model(tmp_path):
+    """An fp16 file (saved after .half()) is cast to the model's dtype by the strict load."""
+    torch.manual_seed(0)
+    src = models.get_model("CLIP_TINY").half()
+    path = tmp_path / "half.pt"
+    torch.save({"state_dict": {"module." + k: v for k, v in src.state_dict().items()}}, path)
+    dst = models.get_model("CLIP_TINY")
+    models.load_into(dst, models.load_checkpoint_state(str(path)), "CLIP_TINY", str(path))
+    for k, v in dst.state_dict().items():
+        assert v.dtype == torch.float32 and torch.equal(v, src.state_dict()[k].float()), k
+
+
+def test_weights_are_memory_mapped_and_old_format_files_still_load(tmp_path, monkeypatch):
+    """Eval maps the file (optimizer state is never read); a pre-zip torch file cannot be
+    mapped and is read whole instead."""
+    state = models.get_model("CLIP_TINY").state_dict()
+    legacy = tmp_path / "legacy.pt"
+    torch.save({"state_dict": state, "optimizer": {"state": {}}}, legacy, _use_new_zipfile_serialization=False)
+    calls = []
+    real_load = torch.load
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("mmap"))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", spy)
+    loaded = models.load_checkpoint_state(str(legacy))
+    assert calls == [True, None] and set(loaded) == set(state)
+    calls.clear()
+    current = tmp_path / "zip.pt"
+    torch.save({"state_dict": state}, current)
+    assert set(models.load_checkpoint_state(str(current))) == set(state) and calls == [True]
