@@ -7,7 +7,7 @@
     torchrun --nproc-per-node 8 train.py ...same flags...
 
 Setup lives here; the pieces are in `training/` (data, loss, engine, checkpoint,
-distributed). See docs/README_train.md for every flag and the CC3M/CC12M recipes.
+distributed). README.md section 3 lists every flag and the CC3M/CC12M commands.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 
 import models
 from training import checkpoint as ckpt_io
-from training.data import CaptionImageDataset, EpochSampler, train_transform
+from training.data import CaptionImageDataset, EpochSampler, check_root, train_transform
 from training.distributed import (DistInfo, all_reduce_min_max, barrier, cleanup_distributed,
                                   init_distributed_mode)
 from training.engine import CosineSchedule, Trainer, build_optimizer, train_one_epoch
@@ -108,10 +108,15 @@ def build_loader(args: argparse.Namespace, info: DistInfo, tokenizer) -> tuple[D
     rewrites = args.augmented_caption_filelist if args.aug_text else []
     dataset = CaptionImageDataset(args.train_data, args.root, train_transform(), tokenizer,
                                   rewrites, seed=args.seed)
+    check_root(dataset)
     sampler = EpochSampler(dataset, info.world_size, info.rank, args.seed)
+    # Forked workers share the caption tables (GBs for CC12M) copy-on-write; a spawned or
+    # forkserver worker (Python 3.14's Linux default) would get a pickled copy each.
+    context = "fork" if args.workers > 0 and sys.platform.startswith("linux") else None
     loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler,
                         num_workers=args.workers, pin_memory=info.device.type == "cuda",
-                        drop_last=True)  # the gathered loss needs equal batches on every rank
+                        drop_last=True,  # the gathered loss needs equal batches on every rank
+                        multiprocessing_context=context)
     return loader, sampler
 
 
@@ -131,6 +136,10 @@ def precision(args: argparse.Namespace, device: torch.device) -> tuple[torch.dty
     """(autocast dtype or None for float32, GradScaler enabled only for fp16 on CUDA)."""
     if device.type != "cuda" or args.disable_amp:
         return None, torch.amp.GradScaler("cuda", enabled=False)
+    if args.amp_dtype == "bf16" and not torch.cuda.is_bf16_supported(including_emulation=False):
+        # Pre-Ampere GPUs (V100) only emulate bf16: many times slower than fp16, not an error.
+        raise ValueError(f"--amp-dtype bf16: {torch.cuda.get_device_name(device)} has no native "
+                         f"bfloat16; use --amp-dtype fp16 (the default)")
     dtype = torch.bfloat16 if args.amp_dtype == "bf16" else torch.float16
     return dtype, torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
 
@@ -197,6 +206,16 @@ def end_of_epoch(args, epoch: int, stats: dict, zs: dict | None, best_acc1: floa
     return best_acc1
 
 
+def warn_resume_over_latest(resume: str, output_dir: str) -> None:
+    """An explicit --resume wins over <output-dir>/checkpoint.pt (SLIP's rule, and the way
+    to roll back); say so, since rerunning such a command after a preemption would
+    otherwise silently drop the progress saved since PATH."""
+    latest = os.path.join(output_dir, ckpt_io.LATEST)
+    if resume and os.path.isfile(latest) and not os.path.samefile(resume, latest):
+        print(f"=> note: resuming from --resume {resume!r}, not from {latest!r}, which will be "
+              f"overwritten after this epoch; leave --resume out to continue from {latest!r}")
+
+
 def setup(args: argparse.Namespace, info: DistInfo):
     """Model, optimizer, scaler and (if any) the resumed state; returns (..., start_epoch, best_acc1)."""
     torch.manual_seed(args.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
@@ -205,6 +224,8 @@ def setup(args: argparse.Namespace, info: DistInfo):
     amp_dtype, scaler = precision(args, info.device)
     start_epoch, best_acc1 = args.start_epoch, None
     path = ckpt_io.resume_path(args.resume, args.output_dir)
+    if info.rank == 0:
+        warn_resume_over_latest(args.resume, args.output_dir)
     if path:
         start_epoch, best_acc1 = ckpt_io.load_training_state(path, model, args.model, optimizer, scaler)
         print(f"=> rank {info.rank}: resumed from {path!r} after epoch {start_epoch} (best_acc1 {best_acc1})")
@@ -227,9 +248,11 @@ def run(args: argparse.Namespace, info: DistInfo) -> list[dict]:
     torch.backends.cudnn.benchmark = True  # fixed 224x224 inputs: pick the fastest conv once
     if is_main:
         os.makedirs(args.output_dir, exist_ok=True)
-    model, optimizer, amp_dtype, scaler, start_epoch, best_acc1 = setup(args, info)
     tokenizer = SimpleTokenizer()
+    # Data first: a bad CSV, rewrite file or --root fails in seconds, before a large model
+    # is built and a checkpoint read. (Neither touches the global RNG, so order is free.)
     loader, sampler = build_loader(args, info, tokenizer)
+    model, optimizer, amp_dtype, scaler, start_epoch, best_acc1 = setup(args, info)
     steps = steps_per_epoch(args, loader, info)
     schedule = CosineSchedule(args.lr, args.lr_end, args.lr_start, args.epochs * steps,
                               args.warmup_epochs * steps)

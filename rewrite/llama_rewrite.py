@@ -6,8 +6,8 @@
         --output_filename text/target.txt --sample_mode chatgpt --temperature 0.9
 
 Also runs as `python llama_rewrite.py ...` (one process) and from the repo root as
-`rewrite/llama_rewrite.py`. See docs/README_rewrite.md for every flag, the resume
-rules and the dry-run format.
+`rewrite/llama_rewrite.py`. README.md section 1 gives every flag, the resume rules
+and the dry-run format.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable, Optional, TypeVar
+from typing import TYPE_CHECKING, Iterable, Optional, TypeVar
 
 HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:  # `llama`, `prompts`, ... live beside this file
@@ -90,47 +90,6 @@ def write_dry_run(cfg: Config, pool: Pool) -> Path:
     log(f"dry run: {info.lines} prompts for {cfg.prompt_filename} written to {out}"
         + ("" if tokenizer else " (no --tokenizer_path: prompts are not truncated)"))
     return out
-
-
-# ---------------------------------------------------------------- collectives
-def _dist_on() -> bool:
-    import torch.distributed as dist
-    return dist.is_available() and dist.is_initialized()
-
-
-def on_rank0(fn: Callable[[], T], rank: int) -> T:
-    """fn() on global rank 0; its result, or its error, on every rank (so no rank
-    waits forever on one that failed)."""
-    if not _dist_on():
-        return fn()
-    import torch.distributed as dist
-    box: list = [None]
-    if rank == 0:
-        try:
-            box[0] = ("ok", fn())
-        except (ValueError, OSError) as e:
-            box[0] = ("error", str(e))
-    dist.broadcast_object_list(box, src=0)
-    if box[0][0] == "error":
-        raise ValueError(box[0][1])
-    return box[0][1]
-
-
-def on_every_rank(fn: Callable[[], T], world_size: int) -> list[T]:
-    """fn() on each rank; every rank gets everyone's results, or the first error."""
-    if not _dist_on():
-        return [fn()]
-    import torch.distributed as dist
-    try:
-        mine = ("ok", fn())
-    except (ValueError, OSError) as e:
-        mine = ("error", str(e))
-    everyone: list = [None] * world_size
-    dist.all_gather_object(everyone, mine)
-    for kind, value in everyone:
-        if kind == "error":
-            raise ValueError(value)
-    return [value for _, value in everyone]
 
 
 # ---------------------------------------------------------------- the run
@@ -216,6 +175,7 @@ def _prepare(cfg: Config, pool: Pool) -> tuple[ParallelInfo, InputInfo, dict, bo
     rank 0: everything cheap that can fail, before the model is loaded."""
     import torch
     from llama import Tokenizer, setup_parallel
+    from llama.parallel import on_rank0
     parallel = setup_parallel(cfg.ckpt_dir, cfg.model_parallel_size)
     tokenizer = Tokenizer(cfg.tokenizer_path)
     check_context(cfg, pool, tokenizer)
@@ -237,6 +197,7 @@ def open_share(cfg: Config, parallel: ParallelInfo, info: InputInfo, fingerprint
     """(writer or None, this group's share, where it resumes). Only the group's
     writer reads its progress record; the other model-parallel ranks of the group
     continue from the line it reports."""
+    from llama.parallel import on_every_rank
     start, end = share_range(info.lines, parallel.dp_size, parallel.dp_rank)
     out = cfg.output_filename
     if parallel.dp_size > 1:
@@ -260,6 +221,7 @@ def gather_totals(parallel: ParallelInfo, writer: Optional[ShareWriter], lines_n
                   generator: Generator) -> tuple[dict, int, int]:
     """Whole-file statistics and this run's lines and generated tokens, summed over
     the writers (the other ranks of a group did the same work)."""
+    from llama.parallel import on_every_rank
     mine = (writer.state.stats, lines_now, generator.stats["generated_tokens"]) if writer else (None, 0, 0)
     stats, lines, tokens = dict.fromkeys(STAT_KEYS, 0), 0, 0
     for s, n, t in on_every_rank(lambda: mine, parallel.world_size):
@@ -301,19 +263,6 @@ def summary(cfg: Config, stats: dict, lines_now: int, tokens_now: int, seconds: 
             f"(replaced by U+FFFD). This run: {lines_now} lines in {seconds:.1f} s, {rate}")
 
 
-def teardown() -> None:
-    """Drop fairscale's model-parallel groups before the process group: destroying
-    only the latter leaves fairscale holding dead groups, and the interpreter
-    aborts at exit ('terminate called without an active exception')."""
-    if not _dist_on():
-        return
-    import torch.distributed as dist
-    from fairscale.nn.model_parallel import initialize as fs
-    if fs.model_parallel_is_initialized():
-        fs.destroy_model_parallel()
-    dist.destroy_process_group()
-
-
 def main(ckpt_dir: Optional[str] = None, tokenizer_path: Optional[str] = None, temperature: float = 0.9,
          top_p: float = 0.95, max_seq_len: int = 512, max_batch_size: int = 32,
          prompt_filename: str = "text/source.txt", output_filename: str = "text/target.txt",
@@ -322,7 +271,7 @@ def main(ckpt_dir: Optional[str] = None, tokenizer_path: Optional[str] = None, t
          dtype: Optional[str] = None) -> None:
     """Rewrite each line of --prompt_filename into the same line of --output_filename.
 
-    Details: docs/README_rewrite.md.
+    Details: README.md, section 1.
 
     Args:
         ckpt_dir: LLaMA-v1 folder (params.json, consolidated.*.pth); required unless --dry_run.
@@ -348,10 +297,11 @@ def main(ckpt_dir: Optional[str] = None, tokenizer_path: Optional[str] = None, t
         if os.environ.get("RANK", "0") == "0":  # prompts need no model and no other process
             write_dry_run(cfg, pool)
         return
+    from llama import teardown_parallel
     try:
         run(cfg, pool)
     finally:
-        teardown()
+        teardown_parallel()
 
 
 def cli(argv: Optional[list[str]] = None) -> int:

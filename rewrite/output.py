@@ -149,6 +149,10 @@ class ShareWriter:
                               f"{describe_changes(record.get('layout', {}), self.layout)}. "
                               "Rerun with the same number of processes and --model_parallel_size, or pass --overwrite")
         state = ShareState(**record["state"])
+        if not self.out_path.exists() and state.out_bytes == 0:
+            # killed between the first record and the output's creation: nothing was committed
+            with open(self.out_path, "wb") as f:
+                os.fsync(f.fileno())
         size = self.out_path.stat().st_size if self.out_path.exists() else -1
         if size < state.out_bytes:
             raise ResumeError(f"{where}: the file has {max(size, 0)} bytes but {state.out_bytes} were committed; "
@@ -213,6 +217,8 @@ def plan_run(output: Path, dp_size: int, fingerprint: dict, overwrite: bool) -> 
     if record is not None and record.get("complete"):
         if record.get("fingerprint") == fingerprint:
             if output.exists():
+                for part, _ in existing_parts(output):  # killed after the merge, before the parts went
+                    _remove(part)
                 return True
             raise ResumeError(f"--output_filename: {output} is missing although {record_path(output).name} "
                               "says the run finished; pass --overwrite to redo it")

@@ -134,6 +134,23 @@ def test_shard_count_must_map_to_model_parallel_size(ckpts, tmp_path):
     assert choose_mp_size(2, 4, 4) == 4
 
 
+@pytest.mark.parametrize("n_shards, expected", [  # default MP size for worlds of 1, 2, 3, 4, 8, 16 processes
+    (1, [1, 1, 1, 1, 1, 1]), (2, [1, 2, None, 2, 2, 2]), (4, [1, 2, None, 4, 4, 4]), (8, [1, 2, None, 4, 8, 8])])
+def test_default_model_parallel_size_for_each_shard_count(n_shards, expected):
+    """The shard count, or the world size if smaller; None: refused with a clear message."""
+    for world, mp in zip((1, 2, 3, 4, 8, 16), expected):
+        if mp is None:
+            with pytest.raises(ValueError, match="--model_parallel_size"):
+                choose_mp_size(n_shards, world, None)
+            continue
+        assert choose_mp_size(n_shards, world, None) == mp
+        # fairscale's groups: arange(world).reshape(dp, mp) rows; ParallelInfo's rank = dp_rank * mp + mp_rank
+        grid = torch.arange(world).reshape(world // mp, mp)
+        assert all(grid[r // mp, r % mp] == r for r in range(world))
+    assert choose_mp_size(2, 1, 1) == 1 and choose_mp_size(2, 3, 1) == 1  # 13B merged: on 1 GPU, 3 DP groups
+    assert choose_mp_size(1, 2, 2) == 2 and choose_mp_size(8, 16, 4) == 4  # 7B cut over 2 GPUs; 65B on 4 x 4
+
+
 def test_setup_parallel_single_process(ckpts, monkeypatch):
     monkeypatch.delenv("RANK", raising=False)
     info = setup_parallel(str(ckpts[4]), device="cpu")
@@ -150,3 +167,39 @@ def test_random_weights_are_reproducible():
     args = ModelArgs(dim=16, n_layers=1, n_heads=2, vocab_size=20, multiple_of=8)
     a, b = random_state_dict(args, 5), random_state_dict(args, 5)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_merge_happens_on_the_target_device(ckpts, monkeypatch):
+    """Parts are moved (here to 'meta', standing in for a GPU) before they are concatenated:
+    the host never holds a merged copy of the weights."""
+    cat_devices = []
+    real_cat = torch.cat
+
+    def spy(tensors, *args, **kwargs):
+        cat_devices.extend(t.device.type for t in tensors)
+        return real_cat(tensors, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "cat", spy)
+    state = load_rank_state(str(ckpts[4]), 1, 0, torch.device("meta"), torch.bfloat16)
+    assert cat_devices and set(cat_devices) == {"meta"}
+    assert {(t.device.type, t.dtype) for t in state.values()} == {("meta", torch.bfloat16)}
+    cut = load_rank_state(str(ckpts[1]), 2, 1, torch.device("meta"), torch.float64)  # split side
+    assert {(t.device.type, t.dtype) for t in cut.values()} == {("meta", torch.float64)}
+    assert cut["tok_embeddings.weight"].shape[1] == 16 and cut["tok_embeddings.weight"].is_contiguous()
+
+
+def test_loaded_parameters_are_on_the_device_in_the_dtype(ckpts):
+    from rewrite.llama import load_model
+    from rewrite.llama.tokenizer import Tokenizer
+    tok = Tokenizer(str(ckpts[1] / "tokenizer.model"))
+    model = load_model(str(ckpts[2]), tok, ParallelInfo.single(torch.device("meta")), torch.bfloat16)
+    assert {(p.device.type, p.dtype) for p in model.parameters()} == {("meta", torch.bfloat16)}
+    model = load_model(str(ckpts[2]), tok, ParallelInfo.single(torch.device("cpu")))  # CPU default: float32
+    assert {(p.device.type, p.dtype, p.requires_grad) for p in model.parameters()} == {("cpu", torch.float32, False)}
+
+
+def test_a_mismatched_checkpoint_fails_before_any_copy(ckpts, tmp_path, monkeypatch):
+    other = make_tiny_llama(tmp_path / "other", TINY_TEXTS[:3], dim=32, n_heads=4, vocab_size=300)
+    monkeypatch.setattr(torch, "cat", lambda *a, **k: pytest.fail("merged before validating"))
+    with pytest.raises(ValueError, match="pieces but tok_embeddings.weight"):
+        load(ckpts[4], other / "tokenizer.model")

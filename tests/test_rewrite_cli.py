@@ -122,6 +122,29 @@ def test_changed_input_or_settings_refuse_and_overwrite_restarts(tiny, tmp_path,
         rewrite(tiny, src, out, seed=2, top_p=0.5)
 
 
+def test_dtype_flag_reaches_the_engine_and_the_record(tiny, tmp_path, monkeypatch):
+    import llama
+    seen = []
+    real = llama.load_generator
+
+    def spy(*args, **kwargs):
+        gen = real(*args, **kwargs)
+        seen.append(gen.model.output.weight.dtype)
+        return gen
+
+    monkeypatch.setattr(llama, "load_generator", spy)
+    src = write_lines(tmp_path / "src.txt", CAPTIONS[:4])
+    out = tmp_path / "out.txt"
+    lines = rewrite(tiny, src, out, dtype="bf16", temperature=0).decode().split("\n")
+    assert seen == [torch.bfloat16]
+    assert len(lines) == 5 and lines[2] == "" and all(lines[k] for k in (0, 1, 3))
+    assert json.loads(record_path(out).read_text())["fingerprint"]["settings"]["dtype"] == "bf16"
+    rewrite(tiny, src, tmp_path / "default.txt")
+    assert seen[-1] == torch.float32  # the CPU default
+    with pytest.raises(ValueError, match="settings.dtype: 'bf16' -> 'fp32'"):
+        rewrite(tiny, src, out, dtype="fp32", temperature=0)
+
+
 def test_existing_output_without_record_is_not_clobbered(tiny, tmp_path):
     src = write_lines(tmp_path / "src.txt", CAPTIONS[:3])
     out = tmp_path / "out.txt"

@@ -81,6 +81,22 @@ def test_commit_protocol_and_resume(tmp_path):
     assert writer(out, overwrite=True).open(0, 0).next_line == 0 and out.read_bytes() == b""
 
 
+def test_killed_between_first_record_and_output_file(tmp_path):
+    """A fresh share writes its record, then creates the file: a kill in between resumes from line 0."""
+    out = tmp_path / "out.txt"
+    writer(out).open(5, 40)
+    out.unlink()
+    state = writer(out).open(5, 40)
+    assert (state.next_line, state.in_offset, state.out_bytes) == (5, 40, 0) and out.read_bytes() == b""
+    w = writer(out)
+    w.open(5, 40)
+    w.commit(["x"], next_line=6, in_offset=50, stats={"lines": 1})
+    w.close()
+    out.unlink()  # committed lines lost: that is not a crash of ours
+    with pytest.raises(ResumeError, match="the file has 0 bytes but 2 were committed"):
+        writer(out).open(5, 40)
+
+
 def test_unreadable_record_is_refused(tmp_path):
     out = tmp_path / "out.txt"
     record_path(out).write_text("{half")
@@ -112,6 +128,10 @@ def test_layout_changes_refuse_and_merge(tmp_path):
     assert output.read_text() == "line 0\nline 1\nline 2\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.txt", "out.txt.progress.json"]
     assert plan_run(output, 2, FP, overwrite=False) is True  # complete, whatever the layout now
+    finished_part(output, 1, 3, "line 1")  # as left by a kill after the merge, before the parts were removed
+    assert plan_run(output, 3, FP, overwrite=False) is True
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.txt", "out.txt.progress.json"]
+    assert output.read_text() == "line 0\nline 1\nline 2\n"
     other = {"input": {"size": 2}, "settings": {"seed": 1}}
     with pytest.raises(ResumeError, match="finished run of a different input or settings: input.size: 1 -> 2"):
         plan_run(output, 1, other, overwrite=False)

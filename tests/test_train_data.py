@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from train_fixtures import make_train_data
-from training.data import CaptionImageDataset, EpochSampler, read_caption_csv, train_transform
+from training.data import (CaptionImageDataset, EpochSampler, check_root, read_caption_csv, sample_seed,
+                           train_transform)
 
 
 def fake_tokenizer(text: str) -> torch.Tensor:
@@ -108,3 +109,23 @@ def test_sampler_shards_and_reshuffles(tmp_path):
     first = [i for i, _ in single]
     single.set_epoch(1)
     assert first != [i for i, _ in single]
+
+
+def test_crop_equals_a_globally_seeded_transform(tmp_path):
+    """Seeding only the CPU generator (the fast path) gives the crop torch.manual_seed gives."""
+    ds = dataset(make_train_data(tmp_path, n=4))
+    pixels, _, _ = ds[(3, 2)]
+    rng = random.Random(sample_seed(0, 2, 3))
+    image, _, _ = ds.load_image(3)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(rng.getrandbits(63))
+        expected = train_transform()(image)
+    assert torch.equal(pixels, expected)
+
+
+def test_check_root_needs_one_existing_image(tmp_path):
+    data = make_train_data(tmp_path, n=6, missing=(0, 1, 2, 3))
+    check_root(dataset(data))  # dead links are normal: two of six present is fine
+    data["root"] = str(tmp_path)  # one level too high: no path resolves
+    with pytest.raises(ValueError, match=r"--root .*none of 6 image paths.*sub/img_0\.JPG"):
+        check_root(dataset(data))

@@ -71,3 +71,24 @@ def test_a_few_steps_on_a_fixed_batch_lower_the_loss():
         losses.append(loss.item())
     # Adam at a small lr on 4 pairs: the loss falls to about a quarter in 6 steps.
     assert losses[-1] < 0.5 * losses[0] and min(losses[1:]) < losses[0], losses
+
+
+def test_loss_stays_float32_under_autocast():
+    """CPU bf16 autocast stands in for CUDA fp16: without switching autocast off inside the
+    loss, the logit matmuls run in low precision (a logit near 100 then moves by ~0.5)."""
+    torch.manual_seed(0)
+    img = torch.randn(16, 32, requires_grad=True)
+    txt = torch.randn(16, 32)
+    scale = torch.tensor(100.0)
+    reference = clip_loss(img, txt, scale)["loss"]
+    (grad_ref,) = torch.autograd.grad(reference, img)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_amp = clip_loss(img.bfloat16(), txt.bfloat16(), scale)["loss"]
+    # bf16 *inputs* are still rounded, so compare with float32 on the same rounded inputs.
+    rounded = clip_loss(img.bfloat16(), txt.bfloat16(), scale)["loss"]
+    assert under_amp.dtype == torch.float32
+    assert torch.equal(under_amp, rounded)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = clip_loss(img, txt, scale)["loss"]
+    (grad_amp,) = torch.autograd.grad(loss, img)  # backward outside autocast, as in engine.py
+    assert torch.equal(loss, reference) and torch.equal(grad_amp, grad_ref)

@@ -177,3 +177,83 @@ def test_failed_zero_shot_keeps_training_and_checkpointing(tmp_path, monkeypatch
     assert [line["zeroshot_top1"] for line in lines] == [None, None]
     assert (tmp_path / "out" / "checkpoint.pt").exists()
     assert not (tmp_path / "out" / "checkpoint_best.pt").exists()  # never best without a score
+
+
+def test_wrong_root_fails_before_the_model_is_built(tmp_path, monkeypatch):
+    data = make_train_data(tmp_path, n=4)
+    monkeypatch.setattr(train, "setup", lambda *a: pytest.fail("model built before the data check"))
+    argv = train_argv(data, tmp_path / "out")
+    argv[argv.index("--root") + 1] = str(tmp_path)  # exists, but one level above the images
+    with pytest.raises(ValueError, match="--root.*none of 4 image paths"):
+        train.main(argv)
+
+
+class FakeWriter:
+    def __init__(self):
+        self.scalars: list[tuple[str, float, int]] = []
+        self.closed = False
+
+    def add_scalar(self, tag, value, step):
+        assert isinstance(value, (int, float)), (tag, type(value))
+        self.scalars.append((tag, value, step))
+
+    def close(self):
+        self.closed = True
+
+
+def test_tensorboard_scalars_per_step_and_epoch(tmp_path, monkeypatch):
+    """tensorboard is not installed here, so the writer calls are checked on a stand-in."""
+    writer = FakeWriter()
+    monkeypatch.setattr(train, "open_tensorboard", lambda output_dir: writer)
+    data = make_train_data(tmp_path, n=8)
+    train.main(train_argv(data, tmp_path / "out"))  # 2 epochs x 2 steps
+    steps = [s for tag, _, s in writer.scalars if tag == "train/loss"]
+    assert steps == [0, 1, 2, 3]
+    tags = {tag for tag, _, _ in writer.scalars}
+    assert {"train/lr", "train/clip_acc", "train/logit_scale", "train/amp_scale",
+            "epoch/train_loss", "epoch/skipped_images"} <= tags
+    assert [s for tag, _, s in writer.scalars if tag == "epoch/train_loss"] == [0, 1]
+    assert writer.closed
+
+
+def test_resume_from_a_released_style_checkpoint(tmp_path, capsys):
+    """Weights only, args pickled as a Namespace, best_acc1 a 0-d tensor: trains on from its
+    epoch with a fresh optimizer, and says that --resume wins over checkpoint.pt."""
+    import argparse
+    data = make_train_data(tmp_path, n=4)
+    out = tmp_path / "out"
+    train.main(train_argv(data, out, "--epochs", "1"))
+    state = torch.load(out / "checkpoint.pt", weights_only=True)["state_dict"]
+    released = tmp_path / "released.pt"
+    torch.save({"state_dict": state, "epoch": 1, "best_acc1": torch.tensor(40.5),
+                "args": argparse.Namespace(model="CLIP_TINY")}, released)
+    capsys.readouterr()
+    records = train.main(train_argv(data, out, "--epochs", "2", "--resume", str(released)))
+    assert [r["epoch"] for r in records] == [1]
+    assert "not from" in capsys.readouterr().out  # the note about checkpoint.pt
+    assert read_log(out)[-1]["best_acc1"] == 40.5
+
+
+def test_optimizer_state_in_another_parameter_order_is_an_error(tmp_path):
+    data = make_train_data(tmp_path, n=4)
+    out = tmp_path / "out"
+    train.main(train_argv(data, out, "--epochs", "1"))
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    state = ckpt["optimizer"]["state"]
+    ids = ckpt["optimizer"]["param_groups"][0]["params"]
+    a, b = next((x, y) for x in ids for y in ids if state[x]["exp_avg"].shape != state[y]["exp_avg"].shape)
+    state[a], state[b] = state[b], state[a]  # what another script's registration order looks like
+    foreign = tmp_path / "foreign.pt"
+    torch.save(ckpt, foreign)
+    with pytest.raises(ValueError, match="--resume.*parameter order"):
+        train.main(train_argv(data, tmp_path / "out2", "--resume", str(foreign)))
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="fork is the Linux choice")
+def test_loader_workers_fork_so_caption_tables_are_shared(tmp_path):
+    from tokenizer import SimpleTokenizer
+    from training.distributed import DistInfo
+    data = make_train_data(tmp_path, n=4)
+    args = train.get_args_parser().parse_args(train_argv(data, tmp_path / "out", "--workers", "2"))
+    loader, _ = train.build_loader(args, DistInfo(), SimpleTokenizer())
+    assert loader.multiprocessing_context.get_start_method() == "fork"

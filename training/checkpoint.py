@@ -92,8 +92,27 @@ def load_training_state(path: str, model: nn.Module, model_name: str,
             optimizer.load_state_dict(ckpt["optimizer"])
         except (ValueError, KeyError) as err:
             raise ValueError(f"{flag}: optimizer state in {path!r} does not fit this model: {err}") from err
+        check_optimizer_state(optimizer, path, flag)
     # A disabled scaler (CPU, bf16) saves {}; loading {} into an enabled one would fail,
     # and the fresh scale is the right start in that case anyway.
     if ckpt.get("scaler") and scaler.is_enabled():
         scaler.load_state_dict(ckpt["scaler"])
-    return int(ckpt.get("epoch", 0)), ckpt.get("best_acc1")
+    best = ckpt.get("best_acc1")
+    # float(): another script may have stored a 0-d tensor, which json.dumps rejects.
+    return int(ckpt.get("epoch", 0)), None if best is None else float(best)
+
+
+def check_optimizer_state(optimizer: torch.optim.Optimizer, path: str, flag: str) -> None:
+    """Optimizer state is matched to parameters by position, not name, and load_state_dict
+    only checks group sizes: a file saved by a script that registers parameters in another
+    order would load, then crash at the first step or silently mix moments. Compare shapes."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for name, value in optimizer.state.get(p, {}).items():
+                if name != "step" and torch.is_tensor(value) and value.shape != p.shape:
+                    raise ValueError(
+                        f"{flag}: optimizer state in {path!r} does not match this model's parameter "
+                        f"order ({name} of shape {tuple(value.shape)} for a parameter of shape "
+                        f"{tuple(p.shape)}); it was saved by another training script. To start "
+                        f"from its weights only, save {{'state_dict': ckpt['state_dict']}} to a new "
+                        f"file and pass that to {flag}")

@@ -166,14 +166,38 @@ class CaptionImageDataset(Dataset):
         index, epoch = key if isinstance(key, tuple) else (key, 0)
         rng = random.Random(sample_seed(self.seed, epoch, index))
         image, used, failed = self.load_image(index)
-        # torchvision's random transforms draw from torch's global generator; run them
-        # on a seeded copy so the crop depends on the key alone.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(rng.getrandbits(63))
+        # torchvision's random transforms draw from torch's global CPU generator; seed it
+        # for this key and restore it after, so the crop depends on the key alone. The CPU
+        # generator alone gives the same crop as torch.manual_seed, which also seeds every
+        # accelerator backend and costs ~0.1 ms a call (this: ~3 us).
+        generator = torch.default_generator
+        state = generator.get_state()
+        try:
+            generator.manual_seed(rng.getrandbits(63))
             pixels = self.transform(image)
+        finally:
+            generator.set_state(state)
         # The caption comes from the sample whose image is used, so pairs stay matched.
         tokens = self.tokenizer(self.pick_caption(used, rng))
         return pixels, tokens, failed
+
+
+def check_root(dataset: CaptionImageDataset, probes: int = 100) -> None:
+    """Fail at start-up, naming --root, when none of `probes` spread-out image paths exists.
+
+    A wrong --root would otherwise surface as a worker's RuntimeError inside a DataLoader
+    traceback after the model is built. Some missing files are normal (dead links in
+    CC3M/CC12M) and are skipped during training, so one existing file is enough here.
+    """
+    n = len(dataset)
+    indices = sorted({i * n // min(n, probes) for i in range(min(n, probes))})
+    for i in indices:
+        if os.path.isfile(os.path.join(dataset.root, dataset.paths[i])):
+            return
+    example = os.path.join(dataset.root, dataset.paths[indices[0]])
+    raise ValueError(f"--root {dataset.root!r}: none of {len(indices)} image paths of the CSV checked "
+                     f"there exist (e.g. {example!r}); --root must be the folder the CSV's "
+                     f"image paths are relative to")
 
 
 class EpochSampler(Sampler):

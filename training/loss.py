@@ -54,15 +54,22 @@ def clip_loss(image_embed: torch.Tensor, text_embed: torch.Tensor,
 
     Returns {'loss', 'clip_loss', 'clip_acc'}; accuracy (in percent) is image -> text
     over the local rows. Computed in float32 even under autocast: normalisation and
-    the softmax over W*b columns are where fp16 loses precision.
+    the softmax over W*b columns are where fp16 loses precision, and a logit near 100
+    has an fp16 resolution of 0.06. Casting the inputs is not enough: autocast would
+    run the two matrix products in fp16/bf16 again, so it is switched off here.
     """
-    image = F.normalize(image_embed.float(), dim=-1)  # [b, E]
-    text = F.normalize(text_embed.float(), dim=-1)    # [b, E]
+    with torch.autocast(image_embed.device.type, enabled=False):
+        return _clip_loss_fp32(image_embed.float(), text_embed.float(), logit_scale.float())
+
+
+def _clip_loss_fp32(image_embed: torch.Tensor, text_embed: torch.Tensor,
+                    scale: torch.Tensor) -> dict[str, torch.Tensor]:
+    image = F.normalize(image_embed, dim=-1)  # [b, E]
+    text = F.normalize(text_embed, dim=-1)    # [b, E]
     rows = image.shape[0]
     rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
     labels = rank * rows + torch.arange(rows, device=image.device)  # [b]
     all_image, all_text = gather_with_grad(image), gather_with_grad(text)  # [W*b, E]
-    scale = logit_scale.float()
     logits_per_image = scale * image @ all_text.t()  # [b, W*b]
     logits_per_text = scale * text @ all_image.t()   # [b, W*b]
     loss = (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2

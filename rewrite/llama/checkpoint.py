@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -23,6 +23,10 @@ COLUMN = {"wq", "wk", "wv", "w1", "w3", "output"}  # output rows split: dim 0
 ROW = {"wo", "w2", "tok_embeddings"}  # input / embedding dim split: dim 1
 IGNORED = {"rope.freqs"}  # Meta's files carry it; inference recomputes it
 _SHARD = re.compile(r"consolidated\.(\d+)\.pth")
+
+
+def _same(t: torch.Tensor) -> torch.Tensor:
+    return t
 
 
 def split_dim(key: str) -> Optional[int]:
@@ -48,12 +52,20 @@ def split_state_dict(state: dict[str, torch.Tensor], n: int) -> list[dict[str, t
     return shards
 
 
-def merge_shards(shards: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Concatenate consecutive shards into one (replicated tensors come from the first)."""
+def merge_shards(shards: list[dict[str, torch.Tensor]], place: Callable[[torch.Tensor], torch.Tensor] = _same
+                 ) -> dict[str, torch.Tensor]:
+    """Concatenate consecutive shards into one (replicated tensors come from the first).
+
+    place: applied to every part before the concatenation (a move to the GPU and
+    the run's dtype), so the merge happens where the result lives.
+    """
     merged = {}
     for key, t in shards[0].items():
         dim = split_dim(key)
-        merged[key] = t if dim is None or len(shards) == 1 else torch.cat([s[key] for s in shards], dim=dim)
+        if dim is None or len(shards) == 1:
+            merged[key] = place(t)
+        else:
+            merged[key] = torch.cat([place(s[key]) for s in shards], dim=dim)
     return merged
 
 
@@ -105,32 +117,74 @@ def _load(path: Path) -> dict[str, torch.Tensor]:
                          f"by an interrupted copy): {err}") from err
 
 
-def load_rank_state(ckpt_dir: str, mp_size: int, mp_rank: int) -> dict[str, torch.Tensor]:
-    """This model-parallel rank's part of the weights, reading only the shards it needs."""
+def _rank_shards(ckpt_dir: str, mp_size: int, mp_rank: int) -> tuple[list[dict[str, torch.Tensor]], int, int]:
+    """(the shards this rank reads, memory-mapped; part; parts). N shards on M ranks:
+    N >= M merges N/M consecutive shards (part 0 of 1); N < M cuts part
+    mp_rank % (M/N) of M/N out of shard mp_rank // (M/N)."""
     paths = shard_paths(ckpt_dir)
     n = len(paths)
     check_mapping(n, mp_size, ckpt_dir)
-    if n >= mp_size:  # merge n/mp consecutive shards
+    if n >= mp_size:
         k = n // mp_size
-        return merge_shards([_load(p) for p in paths[mp_rank * k:(mp_rank + 1) * k]])
-    k = mp_size // n  # split: part (mp_rank % k) of shard mp_rank // k
-    shard = _load(paths[mp_rank // k])
+        return [_load(p) for p in paths[mp_rank * k:(mp_rank + 1) * k]], 0, 1
+    k = mp_size // n
+    return [_load(paths[mp_rank // k])], mp_rank % k, k
+
+
+def rank_shapes(shards: list[dict[str, torch.Tensor]], parts: int) -> dict[str, torch.Size]:
+    """Shapes of this rank's tensors, known before any is merged, cut or copied."""
+    shapes = {}
+    for key, t in shards[0].items():
+        shape, dim = list(t.shape), split_dim(key)
+        if dim is not None and dim < len(shape):
+            shape[dim] = shape[dim] * len(shards) // parts
+        shapes[key] = torch.Size(shape)
+    return shapes
+
+
+def load_rank_state(ckpt_dir: str, mp_size: int, mp_rank: int, device: Optional[torch.device] = None,
+                    dtype: Optional[torch.dtype] = None,
+                    check: Optional[Callable[[dict[str, torch.Size]], None]] = None) -> dict[str, torch.Tensor]:
+    """This model-parallel rank's part of the weights, reading only the shards it needs.
+
+    Tensors are moved to `device` and `dtype` (default: as stored, on the CPU) one
+    at a time, parts before a merge and after a cut: peak memory is the result
+    plus one tensor, and the host never holds a merged copy (13B's two shards
+    merged on one GPU would otherwise take 26 GB of RAM in every process).
+    check(shapes) runs first, on the memory-mapped files, so a checkpoint that
+    does not fit fails before anything is copied.
+    """
+    shards, part, parts = _rank_shards(ckpt_dir, mp_size, mp_rank)
+    if check is not None:
+        check(rank_shapes(shards, parts))
+
+    def place(t: torch.Tensor) -> torch.Tensor:
+        return t.to(device=device or t.device, dtype=dtype or t.dtype)
+
+    if parts == 1:
+        return merge_shards(shards, place)
     out = {}
-    for key, t in shard.items():
+    for key, t in shards[0].items():
         dim = split_dim(key)
-        out[key] = t if dim is None else t.chunk(k, dim=dim)[mp_rank % k].contiguous()
+        out[key] = place(t if dim is None else t.chunk(parts, dim=dim)[part]).contiguous()
     return out
 
 
-def _check_keys(model: Transformer, state: dict[str, torch.Tensor], ckpt_dir: str) -> None:
+def _check_state(model: Transformer, shapes: dict[str, torch.Size], ckpt_dir: str, tokenizer: Tokenizer) -> None:
+    """The tokenizer's vocabulary, exactly the model's keys (IGNORED aside), params.json's shapes."""
+    shapes = {k: v for k, v in shapes.items() if k not in IGNORED}
+    emb = shapes.get("tok_embeddings.weight")
+    if emb is not None and emb[0] != tokenizer.n_words:
+        raise ValueError(f"tokenizer {tokenizer.model_path} has {tokenizer.n_words} pieces but "
+                         f"tok_embeddings.weight in {ckpt_dir}/consolidated.*.pth has {emb[0]} rows")
     expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(set(shapes) - set(expected))
     if missing or unexpected:
         raise ValueError(f"--ckpt_dir {ckpt_dir} does not match the LLaMA-v1 model built from its "
                          f"params.json: missing keys {missing}, unexpected keys {unexpected}")
-    bad = [f"{k} {tuple(state[k].shape)} (expected {tuple(v.shape)})"
-           for k, v in expected.items() if state[k].shape != v.shape]
+    bad = [f"{k} {tuple(shapes[k])} (expected {tuple(v.shape)})"
+           for k, v in expected.items() if shapes[k] != v.shape]
     if bad:
         raise ValueError(f"--ckpt_dir {ckpt_dir}: shapes disagree with params.json: " + "; ".join(bad))
 
@@ -138,22 +192,18 @@ def _check_keys(model: Transformer, state: dict[str, torch.Tensor], ckpt_dir: st
 def load_model(ckpt_dir: str, tokenizer: Tokenizer, parallel: ParallelInfo,
                dtype: Optional[torch.dtype] = None) -> Transformer:
     """Validate `ckpt_dir` and build this rank's model in `dtype` on `parallel.device`."""
-    params = read_params(ckpt_dir)
-    args = ModelArgs.from_params(params, vocab_size=tokenizer.n_words)
-    state = load_rank_state(ckpt_dir, parallel.mp_size, parallel.mp_rank)
-    for key in IGNORED:
-        state.pop(key, None)
-    emb = state.get("tok_embeddings.weight")
-    if emb is not None and emb.shape[0] != tokenizer.n_words:
-        raise ValueError(f"tokenizer {tokenizer.model_path} has {tokenizer.n_words} pieces but "
-                         f"tok_embeddings.weight in {ckpt_dir}/consolidated.*.pth has {emb.shape[0]} rows")
-    with torch.device("meta"):  # no allocation, no random init: the shards supply every weight
-        model = Transformer(args, parallel.mp_size)
-    _check_keys(model, state, ckpt_dir)
-    model.load_state_dict(state, strict=True, assign=True)
+    args = ModelArgs.from_params(read_params(ckpt_dir), vocab_size=tokenizer.n_words)
     if dtype is None:
         dtype = torch.float16 if parallel.device.type == "cuda" else torch.float32
-    return model.to(device=parallel.device, dtype=dtype).eval().requires_grad_(False)
+    with torch.device("meta"):  # no allocation, no random init: the shards supply every weight
+        model = Transformer(args, parallel.mp_size)
+    state = load_rank_state(ckpt_dir, parallel.mp_size, parallel.mp_rank, parallel.device, dtype,
+                            check=lambda shapes: _check_state(model, shapes, ckpt_dir, tokenizer))
+    for key in IGNORED:
+        state.pop(key, None)
+    # assign: the parameters become the loaded tensors, already on the device and in dtype
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval().requires_grad_(False)
 
 
 def load_generator(ckpt_dir: str, tokenizer_path: str, max_seq_len: int, max_batch_size: int,

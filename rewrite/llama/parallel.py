@@ -1,18 +1,32 @@
-"""Process-group setup for rewriting: model parallel (MP) inside data parallel (DP).
+"""Process groups for rewriting: model parallel (MP) inside data parallel (DP).
 
 torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; without RANK the run is one
 process and no process group is created (one process cannot need fairscale's
 groups, since MP > 1 needs MP processes). Ranks are laid out as fairscale does:
 consecutive ranks form one MP group, so rank = dp_rank * mp_size + mp_rank.
+`setup_parallel` starts a run, `teardown_parallel` ends it (the only place that
+destroys groups); `on_rank0` / `on_every_rank` are the run's few control
+exchanges, which also work as plain calls without a process group.
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Optional
+from datetime import timedelta
+from typing import Callable, Optional, TypeVar
 
 import torch
 import torch.distributed as dist
+
+# Timeout of the default group's collectives. Besides the lock-step model-parallel
+# traffic (fairscale's own groups, default timeout), the default group carries the
+# run's few control exchanges, and ranks can arrive at those far apart: rank 0 scans
+# the caption file while the others wait, and at the end every data-parallel group
+# waits for the slowest one to finish its share (hours apart at LAION scale, or after
+# an uneven resume). NCCL's default of 10 minutes would abort such a run at its very
+# end. A rank that dies is caught by torchrun, which stops the others, not by this.
+CONTROL_TIMEOUT = timedelta(hours=24)
+T = TypeVar("T")
 
 
 @dataclass
@@ -76,12 +90,15 @@ def setup_parallel(ckpt_dir: str, model_parallel_size: Optional[int] = None, see
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     mp = choose_mp_size(n_shards, world, model_parallel_size)
     if use_cuda:
-        torch.cuda.set_device(local_rank)
+        if local_rank >= torch.cuda.device_count():
+            raise ValueError(f"LOCAL_RANK {local_rank}: this node has {torch.cuda.device_count()} visible GPUs; "
+                             "start at most that many processes per node (torchrun --nproc_per_node)")
+        torch.cuda.set_device(local_rank)  # before NCCL init: its communicators bind to the current device
         dev = torch.device("cuda", local_rank)
     else:
         dev = torch.device("cpu")
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=CONTROL_TIMEOUT)
     if mp > 1:
         from fairscale.nn.model_parallel import initialize as fs
         if not fs.model_parallel_is_initialized():
@@ -91,3 +108,57 @@ def setup_parallel(ckpt_dir: str, model_parallel_size: Optional[int] = None, see
                              f"{fs.get_model_parallel_world_size()}, not --model_parallel_size {mp}")
     torch.manual_seed(seed)  # same seed on every rank: MP ranks must agree on any random draw
     return ParallelInfo(rank, world, local_rank, mp, rank % mp, world // mp, rank // mp, dev)
+
+
+def teardown_parallel() -> None:
+    """End of a run: drop fairscale's model-parallel groups, then the process group.
+
+    fairscale keeps its groups in module globals; destroying only the process group
+    leaves them pointing at dead groups, and a process group left to the interpreter's
+    exit can abort it ('terminate called without an active exception'). No-op
+    without a process group (one process).
+    """
+    if not _dist_on():
+        return
+    from fairscale.nn.model_parallel import initialize as fs
+    if fs.model_parallel_is_initialized():
+        fs.destroy_model_parallel()
+    dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------- control exchanges (default group)
+def _dist_on() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def on_rank0(fn: Callable[[], T], rank: int) -> T:
+    """fn() on global rank 0; its result, or its ValueError / OSError, on every rank
+    (so no rank waits forever on one that failed). Without a process group: fn()."""
+    if not _dist_on():
+        return fn()
+    box: list = [None]
+    if rank == 0:
+        try:
+            box[0] = ("ok", fn())
+        except (ValueError, OSError) as e:
+            box[0] = ("error", str(e))
+    dist.broadcast_object_list(box, src=0)
+    if box[0][0] == "error":
+        raise ValueError(box[0][1])
+    return box[0][1]
+
+
+def on_every_rank(fn: Callable[[], T], world_size: int) -> list[T]:
+    """fn() on each rank; every rank gets everyone's results, or the first error."""
+    if not _dist_on():
+        return [fn()]
+    try:
+        mine = ("ok", fn())
+    except (ValueError, OSError) as e:
+        mine = ("error", str(e))
+    everyone: list = [None] * world_size
+    dist.all_gather_object(everyone, mine)
+    for kind, value in everyone:
+        if kind == "error":
+            raise ValueError(value)
+    return [value for _, value in everyone]
