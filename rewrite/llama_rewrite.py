@@ -46,11 +46,9 @@ def log(*args: object) -> None:
 
 
 # ---------------------------------------------------------------- prompts of one line
-def make_prompt(cfg: Config, pool: Pool, tokenizer: Optional[TokenizerLike], index: int,
+def make_prompt(cfg: Config, examples: list[tuple[str, str]], tokenizer: Optional[TokenizerLike],
                 caption: str) -> tuple[Optional[list[int]], str, bool]:
-    """(tokens or None without a tokenizer, prompt text, truncated?) for input line
-    `index`; the same on every rank and in every run with the same seed."""
-    examples = choose_examples(pool, cfg.seed, cfg.sample_mode, index)
+    """(tokens or None without a tokenizer, prompt text, truncated?) for a caption and its examples."""
     text = build_prompt(examples, one_line(caption))
     if tokenizer is None:
         return None, text, False
@@ -81,10 +79,10 @@ def write_dry_run(cfg: Config, pool: Pool) -> Path:
             row = {"line": i, "caption": caption, "undecodable": bad, "prompt": None,
                    "prompt_tokens": None, "truncated": False, "seed": None, "examples": None}
             if caption.strip():
-                tokens, text, truncated = make_prompt(cfg, pool, tokenizer, i, caption)
+                examples = choose_examples(pool, cfg.seed, cfg.sample_mode, i)
+                tokens, text, truncated = make_prompt(cfg, examples, tokenizer, caption)
                 row.update(prompt=text, truncated=truncated, prompt_tokens=None if tokens is None else len(tokens),
-                           seed=sampling_seed(cfg.seed, cfg.sample_mode, i),
-                           examples=choose_examples(pool, cfg.seed, cfg.sample_mode, i))
+                           seed=sampling_seed(cfg.seed, cfg.sample_mode, i), examples=examples)
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     os.replace(tmp, out)
     log(f"dry run: {info.lines} prompts for {cfg.prompt_filename} written to {out}"
@@ -96,12 +94,12 @@ def write_dry_run(cfg: Config, pool: Pool) -> Path:
 def checkpoint_identity(cfg: Config) -> dict:
     """What identifies the weights without reading them: params.json and tokenizer
     content, shard names and sizes (moving the folder keeps a run resumable)."""
-    ckpt = Path(cfg.ckpt_dir)
-    params = ckpt / "params.json"
+    from llama.checkpoint import shard_paths
+    params = Path(cfg.ckpt_dir) / "params.json"
     if not params.is_file():
         raise ValueError(f"--ckpt_dir {cfg.ckpt_dir} has no params.json")
     return {"params": hashlib.sha256(params.read_bytes()).hexdigest()[:16],
-            "shards": [[p.name, p.stat().st_size] for p in sorted(ckpt.glob("consolidated.*.pth"))],
+            "shards": [[p.name, p.stat().st_size] for p in shard_paths(cfg.ckpt_dir)],
             "tokenizer": hashlib.sha256(Path(cfg.tokenizer_path).read_bytes()).hexdigest()[:16]}
 
 
@@ -134,7 +132,8 @@ def rewrite_window(cfg: Config, pool: Pool, generator: Generator, window: list) 
         if not caption.strip():
             stats["empty"] += 1  # an empty line stays empty: nothing to rewrite
             continue
-        tokens, _, truncated = make_prompt(cfg, pool, generator.tokenizer, i, caption)
+        examples = choose_examples(pool, cfg.seed, cfg.sample_mode, i)
+        tokens, _, truncated = make_prompt(cfg, examples, generator.tokenizer, caption)
         stats["truncated"] += truncated
         prompts.append(tokens)
         seeds.append(sampling_seed(cfg.seed, cfg.sample_mode, i))

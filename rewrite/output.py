@@ -57,6 +57,11 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _create_empty(path: Path) -> None:
+    with open(path, "wb") as f:
+        os.fsync(f.fileno())
+
+
 def write_json_atomic(path: Path, obj: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
@@ -132,8 +137,7 @@ class ShareWriter:
                     f"{self.record_path.name}; pass --overwrite to replace it, or choose another file")
             self.state = ShareState(next_line=start_line, in_offset=start_offset, out_bytes=0)
             self._write_record()  # record first: a crash right after leaves a resumable state
-            with open(self.out_path, "wb") as f:
-                os.fsync(f.fileno())
+            _create_empty(self.out_path)
         if not self.state.complete:
             self._fh = open(self.out_path, "ab")
         return self.state
@@ -151,8 +155,7 @@ class ShareWriter:
         state = ShareState(**record["state"])
         if not self.out_path.exists() and state.out_bytes == 0:
             # killed between the first record and the output's creation: nothing was committed
-            with open(self.out_path, "wb") as f:
-                os.fsync(f.fileno())
+            _create_empty(self.out_path)
         size = self.out_path.stat().st_size if self.out_path.exists() else -1
         if size < state.out_bytes:
             raise ResumeError(f"{where}: the file has {max(size, 0)} bytes but {state.out_bytes} were committed; "

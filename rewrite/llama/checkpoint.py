@@ -16,7 +16,7 @@ import torch
 
 from .generation import Generator
 from .model import ModelArgs, Transformer
-from .parallel import ParallelInfo
+from .parallel import ParallelInfo, check_mapping
 from .tokenizer import Tokenizer
 
 COLUMN = {"wq", "wk", "wv", "w1", "w3", "output"}  # output rows split: dim 0
@@ -97,12 +97,6 @@ def shard_paths(ckpt_dir: str) -> list[Path]:
         raise ValueError(f"--ckpt_dir {ckpt_dir}: shards are not contiguous, missing "
                          + ", ".join(f"consolidated.{i:02d}.pth" for i in missing))
     return [found[i] for i in range(len(found))]
-
-
-def check_mapping(n_shards: int, mp_size: int, ckpt_dir: str) -> None:
-    if n_shards % mp_size and mp_size % n_shards:
-        raise ValueError(f"--model_parallel_size {mp_size} cannot load the {n_shards} shards of "
-                         f"--ckpt_dir {ckpt_dir}: one must divide the other")
 
 
 def _load(path: Path) -> dict[str, torch.Tensor]:

@@ -121,9 +121,14 @@ class RMSNorm(nn.Module):
         return xf.type_as(x) * self.weight
 
 
+def rope_frequencies(head_dim: int, device: Optional[torch.device] = None, theta: float = 10000.0) -> torch.Tensor:
+    """theta^(-2j/D) for j < D/2: float32 [D/2] (Meta's files store it as rope.freqs)."""
+    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device)[: head_dim // 2].float() / head_dim))
+
+
 def rope_table(n: int, head_dim: int, device: torch.device, theta: float = 10000.0) -> torch.Tensor:
     """Rotations e^(i * pos * theta^(-2j/D)) for positions 0..n-1: complex64 [n, D/2] (Meta's freqs_cis)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device)[: head_dim // 2].float() / head_dim))
+    inv_freq = rope_frequencies(head_dim, device, theta)
     angles = torch.outer(torch.arange(n, device=device).float(), inv_freq)
     return torch.polar(torch.ones_like(angles), angles)
 

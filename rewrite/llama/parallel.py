@@ -66,10 +66,16 @@ def choose_mp_size(n_shards: int, world_size: int, requested: Optional[int]) -> 
     if world_size % mp:
         raise ValueError(f"--model_parallel_size {mp} does not divide the {world_size} processes "
                          f"(torchrun --nproc_per_node); pass --model_parallel_size explicitly")
-    if n_shards % mp and mp % n_shards:
-        raise ValueError(f"--model_parallel_size {mp} cannot load the {n_shards} shards of --ckpt_dir: "
-                         "one must divide the other")
+    check_mapping(n_shards, mp)
     return mp
+
+
+def check_mapping(n_shards: int, mp_size: int, ckpt_dir: str = "") -> None:
+    """N shards load on M model-parallel ranks when one divides the other (merge or cut)."""
+    if n_shards % mp_size and mp_size % n_shards:
+        where = f"--ckpt_dir {ckpt_dir}" if ckpt_dir else "--ckpt_dir"
+        raise ValueError(f"--model_parallel_size {mp_size} cannot load the {n_shards} shards of {where}: "
+                         "one must divide the other")
 
 
 def setup_parallel(ckpt_dir: str, model_parallel_size: Optional[int] = None, seed: int = 1,

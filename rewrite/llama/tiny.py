@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoint import split_state_dict
-from .model import ModelArgs, Transformer
+from .model import ModelArgs, Transformer, rope_frequencies
 
 PromptFn = Callable[[Sequence[tuple[str, str]], str], str]
 
@@ -77,10 +77,8 @@ def write_checkpoint(out_dir: Path, args: ModelArgs, state: dict[str, torch.Tens
     params = {"dim": args.dim, "multiple_of": args.multiple_of, "n_heads": args.n_heads,
               "n_layers": args.n_layers, "norm_eps": args.norm_eps, "vocab_size": -1}
     (out_dir / "params.json").write_text(json.dumps(params))
-    head = args.head_dim
-    freqs = 1.0 / (10000.0 ** (torch.arange(0, head, 2)[: head // 2].float() / head))
     full = {k: v.detach().to(dtype) for k, v in state.items()}
-    full["rope.freqs"] = freqs.to(dtype)  # present in Meta's files, unused at inference
+    full["rope.freqs"] = rope_frequencies(args.head_dim).to(dtype)  # present in Meta's files, unused at inference
     for s, shard in enumerate(split_state_dict(full, mp)):
         torch.save(shard, out_dir / f"consolidated.{s:02d}.pth")
 
@@ -95,6 +93,17 @@ def make_tiny_llama(out_dir: str | Path, texts: Sequence[str], dim: int = 64, n_
     state_dict: full float weights to write instead of random ones (their
     vocabulary rows must match the tokenizer trained on `texts`).
     """
+    out, args = _start_dir(out_dir, texts, vocab_size, mp, dim=dim, n_layers=n_layers, n_heads=n_heads,
+                           multiple_of=multiple_of, norm_eps=norm_eps)
+    if state_dict is None:
+        state_dict = random_state_dict(args, seed)
+    write_checkpoint(out, args, state_dict, mp, dtype)
+    return out
+
+
+def _start_dir(out_dir: str | Path, texts: Sequence[str], vocab_size: int, mp: int,
+               **arch: object) -> tuple[Path, ModelArgs]:
+    """Create the directory and its tokenizer.model; the model's args with that vocabulary."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     proto = train_tokenizer(texts, vocab_size)
@@ -103,12 +112,7 @@ def make_tiny_llama(out_dir: str | Path, texts: Sequence[str], dim: int = 64, n_
         proto = train_tokenizer(texts, n_words - n_words % mp)
         n_words = spm.SentencePieceProcessor(model_proto=proto).vocab_size()
     (out / "tokenizer.model").write_bytes(proto)
-    args = ModelArgs(dim=dim, n_layers=n_layers, n_heads=n_heads, vocab_size=n_words,
-                     multiple_of=multiple_of, norm_eps=norm_eps)
-    if state_dict is None:
-        state_dict = random_state_dict(args, seed)
-    write_checkpoint(out, args, state_dict, mp, dtype)
-    return out
+    return out, ModelArgs(vocab_size=n_words, **arch)
 
 
 def _default_prompt_fn() -> PromptFn:
@@ -157,10 +161,9 @@ def train_tiny_llama(out_dir: str | Path, pairs: Sequence[tuple[str, str]], prom
     prompt_fn = prompt_fn or _default_prompt_fn()
     rng = random.Random(seed)
     torch.manual_seed(seed)
-    out = make_tiny_llama(out_dir, _documents(pairs, 64, prompt_fn, rng), dim, n_layers, n_heads,
-                          vocab_size, mp=mp, seed=seed)
+    out, args = _start_dir(out_dir, _documents(pairs, 64, prompt_fn, rng), vocab_size, mp, dim=dim,
+                           n_layers=n_layers, n_heads=n_heads, multiple_of=32)
     sp = spm.SentencePieceProcessor(model_file=str(out / "tokenizer.model"))
-    args = ModelArgs(dim=dim, n_layers=n_layers, n_heads=n_heads, vocab_size=sp.vocab_size(), multiple_of=32)
     model = Transformer(args)
     model.load_state_dict(random_state_dict(args, seed))
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
