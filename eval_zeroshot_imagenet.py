@@ -21,8 +21,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def load_model(name: str, ckpt_path: str, device: torch.device) -> torch.nn.Module:
-    if name not in models.PRESETS:
-        raise ValueError(f"--model {name!r} is not a CLIP preset; choose one of {', '.join(models.PRESETS)}")
+    models.check_preset(name)
     state = models.load_checkpoint_state(ckpt_path)  # checks the file before building the model
     model = models.get_model(name, rand_embed=False)
     models.load_into(model, state, name, ckpt_path)
@@ -39,5 +38,5 @@ def main(argv: list[str] | argparse.Namespace | None = None) -> dict:
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, FileNotFoundError, PermissionError, OSError) as err:
+    except (ValueError, OSError) as err:  # FileNotFoundError, PermissionError included
         sys.exit(f"error: {err}")

@@ -101,5 +101,5 @@ def main(argv: list[str] | argparse.Namespace | None = None) -> dict:
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, FileNotFoundError, PermissionError, OSError) as err:
+    except (ValueError, OSError) as err:  # FileNotFoundError, PermissionError included
         sys.exit(f"error: {err}")

@@ -18,14 +18,13 @@ import sys
 import time
 from typing import Any
 
-import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 import models
 from training import checkpoint as ckpt_io
-from training.data import CaptionImageDataset, EpochSampler, check_root, train_transform
+from training.data import CaptionImageDataset, EpochSampler, check_root, sample_seed, train_transform
 from training.distributed import (DistInfo, all_reduce_min_max, barrier, cleanup_distributed,
                                   init_distributed_mode)
 from training.engine import CosineSchedule, Trainer, build_optimizer, train_one_epoch
@@ -87,8 +86,7 @@ def validate_args(args: argparse.Namespace) -> None:
     for path in args.augmented_caption_filelist if args.aug_text else []:
         if not os.path.isfile(path):
             raise ValueError(f"--augmented_caption_filelist: file {path!r} does not exist")
-    if args.model not in models.PRESETS:
-        raise ValueError(f"--model {args.model!r} is not a CLIP preset; choose one of {', '.join(models.PRESETS)}")
+    models.check_preset(args.model)
     _positive(args, epochs=1, warmup_epochs=0, start_epoch=0, batch_size=1, update_freq=1,
               workers=0, print_freq=1, seed=0, eval_batch_size=1, max_steps_per_epoch=1)
     if args.warmup_epochs > args.epochs:
@@ -99,8 +97,7 @@ def validate_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--output-dir {args.output_dir!r} exists and is not a folder")
     if args.imagenet_root:
         from imagenet_data import imagenet_val  # checks val/<wnid>/ now, not after an epoch
-        from zeroshot import eval_transform
-        imagenet_val(args.imagenet_root, eval_transform())
+        imagenet_val(args.imagenet_root, transform=None)
     ckpt_io.resume_path(args.resume, args.output_dir)
 
 
@@ -155,8 +152,7 @@ def open_tensorboard(output_dir: str) -> Any:
 
 def reseed(seed: int, epoch: int, rank: int) -> None:
     """Global RNGs per (seed, epoch, rank): a resumed epoch starts from the same state."""
-    state = np.random.SeedSequence([seed, epoch, rank]).generate_state(1, np.uint64)
-    torch.manual_seed(int(state[0]) >> 1)
+    torch.manual_seed(sample_seed(seed, epoch, rank))
 
 
 def zero_shot(args, raw_model, tokenizer, info: DistInfo, amp: bool) -> dict | None:

@@ -181,8 +181,13 @@ PRESETS = {
 }
 
 
-def get_model(name: str, **kwargs) -> CLIP:
+def check_preset(name: str) -> None:
+    """``--model`` must name a preset; checked by the scripts before any data or checkpoint is read."""
     if name not in PRESETS:
         raise ValueError(f"--model {name!r} is not a CLIP preset; choose one of {', '.join(PRESETS)}")
+
+
+def get_model(name: str, **kwargs) -> CLIP:
+    check_preset(name)
     return PRESETS[name](**kwargs)
 

@@ -2,7 +2,6 @@
 gradients), and train.py runs under torchrun with only rank 0 writing."""
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -14,7 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from train_fixtures import clean_dist_env, make_train_data, train_argv
+from train_fixtures import clean_dist_env, make_train_data, read_log, train_argv
 from training.loss import clip_loss
 
 REPO = Path(__file__).resolve().parents[1]
@@ -73,10 +72,6 @@ def test_gathered_loss_and_grads_match_single_process(tmp_path):
             assert torch.allclose(r["grads"][name], g, atol=1e-6), name
 
 
-def _run_log(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
-
-
 @pytest.mark.slow
 def test_torchrun_two_processes_match_one(tmp_path):
     """lr 0 keeps the weights fixed, so both runs see the same global batches with the same
@@ -93,7 +88,7 @@ def test_torchrun_two_processes_match_one(tmp_path):
            "train.py", *argv]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    (one,), (two,) = _run_log(single), _run_log(double)  # one line: only rank 0 writes
+    (one,), (two,) = read_log(single), read_log(double)  # one line: only rank 0 writes
     assert two["train_loss"] == pytest.approx(one["train_loss"], abs=1e-5)
     assert two["train_samples"] == one["train_samples"] == 8
     assert two["skipped_images"] == one["skipped_images"] == 2

@@ -1,14 +1,13 @@
 """train.py end to end on the CPU: checkpoints, resume, log.txt, CLI errors."""
 from __future__ import annotations
 
-import json
 import os
 
 import pytest
 import torch
 
 import train
-from train_fixtures import make_imagenet_root, make_train_data, train_argv
+from train_fixtures import make_imagenet_root, make_train_data, read_log, train_argv
 
 
 @pytest.fixture(autouse=True)
@@ -30,10 +29,6 @@ def trained(tmp_path_factory):
     argv[argv.index("--workers") + 1] = "2"  # the skip count must survive worker processes
     records = train.main(argv)
     return {"out": out, "imagenet": imagenet, "records": records, "data": data}
-
-
-def read_log(out) -> list[dict]:
-    return [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
 
 
 def test_log_has_one_json_line_per_epoch_with_skips_and_zero_shot(trained):

@@ -3,20 +3,18 @@ two aligned rewrite files, and a tiny ImageNet val folder."""
 from __future__ import annotations
 
 import csv
+import json
 import os
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
+import conftest
 
 WNIDS = ["n01440764", "n01443537", "n01484850"]  # tench, goldfish, great white shark
 
 
 def write_image(path: Path, seed: int, size: tuple[int, int] = (40, 32)) -> None:
-    rng = np.random.default_rng(seed)
-    pixels = rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(pixels).save(path)
+    conftest.write_image(str(path), seed, size)
 
 
 def make_train_data(tmp: Path, n: int = 8, corrupt: tuple[int, ...] = (),
@@ -69,6 +67,11 @@ def train_argv(data: dict[str, str], out: Path, *extra: str, aug: bool = True) -
     if aug:
         argv += ["--aug-text", "--augmented_caption_filelist", *data["rewrites"]]
     return argv + list(extra)
+
+
+def read_log(out: Path) -> list[dict]:
+    """The JSON lines of <output-dir>/log.txt, one per epoch."""
+    return [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
 
 
 def clean_dist_env() -> dict[str, str]:

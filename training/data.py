@@ -84,8 +84,6 @@ def read_caption_csv(path: str) -> tuple[StringTable, StringTable]:
 
 def read_rewrites(path: str, expected: int, csv_path: str) -> StringTable:
     """One rewrite per line, aligned with the CSV's samples; a count mismatch is an error."""
-    if not os.path.isfile(path):
-        raise ValueError(f"--augmented_caption_filelist: file {path!r} does not exist")
     table = StringTable()
     # newline="\n": only a line feed ends a line, so a stray carriage return inside a
     # rewrite cannot shift every later line out of alignment.
@@ -100,7 +98,7 @@ def read_rewrites(path: str, expected: int, csv_path: str) -> StringTable:
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """A 63-bit seed for one (seed, epoch, sample) triple."""
+    """A 63-bit seed for one (seed, epoch, sample) triple; train.py also keys (seed, epoch, rank)."""
     # SeedSequence mixes the triple well, so neighbouring indices get unrelated streams.
     state = np.random.SeedSequence([seed, epoch, index]).generate_state(1, np.uint64)
     return int(state[0]) >> 1

@@ -27,9 +27,10 @@ class DistInfo:
 def pick_device(requested: str | None, local_rank: int) -> torch.device:
     """`--device` if given (cpu, cuda, cuda:N), else this process's GPU, else the CPU."""
     if requested:
-        device = torch.device(requested)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"--device {requested}: CUDA is not available on this machine")
+        # The evaluation scripts' checks (name, CUDA present, GPU number); imported here so that
+        # training.loss, which needs this module, does not pull in torchvision with zeroshot.
+        from zeroshot import eval_device
+        device = eval_device(requested)
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", local_rank)
         return device
@@ -74,10 +75,6 @@ def get_rank() -> int:
 
 def get_world_size() -> int:
     return dist.get_world_size() if is_dist_avail_and_initialized() else 1
-
-
-def is_main_process() -> bool:
-    return get_rank() == 0
 
 
 def barrier() -> None:

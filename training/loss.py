@@ -13,6 +13,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from .distributed import get_rank, get_world_size
+
 # SLIP/LaCLIP clamp the logit-scale *parameter* to [0, ln 100] after every step, so the
 # temperature exp(logit_scale) never exceeds 100.
 LOGIT_SCALE_MAX = 4.6052
@@ -43,7 +45,7 @@ class GatherWithGrad(torch.autograd.Function):
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """[b, E] -> [W*b, E]; the identity without a process group."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if get_world_size() == 1:
         return x
     return GatherWithGrad.apply(x)
 
@@ -67,8 +69,7 @@ def _clip_loss_fp32(image_embed: torch.Tensor, text_embed: torch.Tensor,
     image = F.normalize(image_embed, dim=-1)  # [b, E]
     text = F.normalize(text_embed, dim=-1)    # [b, E]
     rows = image.shape[0]
-    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-    labels = rank * rows + torch.arange(rows, device=image.device)  # [b]
+    labels = get_rank() * rows + torch.arange(rows, device=image.device)  # [b]
     all_image, all_text = gather_with_grad(image), gather_with_grad(text)  # [W*b, E]
     logits_per_image = scale * image @ all_text.t()  # [b, W*b]
     logits_per_text = scale * text @ all_image.t()   # [b, W*b]
