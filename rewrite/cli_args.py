@@ -51,13 +51,18 @@ def _float(flag: str, value: object) -> float:
     return float(value)
 
 
+def launched_as_rank0() -> bool:
+    """Global rank 0 under torchrun, or a plain single process; readable before any process group exists."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def _beside_script(path: Path, exists) -> Path:
     """A relative path as typed, against the current directory; if it does not fit
     there but does relative to rewrite/, that one (so the README's command, with
     text/source.txt, also works from the repo root)."""
     if path.is_absolute() or exists(path) or not exists(HERE / path):
         return path
-    if os.environ.get("RANK", "0") == "0":
+    if launched_as_rank0():
         print(f"note: {path} taken relative to {HERE}")
     return HERE / path
 

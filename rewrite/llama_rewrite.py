@@ -25,7 +25,7 @@ if str(HERE) not in sys.path:  # `llama`, `prompts`, ... live beside this file
 
 import fire  # noqa: E402
 
-from cli_args import Config, validate  # noqa: E402
+from cli_args import Config, launched_as_rank0, validate  # noqa: E402
 from input_lines import offset_of_line, read_lines, scan_input, share_range  # noqa: E402
 from output import STAT_KEYS, ShareWriter, add_stats, merge_parts, part_path, plan_run, record_path  # noqa: E402
 from prompts import (Pool, TokenizerLike, build_prompt, choose_examples, finish_line, fit_prompt,  # noqa: E402
@@ -41,7 +41,7 @@ MIN_ROOM = 16  # tokens a prompt needs beyond its examples: some caption (max_se
 
 
 def log(*args: object) -> None:
-    if os.environ.get("RANK", "0") == "0":
+    if launched_as_rank0():
         print(*args, flush=True)
 
 
@@ -293,7 +293,7 @@ def main(ckpt_dir: Optional[str] = None, tokenizer_path: Optional[str] = None, t
     cfg = validate(**locals())
     pool = load_pool(cfg.sample_mode, cfg.examples)
     if cfg.dry_run:
-        if os.environ.get("RANK", "0") == "0":  # prompts need no model and no other process
+        if launched_as_rank0():  # prompts need no model and no other process
             write_dry_run(cfg, pool)
         return
     from llama import teardown_parallel

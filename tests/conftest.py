@@ -54,6 +54,11 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+# A small (source, target) pool shared by the rewrite tests.
+REWRITE_PAIRS = [["a dog on grass", "A dog lies on the grass."], ["red car", "A red car parks."],
+                 ["city at night", "The city glows at night."], ["a cat", "A cat sleeps."]]
+
+
 def make_tiny_rewrite_setup(root, captions, pairs) -> dict:
     """A tiny LLaMA whose tokenizer knows the test's captions and pool, plus the pool as JSON:
     the flags a rewrite test passes (--ckpt_dir, --tokenizer_path, --examples)."""

@@ -17,13 +17,11 @@ REWRITE = Path(__file__).resolve().parents[1] / "rewrite"
 sys.path.insert(0, str(REWRITE))
 
 import llama_rewrite  # noqa: E402
-from conftest import make_tiny_rewrite_setup  # noqa: E402
+from conftest import REWRITE_PAIRS as PAIRS, make_tiny_rewrite_setup  # noqa: E402
 from output import record_path  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
-PAIRS = [["a dog on grass", "A dog lies on the grass."], ["red car", "A red car parks."],
-         ["city at night", "The city glows at night."], ["a cat", "A cat sleeps."]]
 CAPTIONS = ["person rides a bike", "a bowl of soup", "", "boats in the harbour", "actor at the premiere",
             "snow on the hills", "tea and cake", "a cat on a mat", "the old bridge", "kids play football"]
 FLAGS = {"max_seq_len": 256, "max_gen_len": 8, "max_batch_size": 2}
