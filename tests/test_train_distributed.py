@@ -14,6 +14,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from train_fixtures import clean_dist_env, make_train_data, read_log, train_argv
+from training.distributed import cleanup_distributed
 from training.loss import clip_loss
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,7 +58,7 @@ def _worker(rank: int, store_file: str, out_dir: str) -> None:
         loss, grads = loss_and_grads(model, x_img[rows], x_txt[rows])  # DDP averages the grads
         torch.save({"loss": loss, "grads": grads}, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
-        dist.destroy_process_group()
+        cleanup_distributed()  # train.py's teardown: exiting right after a DDP backward must not abort
 
 
 @pytest.mark.slow
