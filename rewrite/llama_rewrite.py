@@ -32,7 +32,7 @@ from prompts import (Pool, TokenizerLike, build_prompt, choose_examples, finish_
                      load_pool, longest_prefix_tokens, one_line, sampling_seed)
 
 if TYPE_CHECKING:
-    from llama import Generator, ParallelInfo
+    from llama import Generator, ParallelInfo, Tokenizer
     from input_lines import InputInfo
 
 T = TypeVar("T")
@@ -64,6 +64,16 @@ def check_context(cfg: Config, pool: Pool, tokenizer: TokenizerLike) -> None:
             f"takes {prefix} tokens; give at least {prefix + MIN_ROOM} (room for a caption and its rewrite)")
 
 
+def line_request(cfg: Config, pool: Pool, tokenizer: Optional[TokenizerLike], i: int,
+                 caption: str) -> tuple:
+    """(examples, prompt token ids or None without a tokenizer, prompt text, truncated,
+    sampling seed) of input line i: built here for both the dry run and the run, so a
+    dry run shows exactly what a run sends."""
+    examples = choose_examples(pool, cfg.seed, cfg.sample_mode, i)
+    tokens, text, truncated = make_prompt(cfg, examples, tokenizer, caption)
+    return examples, tokens, text, truncated, sampling_seed(cfg.seed, cfg.sample_mode, i)
+
+
 def write_dry_run(cfg: Config, pool: Pool) -> Path:
     """JSON Lines, one object per input line, so multi-line prompts stay unambiguous."""
     tokenizer = None
@@ -79,10 +89,9 @@ def write_dry_run(cfg: Config, pool: Pool) -> Path:
             row = {"line": i, "caption": caption, "undecodable": bad, "prompt": None,
                    "prompt_tokens": None, "truncated": False, "seed": None, "examples": None}
             if caption.strip():
-                examples = choose_examples(pool, cfg.seed, cfg.sample_mode, i)
-                tokens, text, truncated = make_prompt(cfg, examples, tokenizer, caption)
+                examples, tokens, text, truncated, seed = line_request(cfg, pool, tokenizer, i, caption)
                 row.update(prompt=text, truncated=truncated, prompt_tokens=None if tokens is None else len(tokens),
-                           seed=sampling_seed(cfg.seed, cfg.sample_mode, i), examples=examples)
+                           seed=seed, examples=examples)
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     os.replace(tmp, out)
     log(f"dry run: {info.lines} prompts for {cfg.prompt_filename} written to {out}"
@@ -132,11 +141,10 @@ def rewrite_window(cfg: Config, pool: Pool, generator: Generator, window: list) 
         if not caption.strip():
             stats["empty"] += 1  # an empty line stays empty: nothing to rewrite
             continue
-        examples = choose_examples(pool, cfg.seed, cfg.sample_mode, i)
-        tokens, _, truncated = make_prompt(cfg, examples, generator.tokenizer, caption)
+        _, tokens, _, truncated, seed = line_request(cfg, pool, generator.tokenizer, i, caption)
         stats["truncated"] += truncated
         prompts.append(tokens)
-        seeds.append(sampling_seed(cfg.seed, cfg.sample_mode, i))
+        seeds.append(seed)
         where.append(k)
     if prompts:
         results = generator.generate(prompts, cfg.max_gen_len, cfg.temperature, cfg.top_p, seeds)
@@ -169,7 +177,7 @@ def rewrite_share(cfg: Config, pool: Pool, generator: Generator, writer: Optiona
     return end - first
 
 
-def _prepare(cfg: Config, pool: Pool) -> tuple[ParallelInfo, InputInfo, dict, bool, "torch.dtype"]:
+def _prepare(cfg: Config, pool: Pool) -> tuple[ParallelInfo, Tokenizer, InputInfo, dict, bool, "torch.dtype"]:
     """Process groups, tokenizer and context check, and the input scan + plan on
     rank 0: everything cheap that can fail, before the model is loaded."""
     import torch
@@ -188,7 +196,7 @@ def _prepare(cfg: Config, pool: Pool) -> tuple[ParallelInfo, InputInfo, dict, bo
 
     info, fingerprint, complete = on_rank0(scan_and_plan, parallel.rank)
     torch_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
-    return parallel, info, fingerprint, complete, torch_dtype
+    return parallel, tokenizer, info, fingerprint, complete, torch_dtype
 
 
 def open_share(cfg: Config, parallel: ParallelInfo, info: InputInfo, fingerprint: dict
@@ -230,13 +238,13 @@ def gather_totals(parallel: ParallelInfo, writer: Optional[ShareWriter], lines_n
 
 def run(cfg: Config, pool: Pool) -> None:
     from llama import load_generator
-    parallel, info, fingerprint, complete, dtype = _prepare(cfg, pool)
+    parallel, tokenizer, info, fingerprint, complete, dtype = _prepare(cfg, pool)
     if complete:
         log(f"{cfg.output_filename} is already complete ({info.lines} lines; record "
             f"{record_path(cfg.output_filename).name}); nothing to do. Pass --overwrite to redo it.")
         return
     generator = load_generator(cfg.ckpt_dir, cfg.tokenizer_path, cfg.max_seq_len, cfg.max_batch_size,
-                               parallel, dtype)
+                               parallel, dtype, tokenizer)
     writer, share, resume = open_share(cfg, parallel, info, fingerprint)
     t0 = time.perf_counter()
     try:

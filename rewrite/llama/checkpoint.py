@@ -201,14 +201,16 @@ def load_model(ckpt_dir: str, tokenizer: Tokenizer, parallel: ParallelInfo,
 
 
 def load_generator(ckpt_dir: str, tokenizer_path: str, max_seq_len: int, max_batch_size: int,
-                   parallel: ParallelInfo, dtype: Optional[torch.dtype] = None) -> Generator:
-    """Tokenizer + this rank's model, ready to generate. dtype: fp16 on CUDA, float32 on CPU by default."""
+                   parallel: ParallelInfo, dtype: Optional[torch.dtype] = None,
+                   tokenizer: Optional[Tokenizer] = None) -> Generator:
+    """Tokenizer + this rank's model, ready to generate. dtype: fp16 on CUDA, float32 on CPU by
+    default. tokenizer: tokenizer_path already loaded (the CLI has it from its prompt checks)."""
     if max_seq_len < 2:
         raise ValueError(f"--max_seq_len must be at least 2, got {max_seq_len}")
     if max_batch_size < 1:
         raise ValueError(f"--max_batch_size must be at least 1, got {max_batch_size}")
     read_params(ckpt_dir)  # directory and params.json errors before the tokenizer's
     shard_paths(ckpt_dir)
-    tokenizer = Tokenizer(tokenizer_path)
+    tokenizer = tokenizer or Tokenizer(tokenizer_path)
     model = load_model(ckpt_dir, tokenizer, parallel, dtype)
     return Generator(model, tokenizer, max_seq_len, max_batch_size, parallel)
