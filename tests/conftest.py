@@ -28,20 +28,33 @@ def write_image(path: str, seed: int, size: tuple[int, int] = (64, 48), mode: st
     return path
 
 
+def write_imagenet(root, folders, per_class: int) -> str:
+    """``<root>/val/<folder>/img_<i>.png`` random images; returns the root."""
+    for c, folder in enumerate(folders):
+        d = os.path.join(root, "val", folder)
+        os.makedirs(d)
+        for i in range(per_class):
+            write_image(os.path.join(d, f"img_{i}.png"), seed=100 * c + i)
+    return str(root)
+
+
 @pytest.fixture
 def make_imagenet(tmp_path):
     """Build ``<root>/val/<folder>/*.png``; returns the root. Folders are WordNet IDs unless given."""
 
     def make(folders=("n01440764", "n02102040", "n03000684"), per_class: int = 3, name: str = "imagenet"):
-        root = tmp_path / name
-        for c, folder in enumerate(folders):
-            d = root / "val" / folder
-            d.mkdir(parents=True)
-            for i in range(per_class):
-                write_image(str(d / f"img_{i}.png"), seed=100 * c + i)
-        return str(root)
+        return write_imagenet(tmp_path / name, folders, per_class)
 
     return make
+
+
+# torchrun's variables: a subprocess without them runs as one process.
+DIST_ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def clean_dist_env() -> dict[str, str]:
+    """The environment without torchrun's variables (so an entry point runs as one process)."""
+    return {k: v for k, v in os.environ.items() if k not in DIST_ENV_KEYS}
 
 
 @pytest.fixture(scope="module")

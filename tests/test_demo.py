@@ -9,9 +9,9 @@ import sys
 import pytest
 
 import models
+from demo import MODES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MODES = ("chatgpt", "bard", "mscoco", "human")
 
 
 def run_demo(out, *extra):

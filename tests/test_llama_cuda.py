@@ -8,7 +8,6 @@ On a GPU machine: `python -m pytest -q tests/test_llama_cuda.py` (about a minute
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ import torch
 
 from rewrite.llama import ParallelInfo, load_generator, make_tiny_llama
 from rewrite.llama.tiny import TINY_TEXTS
+from conftest import clean_dist_env
 
 ROOT = Path(__file__).resolve().parents[1]
 # The CUDA cases are collected only where a GPU is visible (nothing is skipped elsewhere).
@@ -91,10 +91,9 @@ def torchrun_cli(tmp_path: Path, ckpt: Path, nproc: int, **flags) -> subprocess.
     pool.write_text(json.dumps({"pairs": [[t, t.capitalize() + "."] for t in TINY_TEXTS[:4]]}))
     args = dict(ckpt_dir=ckpt, tokenizer_path=ckpt / "tokenizer.model", examples=pool, prompt_filename=src,
                 max_seq_len=256, max_gen_len=8, max_batch_size=4, **flags)
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
            str(ROOT / "rewrite" / "llama_rewrite.py"), *(f"--{k}={v}" for k, v in args.items())]
-    return subprocess.run(cmd, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    return subprocess.run(cmd, env={**clean_dist_env(), "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
 
 
 if GPU_PROCS:  # defined only where there is a GPU to launch on

@@ -17,7 +17,7 @@ REWRITE = Path(__file__).resolve().parents[1] / "rewrite"
 sys.path.insert(0, str(REWRITE))
 
 import llama_rewrite  # noqa: E402
-from conftest import REWRITE_PAIRS as PAIRS, make_tiny_rewrite_setup  # noqa: E402
+from conftest import REWRITE_PAIRS as PAIRS, clean_dist_env, make_tiny_rewrite_setup  # noqa: E402
 from output import record_path  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -39,10 +39,7 @@ def argv(tiny, src: Path, out: Path, **extra) -> list[str]:
 
 
 def env() -> dict:
-    e = dict(os.environ, OMP_NUM_THREADS="1")
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        e.pop(k, None)
-    return e
+    return {**clean_dist_env(), "OMP_NUM_THREADS": "1"}
 
 
 def reference(tiny, src: Path, out: Path, **extra) -> bytes:

@@ -13,7 +13,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from train_fixtures import clean_dist_env, make_train_data, read_log, train_argv
+from conftest import clean_dist_env
+from train_fixtures import make_train_data, read_log, train_argv
 from training.distributed import cleanup_distributed
 from training.loss import clip_loss
 

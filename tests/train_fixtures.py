@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 from pathlib import Path
 
 import conftest
@@ -52,11 +51,7 @@ def make_train_data(tmp: Path, n: int = 8, corrupt: tuple[int, ...] = (),
 
 
 def make_imagenet_root(tmp: Path, per_class: int = 2) -> str:
-    root = tmp / "imagenet"
-    for c, wnid in enumerate(WNIDS):
-        for j in range(per_class):
-            write_image(root / "val" / wnid / f"{j}.png", seed=100 + 10 * c + j, size=(64, 48))
-    return str(root)
+    return conftest.write_imagenet(tmp / "imagenet", WNIDS, per_class)
 
 
 def train_argv(data: dict[str, str], out: Path, *extra: str, aug: bool = True) -> list[str]:
@@ -73,10 +68,3 @@ def read_log(out: Path) -> list[dict]:
     """The JSON lines of <output-dir>/log.txt, one per epoch."""
     return [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
 
-
-def clean_dist_env() -> dict[str, str]:
-    """The environment without torchrun's variables (so main() runs as one process)."""
-    env = dict(os.environ)
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    return env
