@@ -4,7 +4,7 @@
 the DDP `module.` prefix, as in the released LaCLIP files), `optimizer`, `scaler`,
 `best_acc1` (zero-shot top-1 in percent, None when no --imagenet-root) and `args` (a
 plain dict, so the file also loads with torch.load(weights_only=True)).
-`checkpoint_best.pt` is a copy made when the epoch's zero-shot top-1 is the best so
+`checkpoint_best.pt` is a copy (a hard link where possible) made when the epoch's zero-shot top-1 is the best so
 far; without --imagenet-root every epoch counts as best, so it equals the latest.
 """
 from __future__ import annotations
@@ -60,8 +60,18 @@ def save_checkpoint(ckpt: dict, output_dir: str, is_best: bool) -> str:
     latest = os.path.join(output_dir, LATEST)
     atomic_save(ckpt, latest)
     if is_best:
-        _atomic_write(os.path.join(output_dir, BEST), lambda tmp: shutil.copyfile(latest, tmp))
+        _atomic_write(os.path.join(output_dir, BEST), lambda tmp: _link_or_copy(latest, tmp))
     return latest
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    """A hard link where the file system allows it: the same bytes without copying GBs of
+    weights and optimizer state each epoch. Safe because checkpoint.pt is only ever
+    replaced (os.replace), never written in place, so the best file keeps its contents."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
 
 
 def resume_path(resume: str | None, output_dir: str) -> str | None:

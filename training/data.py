@@ -208,14 +208,13 @@ class EpochSampler(Sampler):
     def __init__(self, dataset: Dataset, num_replicas: int, rank: int, seed: int):
         self.inner = DistributedSampler(dataset, num_replicas=num_replicas, rank=rank,
                                         shuffle=True, seed=seed)
-        self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
         self.inner.set_epoch(epoch)
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        return ((i, self.epoch) for i in self.inner)
+        epoch = self.inner.epoch  # fixed when iteration starts, as DistributedSampler's shuffle is
+        return ((i, epoch) for i in self.inner)
 
     def __len__(self) -> int:
         return len(self.inner)

@@ -76,7 +76,7 @@ def cleanup_distributed() -> None:
     a DDP step that exits at once. Sleeping releases the GIL so the workers can finish:
     0 of 150 runs with the nap.
     """
-    if dist.is_available() and dist.is_initialized():
+    if is_dist_avail_and_initialized():
         time.sleep(GLOO_RELEASE_NAP_S)
         dist.destroy_process_group()
 
