@@ -72,6 +72,16 @@ REWRITE_PAIRS = [["a dog on grass", "A dog lies on the grass."], ["red car", "A 
                  ["city at night", "The city glows at night."], ["a cat", "A cat sleeps."]]
 
 
+def make_sharded_tiny_llamas(root, seed: int) -> dict:
+    """The same tiny LLaMA weights in Meta's format as 1, 2 and 4 shards: {1: <root>/mp1, 2: ..., 4: ...}."""
+    from rewrite.llama import make_tiny_llama
+    from rewrite.llama.tiny import TINY_TEXTS
+    one = make_tiny_llama(root / "mp1", TINY_TEXTS, dim=32, n_heads=4, seed=seed)
+    state = {k: v.float() for k, v in torch.load(one / "consolidated.00.pth").items() if k != "rope.freqs"}
+    return {1: one, **{mp: make_tiny_llama(root / f"mp{mp}", TINY_TEXTS, dim=32, n_heads=4, mp=mp, state_dict=state)
+                       for mp in (2, 4)}}
+
+
 def make_tiny_rewrite_setup(root, captions, pairs) -> dict:
     """A tiny LLaMA whose tokenizer knows the test's captions and pool, plus the pool as JSON:
     the flags a rewrite test passes (--ckpt_dir, --tokenizer_path, --examples)."""

@@ -7,6 +7,7 @@ import shutil
 import pytest
 import torch
 
+from conftest import make_sharded_tiny_llamas
 from rewrite.llama import ParallelInfo, load_generator, make_tiny_llama, setup_parallel
 from rewrite.llama.checkpoint import load_rank_state
 from rewrite.llama.parallel import choose_mp_size
@@ -19,14 +20,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory):
     """The same weights written as 1, 2 and 4 shards (tokenizer in the 1-shard directory)."""
-    root = tmp_path_factory.mktemp("ckpts")
-    one = make_tiny_llama(root / "mp1", TINY_TEXTS, dim=32, n_heads=4, seed=2)
-    state = {k: v.float() for k, v in torch.load(one / "consolidated.00.pth").items() if k != "rope.freqs"}
-    dirs = {1: one}
-    for mp in (2, 4):
-        d = make_tiny_llama(root / f"mp{mp}", TINY_TEXTS, dim=32, n_heads=4, mp=mp, state_dict=state)
-        dirs[mp] = d
-    return dirs
+    return make_sharded_tiny_llamas(tmp_path_factory.mktemp("ckpts"), seed=2)
 
 
 def load(d, tok=None, parallel=None):

@@ -109,12 +109,9 @@ def free_port() -> int:
 
 @pytest.mark.slow
 def test_model_parallel_two_processes_match_one(tmp_path):
-    from rewrite.llama import ParallelInfo, make_tiny_llama
-    from rewrite.llama.tiny import TINY_TEXTS
-    one = make_tiny_llama(tmp_path / "mp1", TINY_TEXTS, dim=32, n_heads=4, seed=4)
-    state = {k: v.float() for k, v in torch.load(one / "consolidated.00.pth").items() if k != "rope.freqs"}
-    for mp in (2, 4):
-        make_tiny_llama(tmp_path / f"mp{mp}", TINY_TEXTS, dim=32, n_heads=4, mp=mp, state_dict=state)
+    from conftest import make_sharded_tiny_llamas  # here: this file also runs as torchrun's script
+    from rewrite.llama import ParallelInfo
+    one = make_sharded_tiny_llamas(tmp_path, seed=4)[1]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(free_port()), __file__, str(tmp_path), str(tmp_path)]
