@@ -137,34 +137,35 @@ def _dist_on() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+def _boxed(fn: Callable[[], T]) -> tuple[str, object]:
+    """("ok", fn()) or ("error", message): a rank's result or failure, ready to send."""
+    try:
+        return ("ok", fn())
+    except (ValueError, OSError) as e:
+        return ("error", str(e))
+
+
+def _unboxed(box: tuple[str, object]):
+    kind, value = box
+    if kind == "error":
+        raise ValueError(value)
+    return value
+
+
 def on_rank0(fn: Callable[[], T], rank: int) -> T:
     """fn() on global rank 0; its result, or its ValueError / OSError, on every rank
     (so no rank waits forever on one that failed). Without a process group: fn()."""
     if not _dist_on():
         return fn()
-    box: list = [None]
-    if rank == 0:
-        try:
-            box[0] = ("ok", fn())
-        except (ValueError, OSError) as e:
-            box[0] = ("error", str(e))
+    box: list = [_boxed(fn) if rank == 0 else None]
     dist.broadcast_object_list(box, src=0)
-    if box[0][0] == "error":
-        raise ValueError(box[0][1])
-    return box[0][1]
+    return _unboxed(box[0])
 
 
 def on_every_rank(fn: Callable[[], T], world_size: int) -> list[T]:
-    """fn() on each rank; every rank gets everyone's results, or the first error."""
+    """fn() on each rank; every rank gets everyone's results, or the first error (in rank order)."""
     if not _dist_on():
         return [fn()]
-    try:
-        mine = ("ok", fn())
-    except (ValueError, OSError) as e:
-        mine = ("error", str(e))
     everyone: list = [None] * world_size
-    dist.all_gather_object(everyone, mine)
-    for kind, value in everyone:
-        if kind == "error":
-            raise ValueError(value)
-    return [value for _, value in everyone]
+    dist.all_gather_object(everyone, _boxed(fn))
+    return [_unboxed(box) for box in everyone]
