@@ -21,15 +21,16 @@ import csv
 import hashlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from rewrite.prompts import load_pool
+from testkit.net import free_port
+from testkit.tiny_llama import train_tiny_llama
+
 ROOT = Path(__file__).resolve().parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "rewrite"))
 
 MODES = ("chatgpt", "bard", "mscoco", "human")
 # Five ImageNet classes (WordNet IDs) for the zero-shot step, each drawn as one colour and shape.
@@ -89,15 +90,8 @@ def torchrun() -> list[str]:
     return [str(exe)] if exe.is_file() else [sys.executable, "-m", "torch.distributed.run"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def pool_pairs() -> list[tuple[str, str]]:
     """All (source, target) pairs of the shipped pools; an MSCOCO group gives consecutive pairs."""
-    from prompts import load_pool
     pairs = []
     for mode in MODES:
         pool = load_pool(mode)
@@ -107,7 +101,6 @@ def pool_pairs() -> list[tuple[str, str]]:
 
 
 def make_llama(out: Path, args) -> Path:
-    from llama import train_tiny_llama
     ckpt = out / "llama" / "tiny"
     step = Step(out, "llama", {"steps": args.llama_steps, "seed": args.seed})
     banner("1/4 tiny LLaMA in Meta's format (trained on the example pools; not LLaMA-quality)")

@@ -11,16 +11,15 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
-from PIL import Image
 from torch.utils.data import Dataset, default_collate
 
+from common.images import is_image_file, open_rgb
 from imagenet_templates import IMAGENET_CLASSNAMES, IMAGENET_WNIDS, OPENAI_TEMPLATES, SIMPLE_TEMPLATES
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 _WNID_TO_NAME = dict(zip(IMAGENET_WNIDS, IMAGENET_CLASSNAMES))
 
 
-def read_lines(path: str, flag: str) -> list[str]:
+def read_list_file(path: str, flag: str) -> list[str]:
     """Non-empty stripped lines of a UTF-8 text file; errors name the flag and the file."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{flag}: file {path!r} does not exist")
@@ -38,7 +37,7 @@ def resolve_templates(spec: str) -> list[str]:
         return list(SIMPLE_TEMPLATES)
     if spec == "openai":
         return list(OPENAI_TEMPLATES)
-    templates = read_lines(spec, "--templates")
+    templates = read_list_file(spec, "--templates")
     bad = [t for t in templates if t.count("{}") != 1]
     if bad:
         raise ValueError(f"--templates: each line of {spec!r} needs exactly one '{{}}'; got {bad[0]!r}")
@@ -50,7 +49,7 @@ def list_class_folders(val_dir: str) -> list[str]:
     folders = sorted(e.name for e in entries if e.is_dir())
     if not folders:
         # ILSVRC2012_img_val.tar unpacks to 50,000 files in one folder: say so, not just "empty".
-        images = sum(1 for e in entries if e.name.lower().endswith(IMAGE_EXTENSIONS))
+        images = sum(1 for e in entries if is_image_file(e.name))
         hint = (f"; it holds {images} images directly: move them into one folder per WordNet ID "
                 f"(e.g. with ImageNet's valprep.sh)") if images else ""
         raise ValueError(f"--imagenet-root: {val_dir!r} has no class folders{hint}")
@@ -60,7 +59,7 @@ def list_class_folders(val_dir: str) -> list[str]:
 def class_names_for(folders: list[str], val_dir: str, classnames_file: str | None) -> list[str]:
     """Names for the sorted class folders: from ``--classnames`` if given, else by WordNet ID."""
     if classnames_file is not None:
-        names = read_lines(classnames_file, "--classnames")
+        names = read_list_file(classnames_file, "--classnames")
         if len(names) != len(folders):
             raise ValueError(f"--classnames: {classnames_file!r} has {len(names)} names but {val_dir!r} "
                              f"has {len(folders)} class folders (one name per folder, sorted folder order)")
@@ -77,7 +76,7 @@ def list_samples(val_dir: str, folders: list[str]) -> list[tuple[str, int]]:
     samples = []
     for label, folder in enumerate(folders):
         files = sorted(e.path for e in os.scandir(os.path.join(val_dir, folder))
-                       if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS))
+                       if e.is_file() and is_image_file(e.name))
         if not files:
             raise ValueError(f"--imagenet-root: class folder {os.path.join(val_dir, folder)!r} has no images")
         samples.extend((path, label) for path in files)
@@ -107,9 +106,7 @@ class ImageList(Dataset):
     def __getitem__(self, index: int):
         path, label = self.samples[index]
         try:
-            with Image.open(path) as img:
-                # RGB conversion covers grayscale, CMYK, RGBA and palette images.
-                image = img.convert("RGB")
+            image = open_rgb(path)
         except Exception as err:  # truncated, corrupt, not an image at all, ...
             return BadImage(path, f"{type(err).__name__}: {err}")
         return self.transform(image), label

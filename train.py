@@ -7,7 +7,7 @@
     torchrun --nproc-per-node 8 train.py ...same flags...
 
 Setup lives here; the pieces are in `training/` (data, loss, engine, checkpoint,
-distributed). README.md section 3 lists every flag and the CC3M/CC12M commands.
+checkpoint; process groups in common/distributed.py). `python train.py --help` lists every flag.
 """
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -23,10 +25,9 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 import models
+from common.distributed import DistInfo, all_reduce_min_max, barrier, cleanup_distributed, init_distributed_mode
 from training import checkpoint as ckpt_io
 from training.data import CaptionImageDataset, EpochSampler, check_root, sample_seed, train_transform
-from training.distributed import (DistInfo, all_reduce_min_max, barrier, cleanup_distributed,
-                                  init_distributed_mode)
 from training.engine import CosineSchedule, Trainer, build_optimizer, train_one_epoch
 
 
@@ -212,8 +213,19 @@ def warn_resume_over_latest(resume: str, output_dir: str) -> None:
               f"overwritten after this epoch; leave --resume out to continue from {latest!r}")
 
 
-def setup(args: argparse.Namespace, info: DistInfo):
-    """Model, optimizer, scaler and (if any) the resumed state; returns (..., start_epoch, best_acc1)."""
+@dataclass
+class Setup:
+    """The model and optimizer state a run starts from (fresh, or resumed)."""
+    model: torch.nn.Module  # the bare CLIP, on the device
+    optimizer: torch.optim.Optimizer
+    amp_dtype: torch.dtype | None  # autocast dtype, None for float32
+    scaler: torch.amp.GradScaler
+    start_epoch: int
+    best_acc1: float | None
+
+
+def setup(args: argparse.Namespace, info: DistInfo) -> Setup:
+    """Model, optimizer, scaler and (if any) the resumed state."""
     torch.manual_seed(args.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
     model = models.get_model(args.model).to(info.device)
     optimizer = build_optimizer(model, args.lr, args.wd, tuple(args.betas), args.eps)
@@ -229,7 +241,7 @@ def setup(args: argparse.Namespace, info: DistInfo):
     if low != high:
         raise RuntimeError(f"ranks disagree on the start epoch ({low:g} vs {high:g}): --output-dir "
                            f"{args.output_dir!r} must be on a filesystem every node can read")
-    return model, optimizer, amp_dtype, scaler, start_epoch, best_acc1
+    return Setup(model, optimizer, amp_dtype, scaler, start_epoch, best_acc1)
 
 
 def wrap_ddp(model: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
@@ -248,13 +260,15 @@ def run(args: argparse.Namespace, info: DistInfo) -> list[dict]:
     # Data first: a bad CSV, rewrite file or --root fails in seconds, before a large model
     # is built and a checkpoint read. (Neither touches the global RNG, so order is free.)
     loader, sampler = build_loader(args, info, tokenizer)
-    model, optimizer, amp_dtype, scaler, start_epoch, best_acc1 = setup(args, info)
+    st = setup(args, info)
     steps = steps_per_epoch(args, loader, info)
     schedule = CosineSchedule(args.lr, args.lr_end, args.lr_start, args.epochs * steps,
                               args.warmup_epochs * steps)
-    tr = Trainer(wrap_ddp(model, info), model, optimizer, scaler, loader, schedule, steps, args.update_freq,
-                 info.device, amp_dtype, args.print_freq, is_main, info.world_size,
-                 open_tensorboard(args.output_dir) if is_main else None)
+    tr = Trainer(model=wrap_ddp(st.model, info), raw_model=st.model, optimizer=st.optimizer, scaler=st.scaler,
+                 loader=loader, schedule=schedule, steps_per_epoch=steps, update_freq=args.update_freq,
+                 device=info.device, amp_dtype=st.amp_dtype, print_freq=args.print_freq, is_main=is_main,
+                 world_size=info.world_size, writer=open_tensorboard(args.output_dir) if is_main else None)
+    start_epoch, best_acc1 = st.start_epoch, st.best_acc1
     if is_main and args.augmented_caption_filelist and not args.aug_text:
         print("=> note: --augmented_caption_filelist without --aug-text: the rewrites are not used (CLIP)")
     if is_main:
@@ -268,7 +282,7 @@ def run(args: argparse.Namespace, info: DistInfo) -> list[dict]:
         sampler.set_epoch(epoch)
         reseed(args.seed, epoch, info.rank)
         stats = train_one_epoch(tr, epoch)
-        zs = zero_shot(args, model, tokenizer, info, amp=amp_dtype is not None)
+        zs = zero_shot(args, st.model, tokenizer, info, amp=st.amp_dtype is not None)
         best_acc1 = end_of_epoch(args, epoch, stats, zs, best_acc1, tr, time.time() - start)
         records.append({"epoch": epoch, **stats, "zeroshot": zs})
     if tr.writer is not None:
@@ -280,7 +294,7 @@ def main(argv: list[str] | argparse.Namespace | None = None) -> list[dict]:
     """Train; returns one stats dict per epoch run. Raises ValueError on bad flags or files."""
     args = argv if isinstance(argv, argparse.Namespace) else get_args_parser().parse_args(argv)
     validate_args(args)
-    info = init_distributed_mode(args.device, args.dist_timeout)
+    info = init_distributed_mode(args.device, timedelta(minutes=args.dist_timeout))
     try:
         return run(args, info)
     finally:

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 from torchvision import transforms
 from tqdm import tqdm
 
+from common.distributed import resolve_device
 from imagenet_data import BadImage, collate_with_bad, imagenet_val, resolve_templates
 from models import IMAGENET_MEAN, IMAGENET_STD
 
@@ -155,23 +156,6 @@ def add_eval_args(parser: argparse.ArgumentParser, default_templates: str) -> ar
     return parser
 
 
-def eval_device(spec: str | None) -> torch.device:
-    """``--device``, checked here so a typo or a missing GPU is one line, not a CUDA traceback."""
-    if spec is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(spec)
-    except RuntimeError as err:
-        raise ValueError(f"--device {spec!r} is not a device name (use cuda, cuda:1 or cpu)") from err
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {spec}: CUDA is not available on this machine")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"--device {spec}: this machine has {torch.cuda.device_count()} CUDA "
-                             f"device(s), numbered from 0")
-    return device
-
-
 def check_eval_args(args: argparse.Namespace) -> torch.device:
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -183,7 +167,7 @@ def check_eval_args(args: argparse.Namespace) -> torch.device:
     # the 50,000 validation files takes well under a second, and evaluation lists them again.
     resolve_templates(args.templates)
     imagenet_val(args.imagenet_root, transform=None, classnames_file=args.classnames)
-    return eval_device(args.device)
+    return resolve_device(args.device)
 
 
 def run_eval_cli(args: argparse.Namespace, model, tokenizer: Callable, transform: Callable,

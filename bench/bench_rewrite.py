@@ -1,7 +1,7 @@
 """Caption-rewriting throughput: our LLaMA engine vs the LLaMA-v1 example schedule.
 
-    python bench/bench_rewrite.py                 # 256 captions, batch 16, 1 torch thread
-    python bench/bench_rewrite.py --n 128 --max_batch_size 8
+    python -m bench.bench_rewrite                 # 256 captions, batch 16, 1 torch thread
+    python -m bench.bench_rewrite --n 128 --max_batch_size 8
 
 Both engines run the same tiny model (float32, CPU) on the same in-context
 prompts (3 example pairs + caption, FORMATS.md section 4, built with
@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import random
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -35,10 +34,10 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from rewrite.llama import Generator, ParallelInfo, load_generator, make_tiny_llama, train_tiny_llama  # noqa: E402
-from rewrite.llama.generation import sample  # noqa: E402
-from rewrite.prompts import build_prompt, cut_rewrite  # noqa: E402
+from rewrite.llama import Generator, ParallelInfo, load_generator
+from testkit.tiny_llama import make_tiny_llama, train_tiny_llama
+from rewrite.llama.generation import sample
+from rewrite.prompts import build_prompt, cut_rewrite
 
 ADJ = ("red old small vintage wooden bright quiet snowy golden modern tiny rusty colorful empty busy "
        "ancient white dark sunny misty").split()

@@ -1,7 +1,7 @@
 """Throughput of our CLIP tokenizer against open_clip's SimpleTokenizer.
 
-    python bench/bench_tokenizer.py            # 100k captions
-    python bench/bench_tokenizer.py --n 20000 --repeats 1
+    python -m bench.bench_tokenizer            # 100k captions
+    python -m bench.bench_tokenizer --n 20000 --repeats 1
 
 Both tokenizers get the same seeded synthetic alt-text captions and are called
 the same way, in two modes:
@@ -17,15 +17,13 @@ from __future__ import annotations
 
 import argparse
 import random
-import sys
 import time
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tokenizer import SimpleTokenizer  # noqa: E402
+from tokenizer import SimpleTokenizer
 
 NOUNS = (
     "dog cat puppy kitten horse bird eagle owl fish shark whale bear lion tiger "

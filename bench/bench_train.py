@@ -1,6 +1,6 @@
 """Training throughput on this machine: full step vs data loader alone vs model step alone.
 
-    python bench/bench_train.py [--model CLIP_TINY] [--batch-size 32] [--workers 2] [--steps 10]
+    python -m bench.bench_train [--model CLIP_TINY] [--batch-size 32] [--workers 2] [--steps 10]
 
 Builds a synthetic caption CSV with JPEG images (CC3M-like size) and two rewrite files
 in a temp folder, then measures, in one run and on the same data:
@@ -17,7 +17,6 @@ import argparse
 import csv
 import os
 import statistics
-import sys
 import tempfile
 import time
 
@@ -25,13 +24,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import models  # noqa: E402
-from tokenizer import SimpleTokenizer  # noqa: E402
-from train import build_loader, precision  # noqa: E402
-from training.distributed import DistInfo  # noqa: E402
-from training.engine import CosineSchedule, Trainer, micro_step, optimizer_step, build_optimizer  # noqa: E402
+import models
+from tokenizer import SimpleTokenizer
+from train import build_loader, precision
+from common.distributed import DistInfo
+from training.engine import CosineSchedule, Trainer, micro_step, optimizer_step, build_optimizer
 
 
 def make_data(folder: str, n: int, size: tuple[int, int]) -> dict[str, str]:
@@ -118,8 +116,9 @@ def main() -> None:
         model = models.get_model(cli.model).to(device)
         amp_dtype, scaler = precision(args, device)
         steps = len(loader) - 1
-        tr = Trainer(model, model, build_optimizer(model, 1e-4, 0.1, (0.9, 0.98), 1e-8), scaler, loader,
-                     CosineSchedule(1e-4, 1e-5, 1e-6, steps, 1), steps, 1, device, amp_dtype, is_main=False)
+        tr = Trainer(model=model, raw_model=model, optimizer=build_optimizer(model, 1e-4, 0.1, (0.9, 0.98), 1e-8),
+                     scaler=scaler, loader=loader, schedule=CosineSchedule(1e-4, 1e-5, 1e-6, steps, 1),
+                     steps_per_epoch=steps, update_freq=1, device=device, amp_dtype=amp_dtype, is_main=False)
         data_rate = bench_data(loader, 4 * cli.steps)
         model_rate = bench_model(tr, next(iter(loader)), cli.steps)
         sampler.set_epoch(1)

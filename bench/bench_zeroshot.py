@@ -4,23 +4,21 @@ Classifier: ours (all class x template texts batched, text tower run only up to 
 <|endoftext|>) against the original schedule (one class at a time, all 77 positions), same model,
 same run; the two classifiers are checked to agree.
 
-    python bench/bench_zeroshot.py [--model CLIP_TINY] [--classes 100] [--images 32]
+    python -m bench.bench_zeroshot [--model CLIP_TINY] [--classes 100] [--images 32]
 """
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import models  # noqa: E402
-from imagenet_templates import IMAGENET_CLASSNAMES, SIMPLE_TEMPLATES  # noqa: E402
-from tokenizer import SimpleTokenizer  # noqa: E402
-from zeroshot import build_classifier  # noqa: E402
+import models
+from imagenet_templates import IMAGENET_CLASSNAMES, SIMPLE_TEMPLATES
+from tokenizer import SimpleTokenizer
+from zeroshot import build_classifier
 
 
 def encode_text_all_positions(model, tokens: torch.Tensor) -> torch.Tensor:

@@ -1,13 +1,16 @@
-"""Validation of llama_rewrite.py's flags, at the edge: every message names the flag
-(and the file), before any process group or model exists."""
+"""The flags of llama_rewrite.py, written once: `Config` lists each flag with its default
+and help; the fire signature and help text of `llama_rewrite.main` are made from it,
+and `validate` checks every value at the edge (messages name the flag and the file)
+before any process group or model exists."""
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
+import inspect
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
-from prompts import normalize_sample_mode
+from common.distributed import launched_as_rank0
+from rewrite.prompts import normalize_sample_mode
 
 HERE = Path(__file__).resolve().parent
 MAX_CONTEXT = 2048  # LLaMA-v1 was trained with 2048 positions
@@ -15,24 +18,46 @@ DTYPES = {"fp16": "fp16", "float16": "fp16", "half": "fp16", "bf16": "bf16", "bf
           "fp32": "fp32", "float32": "fp32", "float": "fp32"}
 
 
+def _flag(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass(frozen=True)
 class Config:
-    ckpt_dir: Optional[str]
-    tokenizer_path: Optional[str]
-    temperature: float
-    top_p: float
-    max_seq_len: int
-    max_batch_size: int
-    prompt_filename: Path
-    output_filename: Path
-    sample_mode: str  # normalised: chatgpt, bard, mscoco or human
-    max_gen_len: int
-    seed: int
-    examples: Optional[str]
-    dry_run: bool
-    overwrite: bool
-    model_parallel_size: Optional[int]
-    dtype: Optional[str]  # fp16, bf16, fp32, or None for the device's default
+    """Every flag, in the original script's order first; values as `validate` normalises them."""
+    ckpt_dir: Optional[str] = _flag(None, "LLaMA-v1 folder (params.json, consolidated.*.pth); required unless --dry_run.")
+    tokenizer_path: Optional[str] = _flag(None, "SentencePiece tokenizer.model; required unless --dry_run.")
+    temperature: float = _flag(0.9, "sampling temperature, >= 0 (0: greedy).")
+    top_p: float = _flag(0.95, "nucleus sampling mass, in (0, 1].")
+    max_seq_len: int = _flag(512, "context for prompt + rewrite, 16..2048; longer prompts are truncated.")
+    max_batch_size: int = _flag(32, "prompts per forward pass.")
+    prompt_filename: Path = _flag(Path("text/source.txt"), "captions, one per line.")
+    output_filename: Path = _flag(Path("text/target.txt"), "rewrites, one per line, aligned with the captions.")
+    sample_mode: str = _flag("chatgpt", "example pool: chatgpt, bard, mscoco (or coco), human.")
+    max_gen_len: int = _flag(77, "most new tokens per rewrite.")
+    seed: int = _flag(1, "fixes the examples and the sampling of every line.")
+    examples: Optional[str] = _flag(None, 'own pool: JSON {"pairs": ...} / {"groups": ...}, or the original utils.py.')
+    dry_run: bool = _flag(False, "write OUTPUT.prompts.jsonl with the prompts; load no model.")
+    overwrite: bool = _flag(False, "discard an earlier partial or finished output and start over.")
+    model_parallel_size: Optional[int] = _flag(None, "ranks per model copy (default: the checkpoint's shard count).")
+    dtype: Optional[str] = _flag(None, "fp16, bf16 or fp32 (default: fp16 on CUDA, fp32 on CPU).")
+
+
+FLAG_NAMES = tuple(f.name for f in fields(Config))
+
+
+def signature() -> inspect.Signature:
+    """main(*, ckpt_dir=None, ...): what fire reads to accept and list the flags (keyword-only,
+    so fire passes them by name to main(**flags))."""
+    return inspect.Signature([
+        inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY,
+                          default=str(f.default) if isinstance(f.default, Path) else f.default)
+        for f in fields(Config)])
+
+
+def flags_help() -> str:
+    """The docstring's Args section, which fire shows as each flag's help."""
+    return "\n".join(f"    {f.name}: {f.metadata['help']}" for f in fields(Config))
 
 
 def _int(flag: str, value: object, low: int, high: Optional[int] = None) -> int:
@@ -49,11 +74,6 @@ def _float(flag: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"--{flag} must be a number, got {value!r}")
     return float(value)
-
-
-def launched_as_rank0() -> bool:
-    """Global rank 0 under torchrun, or a plain single process; readable before any process group exists."""
-    return os.environ.get("RANK", "0") == "0"
 
 
 def _beside_script(path: Path, exists) -> Path:
@@ -87,37 +107,39 @@ def _output_file(value: object, prompt: Path) -> Path:
     return path
 
 
-def validate(ckpt_dir, tokenizer_path, temperature, top_p, max_seq_len, max_batch_size, prompt_filename,
-             output_filename, sample_mode, max_gen_len, seed, examples, dry_run, overwrite,
-             model_parallel_size, dtype) -> Config:
-    mode = normalize_sample_mode(sample_mode)
-    if not dry_run:
-        for flag, value in (("ckpt_dir", ckpt_dir), ("tokenizer_path", tokenizer_path)):
+def _optional_str(value: object) -> Optional[str]:
+    return None if value is None else str(value)
+
+
+def validate(raw: dict[str, Any]) -> Config:
+    """The flags as typed (names of Config, as fire passes them) -> a checked Config."""
+    unknown = sorted(set(raw) - set(FLAG_NAMES))
+    if unknown:
+        raise ValueError(f"unknown flag --{unknown[0]}; the flags are --" + ", --".join(FLAG_NAMES))
+    c = Config(**raw)
+    mode = normalize_sample_mode(c.sample_mode)
+    if not c.dry_run:
+        for flag, value in (("ckpt_dir", c.ckpt_dir), ("tokenizer_path", c.tokenizer_path)):
             if value is None or value is True or str(value) == "":
                 raise ValueError(f"--{flag} is required (the LLaMA weights folder and its tokenizer.model), "
                                  "except with --dry_run")
-    temperature = _float("temperature", temperature)
+    temperature = _float("temperature", c.temperature)
     if temperature < 0:
         raise ValueError(f"--temperature must be >= 0 (0 = greedy), got {temperature}")
-    top_p = _float("top_p", top_p)
+    top_p = _float("top_p", c.top_p)
     if not 0 < top_p <= 1:
         raise ValueError(f"--top_p must be in (0, 1], got {top_p}")
-    if dtype is not None and str(dtype).lower() not in DTYPES:
-        raise ValueError(f"--dtype {dtype!r} is not supported; choose fp16, bf16 or fp32")
-    if model_parallel_size is not None:
-        model_parallel_size = _int("model_parallel_size", model_parallel_size, 1)
-    max_seq_len = _int("max_seq_len", max_seq_len, 16, MAX_CONTEXT)
-    max_batch_size = _int("max_batch_size", max_batch_size, 1)
-    max_gen_len = _int("max_gen_len", max_gen_len, 1)
-    seed = _int("seed", seed, -(1 << 62), 1 << 62)
-    prompt = _input_file(prompt_filename)
+    if c.dtype is not None and str(c.dtype).lower() not in DTYPES:
+        raise ValueError(f"--dtype {c.dtype!r} is not supported; choose fp16, bf16 or fp32")
+    mp = None if c.model_parallel_size is None else _int("model_parallel_size", c.model_parallel_size, 1)
+    numbers = {"max_seq_len": _int("max_seq_len", c.max_seq_len, 16, MAX_CONTEXT),
+               "max_batch_size": _int("max_batch_size", c.max_batch_size, 1),
+               "max_gen_len": _int("max_gen_len", c.max_gen_len, 1),
+               "seed": _int("seed", c.seed, -(1 << 62), 1 << 62)}
+    prompt = _input_file(c.prompt_filename)
     return Config(
-        ckpt_dir=None if ckpt_dir is None else str(ckpt_dir),
-        tokenizer_path=None if tokenizer_path is None else str(tokenizer_path),
-        temperature=temperature, top_p=top_p,
-        max_seq_len=max_seq_len, max_batch_size=max_batch_size,
-        prompt_filename=prompt, output_filename=_output_file(output_filename, prompt),
-        sample_mode=mode, max_gen_len=max_gen_len, seed=seed,
-        examples=None if examples is None else str(examples),
-        dry_run=bool(dry_run), overwrite=bool(overwrite), model_parallel_size=model_parallel_size,
-        dtype=None if dtype is None else DTYPES[str(dtype).lower()])
+        ckpt_dir=_optional_str(c.ckpt_dir), tokenizer_path=_optional_str(c.tokenizer_path),
+        temperature=temperature, top_p=top_p, prompt_filename=prompt,
+        output_filename=_output_file(c.output_filename, prompt), sample_mode=mode,
+        examples=_optional_str(c.examples), dry_run=bool(c.dry_run), overwrite=bool(c.overwrite),
+        model_parallel_size=mp, dtype=None if c.dtype is None else DTYPES[str(c.dtype).lower()], **numbers)

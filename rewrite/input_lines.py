@@ -12,7 +12,7 @@ import bisect
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 SCAN_CHUNK = 8 << 20  # bytes read per step of the scan; one index entry per chunk
 
@@ -80,14 +80,20 @@ def decode_line(raw: bytes) -> tuple[str, bool]:
         return raw.decode("utf-8", errors="replace"), True
 
 
-def read_lines(path: str | Path, offset: int, start: int, end: int) -> Iterator[tuple[int, str, bool, int]]:
-    """(line number, text, had undecodable bytes, byte offset after the line) for
-    lines start..end-1, the first one starting at byte `offset`."""
+class Line(NamedTuple):
+    """One input line as read."""
+    index: int  # line number, from 0
+    text: str  # without its line ending
+    undecodable: bool  # had bytes that are not UTF-8 (replaced by U+FFFD)
+    end: int  # byte offset just after the line: where the next one starts
+
+
+def read_lines(path: str | Path, offset: int, start: int, end: int) -> Iterator[Line]:
+    """Lines start..end-1, the first one starting at byte `offset`."""
     with open(path, "rb") as f:
         f.seek(offset)
         for i in range(start, end):
-            raw = f.readline()
-            text, bad = decode_line(raw)
+            text, bad = decode_line(f.readline())
             if i == 0 and text.startswith("\ufeff"):
                 text = text[1:]  # a UTF-8 byte order mark is not part of the caption
-            yield i, text, bad, f.tell()
+            yield Line(i, text, bad, f.tell())

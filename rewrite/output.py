@@ -3,7 +3,7 @@ share's lines and commits after every window; a small JSON progress record besid
 the file says how much of it is committed, for which input and settings.
 
 Crash safety: a commit is (append + flush + fsync of the output), then the record
-rewritten atomically (temp file + fsync + os.replace). A resumed run first truncates
+rewritten atomically (common.fileio: temp file + fsync + os.replace). A resumed run first truncates
 the output to the recorded byte count, so bytes appended after the last record are
 discarded and redone; lines depend only on (seed, mode, line), so the redone bytes
 are the same and the final file equals an uninterrupted run's.
@@ -12,7 +12,7 @@ Files for --output_filename OUT:
   one data-parallel group:  OUT itself, record OUT.progress.json
   D > 1 groups:             OUT.part-RRRRR-of-DDDDD (+ .progress.json each); when all
                             are complete, global rank 0 concatenates them into OUT
-                            (temp file + os.replace), writes OUT.progress.json and
+                            (atomically), writes OUT.progress.json and
                             removes the parts.
 A finished run keeps OUT.progress.json with "complete": true, so the same command
 again reports that it is complete instead of redoing the work.
@@ -25,6 +25,8 @@ import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from common.fileio import atomic_write, write_json_atomic
 
 RECORD_SUFFIX = ".progress.json"
 RECORD_VERSION = 1
@@ -43,33 +45,9 @@ def part_path(output: Path, dp_rank: int, dp_size: int) -> Path:
     return output.with_name(f"{output.name}.part-{dp_rank:05d}-of-{dp_size:05d}")
 
 
-def _fsync_dir(path: Path) -> None:
-    # makes a rename durable; not possible on every platform, where it is skipped
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _create_empty(path: Path) -> None:
     with open(path, "wb") as f:
         os.fsync(f.fileno())
-
-
-def write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def read_record(path: Path) -> dict | None:
@@ -253,15 +231,13 @@ def merge_parts(output: Path, dp_size: int, fingerprint: dict, stats: dict) -> N
         if record is None or not record.get("complete"):
             raise ResumeError(f"--output_filename: part {p} is missing or unfinished; rerun the same command "
                               "(multi-node runs need --output_filename on a shared file system)")
-    tmp = output.with_name(output.name + ".merge.tmp")
-    with open(tmp, "wb") as out:
-        for p in parts:
-            with open(p, "rb") as f:
-                shutil.copyfileobj(f, out, 16 << 20)
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(tmp, output)
-    _fsync_dir(output.parent)
+    def concatenate(tmp: str) -> None:
+        with open(tmp, "wb") as out:
+            for p in parts:
+                with open(p, "rb") as f:
+                    shutil.copyfileobj(f, out, 16 << 20)
+
+    atomic_write(output, concatenate)
     write_json_atomic(record_path(output), {
         "version": RECORD_VERSION, "fingerprint": fingerprint, "layout": {"dp_size": dp_size},
         "complete": True, "state": {"stats": stats}})

@@ -2,16 +2,11 @@
 from __future__ import annotations
 
 import os
-import sys
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
 
 # Two cores are shared by the whole suite; more threads only thrash.
 torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -74,8 +69,7 @@ REWRITE_PAIRS = [["a dog on grass", "A dog lies on the grass."], ["red car", "A 
 
 def make_sharded_tiny_llamas(root, seed: int) -> dict:
     """The same tiny LLaMA weights in Meta's format as 1, 2 and 4 shards: {1: <root>/mp1, 2: ..., 4: ...}."""
-    from rewrite.llama import make_tiny_llama
-    from rewrite.llama.tiny import TINY_TEXTS
+    from testkit.tiny_llama import TINY_TEXTS, make_tiny_llama
     one = make_tiny_llama(root / "mp1", TINY_TEXTS, dim=32, n_heads=4, seed=seed)
     state = {k: v.float() for k, v in torch.load(one / "consolidated.00.pth").items() if k != "rope.freqs"}
     return {1: one, **{mp: make_tiny_llama(root / f"mp{mp}", TINY_TEXTS, dim=32, n_heads=4, mp=mp, state_dict=state)
@@ -87,7 +81,7 @@ def make_tiny_rewrite_setup(root, captions, pairs) -> dict:
     the flags a rewrite test passes (--ckpt_dir, --tokenizer_path, --examples)."""
     import json
 
-    from rewrite.llama import make_tiny_llama
+    from testkit.tiny_llama import make_tiny_llama
     texts = list(captions) + [s for p in pairs for s in p] + ["write image captions differently, =>"]
     ckpt = make_tiny_llama(root / "tiny", texts, dim=32, n_layers=1, n_heads=2, vocab_size=300)
     examples = root / "pool.json"

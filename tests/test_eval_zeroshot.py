@@ -15,6 +15,7 @@ import eval_zeroshot_imagenet
 import eval_zeroshot_imagenet_laion
 import models
 import zeroshot
+from common.distributed import resolve_device
 from conftest import write_image
 from imagenet_data import imagenet_val
 from imagenet_templates import IMAGENET_CLASSNAMES, IMAGENET_WNIDS, OPENAI_TEMPLATES, SIMPLE_TEMPLATES
@@ -197,9 +198,9 @@ def test_bad_inputs_get_clear_errors(tmp_path, make_imagenet, tiny_ckpt, case):
 def test_cuda_index_beyond_the_machine_is_an_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    assert zeroshot.eval_device("cuda:0") == torch.device("cuda:0")
+    assert resolve_device("cuda:0") == torch.device("cuda:0")
     with pytest.raises(ValueError, match="--device cuda:1: this machine has 1 CUDA device"):
-        zeroshot.eval_device("cuda:1")
+        resolve_device("cuda:1")
 
 
 def test_repeated_class_names_share_one_column_and_ties_go_to_the_first():

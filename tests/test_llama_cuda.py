@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from rewrite.llama import ParallelInfo, load_generator, make_tiny_llama
-from rewrite.llama.tiny import TINY_TEXTS
+from rewrite.llama import ParallelInfo, load_generator
+from testkit.tiny_llama import TINY_TEXTS, make_tiny_llama
 from conftest import clean_dist_env
 
 ROOT = Path(__file__).resolve().parents[1]

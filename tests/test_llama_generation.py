@@ -6,9 +6,9 @@ import random
 import pytest
 import torch
 
-from rewrite.llama import Generator, ParallelInfo, load_generator, make_tiny_llama
+from rewrite.llama import Generator, ParallelInfo, load_generator
 from rewrite.llama.generation import sample
-from rewrite.llama.tiny import TINY_TEXTS
+from testkit.tiny_llama import TINY_TEXTS, make_tiny_llama
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -165,8 +165,8 @@ def test_top_k_shortcut_matches_full_sort():
 
 
 def test_train_tiny_llama_learns_the_prompt_format(tmp_path):
-    from rewrite.llama import train_tiny_llama
     from rewrite.prompts import build_prompt
+    from testkit.tiny_llama import train_tiny_llama
     pairs = [(f"{c} {n} on a hill", f"A {c} {n} stands quietly on a green hill.")
              for c in ("red", "old", "small", "white") for n in ("house", "dog", "car")]
     losses: list[float] = []

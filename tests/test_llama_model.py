@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from rewrite.llama.model import ModelArgs, RMSNorm, Transformer, apply_rope, rope_table
-from rewrite.llama.tiny import random_state_dict
+from testkit.tiny_llama import random_state_dict
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -11,13 +11,14 @@ In-process (one gloo process): the process group's timeout and the teardown.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from testkit.net import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SEEDS = [11, 12, 13, 14, 15]
@@ -74,7 +75,8 @@ def fairscale_twin(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def worker(out_dir: str, ckpt_root: str) -> None:
-    from rewrite.llama import load_generator, setup_parallel, teardown_parallel
+    from rewrite.launch import setup_parallel, teardown_parallel
+    from rewrite.llama import load_generator
     root = Path(ckpt_root)
     dirs = {f"mp{n}": root / f"mp{n}" for n in (1, 2, 4)}
     info = setup_parallel(str(dirs["mp2"]), device="cpu")
@@ -99,12 +101,6 @@ def worker(out_dir: str, ckpt_root: str) -> None:
     teardown_parallel()
     from fairscale.nn.model_parallel import initialize as fs
     assert not fs.model_parallel_is_initialized() and not torch.distributed.is_initialized()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow
@@ -155,9 +151,9 @@ def test_setup_and_teardown_in_one_process(tmp_path, one_process_group):
     and teardown drops fairscale's groups before the process group."""
     from fairscale.nn.model_parallel import initialize as fs
 
-    from rewrite.llama import make_tiny_llama, setup_parallel, teardown_parallel
-    from rewrite.llama.parallel import CONTROL_TIMEOUT, on_every_rank, on_rank0
-    from rewrite.llama.tiny import TINY_TEXTS
+    from common.distributed import on_every_rank, on_rank0
+    from rewrite.launch import CONTROL_TIMEOUT, setup_parallel, teardown_parallel
+    from testkit.tiny_llama import TINY_TEXTS, make_tiny_llama
     d = make_tiny_llama(tmp_path / "t", TINY_TEXTS, dim=32, n_heads=4)
     info = setup_parallel(str(d), device="cpu")
     assert torch.distributed.is_initialized() and (info.world_size, info.mp_size) == (1, 1)
@@ -172,9 +168,10 @@ def test_setup_and_teardown_in_one_process(tmp_path, one_process_group):
 
 
 def test_more_processes_than_gpus_is_a_clear_error(tmp_path, one_process_group, monkeypatch):
-    from rewrite.llama import make_tiny_llama, setup_parallel
-    from rewrite.llama.tiny import TINY_TEXTS
+    from rewrite.launch import setup_parallel
+    from testkit.tiny_llama import TINY_TEXTS, make_tiny_llama
     d = make_tiny_llama(tmp_path / "t", TINY_TEXTS, dim=32, n_heads=4)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
     with pytest.raises(ValueError, match="LOCAL_RANK 0: this node has 0 visible GPUs"):
         setup_parallel(str(d), device="cuda")

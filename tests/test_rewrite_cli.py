@@ -9,13 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-REWRITE = Path(__file__).resolve().parents[1] / "rewrite"
-sys.path.insert(0, str(REWRITE))
+from conftest import REWRITE_PAIRS as PAIRS, make_tiny_rewrite_setup
+from rewrite import cli_args, llama_rewrite, runner
+from rewrite.llama import Tokenizer
+from rewrite.output import record_path
 
-import llama_rewrite  # noqa: E402
-from conftest import REWRITE_PAIRS as PAIRS, make_tiny_rewrite_setup  # noqa: E402
-from llama import Tokenizer  # noqa: E402
-from output import record_path  # noqa: E402
+REWRITE = Path(__file__).resolve().parents[1] / "rewrite"
 
 CAPTIONS = ["person rides a bike", "a bowl of soup", "", "boats in the harbour", "   ",
             "actor at the premiere", "a => b caption", "snow on the hills", "tea and cake",
@@ -67,7 +66,7 @@ class Interrupt(Exception):
 
 
 def interrupt_after(monkeypatch, windows: int) -> None:
-    real = llama_rewrite.rewrite_window
+    real = runner.rewrite_window
     calls = {"n": 0}
 
     def wrapped(*args, **kwargs):
@@ -76,7 +75,7 @@ def interrupt_after(monkeypatch, windows: int) -> None:
         calls["n"] += 1
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(llama_rewrite, "rewrite_window", wrapped)
+    monkeypatch.setattr(runner, "rewrite_window", wrapped)
 
 
 @pytest.mark.parametrize("windows", [0, 1, 2])
@@ -121,16 +120,15 @@ def test_changed_input_or_settings_refuse_and_overwrite_restarts(tiny, tmp_path,
 
 
 def test_dtype_flag_reaches_the_engine_and_the_record(tiny, tmp_path, monkeypatch):
-    import llama
     seen = []
-    real = llama.load_generator
+    real = runner.load_generator
 
     def spy(*args, **kwargs):
         gen = real(*args, **kwargs)
         seen.append(gen.model.output.weight.dtype)
         return gen
 
-    monkeypatch.setattr(llama, "load_generator", spy)
+    monkeypatch.setattr(runner, "load_generator", spy)
     src = write_lines(tmp_path / "src.txt", CAPTIONS[:4])
     out = tmp_path / "out.txt"
     lines = rewrite(tiny, src, out, dtype="bf16", temperature=0).decode().split("\n")
@@ -171,7 +169,7 @@ def test_dry_run_prompt_is_the_template(tiny, tmp_path):
 def test_readme_paths_from_rewrite_dir_and_repo_root(tmp_path, monkeypatch):
     for cwd in (REWRITE, REWRITE.parent):
         monkeypatch.chdir(cwd)
-        cfg = llama_rewrite.validate(**dict(
+        cfg = cli_args.validate(dict(
             ckpt_dir=None, tokenizer_path=None, temperature=0.9, top_p=0.95, max_seq_len=400, max_batch_size=100,
             prompt_filename="text/source.txt", output_filename="text/target.txt", sample_mode="chatgpt",
             max_gen_len=77, seed=1, examples=None, dry_run=True, overwrite=False, model_parallel_size=None,
@@ -193,7 +191,7 @@ def test_readme_paths_from_rewrite_dir_and_repo_root(tmp_path, monkeypatch):
     ({"dtype": "int8"}, "--dtype 'int8' is not supported"),
     ({"sample_mode": "gpt4"}, "choose one of: chatgpt, bard, mscoco, human"),
     ({"ckpt_dir": None}, "--ckpt_dir is required"),
-    ({"ckpt_dir": "/no/such/dir"}, "--ckpt_dir /no/such/dir is not a directory"),
+    ({"ckpt_dir": "/no/such/dir"}, "--ckpt_dir: /no/such/dir is not a directory"),
     ({"tokenizer_path": "/no/tokenizer.model"}, "--tokenizer_path: no SentencePiece model at /no/tokenizer.model"),
     ({"prompt_filename": "/no/src.txt"}, "--prompt_filename /no/src.txt: file not found"),
     ({"prompt_filename": "EMPTY"}, "--prompt_filename .*empty.txt: the file is empty"),

@@ -3,17 +3,13 @@ decoding policy, the commit protocol, layout refusals and the final merge."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-REWRITE = Path(__file__).resolve().parents[1] / "rewrite"
-sys.path.insert(0, str(REWRITE))
-
-from input_lines import decode_line, offset_of_line, read_lines, scan_input, share_range  # noqa: E402
-from output import (ResumeError, ShareWriter, merge_parts, part_path, plan_run, read_record,  # noqa: E402
-                    record_path)
+from rewrite.input_lines import decode_line, offset_of_line, read_lines, scan_input, share_range
+from rewrite.output import (ResumeError, ShareWriter, merge_parts, part_path, plan_run, read_record,
+                            record_path)
 
 FP = {"input": {"size": 1}, "settings": {"seed": 1}}
 
@@ -26,7 +22,7 @@ def test_scan_index_and_seek_every_line(tmp_path):
     assert info.lines == len(lines) and info.size == path.stat().st_size and len(info.index) > 20
     for k in (0, 1, 63, 100, 200, len(lines) - 1, len(lines)):
         offset = offset_of_line(path, info, k)
-        got = [text for _, text, _, _ in read_lines(path, offset, k, info.lines)]
+        got = [line.text for line in read_lines(path, offset, k, info.lines)]
         assert got == lines[k:]
     assert scan_input(path).digest == info.digest
     path.write_bytes(path.read_bytes() + b"\n")
@@ -51,7 +47,7 @@ def test_decoding_policy():
 def test_bom_is_not_part_of_the_first_caption(tmp_path):
     path = tmp_path / "bom.txt"
     path.write_bytes(b"\xef\xbb\xbffirst\nsecond\n")
-    assert [t for _, t, _, _ in read_lines(path, 0, 0, 2)] == ["first", "second"]
+    assert [line.text for line in read_lines(path, 0, 0, 2)] == ["first", "second"]
 
 
 def writer(out: Path, **kw) -> ShareWriter:

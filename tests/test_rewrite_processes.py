@@ -13,12 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-REWRITE = Path(__file__).resolve().parents[1] / "rewrite"
-sys.path.insert(0, str(REWRITE))
+from conftest import REWRITE_PAIRS as PAIRS, clean_dist_env, make_tiny_rewrite_setup
+from rewrite import llama_rewrite
+from rewrite.output import record_path
 
-import llama_rewrite  # noqa: E402
-from conftest import REWRITE_PAIRS as PAIRS, clean_dist_env, make_tiny_rewrite_setup  # noqa: E402
-from output import record_path  # noqa: E402
+REWRITE = Path(__file__).resolve().parents[1] / "rewrite"
 
 pytestmark = pytest.mark.slow
 

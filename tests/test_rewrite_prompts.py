@@ -2,19 +2,15 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-REWRITE = Path(__file__).resolve().parents[1] / "rewrite"
-sys.path.insert(0, str(REWRITE))
+from rewrite import prompts
+from rewrite.prompts import (Pool, build_prompt, choose_examples, cut_rewrite, finish_line, fit_prompt,
+                             is_degenerate, load_pool, make_pool, normalize_sample_mode, one_line, sampling_seed)
 
-import prompts  # noqa: E402
-from prompts import (Pool, build_prompt, choose_examples, cut_rewrite, finish_line, fit_prompt,  # noqa: E402
-                     is_degenerate, load_pool, make_pool, normalize_sample_mode, one_line, sampling_seed)
-
-# FORMATS.md section 4, copied as text: the lines after the first start with 12 spaces.
+# docs/formats.md ("The rewriting prompt"), copied as text: the lines after the first start with 12 spaces.
 TEMPLATE = ("write image captions differently,\n\n            {s1} => {t1}\n\n            {s2} => {t2}\n\n"
             "            {s3} => {t3}\n\n            {caption} =>")
 

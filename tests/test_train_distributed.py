@@ -15,7 +15,7 @@ from torch import nn
 
 from conftest import clean_dist_env
 from train_fixtures import make_train_data, read_log, train_argv
-from training.distributed import cleanup_distributed
+from common.distributed import cleanup_distributed
 from training.loss import clip_loss
 
 REPO = Path(__file__).resolve().parents[1]

@@ -63,8 +63,9 @@ def run_epoch(batches, scaler=None, amp_dtype=None, eps=1e-3, wrap=False):
     optimizer = build_optimizer(model, 1e-3, 0.1, (0.9, 0.98), eps)
     scaler = scaler or torch.amp.GradScaler("cpu", enabled=False)
     forward = NoSyncRecorder(model) if wrap else model
-    tr = Trainer(forward, model, optimizer, scaler, batches, CosineSchedule(1e-3, 1e-5, 1e-6, STEPS, 0),
-                 STEPS, UPDATE_FREQ, torch.device("cpu"), amp_dtype, is_main=False)
+    tr = Trainer(model=forward, raw_model=model, optimizer=optimizer, scaler=scaler, loader=batches,
+                 schedule=CosineSchedule(1e-3, 1e-5, 1e-6, STEPS, 0), steps_per_epoch=STEPS,
+                 update_freq=UPDATE_FREQ, device=torch.device("cpu"), amp_dtype=amp_dtype, is_main=False)
     train_one_epoch(tr, 0)
     return model, tr
 

@@ -267,7 +267,7 @@ def test_optimizer_state_in_another_parameter_order_is_an_error(tmp_path):
 @pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="fork is the Linux choice")
 def test_loader_workers_fork_so_caption_tables_are_shared(tmp_path):
     from tokenizer import SimpleTokenizer
-    from training.distributed import DistInfo
+    from common.distributed import DistInfo
     data = make_train_data(tmp_path, n=4)
     args = train.get_args_parser().parse_args(train_argv(data, tmp_path / "out", "--workers", "2"))
     loader, _ = train.build_loader(args, DistInfo(), SimpleTokenizer())

@@ -1,1 +1,1 @@
-"""Pieces of `train.py`: data, loss, epoch loop, checkpoints, process groups."""
+"""Pieces of `train.py`: data, loss, epoch loop, checkpoints (process groups: common.distributed)."""

@@ -11,34 +11,21 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
 import models
+from common.fileio import atomic_write
 
 LATEST = "checkpoint.pt"
 BEST = "checkpoint_best.pt"
 
 
-def _atomic_write(path: str, write: Callable[[str], None]) -> None:
-    """Write to a temp file beside `path`, fsync, then os.replace: a crash mid-write
-    leaves the previous checkpoint intact instead of a truncated one."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def atomic_save(obj: Any, path: str) -> None:
-    _atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    """torch.save through a temp file: a crash mid-write leaves the previous checkpoint intact."""
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def make_checkpoint(epoch: int, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -60,7 +47,7 @@ def save_checkpoint(ckpt: dict, output_dir: str, is_best: bool) -> str:
     latest = os.path.join(output_dir, LATEST)
     atomic_save(ckpt, latest)
     if is_best:
-        _atomic_write(os.path.join(output_dir, BEST), lambda tmp: _link_or_copy(latest, tmp))
+        atomic_write(os.path.join(output_dir, BEST), lambda tmp: _link_or_copy(latest, tmp))
     return latest
 
 

@@ -24,10 +24,12 @@ from PIL import Image
 from torch.utils.data import Dataset, DistributedSampler, Sampler
 from torchvision import transforms
 
+from common.images import open_rgb
 import models
 
 log = logging.getLogger(__name__)
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+# The released CSVs' rule: a row is a sample when its first field ends in one of these.
+SAMPLE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 # Give up on a run of this many unreadable images in a row: the --root is wrong, not a file.
 MAX_LOAD_ATTEMPTS = 50
 # Per worker process and epoch, so one broken shard cannot flood the console.
@@ -66,7 +68,7 @@ def read_caption_csv(path: str) -> tuple[StringTable, StringTable]:
         reader = csv.reader(f)
         try:
             for row in reader:
-                if not row or not row[0].lower().endswith(IMAGE_EXTENSIONS):
+                if not row or not row[0].lower().endswith(SAMPLE_EXTENSIONS):
                     continue  # header or blank line
                 if len(row) < 2:
                     raise ValueError(f"--train-data {path!r}: line {reader.line_num} has an image "
@@ -78,7 +80,7 @@ def read_caption_csv(path: str) -> tuple[StringTable, StringTable]:
             raise ValueError(f"--train-data {path!r}: line {reader.line_num}: {err}") from err
     if not len(paths):
         raise ValueError(f"--train-data {path!r}: no rows whose first field ends in "
-                         f"{'/'.join(IMAGE_EXTENSIONS)}")
+                         f"{'/'.join(SAMPLE_EXTENSIONS)}")
     return paths, captions
 
 
@@ -149,8 +151,7 @@ class CaptionImageDataset(Dataset):
             used = (index + attempt) % len(self)
             path = os.path.join(self.root, self.paths[used])
             try:
-                with Image.open(path) as im:
-                    return im.convert("RGB"), used, attempt
+                return open_rgb(path), used, attempt
             except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
                 # OSError covers missing, truncated and unidentified files.
                 if self._logged < MAX_LOGGED_FAILURES:

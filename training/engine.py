@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .distributed import all_reduce_sum
+from common.distributed import all_reduce_sum
 from .loss import LOGIT_SCALE_MAX, clip_loss
 
 
@@ -62,7 +62,7 @@ def build_optimizer(model: nn.Module, lr: float, wd: float, betas: tuple[float, 
     return torch.optim.AdamW(param_groups(model, wd), lr=lr, betas=betas, eps=eps)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Trainer:
     """What one epoch needs; `model` is what forward runs on (DDP or bare), `raw_model` the CLIP."""
     model: nn.Module

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .distributed import get_rank, get_world_size
+from common.distributed import get_rank, get_world_size
 
 # SLIP/LaCLIP clamp the logit-scale *parameter* to [0, ln 100] after every step, so the
 # temperature exp(logit_scale) never exceeds 100.

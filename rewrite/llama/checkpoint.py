@@ -1,7 +1,8 @@
 """Meta LLaMA-v1 checkpoint directories: validation, shard merge/split, loading.
 
 A directory holds params.json and consolidated.00.pth ... consolidated.{N-1}.pth,
-N model-parallel shards split with fairscale's conventions (FORMATS.md section 3).
+N model-parallel shards split with fairscale's conventions (docs/formats.md, "Meta LLaMA
+weights").
 A run with model-parallel size M loads it when M divides N (each rank merges
 N/M consecutive shards) or N divides M (each rank cuts its part of one shard).
 """
@@ -14,6 +15,7 @@ from typing import Callable, Optional
 
 import torch
 
+from .errors import CheckpointError
 from .generation import Generator
 from .model import ModelArgs, Transformer
 from .parallel import ParallelInfo, check_mapping
@@ -45,7 +47,7 @@ def split_state_dict(state: dict[str, torch.Tensor], n: int) -> list[dict[str, t
     for key, t in state.items():
         dim = split_dim(key)
         if dim is not None and t.shape[dim] % n:
-            raise ValueError(f"{key} {tuple(t.shape)} does not split into {n} shards along dim {dim}")
+            raise CheckpointError(f"{key} {tuple(t.shape)} does not split into {n} shards along dim {dim}")
         parts = [t] * n if dim is None else list(t.chunk(n, dim=dim))
         for shard, part in zip(shards, parts):
             shard[key] = part.clone()
@@ -72,43 +74,42 @@ def merge_shards(shards: list[dict[str, torch.Tensor]], place: Callable[[torch.T
 def read_params(ckpt_dir: str) -> dict:
     path = Path(ckpt_dir) / "params.json"
     if not Path(ckpt_dir).is_dir():
-        raise ValueError(f"--ckpt_dir {ckpt_dir} is not a directory")
+        raise CheckpointError(f"{ckpt_dir} is not a directory")
     if not path.is_file():
-        raise ValueError(f"--ckpt_dir {ckpt_dir} has no params.json")
+        raise CheckpointError(f"{ckpt_dir} has no params.json")
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from e
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from e
 
 
 def shard_paths(ckpt_dir: str) -> list[Path]:
-    """consolidated.00.pth ... in order; raises ValueError if none or numbering has gaps."""
+    """consolidated.00.pth ... in order; raises CheckpointError if none or numbering has gaps."""
     if not Path(ckpt_dir).is_dir():
-        raise ValueError(f"--ckpt_dir {ckpt_dir} is not a directory")
+        raise CheckpointError(f"{ckpt_dir} is not a directory")
     found = {}
     for p in Path(ckpt_dir).iterdir():
         m = _SHARD.fullmatch(p.name)
         if m:
             found[int(m.group(1))] = p
     if not found:
-        raise ValueError(f"--ckpt_dir {ckpt_dir} has no consolidated.*.pth shards")
+        raise CheckpointError(f"{ckpt_dir} has no consolidated.*.pth shards")
     missing = [i for i in range(max(found) + 1) if i not in found]
     if missing:
-        raise ValueError(f"--ckpt_dir {ckpt_dir}: shards are not contiguous, missing "
+        raise CheckpointError(f"{ckpt_dir}: shards are not contiguous, missing "
                          + ", ".join(f"consolidated.{i:02d}.pth" for i in missing))
     return [found[i] for i in range(len(found))]
 
 
 def _load(path: Path) -> dict[str, torch.Tensor]:
-    try:  # mmap: only the pages this rank touches are read
-        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except RuntimeError:  # files written in the legacy (non-zip) format cannot be mapped
-        pass
+    """A shard, memory-mapped: only the pages this rank touches are read. Tensors only
+    (weights_only): a shard is never allowed to run code. Every LLaMA file is in torch's
+    zip format (the default since torch 1.6, years before LLaMA), which mmap needs."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except Exception as err:
-        raise ValueError(f"--ckpt_dir: cannot read shard {path} (not a torch.save file, or truncated "
-                         f"by an interrupted copy): {err}") from err
+        raise CheckpointError(f"cannot read shard {path} (not a torch.save file of tensors, or truncated "
+                              f"by an interrupted copy): {err}") from err
 
 
 def _rank_shards(ckpt_dir: str, mp_size: int, mp_rank: int) -> tuple[list[dict[str, torch.Tensor]], int, int]:
@@ -117,7 +118,7 @@ def _rank_shards(ckpt_dir: str, mp_size: int, mp_rank: int) -> tuple[list[dict[s
     mp_rank % (M/N) of M/N out of shard mp_rank // (M/N)."""
     paths = shard_paths(ckpt_dir)
     n = len(paths)
-    check_mapping(n, mp_size, ckpt_dir)
+    check_mapping(n, mp_size, str(ckpt_dir))
     if n >= mp_size:
         k = n // mp_size
         return [_load(p) for p in paths[mp_rank * k:(mp_rank + 1) * k]], 0, 1
@@ -169,18 +170,18 @@ def _check_state(model: Transformer, shapes: dict[str, torch.Size], ckpt_dir: st
     shapes = {k: v for k, v in shapes.items() if k not in IGNORED}
     emb = shapes.get("tok_embeddings.weight")
     if emb is not None and emb[0] != tokenizer.n_words:
-        raise ValueError(f"tokenizer {tokenizer.model_path} has {tokenizer.n_words} pieces but "
+        raise CheckpointError(f"tokenizer {tokenizer.model_path} has {tokenizer.n_words} pieces but "
                          f"tok_embeddings.weight in {ckpt_dir}/consolidated.*.pth has {emb[0]} rows")
     expected = model.state_dict()
     missing = sorted(set(expected) - set(shapes))
     unexpected = sorted(set(shapes) - set(expected))
     if missing or unexpected:
-        raise ValueError(f"--ckpt_dir {ckpt_dir} does not match the LLaMA-v1 model built from its "
+        raise CheckpointError(f"{ckpt_dir} does not match the LLaMA-v1 model built from its "
                          f"params.json: missing keys {missing}, unexpected keys {unexpected}")
     bad = [f"{k} {tuple(shapes[k])} (expected {tuple(v.shape)})"
            for k, v in expected.items() if shapes[k] != v.shape]
     if bad:
-        raise ValueError(f"--ckpt_dir {ckpt_dir}: shapes disagree with params.json: " + "; ".join(bad))
+        raise CheckpointError(f"{ckpt_dir}: shapes disagree with params.json: " + "; ".join(bad))
 
 
 def load_model(ckpt_dir: str, tokenizer: Tokenizer, parallel: ParallelInfo,
@@ -206,9 +207,9 @@ def load_generator(ckpt_dir: str, tokenizer_path: str, max_seq_len: int, max_bat
     """Tokenizer + this rank's model, ready to generate. dtype: fp16 on CUDA, float32 on CPU by
     default. tokenizer: tokenizer_path already loaded (the CLI has it from its prompt checks)."""
     if max_seq_len < 2:
-        raise ValueError(f"--max_seq_len must be at least 2, got {max_seq_len}")
+        raise ValueError(f"max_seq_len must be at least 2, got {max_seq_len}")
     if max_batch_size < 1:
-        raise ValueError(f"--max_batch_size must be at least 1, got {max_batch_size}")
+        raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
     read_params(ckpt_dir)  # directory and params.json errors before the tokenizer's
     shard_paths(ckpt_dir)
     tokenizer = tokenizer or Tokenizer(tokenizer_path)

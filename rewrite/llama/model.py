@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import CheckpointError, ParallelError
+
 # One (k, v) pair per layer, each [B, H, S_max, D].
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -35,11 +37,11 @@ class ModelArgs:
 
     @classmethod
     def from_params(cls, params: dict, vocab_size: Optional[int] = None) -> "ModelArgs":
-        """Build from a params.json dict; raises ValueError on keys LLaMA-v1 lacks."""
+        """Build from a params.json dict; raises CheckpointError on keys LLaMA-v1 lacks."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(params) - known)
         if unknown:
-            raise ValueError(f"params.json has keys a LLaMA-v1 model does not use: {unknown}")
+            raise CheckpointError(f"params.json has keys a LLaMA-v1 model does not use: {unknown}")
         args = cls(**params)
         if vocab_size is not None:
             args.vocab_size = vocab_size
@@ -70,7 +72,7 @@ class ParallelLinear(nn.Module):
     def __init__(self, n_in: int, n_out: int, mp: int, kind: str):
         super().__init__()
         if (n_in if kind == "row" else n_out) % mp:
-            raise ValueError(f"a {kind}-parallel projection {n_in}->{n_out} does not split over {mp} ranks")
+            raise ParallelError(f"a {kind}-parallel projection {n_in}->{n_out} does not split over {mp} ranks")
         self.kind = kind
         shape = (n_out, n_in // mp) if kind == "row" else (n_out // mp, n_in)
         self.weight = nn.Parameter(torch.empty(shape))
@@ -91,7 +93,7 @@ class ParallelEmbedding(nn.Module):
     def __init__(self, n_vocab: int, dim: int, mp: int):
         super().__init__()
         if dim % mp:
-            raise ValueError(f"dim={dim} is not divisible by model_parallel_size={mp}")
+            raise ParallelError(f"dim={dim} is not divisible by model-parallel size {mp}")
         self.weight = nn.Parameter(torch.empty(n_vocab, dim // mp))
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -144,7 +146,7 @@ class Attention(nn.Module):
     def __init__(self, args: ModelArgs, mp: int):
         super().__init__()
         if args.n_heads % mp:
-            raise ValueError(f"n_heads={args.n_heads} is not divisible by model_parallel_size={mp}")
+            raise ParallelError(f"n_heads={args.n_heads} is not divisible by model-parallel size {mp}")
         self.n_local_heads = args.n_heads // mp
         self.head_dim = args.head_dim
         self.wq = _linear(args.dim, args.dim, mp, "col")

@@ -6,16 +6,18 @@ from typing import Optional
 
 from sentencepiece import SentencePieceProcessor
 
+from .errors import TokenizerError
+
 
 class Tokenizer:
     def __init__(self, model_path: str):
         if not os.path.isfile(model_path):
-            raise ValueError(f"--tokenizer_path: no SentencePiece model at {model_path}")
+            raise TokenizerError(f"no SentencePiece model at {model_path}")
         self.model_path = model_path
         try:
             self.sp = SentencePieceProcessor(model_file=model_path)
         except (RuntimeError, OSError) as err:
-            raise ValueError(f"--tokenizer_path: {model_path} is not a SentencePiece model "
+            raise TokenizerError(f"{model_path} is not a SentencePiece model "
                              f"(LLaMA's tokenizer.model): {err}") from err
         self.n_words: int = self.sp.vocab_size()
         self.bos_id: int = self.sp.bos_id()

@@ -19,8 +19,9 @@ import sentencepiece as spm
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import split_state_dict
-from .model import ModelArgs, Transformer, rope_frequencies
+from rewrite.llama.checkpoint import split_state_dict
+from rewrite.llama.model import ModelArgs, Transformer, rope_frequencies
+from rewrite.prompts import build_prompt
 
 PromptFn = Callable[[Sequence[tuple[str, str]], str], str]
 
@@ -115,15 +116,6 @@ def _start_dir(out_dir: str | Path, texts: Sequence[str], vocab_size: int, mp: i
     return out, ModelArgs(vocab_size=n_words, **arch)
 
 
-def _default_prompt_fn() -> PromptFn:
-    # rewrite/prompts.py owns the template; it is `prompts` when rewrite/ is on sys.path.
-    try:
-        from ..prompts import build_prompt  # type: ignore[import-not-found]
-    except (ImportError, ValueError):
-        from prompts import build_prompt  # type: ignore[no-redef]
-    return build_prompt
-
-
 def _documents(pairs: Sequence[tuple[str, str]], n: int, prompt_fn: PromptFn, rng: random.Random) -> list[str]:
     """In-context prompts with 3 examples, each completed by its target and a newline."""
     docs = []
@@ -151,14 +143,13 @@ def train_tiny_llama(out_dir: str | Path, pairs: Sequence[tuple[str, str]], prom
     """Write a tiny LLaMA directory trained to complete rewriting prompts.
 
     Next-token training on documents `prompt_fn(3 example pairs, source) + " " + target + "\\n"`
-    (prompt_fn defaults to rewrite/prompts.build_prompt, the FORMATS.md section 4
-    template), so after ' =>' the model writes a target-like line and then '\\n'.
+    (prompt_fn defaults to rewrite.prompts.build_prompt, LaCLIP's template), so after ' =>' the model writes a target-like line and then '\\n'.
     Needs >= 4 pairs. With the defaults, ~20 s at one torch thread on a 2-core CPU
     (on a shared machine, torch.set_num_threads(1) avoids multi-thread stalls).
     """
     if len(pairs) < 4:
         raise ValueError(f"train_tiny_llama needs at least 4 (source, target) pairs, got {len(pairs)}")
-    prompt_fn = prompt_fn or _default_prompt_fn()
+    prompt_fn = prompt_fn or build_prompt
     rng = random.Random(seed)
     torch.manual_seed(seed)
     out, args = _start_dir(out_dir, _documents(pairs, 64, prompt_fn, rng), vocab_size, mp, dim=dim,

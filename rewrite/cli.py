@@ -1,0 +1,45 @@
+"""The fire entry point of llama_rewrite.py: flags (rewrite/cli_args.py) -> a checked
+Config -> the dry run or the run (rewrite/runner.py), with engine errors naming flags."""
+from __future__ import annotations
+
+import sys
+
+import fire
+
+from common.distributed import launched_as_rank0
+from rewrite.cli_args import flags_help, signature, validate
+from rewrite.launch import flag_names, teardown_parallel
+from rewrite.prompts import load_pool
+from rewrite.runner import run, write_dry_run
+
+
+def main(**flags) -> None:
+    cfg = validate(flags)
+    pool = load_pool(cfg.sample_mode, cfg.examples)
+    with flag_names(cfg.ckpt_dir, cfg.tokenizer_path, cfg.model_parallel_size):
+        if cfg.dry_run:
+            if launched_as_rank0():  # prompts need no model and no other process
+                write_dry_run(cfg, pool)
+            return
+        try:
+            run(cfg, pool)
+        finally:
+            teardown_parallel()
+
+
+main.__signature__ = signature()
+main.__doc__ = f"""Rewrite each line of --prompt_filename into the same line of --output_filename.
+
+Args:
+{flags_help()}
+"""
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """fire entry point; bad flags and files end with one clear line, exit status 2."""
+    try:
+        fire.Fire(main, command=argv, name="llama_rewrite.py")
+    except (ValueError, OSError) as e:
+        print(f"llama_rewrite.py: error: {e}", file=sys.stderr)
+        return 2
+    return 0
