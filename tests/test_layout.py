@@ -1,0 +1,106 @@
+"""The repository's layering, read from the source: one import name per module, the
+engine free of the project, no import cycle, no sys.path edits but the one bootstrap."""
+from __future__ import annotations
+
+import ast
+import importlib
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("common", "models", "training", "rewrite", "testkit")
+TOP_MODULES = ("tokenizer", "imagenet_templates", "imagenet_data", "zeroshot", "train", "demo",
+               "eval_zeroshot_imagenet", "eval_zeroshot_imagenet_laion")
+ENGINE_DEPS = {"torch", "fairscale", "sentencepiece", "tokenizers", "safetensors"}
+BOOTSTRAP = ROOT / "rewrite" / "llama_rewrite.py"
+
+
+def project_modules() -> dict[str, Path]:
+    """Import name -> file, for every module of the project (tests and benchmarks aside)."""
+    found = {name: ROOT / f"{name}.py" for name in TOP_MODULES}
+    for pkg in PACKAGES:
+        for path in (ROOT / pkg).rglob("*.py"):
+            parts = path.relative_to(ROOT).with_suffix("").parts
+            found[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return found
+
+
+def imported_names(name: str, path: Path) -> set[str]:
+    """Absolute names of every module `path` imports (relative imports resolved)."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(anchor + ([base] if base else []))
+            names.add(base)
+            names.update(f"{base}.{a.name}" for a in node.names)  # `from pkg import module`
+    return names
+
+
+MODULES = project_modules()
+
+
+def project_imports(name: str) -> set[str]:
+    return {n for n in imported_names(name, MODULES[name]) if n in MODULES and n != name}
+
+
+def test_the_project_modules_are_found():
+    assert {"rewrite.llama.model", "rewrite.cli_args", "common.distributed", "training.data",
+            "testkit.tiny_llama", "train"} <= set(MODULES)
+
+
+@pytest.mark.parametrize("name", sorted(MODULES))
+def test_every_module_imports_by_its_one_name(name):
+    module = importlib.import_module(name)
+    assert Path(module.__file__).resolve() == MODULES[name].resolve()
+
+
+def test_the_engine_imports_nothing_of_the_project():
+    for name in (n for n in MODULES if n == "rewrite.llama" or n.startswith("rewrite.llama.")):
+        for imp in imported_names(name, MODULES[name]):
+            top = imp.split(".")[0]
+            assert imp.startswith("rewrite.llama") or top in ENGINE_DEPS or top in sys.stdlib_module_names, \
+                f"{name} imports {imp}"
+
+
+def test_library_layers_point_down():
+    """common/ is the bottom; nothing of the library imports the test and demo helpers."""
+    for name in MODULES:
+        deps = project_imports(name)
+        if name.startswith("common"):
+            assert all(d.startswith("common") for d in deps), (name, deps)
+        if not name.startswith("testkit") and name != "demo":
+            assert not any(d.startswith("testkit") for d in deps), (name, deps)
+
+
+def test_no_import_cycle():
+    graph = {name: {d for d in project_imports(name) if not name.startswith(d + ".")} for name in MODULES}
+    state: dict[str, int] = {}
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for nxt in graph[node]:
+            assert state.get(nxt) != 1, "import cycle: " + " -> ".join(path + [nxt])
+            if nxt not in state:
+                visit(nxt, path + [nxt])
+        state[node] = 2
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [name])
+
+
+def test_no_sys_path_edits_but_the_bootstrap():
+    files = [p for p in ROOT.rglob("*.py") if ".git" not in p.parts and p != BOOTSTRAP]
+    offenders = [str(p.relative_to(ROOT)) for p in files
+                 if any(isinstance(n, ast.Attribute) and n.attr == "path" and isinstance(n.value, ast.Name)
+                        and n.value.id == "sys" for n in ast.walk(ast.parse(p.read_text())))]
+    assert offenders == []
