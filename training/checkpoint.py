@@ -37,6 +37,9 @@ def _atomic_write(path: str, write: Callable[[str], None]) -> None:
             os.remove(tmp)
 
 
+atomic_write = _atomic_write  # also used by evaluation/features.py (to move to common/fileio.py)
+
+
 def atomic_save(obj: Any, path: str) -> None:
     _atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
