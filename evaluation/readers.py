@@ -130,8 +130,8 @@ def _sun397(root: str, split: str) -> Listing:
     candidates = [os.path.join(root, "Partitions", name), os.path.join(root, "SUN397", "Partitions", name)]
     part = next((p for p in candidates if os.path.isfile(p)), None)
     if part is None:
-        raise LayoutError(f"--split {split}: sun397 needs the official partition file {candidates[0]!r} "
-                          f"(Partitions.zip of the SUN397 release); --split all needs none")
+        raise LayoutError(f"--dataset_root: the {split} split of sun397 needs the official partition file "
+                          f"{candidates[0]!r} (Partitions.zip of the SUN397 release); --split all needs none")
     base = os.path.join(root, "SUN397")
     index = {os.path.normpath(p): i for i, p in enumerate(listing.paths)}
     with open(part, encoding="utf-8") as f:

@@ -36,7 +36,10 @@ class OutputLock:
 
     def __init__(self, output: str):
         self.path = output + ".lock"
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise OSError(f"--output: cannot create {self.path!r} next to the result ({err.strerror})") from err
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -82,15 +82,25 @@ def plan(dataset: str, task: str, root: str, model_kind: str, settings: Settings
         job.train = read_split(dataset, root, settings.train_split or spec.train_split, "--train_split")
         val_split = settings.val_split or spec.val_split
         job.val = read_split(dataset, root, val_split, "--val_split") if val_split else None
-        for other in (job.train, job.val):
-            if other is not None and other.classnames != job.test.classnames:
-                raise ValueError(f"--dataset_root: the {other.split} and {test_split} splits of {dataset} "
-                                 f"name different classes; the linear probe needs one label space")
-            if other is not None and other.split == test_split:
-                raise ValueError(f"--{'train' if other is job.train else 'val'}_split {other.split}: the same "
-                                 f"split as the test split")
+        _check_apart(job)
     _custom_names(job.test, settings)
     return job
+
+
+def _check_apart(job: Job) -> None:
+    """One label space, and no image in two of train / val / test (trainval with val, say)."""
+    named = [(job.test, "--split"), (job.train, "--train_split"), (job.val, "--val_split")]
+    named = [(s, flag) for s, flag in named if s is not None]
+    for i, (a, flag_a) in enumerate(named):
+        for b, flag_b in named[i + 1:]:
+            if a.classnames != b.classnames:
+                raise ValueError(f"--dataset_root: the {a.split} and {b.split} splits of {job.dataset} name "
+                                 f"different classes; the linear probe needs one label space")
+            shared = (a.split == b.split or (a.listing.paths is not None and b.listing.paths is not None
+                                             and not set(a.listing.paths).isdisjoint(b.listing.paths)))
+            if shared:
+                raise ValueError(f"{flag_b} {b.split}: shares images with {flag_a} {a.split}; the splits of a "
+                                 f"probe must be apart")
 
 
 def _probe(job: Job, em: EvalModel, cache: FeatureCache, opts: RunOptions,

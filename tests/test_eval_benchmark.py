@@ -275,6 +275,7 @@ def test_bad_invocations_stop_before_work(tmp_path, ckpt, capsys):
         ({"--output": [str(tmp_path / "no" / "x.json")]}, "--output: folder of"),
         ({"--custom_template_file": [str(tmp_path / "t.json")]}, "--custom_template_file: cannot read"),
         ({"--output": ["{dataset}_{checkpoint}.json"]}, r"--output .*unknown placeholder \{checkpoint\}"),
+        ({"--task": ["linear_probe"], "--val_split": ["test"]}, "--val_split test: shares images with --split test"),
     ]
     for extra, expect in cases:
         argv = [a for flag, values in {**base, **extra}.items() for a in (flag, *values)]

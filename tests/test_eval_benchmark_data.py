@@ -177,7 +177,7 @@ def test_bad_inputs_are_one_line_naming_flag_and_layout(roots, tmp_path, case):
         name, split = "sun397", "train"
         root = bf.make("sun397", tmp_path)
         os.rename(os.path.join(root, "Partitions"), os.path.join(root, "parts"))
-        expect = r"--split train: sun397 needs the official partition file .*Training_01.txt"
+        expect = r"--dataset_root: the train split of sun397 needs the official partition file .*Training_01.txt"
     elif case == "not_wordnet":
         name, root = "imagenet1k", bf.make("imagenet1k", tmp_path)
         os.makedirs(os.path.join(root, "val", "cats"))
