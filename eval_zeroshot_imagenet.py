@@ -10,6 +10,7 @@ import sys
 import torch
 
 import models
+from evaluation.models import load_preset
 from tokenizer import SimpleTokenizer
 from zeroshot import add_eval_args, check_eval_args, eval_transform, run_eval_cli
 
@@ -21,11 +22,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def load_model(name: str, ckpt_path: str, device: torch.device) -> torch.nn.Module:
-    models.check_preset(name)
-    state = models.load_checkpoint_state(ckpt_path)  # checks the file before building the model
-    model = models.get_model(name, rand_embed=False)
-    models.load_into(model, state, name, ckpt_path)
-    return model.to(device).eval()
+    return load_preset(name, ckpt_path, device)
 
 
 def main(argv: list[str] | argparse.Namespace | None = None) -> dict:

@@ -44,7 +44,7 @@ def resolve_templates(spec: str) -> list[str]:
     return templates
 
 
-def list_class_folders(val_dir: str) -> list[str]:
+def list_class_folders(val_dir: str, flag: str = "--imagenet-root") -> list[str]:
     entries = list(os.scandir(val_dir))
     folders = sorted(e.name for e in entries if e.is_dir())
     if not folders:
@@ -52,7 +52,7 @@ def list_class_folders(val_dir: str) -> list[str]:
         images = sum(1 for e in entries if is_image_file(e.name))
         hint = (f"; it holds {images} images directly: move them into one folder per WordNet ID "
                 f"(e.g. with ImageNet's valprep.sh)") if images else ""
-        raise ValueError(f"--imagenet-root: {val_dir!r} has no class folders{hint}")
+        raise ValueError(f"{flag}: {val_dir!r} has no class folders{hint}")
     return folders
 
 
@@ -72,13 +72,13 @@ def class_names_for(folders: list[str], val_dir: str, classnames_file: str | Non
     return [_WNID_TO_NAME[f] for f in folders]
 
 
-def list_samples(val_dir: str, folders: list[str]) -> list[tuple[str, int]]:
+def list_samples(val_dir: str, folders: list[str], flag: str = "--imagenet-root") -> list[tuple[str, int]]:
     samples = []
     for label, folder in enumerate(folders):
         files = sorted(e.path for e in os.scandir(os.path.join(val_dir, folder))
                        if e.is_file() and is_image_file(e.name))
         if not files:
-            raise ValueError(f"--imagenet-root: class folder {os.path.join(val_dir, folder)!r} has no images")
+            raise ValueError(f"{flag}: class folder {os.path.join(val_dir, folder)!r} has no images")
         samples.extend((path, label) for path in files)
     return samples
 

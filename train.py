@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader
 
 import models
 from common.distributed import DistInfo, all_reduce_min_max, barrier, cleanup_distributed, init_distributed_mode
+from evaluation.periodic import add_benchmark_args, check_benchmark_args, run_benchmarks
 from training import checkpoint as ckpt_io
 from training.data import CaptionImageDataset, EpochSampler, check_root, sample_seed, train_transform
 from training.engine import CosineSchedule, Trainer, build_optimizer, train_one_epoch
@@ -66,6 +67,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="cut every epoch to this many optimizer steps (smoke runs; the lr schedule follows)")
     add("--dist-timeout", type=float, default=60.0, help="minutes a collective may wait (zero-shot eval runs on rank 0 alone)")
     add("--local_rank", "--local-rank", type=int, default=0, help=argparse.SUPPRESS)  # torch.distributed.launch
+    add_benchmark_args(p)  # --eval-benchmark DATASET=ROOT ... --eval-tasks --eval-every
     return p
 
 
@@ -99,6 +101,7 @@ def validate_args(args: argparse.Namespace) -> None:
     if args.imagenet_root:
         from imagenet_data import imagenet_val  # checks val/<wnid>/ now, not after an epoch
         imagenet_val(args.imagenet_root, transform=None)
+    check_benchmark_args(args)
     ckpt_io.resume_path(args.resume, args.output_dir)
 
 
@@ -177,7 +180,7 @@ def zero_shot(args, raw_model, tokenizer, info: DistInfo, amp: bool) -> dict | N
 
 
 def end_of_epoch(args, epoch: int, stats: dict, zs: dict | None, best_acc1: float | None,
-                 tr: Trainer, seconds: float) -> float | None:
+                 tr: Trainer, seconds: float, benchmark: dict | None = None) -> float | None:
     """Checkpoint and log.txt line (main process); returns the new best_acc1."""
     acc1 = zs["top1"] if zs else None
     if args.imagenet_root:  # best by zero-shot top-1; a failed evaluation is never best
@@ -189,6 +192,8 @@ def end_of_epoch(args, epoch: int, stats: dict, zs: dict | None, best_acc1: floa
               "skipped_images": stats["skipped_images"],
               "zeroshot_top1": acc1, "zeroshot_top5": zs["top5"] if zs else None,
               "best_acc1": best_acc1, "epoch_time_s": round(seconds, 3)}
+    if benchmark is not None:  # --eval-benchmark ran this epoch
+        record["benchmark"] = benchmark
     if tr.is_main:
         ckpt = ckpt_io.make_checkpoint(epoch + 1, tr.raw_model, tr.optimizer, tr.scaler, best_acc1, args)
         ckpt_io.save_checkpoint(ckpt, args.output_dir, is_best)
@@ -283,8 +288,9 @@ def run(args: argparse.Namespace, info: DistInfo) -> list[dict]:
         reseed(args.seed, epoch, info.rank)
         stats = train_one_epoch(tr, epoch)
         zs = zero_shot(args, st.model, tokenizer, info, amp=st.amp_dtype is not None)
-        best_acc1 = end_of_epoch(args, epoch, stats, zs, best_acc1, tr, time.time() - start)
-        records.append({"epoch": epoch, **stats, "zeroshot": zs})
+        bench = run_benchmarks(args, st.model, tokenizer, info.rank, info.device, epoch, amp=st.amp_dtype is not None)
+        best_acc1 = end_of_epoch(args, epoch, stats, zs, best_acc1, tr, time.time() - start, bench)
+        records.append({"epoch": epoch, **stats, "zeroshot": zs, "benchmark": bench})
     if tr.writer is not None:
         tr.writer.close()
     return records

@@ -1,6 +1,7 @@
 """Shared fixtures: everything a test needs is made here, offline, on the CPU."""
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -41,6 +42,29 @@ def make_imagenet(tmp_path):
         return write_imagenet(tmp_path / name, folders, per_class)
 
     return make
+
+
+TINY_OPEN_CLIP = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 224, "layers": 1, "width": 64, "head_width": 32, "patch_size": 32},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1},
+}
+
+
+@pytest.fixture
+def tiny_open_clip(tmp_path):
+    """A tiny open_clip model registered as 'LaCLIP-test-tiny' and its checkpoint as open_clip's
+    training writes it: (path, model, preprocess)."""
+    import open_clip
+    cfg_dir = tmp_path / "configs"
+    cfg_dir.mkdir()
+    (cfg_dir / "LaCLIP-test-tiny.json").write_text(json.dumps(TINY_OPEN_CLIP))
+    open_clip.add_model_config(str(cfg_dir))
+    torch.manual_seed(0)
+    model, _, preprocess = open_clip.create_model_and_transforms("LaCLIP-test-tiny", pretrained=None)
+    path = tmp_path / "laion_tiny.pt"
+    torch.save({"epoch": 32, "state_dict": {"module." + k: v for k, v in model.state_dict().items()}}, path)
+    return str(path), model.eval(), preprocess
 
 
 # torchrun's variables: a subprocess without them runs as one process.

@@ -16,7 +16,7 @@ import eval_zeroshot_imagenet_laion
 import models
 import zeroshot
 from common.distributed import resolve_device
-from conftest import write_image
+from conftest import TINY_OPEN_CLIP, write_image
 from imagenet_data import imagenet_val
 from imagenet_templates import IMAGENET_CLASSNAMES, IMAGENET_WNIDS, OPENAI_TEMPLATES, SIMPLE_TEMPLATES
 from tokenizer import SimpleTokenizer
@@ -228,26 +228,6 @@ def test_repeated_class_names_share_one_column_and_ties_go_to_the_first():
     loader = [(feats, torch.zeros(64, dtype=torch.long), [])]
     res = zeroshot.evaluate(Fixed(), classifier, loader, torch.device("cpu"), progress=False)
     assert res["top1"] == 100.0 and res["top5"] == 100.0
-
-
-TINY_OPEN_CLIP = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 224, "layers": 1, "width": 64, "head_width": 32, "patch_size": 32},
-    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1},
-}
-
-
-@pytest.fixture
-def tiny_open_clip(tmp_path):
-    cfg_dir = tmp_path / "configs"
-    cfg_dir.mkdir()
-    (cfg_dir / "LaCLIP-test-tiny.json").write_text(json.dumps(TINY_OPEN_CLIP))
-    open_clip.add_model_config(str(cfg_dir))
-    torch.manual_seed(0)
-    model, _, preprocess = open_clip.create_model_and_transforms("LaCLIP-test-tiny", pretrained=None)
-    path = tmp_path / "laion_tiny.pt"
-    torch.save({"epoch": 32, "state_dict": {"module." + k: v for k, v in model.state_dict().items()}}, path)
-    return str(path), model.eval(), preprocess
 
 
 def test_laion_eval_matches_independent_computation(make_imagenet, tiny_open_clip):
