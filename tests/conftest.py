@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -41,6 +42,27 @@ def make_imagenet(tmp_path):
         return write_imagenet(tmp_path / name, folders, per_class)
 
     return make
+
+
+def unwritable_dir(tmp_path) -> Path:
+    """A folder this process cannot create files in: a read-only one, or for root (whom
+    permissions do not stop) /sys/kernel, where nobody can create a file."""
+    folder = Path(tmp_path) / "read_only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    for candidate in (folder, Path("/sys/kernel")):
+        if candidate.is_dir() and not _can_create(candidate):
+            return candidate
+    pytest.skip("no folder here refuses writes to this user")
+
+
+def _can_create(folder: Path) -> bool:
+    try:
+        (folder / "laclip-probe").touch()
+    except OSError:
+        return False
+    (folder / "laclip-probe").unlink()
+    return True
 
 
 # torchrun's variables: a subprocess without them runs as one process.
