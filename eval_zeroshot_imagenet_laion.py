@@ -76,7 +76,7 @@ def mismatch_error(args: argparse.Namespace, model: torch.nn.Module, state: dict
 def load_model(args: argparse.Namespace, device: torch.device):
     """open_clip model + its validation transform, with the checkpoint loaded strictly."""
     check_model_name(args.model)
-    state = models.load_checkpoint_state(args.ckpt_path)
+    state = models.load_checkpoint_state(args.ckpt_path, trust=args.trust_checkpoint)
     # A file trained with open_clip's --siglip carries logit_bias; build the model with one so
     # the file loads strictly (the value is the file's; open_clip itself fails on such a file).
     extra = {"init_logit_bias": 0.0} if "logit_bias" in state else {}

@@ -153,6 +153,9 @@ def add_eval_args(parser: argparse.ArgumentParser, default_templates: str) -> ar
     parser.add_argument("--skip-bad-images", action="store_true",
                         help="skip unreadable images (counted and reported) instead of failing")
     parser.add_argument("--output-json", default=None, help="also write the results to this JSON file")
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="fully unpickle --ckpt-path (it can then run code); needed only for files that "
+                             "pickle objects beyond tensors, plain values and argparse.Namespace")
     return parser
 
 

@@ -16,7 +16,7 @@ import eval_zeroshot_imagenet_laion
 import models
 import zeroshot
 from common.distributed import resolve_device
-from conftest import write_image
+from conftest import write_image, write_payload_checkpoint
 from imagenet_data import imagenet_val
 from imagenet_templates import IMAGENET_CLASSNAMES, IMAGENET_WNIDS, OPENAI_TEMPLATES, SIMPLE_TEMPLATES
 from tokenizer import SimpleTokenizer
@@ -308,3 +308,19 @@ def test_laion_open_clip_training_checkpoints_load(tmp_path, make_imagenet, tiny
     args = base + ["--ckpt-path", str(plain)]
     args[args.index("--model") + 1] = "LaCLIP-test-tiny-bias"
     assert eval_zeroshot_imagenet_laion.main(args)["top1"] == expected["top1"]
+
+
+def test_a_checkpoint_that_would_run_code_needs_trust_checkpoint(tmp_path, make_imagenet, tiny_ckpt, tiny_open_clip):
+    """Both scripts refuse a file whose pickle calls a function, before running it; with
+    --trust-checkpoint they load it (and the payload runs: that is what trusting means)."""
+    root = make_imagenet(WNIDS[:2], per_class=1)
+    laion_state = tiny_open_clip[1].state_dict()
+    for script, model, state in ((eval_zeroshot_imagenet, "CLIP_TINY", tiny_ckpt[1].state_dict()),
+                                 (eval_zeroshot_imagenet_laion, "LaCLIP-test-tiny", laion_state)):
+        marker = tmp_path / f"ran_{model}"
+        path = write_payload_checkpoint(tmp_path / f"{model}.pt", state, marker)
+        args = eval_args(root, path, "--model", model, "--templates", "simple")
+        with pytest.raises(ValueError, match=f"--ckpt-path: {path!r} .*mkdir.*--trust-checkpoint"):
+            script.main(args)
+        assert not marker.exists()
+        assert script.main(args + ["--trust-checkpoint"])["images"] == 2 and marker.exists()
