@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 
 import models
 from common.distributed import (DistInfo, all_reduce_min_max, barrier, cleanup_distributed, init_distributed_mode,
-                                on_rank0)
+                                launched_as_rank0, on_rank0)
 from common.locking import FileLock
 from training import checkpoint as ckpt_io
 from training.output_dir import claim
@@ -106,8 +106,10 @@ def validate_args(args: argparse.Namespace) -> None:
     if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
         raise ValueError(f"--output-dir {args.output_dir!r} exists and is not a folder")
     if args.imagenet_root:
-        from imagenet_data import imagenet_val  # checks val/<wnid>/ now, not after an epoch
-        imagenet_val(args.imagenet_root, transform=None)
+        from imagenet_data import imagenet_val, not_evaluated_note  # checks val/<wnid>/ now, not after an epoch
+        note = not_evaluated_note(imagenet_val(args.imagenet_root, transform=None)[0])
+        if note and launched_as_rank0():
+            print(f"=> {note}")
     ckpt_io.resume_path(args.resume, args.output_dir)
 
 
