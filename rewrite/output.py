@@ -64,8 +64,20 @@ def read_record(path: Path) -> dict | None:
         record = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ResumeError(f"progress record {path} is unreadable ({e}); pass --overwrite to start over") from None
-    if not isinstance(record, dict) or record.get("version") != RECORD_VERSION:
+    if not isinstance(record, dict) or record.get("version") not in (1, RECORD_VERSION):
         raise ResumeError(f"progress record {path} is not one this version writes; pass --overwrite to start over")
+    return _from_version_1(record, path.with_name(path.name[:-len(RECORD_SUFFIX)]))
+
+
+def _from_version_1(record: dict, out: Path) -> dict:
+    """A record written before checksums (version 1) keeps its run: the committed bytes
+    are taken as they are (size still checked), and checked from then on."""
+    state = record.get("state")
+    if record.get("version") == 1 and isinstance(state, dict) and out.exists():
+        state.setdefault("out_bytes", out.stat().st_size)  # a merged output's record had no size
+        size = state["out_bytes"]
+        fits = isinstance(size, int) and 0 <= size <= out.stat().st_size
+        state.setdefault("out_blake2b", committed_checksum(out, size).hexdigest() if fits else "")
     return record
 
 

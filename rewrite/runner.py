@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from common.distributed import launched_as_rank0, on_every_rank, on_rank0
 from common.fileio import atomic_write
-from common.locking import FileLock, LockHeld
+from common.locking import FileLock
 from rewrite.cli_args import Config
 from rewrite.input_lines import InputInfo, Line, offset_of_line, read_lines, scan_input, share_range
 from rewrite.llama import Generator, ParallelInfo, Tokenizer, load_generator
@@ -174,9 +174,7 @@ def take_lock(path: Path, what: str, locks: list[FileLock]) -> None:
     """Lock `path` for the run (LockHeld names the holder), kept in `locks` for release()."""
     lock = FileLock(path, f"--output_filename {what}")
     try:
-        locks.append(lock.acquire())
-    except LockHeld:
-        raise
+        locks.append(lock.acquire())  # LockHeld (a ValueError) names the holder
     except OSError as e:
         raise ValueError(f"--output_filename {path}: cannot create its lock {lock.path} ({e.strerror or e})") from None
 

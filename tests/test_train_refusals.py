@@ -83,7 +83,7 @@ def test_stale_temporary_checkpoints_are_removed_at_start(tmp_path, capsys):
 
 
 def test_resume_with_other_settings_is_refused_unless_overridden(tmp_path, capsys):
-    data = make_train_data(tmp_path, n=8)
+    data = make_train_data(tmp_path, n=4)
     out = tmp_path / "out"
     train.main(train_argv(data, out, "--epochs", "1"))
     changed = train_argv(data, out, "--epochs", "1")
