@@ -109,6 +109,10 @@ def _check_span(path: str, first: int, last: int) -> None:
                          'with a quote; a quote inside it is written "".')
 
 
+def _not_utf8(text: str) -> bool:
+    return not text.isascii() and ESCAPED.search(text) is not None  # isascii: O(1), the common case
+
+
 def _add_row(row: list[str], line: int, table: CaptionTable, tally: CsvTallies, path: str) -> None:
     image = row[0].strip()
     if not is_image_file(image):
@@ -117,10 +121,10 @@ def _add_row(row: list[str], line: int, table: CaptionTable, tally: CsvTallies, 
         return
     if len(row) < 2:
         raise ValueError(f"--train-data {path!r}: line {line} has an image path but no caption: {row!r}")
-    if image != row[0]:
+    if len(image) != len(row[0]):
         tally.spaces.add(f"line {line}")
-    caption = ",".join(row[1:])  # an unquoted comma splits a caption into several fields; rejoin them
-    if ESCAPED.search(caption):
+    caption = row[1] if len(row) == 2 else ",".join(row[1:])  # an unquoted comma splits a caption: rejoin
+    if _not_utf8(caption):
         caption = as_windows_1252(caption)
         tally.latin.add(f"line {line}")
     table.paths.append(image)
@@ -134,12 +138,13 @@ def read_caption_csv(path: str) -> CaptionTable:
         reader, last = csv.reader(f), 0
         try:
             for row in reader:
-                _check_span(path, last + 1, reader.line_num)
+                if reader.line_num != last + 1:
+                    _check_span(path, last + 1, reader.line_num)
                 last = reader.line_num
-                if not row:
-                    tally.blank.add(f"line {last}")
-                else:
+                if row:
                     _add_row(row, last, table, tally, path)
+                else:
+                    tally.blank.add(f"line {last}")
         except csv.Error as err:
             raise ValueError(f"--train-data {path!r}: line {reader.line_num}: {err}") from err
     if not len(table.paths):
@@ -158,7 +163,7 @@ def read_rewrites(path: str, expected: int, csv_path: str) -> tuple[StringTable,
     with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="\n") as f:
         for k, line in enumerate(f, 1):
             line = line.rstrip("\r\n")
-            if ESCAPED.search(line):
+            if _not_utf8(line):
                 line = as_windows_1252(line)
                 latin.add(f"line {k}")
             table.append(line)
