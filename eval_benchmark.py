@@ -69,6 +69,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--no_amp", dest="amp", action="store_false", help="float32 on CUDA too (the CPU always uses float32)")
     add("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda if available)")
     add("--skip_bad_images", action="store_true", help="leave unreadable images out (counted and reported)")
+    add("--trust_checkpoint", "--trust-checkpoint", action="store_true",
+        help="allow a --pretrained file that pickles more than weights (it can run code: only for files you trust)")
     add("--skip_existing", action="store_true", help="skip a job whose --output exists")
     add("--quiet", dest="verbose", action="store_false", help="no progress bars")
     add("--table", nargs="+", default=None, metavar="RESULT",
@@ -166,7 +168,7 @@ def main(argv: list[str] | None = None) -> list[dict] | str:
     with contextlib.ExitStack() as locks:  # a second run on the same result stops here, at once
         for job in jobs:
             locks.enter_context(FileLock(Path(job.output), f"--output {job.output}"))
-        em = load_for_eval(args.model, args.pretrained, args.quickgelu, device)
+        em = load_for_eval(args.model, args.pretrained, args.quickgelu, device, trust=args.trust_checkpoint)
         opts = RunOptions(args.batch_size, args.num_workers, device, args.amp, args.skip_bad_images, args.verbose)
         cache, classifiers, records = FeatureCache(args.feature_root), ClassifierCache(em, opts), []
         for job in jobs:

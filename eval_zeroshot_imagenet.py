@@ -21,14 +21,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     return add_eval_args(parser, default_templates="simple")
 
 
-def load_model(name: str, ckpt_path: str, device: torch.device) -> torch.nn.Module:
-    return load_preset(name, ckpt_path, device)
+def load_model(name: str, ckpt_path: str, device: torch.device, trust: bool = False) -> torch.nn.Module:
+    return load_preset(name, ckpt_path, device, trust=trust)
 
 
 def main(argv: list[str] | argparse.Namespace | None = None) -> dict:
     args = argv if isinstance(argv, argparse.Namespace) else get_args_parser().parse_args(argv)
     device = check_eval_args(args)
-    model = load_model(args.model, args.ckpt_path, device)
+    model = load_model(args.model, args.ckpt_path, device, args.trust_checkpoint)
     return run_eval_cli(args, model, SimpleTokenizer(), eval_transform(), device)
 
 

@@ -24,7 +24,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def load_model(args: argparse.Namespace, device: torch.device):
     """open_clip model + its validation transform, with the checkpoint loaded strictly."""
-    return load_open_clip(args.model, args.ckpt_path, args.quickgelu, device)
+    return load_open_clip(args.model, args.ckpt_path, args.quickgelu, device, trust=args.trust_checkpoint)
 
 
 def main(argv: list[str] | argparse.Namespace | None = None) -> dict:

@@ -37,9 +37,11 @@ class EvalModel:
                 "checkpoint": os.path.abspath(self.checkpoint), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
-def load_preset(name: str, ckpt_path: str, device: torch.device, flag: str = "--ckpt-path") -> torch.nn.Module:
+def load_preset(name: str, ckpt_path: str, device: torch.device, flag: str = "--ckpt-path",
+                trust: bool = False) -> torch.nn.Module:
+    """trust: the user's --trust-checkpoint, allowing a file that pickles more than weights."""
     models.check_preset(name)
-    state = models.load_checkpoint_state(ckpt_path, flag)  # checks the file before building the model
+    state = models.load_checkpoint_state(ckpt_path, flag, trust=trust)  # checks the file before building the model
     model = models.get_model(name, rand_embed=False)
     models.load_into(model, state, name, ckpt_path, flag)
     return model.to(device).eval()
@@ -88,11 +90,11 @@ def fit_open_clip_state(model: torch.nn.Module, state: dict) -> dict:
 
 
 def load_open_clip(name: str, ckpt_path: str, quickgelu: bool, device: torch.device, flag: str = "--ckpt-path",
-                   preset_hint: str = "use eval_zeroshot_imagenet.py"):
+                   preset_hint: str = "use eval_zeroshot_imagenet.py", trust: bool = False):
     """open_clip model + its validation transform, with the checkpoint loaded strictly."""
     import open_clip
     check_open_clip_name(name)
-    state = models.load_checkpoint_state(ckpt_path, flag)
+    state = models.load_checkpoint_state(ckpt_path, flag, trust=trust)
     # A file trained with open_clip's --siglip carries logit_bias; build the model with one so
     # the file loads strictly (the value is the file's; open_clip itself fails on such a file).
     extra = {"init_logit_bias": 0.0} if "logit_bias" in state else {}
@@ -111,18 +113,18 @@ def load_open_clip(name: str, ckpt_path: str, quickgelu: bool, device: torch.dev
 
 
 def load_for_eval(name: str, ckpt_path: str, quickgelu: bool, device: torch.device,
-                  flag: str = "--pretrained") -> EvalModel:
+                  flag: str = "--pretrained", trust: bool = False) -> EvalModel:
     """A preset name loads this project's CLIP, anything else an open_clip model."""
     if name in models.PRESETS:
         from tokenizer import SimpleTokenizer
         from zeroshot import eval_transform
         if quickgelu:
             raise ValueError(f"--quickgelu is for open_clip models; {name} always uses QuickGELU")
-        model = load_preset(name, ckpt_path, device, flag)
+        model = load_preset(name, ckpt_path, device, flag, trust)
         return EvalModel(model, SimpleTokenizer(), eval_transform(), name, ckpt_path, PRESET)
     import open_clip
     model, transform = load_open_clip(name, ckpt_path, quickgelu, device, flag,
-                                      preset_hint=f"pass one of {', '.join(models.PRESETS)} as --model")
+                                      preset_hint=f"pass one of {', '.join(models.PRESETS)} as --model", trust=trust)
     return EvalModel(model, open_clip.get_tokenizer(name), transform, name, ckpt_path, OPEN_CLIP, quickgelu)
 
 

@@ -191,8 +191,8 @@ def _imagenet(root: str, split: str) -> Listing:
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"no folder {folder!r}")
     wnids = list_class_folders(folder, "--dataset_root")
-    samples = list_samples(folder, wnids, "--dataset_root")
-    return Listing([y for _, y in samples], [p for p, _ in samples], classes=wnids)
+    samples, left_out = list_samples(folder, wnids, "--dataset_root")
+    return Listing([y for _, y in samples], [p for p, _ in samples], classes=wnids, unlisted=len(left_out))
 
 
 _JPG = (".jpg", ".jpeg")
