@@ -2,6 +2,7 @@
 
     python bench/bench_rewrite.py                 # 256 captions, batch 16, 1 torch thread
     python bench/bench_rewrite.py --n 128 --max_batch_size 8
+    python bench/bench_rewrite.py --ablation      # our schedule with parts switched off
 
 Both engines run the same tiny model (float32, CPU) on the same in-context
 prompts (3 example pairs + caption, FORMATS.md section 4, built with
@@ -22,6 +23,13 @@ Two settings:
 Time is this process's CPU time (one thread: shared cores skew it less than
 wall time); wall time is printed too. A greedy run on the trained model checks
 that both engines write the same rewrites.
+
+--ablation runs only the trained setting, at batch sizes 16 and 100 (LaCLIP's),
+on 8 batches' worth of captions each, our engine against itself with parts of
+its schedule switched off (see ABLATION); every variant must write the same
+texts. Each variant runs --repeats times, interleaved; captions/s and ratios
+use each variant's fastest run (noise from other processes on shared cores
+only adds time), the median run is printed too.
 """
 from __future__ import annotations
 
@@ -104,14 +112,17 @@ def cut_at(ids: list[int], stops: set[int]) -> list[int]:
 
 
 def count_forwards(model: torch.nn.Module) -> list[int]:
-    """Wrap model.forward; the returned list counts [calls, multi-column calls, rows x columns fed]."""
-    counts = [0, 0, 0]
+    """Wrap model.forward; the returned list counts [calls, multi-column calls, rows x columns fed,
+    rows x key columns attended by 1-column calls (the K/V a decode step reads)]."""
+    counts = [0, 0, 0, 0]
     forward = model.forward
 
     def counted(tokens, *a, **k):
         counts[0] += 1
         counts[1] += tokens.shape[1] > 1
         counts[2] += tokens.numel()
+        if tokens.shape[1] == 1:
+            counts[3] += tokens.shape[0] * (k.get("start", a[3] if len(a) > 3 else 0) + 1)
         return forward(tokens, *a, **k)
 
     model.forward = counted
@@ -132,7 +143,7 @@ def compare(name: str, gen: Generator, prompts: list[list[int]], max_gen_len: in
     torch.manual_seed(1)
     calls = count_forwards(gen.model)
     base, base_cpu, base_wall = timed(lambda: meta_schedule(gen, prompts, max_gen_len, 0.9, 0.95, cache))
-    base_calls, calls[:] = list(calls), [0, 0, 0]
+    base_calls, calls[:] = list(calls), [0, 0, 0, 0]
     ours, ours_cpu, ours_wall = timed(lambda: gen.generate(prompts, max_gen_len, temperature, 0.95, seeds, stop))
     ours_calls = list(calls)
     del gen.model.forward  # back to the class's method
@@ -152,6 +163,53 @@ def compare(name: str, gen: Generator, prompts: list[list[int]], max_gen_len: in
     return [cut_rewrite(tok.decode(o)) for o in ours]
 
 
+# (name, compact_below, hand_off_below): a threshold of 0 is never reached, which switches that part off.
+ABLATION = (("full engine", 0.75, 0.5),
+            ("no hand-off", 0.75, 0.0),
+            ("no hand-off, no compaction", 0.0, 0.0))
+
+
+def percentiles(xs: list[int], qs=(0, 10, 25, 50, 75, 90, 99, 100)) -> str:
+    xs = sorted(xs)
+    return ", ".join(f"p{q} {xs[min(len(xs) - 1, q * len(xs) // 100)]}" for q in qs)
+
+
+def ablation(gen: Generator, prompts: list[list[int]], max_gen_len: int, batch_sizes: list[int],
+             repeats: int) -> None:
+    """Time ABLATION's variants on the same prompts; check they write the same texts."""
+    for bs in batch_sizes:
+        gen.max_batch_size = bs
+        batch = prompts[:8 * bs]
+        n, seeds = len(batch), list(range(len(batch)))
+        texts, steps, cpu = {}, {}, {name: [] for name, _, _ in ABLATION}
+        for name, compact, hand_off in ABLATION:  # an untimed run per variant: texts, forward passes
+            gen.compact_below, gen.hand_off_below = compact, hand_off
+            calls, before = count_forwards(gen.model), gen.stats
+            texts[name] = gen.generate(batch, max_gen_len, 0.9, 0.95, seeds)
+            del gen.model.forward
+            steps[name] = (gen.stats["batches"] - before["batches"], gen.stats["hand_offs"] - before["hand_offs"],
+                           calls[0] - calls[1], calls[3])
+        for _ in range(repeats):
+            for name, compact, hand_off in ABLATION:
+                gen.compact_below, gen.hand_off_below = compact, hand_off
+                cpu[name].append(timed(lambda: gen.generate(batch, max_gen_len, 0.9, 0.95, seeds))[1])
+        lens = [len(o) for o in texts[ABLATION[0][0]]]
+        print(f"[ablation, trained, batch {bs}] {n} captions, prompts {min(map(len, batch))}-"
+              f"{max(map(len, batch))} tokens; completion tokens {percentiles(lens)}, "
+              f"{sum(x == max_gen_len for x in lens)} reach --max_gen_len {max_gen_len}")
+        best = {name: min(t) for name, t in cpu.items()}
+        full = ABLATION[0][0]
+        for name, _, _ in ABLATION:
+            med = sorted(cpu[name])[len(cpu[name]) // 2]
+            same = sum(a == b for a, b in zip(texts[name], texts[full]))
+            mb, ho, dec, kv = steps[name]
+            print(f"  {name:27s}: {n / best[name]:7.1f} captions/s CPU (median {n / med:7.1f}); "
+                  f"full/this {best[name] / best[full]:5.2f}x (median {med / sorted(cpu[full])[repeats // 2]:5.2f}x); "
+                  f"{mb} micro-batches, {ho} rows handed off, {dec} decode steps reading {kv} row x key columns; "
+                  f"texts identical to the full engine: {same}/{n}")
+    gen.compact_below, gen.hand_off_below = ABLATION[0][1:]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n", type=int, default=256, help="captions to rewrite")
@@ -160,16 +218,24 @@ def main() -> None:
     ap.add_argument("--max_gen_len", type=int, default=77)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: steady figures on shared cores)")
     ap.add_argument("--train_steps", type=int, default=300)
+    ap.add_argument("--ablation", action="store_true", help="only the schedule ablation (trained model)")
+    ap.add_argument("--repeats", type=int, default=5, help="timed runs per ablation variant")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     rng = random.Random(0)
     pool = [synthetic_pair(rng) for _ in range(400)]
-    captions = [synthetic_pair(rng)[0] for _ in range(a.n)]
+    captions = [synthetic_pair(rng)[0] for _ in range(800 if a.ablation else a.n)]
     texts = [build_prompt(random.Random(i).sample(pool, 3), c) for i, c in enumerate(captions)]
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         trained = train_tiny_llama(Path(tmp) / "trained", pool, build_prompt, steps=a.train_steps)
         print(f"trained the tiny model (dim 64, 2 layers) in {time.perf_counter() - t0:.0f} s")
+        if a.ablation:
+            gen = load_generator(str(trained), str(trained / "tokenizer.model"), a.max_seq_len, 100,
+                                 ParallelInfo.single(torch.device("cpu")))
+            prompts = [gen.tokenizer.encode(t, bos=True, eos=False) for t in texts]
+            ablation(gen, prompts, a.max_gen_len, [16, 100], a.repeats)
+            return
         rand = make_tiny_llama(Path(tmp) / "random", texts[:64], dim=64, n_layers=2, n_heads=4)
         for name, d in (("random", rand), ("trained", trained)):
             gen = load_generator(str(d), str(d / "tokenizer.model"), a.max_seq_len, a.max_batch_size,
