@@ -27,9 +27,11 @@ that both engines write the same rewrites.
 --ablation runs only the trained setting, at batch sizes 16 and 100 (LaCLIP's),
 on 8 batches' worth of captions each, our engine against itself with parts of
 its schedule switched off (see ABLATION); every variant must write the same
-texts. Each variant runs --repeats times, interleaved; captions/s and ratios
-use each variant's fastest run (noise from other processes on shared cores
-only adds time), the median run is printed too.
+texts. Each variant runs --repeats times, in rounds of one run per variant;
+captions/s is from a variant's fastest run (other processes on the shared
+cores only add time), the ratio against the full engine is the median over
+rounds of the two runs' time ratio (paired: robust to load that drifts), with
+its lowest and highest round.
 """
 from __future__ import annotations
 
@@ -197,16 +199,14 @@ def ablation(gen: Generator, prompts: list[list[int]], max_gen_len: int, batch_s
         print(f"[ablation, trained, batch {bs}] {n} captions, prompts {min(map(len, batch))}-"
               f"{max(map(len, batch))} tokens; completion tokens {percentiles(lens)}, "
               f"{sum(x == max_gen_len for x in lens)} reach --max_gen_len {max_gen_len}")
-        best = {name: min(t) for name, t in cpu.items()}
         full = ABLATION[0][0]
         for name, _, _ in ABLATION:
-            med = sorted(cpu[name])[len(cpu[name]) // 2]
+            ratios = sorted(t / f for t, f in zip(cpu[name], cpu[full]))  # paired: rounds ran back to back
             same = sum(a == b for a, b in zip(texts[name], texts[full]))
             mb, ho, dec, kv = steps[name]
-            print(f"  {name:27s}: {n / best[name]:7.1f} captions/s CPU (median {n / med:7.1f}); "
-                  f"full/this {best[name] / best[full]:5.2f}x (median {med / sorted(cpu[full])[repeats // 2]:5.2f}x); "
-                  f"{mb} micro-batches, {ho} rows handed off, {dec} decode steps reading {kv} row x key columns; "
-                  f"texts identical to the full engine: {same}/{n}")
+            print(f"  {name:27s}: {n / min(cpu[name]):6.1f} captions/s CPU; full/this {ratios[repeats // 2]:.3f}x "
+                  f"(rounds {ratios[0]:.2f}-{ratios[-1]:.2f}); {mb} micro-batches, {ho} rows handed off, "
+                  f"{dec} decode steps reading {kv} row x key columns; texts as the full engine's: {same}/{n}")
     gen.compact_below, gen.hand_off_below = ABLATION[0][1:]
 
 
@@ -219,7 +219,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: steady figures on shared cores)")
     ap.add_argument("--train_steps", type=int, default=300)
     ap.add_argument("--ablation", action="store_true", help="only the schedule ablation (trained model)")
-    ap.add_argument("--repeats", type=int, default=5, help="timed runs per ablation variant")
+    ap.add_argument("--repeats", type=int, default=7, help="timed runs per ablation variant")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     rng = random.Random(0)
