@@ -26,12 +26,13 @@ that both engines write the same rewrites.
 
 --ablation runs only the trained setting, at batch sizes 16 and 100 (LaCLIP's),
 on 8 batches' worth of captions each, our engine against itself with parts of
-its schedule switched off (see ABLATION); every variant must write the same
-texts. Each variant runs --repeats times, in rounds of one run per variant;
-captions/s is from a variant's fastest run (other processes on the shared
-cores only add time), the ratio against the full engine is the median over
-rounds of the two runs' time ratio (paired: robust to load that drifts), with
-its lowest and highest round.
+its schedule switched off (ABLATION: today the compaction of finished rows; a
+straggler hand-off measured here earlier did not pay and was removed, see
+bench/README.md); every variant must write the same texts. Each variant runs
+--repeats times, in rounds of one run per variant; captions/s is from a
+variant's fastest run (other processes on the shared cores only add time), the
+ratio against the full engine is the median over rounds of the two runs' time
+ratio (paired: robust to load that drifts), with its lowest and highest round.
 """
 from __future__ import annotations
 
@@ -47,6 +48,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from rewrite.llama import Generator, ParallelInfo, load_generator, make_tiny_llama, train_tiny_llama  # noqa: E402
+from rewrite.llama import generation  # noqa: E402
 from rewrite.llama.generation import sample  # noqa: E402
 from rewrite.prompts import build_prompt, cut_rewrite  # noqa: E402
 
@@ -165,10 +167,9 @@ def compare(name: str, gen: Generator, prompts: list[list[int]], max_gen_len: in
     return [cut_rewrite(tok.decode(o)) for o in ours]
 
 
-# (name, compact_below, hand_off_below): a threshold of 0 is never reached, which switches that part off.
-ABLATION = (("full engine", 0.75, 0.5),
-            ("no hand-off", 0.75, 0.0),
-            ("no hand-off, no compaction", 0.0, 0.0))
+# (name, generation.COMPACT_BELOW): 0 is never reached, so finished rows are never dropped.
+ABLATION = (("full engine", generation.COMPACT_BELOW),
+            ("no compaction", 0.0))
 
 
 def percentiles(xs: list[int], qs=(0, 10, 25, 50, 75, 90, 99, 100)) -> str:
@@ -179,35 +180,36 @@ def percentiles(xs: list[int], qs=(0, 10, 25, 50, 75, 90, 99, 100)) -> str:
 def ablation(gen: Generator, prompts: list[list[int]], max_gen_len: int, batch_sizes: list[int],
              repeats: int) -> None:
     """Time ABLATION's variants on the same prompts; check they write the same texts."""
-    for bs in batch_sizes:
-        gen.max_batch_size = bs
-        batch = prompts[:8 * bs]
-        n, seeds = len(batch), list(range(len(batch)))
-        texts, steps, cpu = {}, {}, {name: [] for name, _, _ in ABLATION}
-        for name, compact, hand_off in ABLATION:  # an untimed run per variant: texts, forward passes
-            gen.compact_below, gen.hand_off_below = compact, hand_off
-            calls, before = count_forwards(gen.model), gen.stats
-            texts[name] = gen.generate(batch, max_gen_len, 0.9, 0.95, seeds)
-            del gen.model.forward
-            steps[name] = (gen.stats["batches"] - before["batches"], gen.stats["hand_offs"] - before["hand_offs"],
-                           calls[0] - calls[1], calls[3])
-        for _ in range(repeats):
-            for name, compact, hand_off in ABLATION:
-                gen.compact_below, gen.hand_off_below = compact, hand_off
-                cpu[name].append(timed(lambda: gen.generate(batch, max_gen_len, 0.9, 0.95, seeds))[1])
-        lens = [len(o) for o in texts[ABLATION[0][0]]]
-        print(f"[ablation, trained, batch {bs}] {n} captions, prompts {min(map(len, batch))}-"
-              f"{max(map(len, batch))} tokens; completion tokens {percentiles(lens)}, "
-              f"{sum(x == max_gen_len for x in lens)} reach --max_gen_len {max_gen_len}")
-        full = ABLATION[0][0]
-        for name, _, _ in ABLATION:
-            ratios = sorted(t / f for t, f in zip(cpu[name], cpu[full]))  # paired: rounds ran back to back
-            same = sum(a == b for a, b in zip(texts[name], texts[full]))
-            mb, ho, dec, kv = steps[name]
-            print(f"  {name:27s}: {n / min(cpu[name]):6.1f} captions/s CPU; full/this {ratios[repeats // 2]:.3f}x "
-                  f"(rounds {ratios[0]:.2f}-{ratios[-1]:.2f}); {mb} micro-batches, {ho} rows handed off, "
-                  f"{dec} decode steps reading {kv} row x key columns; texts as the full engine's: {same}/{n}")
-    gen.compact_below, gen.hand_off_below = ABLATION[0][1:]
+    try:
+        for bs in batch_sizes:
+            gen.max_batch_size = bs
+            batch = prompts[:8 * bs]
+            n, seeds = len(batch), list(range(len(batch)))
+            texts, work, cpu = {}, {}, {name: [] for name, _ in ABLATION}
+            for name, compact in ABLATION:  # an untimed run per variant: texts, forward passes
+                generation.COMPACT_BELOW = compact
+                calls = count_forwards(gen.model)
+                texts[name] = gen.generate(batch, max_gen_len, 0.9, 0.95, seeds)
+                del gen.model.forward
+                work[name] = calls[0] - calls[1], calls[3]
+            for _ in range(repeats):
+                for name, compact in ABLATION:
+                    generation.COMPACT_BELOW = compact
+                    cpu[name].append(timed(lambda: gen.generate(batch, max_gen_len, 0.9, 0.95, seeds))[1])
+            lens = [len(o) for o in texts[ABLATION[0][0]]]
+            print(f"[ablation, trained, batch {bs}] {n} captions, prompts {min(map(len, batch))}-"
+                  f"{max(map(len, batch))} tokens; completion tokens {percentiles(lens)}, "
+                  f"{sum(x == max_gen_len for x in lens)} reach --max_gen_len {max_gen_len}")
+            full = ABLATION[0][0]
+            for name, _ in ABLATION:
+                ratios = sorted(t / f for t, f in zip(cpu[name], cpu[full]))  # paired: rounds ran back to back
+                same = sum(a == b for a, b in zip(texts[name], texts[full]))
+                print(f"  {name:15s}: {n / min(cpu[name]):6.1f} captions/s CPU; "
+                      f"full/this {ratios[repeats // 2]:.3f}x (rounds {ratios[0]:.2f}-{ratios[-1]:.2f}); "
+                      f"{work[name][0]} decode steps reading {work[name][1]} row x key columns; "
+                      f"texts as the full engine's: {same}/{n}")
+    finally:
+        generation.COMPACT_BELOW = ABLATION[0][1]
 
 
 def main() -> None:
