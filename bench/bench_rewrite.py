@@ -2,9 +2,10 @@
 
     python -m bench.bench_rewrite                 # 256 captions, batch 16, 1 torch thread
     python -m bench.bench_rewrite --n 128 --max_batch_size 8
+    python -m bench.bench_rewrite --ablation      # our schedule with parts switched off
 
 Both engines run the same tiny model (float32, CPU) on the same in-context
-prompts (3 example pairs + caption, FORMATS.md section 4, built with
+prompts (3 example pairs + caption, docs/formats.md "The rewriting prompt", built with
 rewrite/prompts.py) of seeded synthetic alt-text captions. The baseline follows
 Meta's v1 `generate`: batches in file order, one KV cache of
 max_batch_size x max_seq_len, decoding from the shortest prompt's length while
@@ -22,6 +23,16 @@ Two settings:
 Time is this process's CPU time (one thread: shared cores skew it less than
 wall time); wall time is printed too. A greedy run on the trained model checks
 that both engines write the same rewrites.
+
+--ablation runs only the trained setting, at batch sizes 16 and 100 (LaCLIP's),
+on 8 batches' worth of captions each, our engine against itself with parts of
+its schedule switched off (ABLATION: today the compaction of finished rows; a
+straggler hand-off measured here earlier did not pay and was removed, see
+bench/README.md); every variant must write the same texts. Each variant runs
+--repeats times, in rounds of one run per variant; captions/s is from a
+variant's fastest run (other processes on the shared cores only add time), the
+ratio against the full engine is the median over rounds of the two runs' time
+ratio (paired: robust to load that drifts), with its lowest and highest round.
 """
 from __future__ import annotations
 
@@ -33,11 +44,10 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-from rewrite.llama import Generator, ParallelInfo, load_generator
-from testkit.tiny_llama import make_tiny_llama, train_tiny_llama
+from rewrite.llama import Generator, ParallelInfo, generation, load_generator
 from rewrite.llama.generation import sample
 from rewrite.prompts import build_prompt, cut_rewrite
+from testkit.tiny_llama import make_tiny_llama, train_tiny_llama
 
 ADJ = ("red old small vintage wooden bright quiet snowy golden modern tiny rusty colorful empty busy "
        "ancient white dark sunny misty").split()
@@ -103,14 +113,17 @@ def cut_at(ids: list[int], stops: set[int]) -> list[int]:
 
 
 def count_forwards(model: torch.nn.Module) -> list[int]:
-    """Wrap model.forward; the returned list counts [calls, multi-column calls, rows x columns fed]."""
-    counts = [0, 0, 0]
+    """Wrap model.forward; the returned list counts [calls, multi-column calls, rows x columns fed,
+    rows x key columns attended by 1-column calls (the K/V a decode step reads)]."""
+    counts = [0, 0, 0, 0]
     forward = model.forward
 
     def counted(tokens, *a, **k):
         counts[0] += 1
         counts[1] += tokens.shape[1] > 1
         counts[2] += tokens.numel()
+        if tokens.shape[1] == 1:
+            counts[3] += tokens.shape[0] * (k.get("start", a[3] if len(a) > 3 else 0) + 1)
         return forward(tokens, *a, **k)
 
     model.forward = counted
@@ -131,7 +144,7 @@ def compare(name: str, gen: Generator, prompts: list[list[int]], max_gen_len: in
     torch.manual_seed(1)
     calls = count_forwards(gen.model)
     base, base_cpu, base_wall = timed(lambda: meta_schedule(gen, prompts, max_gen_len, 0.9, 0.95, cache))
-    base_calls, calls[:] = list(calls), [0, 0, 0]
+    base_calls, calls[:] = list(calls), [0, 0, 0, 0]
     ours, ours_cpu, ours_wall = timed(lambda: gen.generate(prompts, max_gen_len, temperature, 0.95, seeds, stop))
     ours_calls = list(calls)
     del gen.model.forward  # back to the class's method
@@ -151,6 +164,51 @@ def compare(name: str, gen: Generator, prompts: list[list[int]], max_gen_len: in
     return [cut_rewrite(tok.decode(o)) for o in ours]
 
 
+# (name, generation.COMPACT_BELOW): 0 is never reached, so finished rows are never dropped.
+ABLATION = (("full engine", generation.COMPACT_BELOW),
+            ("no compaction", 0.0))
+
+
+def percentiles(xs: list[int], qs=(0, 10, 25, 50, 75, 90, 99, 100)) -> str:
+    xs = sorted(xs)
+    return ", ".join(f"p{q} {xs[min(len(xs) - 1, q * len(xs) // 100)]}" for q in qs)
+
+
+def ablation(gen: Generator, prompts: list[list[int]], max_gen_len: int, batch_sizes: list[int],
+             repeats: int) -> None:
+    """Time ABLATION's variants on the same prompts; check they write the same texts."""
+    try:
+        for bs in batch_sizes:
+            gen.max_batch_size = bs
+            batch = prompts[:8 * bs]
+            n, seeds = len(batch), list(range(len(batch)))
+            texts, work, cpu = {}, {}, {name: [] for name, _ in ABLATION}
+            for name, compact in ABLATION:  # an untimed run per variant: texts, forward passes
+                generation.COMPACT_BELOW = compact
+                calls = count_forwards(gen.model)
+                texts[name] = gen.generate(batch, max_gen_len, 0.9, 0.95, seeds)
+                del gen.model.forward
+                work[name] = calls[0] - calls[1], calls[3]
+            for _ in range(repeats):
+                for name, compact in ABLATION:
+                    generation.COMPACT_BELOW = compact
+                    cpu[name].append(timed(lambda: gen.generate(batch, max_gen_len, 0.9, 0.95, seeds))[1])
+            lens = [len(o) for o in texts[ABLATION[0][0]]]
+            print(f"[ablation, trained, batch {bs}] {n} captions, prompts {min(map(len, batch))}-"
+                  f"{max(map(len, batch))} tokens; completion tokens {percentiles(lens)}, "
+                  f"{sum(x == max_gen_len for x in lens)} reach --max_gen_len {max_gen_len}")
+            full = ABLATION[0][0]
+            for name, _ in ABLATION:
+                ratios = sorted(t / f for t, f in zip(cpu[name], cpu[full]))  # paired: rounds ran back to back
+                same = sum(a == b for a, b in zip(texts[name], texts[full]))
+                print(f"  {name:15s}: {n / min(cpu[name]):6.1f} captions/s CPU; "
+                      f"full/this {ratios[repeats // 2]:.3f}x (rounds {ratios[0]:.2f}-{ratios[-1]:.2f}); "
+                      f"{work[name][0]} decode steps reading {work[name][1]} row x key columns; "
+                      f"texts as the full engine's: {same}/{n}")
+    finally:
+        generation.COMPACT_BELOW = ABLATION[0][1]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n", type=int, default=256, help="captions to rewrite")
@@ -159,16 +217,24 @@ def main() -> None:
     ap.add_argument("--max_gen_len", type=int, default=77)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: steady figures on shared cores)")
     ap.add_argument("--train_steps", type=int, default=300)
+    ap.add_argument("--ablation", action="store_true", help="only the schedule ablation (trained model)")
+    ap.add_argument("--repeats", type=int, default=7, help="timed runs per ablation variant")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     rng = random.Random(0)
     pool = [synthetic_pair(rng) for _ in range(400)]
-    captions = [synthetic_pair(rng)[0] for _ in range(a.n)]
+    captions = [synthetic_pair(rng)[0] for _ in range(800 if a.ablation else a.n)]
     texts = [build_prompt(random.Random(i).sample(pool, 3), c) for i, c in enumerate(captions)]
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         trained = train_tiny_llama(Path(tmp) / "trained", pool, build_prompt, steps=a.train_steps)
         print(f"trained the tiny model (dim 64, 2 layers) in {time.perf_counter() - t0:.0f} s")
+        if a.ablation:
+            gen = load_generator(str(trained), str(trained / "tokenizer.model"), a.max_seq_len, 100,
+                                 ParallelInfo.single(torch.device("cpu")))
+            prompts = [gen.tokenizer.encode(t, bos=True, eos=False) for t in texts]
+            ablation(gen, prompts, a.max_gen_len, [16, 100], a.repeats)
+            return
         rand = make_tiny_llama(Path(tmp) / "random", texts[:64], dim=64, n_layers=2, n_heads=4)
         for name, d in (("random", rand), ("trained", trained)):
             gen = load_generator(str(d), str(d / "tokenizer.model"), a.max_seq_len, a.max_batch_size,

@@ -2,16 +2,12 @@
 
 Schedule of one `generate` call: prompts are sorted by length and taken in
 micro-batches of at most `max_batch_size`. A micro-batch is left-padded so all
-contexts end at the same cache column P (each row keeps its own RoPE positions
+prompts end at the same cache column P (each row keeps its own RoPE positions
 0, 1, ...; pad keys are masked), prefilled in one forward pass, then decoded
 one column per step into a cache of P + (tokens still allowed) columns. A row
 stops at its first stop token (EOS, and '\n' when asked) or its length limit;
 finished rows are dropped from the cache once a quarter of the live rows are
-done; when at most half of the batch is still going and prompts are waiting,
-those stragglers move into the next micro-batch with their cache rows and
-logits (K/V carry row-local RoPE positions, so they can move to other columns)
-and the new prompts fill the freed rows, instead of a few long completions
-stepping an almost empty batch.
+done (COMPACT_BELOW), so the long tail of a batch steps only its stragglers.
 
 Sampling draws one uniform number per (prompt, step) from a counter-based hash
 of (seed, step), so a prompt's text does not depend on the batch it lands in,
@@ -21,7 +17,6 @@ floating-point differences between batch shapes: exact in float64).
 from __future__ import annotations
 
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -33,6 +28,11 @@ from .tokenizer import Tokenizer
 
 _M64 = (1 << 64) - 1
 
+# Finished rows leave the cache once the live rows fall to this fraction of its rows. A module
+# constant, not a Generator argument: no caller has a reason to tune it (0.5 to 0.9 time the same,
+# see bench/README.md); bench/bench_rewrite.py --ablation sets it to 0 (never compact) to time it.
+COMPACT_BELOW = 0.75
+
 
 def _splitmix64(x: int) -> int:
     x = (x + 0x9E3779B97F4A7C15) & _M64
@@ -41,10 +41,10 @@ def _splitmix64(x: int) -> int:
     return x ^ (x >> 31)
 
 
-def uniforms(seed: int, n: int, start: int = 0) -> list[float]:
-    """Uniform numbers in [0, 1) for steps start..start+n-1; step t's depends only on (seed, t)."""
+def uniforms(seed: int, n: int) -> list[float]:
+    """Uniform numbers in [0, 1) for steps 0..n-1; step t's depends only on (seed, t)."""
     base = _splitmix64(seed & _M64)
-    return [(_splitmix64(base ^ t) >> 11) / float(1 << 53) for t in range(start, start + n)]
+    return [(_splitmix64(base ^ t) >> 11) / float(1 << 53) for t in range(n)]
 
 
 def _sorted_probs(probs: torch.Tensor, top_p: float, k: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,24 +84,21 @@ class Generator:
     """Generates continuations with a loaded `Transformer` (see `checkpoint.load_generator`)."""
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, max_seq_len: int, max_batch_size: int,
-                 parallel: Optional[ParallelInfo] = None, compact_below: float = 0.75,
-                 hand_off_below: float = 0.5):
+                 parallel: Optional[ParallelInfo] = None):
         self.model = model
         self.tokenizer = tokenizer
         self.max_seq_len = max_seq_len
         self.max_batch_size = max_batch_size
         self.parallel = parallel or ParallelInfo.single(model.tok_embeddings.weight.device)
-        self.compact_below = compact_below  # drop finished rows when active/rows falls to this
-        self.hand_off_below = hand_off_below  # move stragglers to the next batch below this fraction
         self.device = model.tok_embeddings.weight.device
         self.dtype = model.tok_embeddings.weight.dtype
         self._stats = {"prompts": 0, "generated_tokens": 0, "prompt_tokens": 0, "seconds": 0.0,
-                       "batches": 0, "hand_offs": 0}
+                       "batches": 0}
 
     @property
     def stats(self) -> dict:
-        """Cumulative over all `generate` calls: prompts, generated_tokens, prompt_tokens, seconds;
-        and batches (micro-batches run), hand_offs (rows moved on to a next micro-batch)."""
+        """Cumulative over all `generate` calls: prompts, generated_tokens, prompt_tokens, seconds,
+        batches (micro-batches run)."""
         return dict(self._stats)
 
     def _check(self, prompts: list[list[int]], seeds: list[int], max_gen_len: int) -> None:
@@ -133,14 +130,10 @@ class Generator:
         if stop_at_newline and self.tokenizer.newline_id is not None:
             stop.add(self.tokenizer.newline_id)
         rows = [_Row(p, s, min(max_gen_len, self.max_seq_len - len(p))) for p, s in zip(prompt_tokens, seeds)]
-        pending = deque(sorted((r for r in rows if r.limit > 0), key=lambda r: len(r.prompt)))
-        carry: Optional[_Carry] = None
-        while pending or carry:
-            n_new = min(len(pending), self.max_batch_size - (len(carry.rows) if carry else 0))
-            new = [pending.popleft() for _ in range(n_new)]
-            carry = self._batch(new, carry, temperature, top_p, stop, hand_off=bool(pending))
+        todo = sorted((r for r in rows if r.limit > 0), key=lambda r: len(r.prompt))
+        for b in range(0, len(todo), self.max_batch_size):
+            self._batch(todo[b:b + self.max_batch_size], temperature, top_p, stop)
             self._stats["batches"] += 1
-            self._stats["hand_offs"] += len(carry.rows) if carry else 0
         out = [r.out for r in rows]
         self._check_agreement(out)
         if self.device.type == "cuda":
@@ -152,62 +145,37 @@ class Generator:
         s["seconds"] += time.perf_counter() - t0
         return out
 
-    def _batch(self, new: list["_Row"], carry: Optional["_Carry"], temperature: float, top_p: float,
-               stop: set[int], hand_off: bool) -> Optional["_Carry"]:
-        """One micro-batch: stragglers carried in from the last one, then new prompts.
-
-        Every row's context (prompt + text so far) is right-aligned to end at
-        column P; the cache has P + (most tokens still allowed) columns.
-        """
-        rows = (carry.rows if carry else []) + new
+    def _batch(self, rows: list["_Row"], temperature: float, top_p: float, stop: set[int]) -> None:
+        """One micro-batch: prompts right-aligned to end at column P, prefilled in one pass into a
+        cache of P + (most tokens allowed) columns, then decoded until every row stops."""
         dev = self.device
-        lens = [len(r.prompt) + len(r.out) for r in rows]
-        P, G = max(lens), max(r.limit - len(r.out) for r in rows)
+        lens = [len(r.prompt) for r in rows]
+        P, G = max(lens), max(r.limit for r in rows)
         positions, key_valid = _layout(lens, P + G, dev)
         cache = self.model.new_cache(len(rows), P + G, dev, self.dtype)
-        logits = self._prefill(cache, carry, new, P, positions, key_valid)
+        tokens = torch.zeros(len(rows), P, dtype=torch.long)
+        for i, r in enumerate(rows):
+            tokens[i, P - len(r.prompt):] = torch.tensor(r.prompt)
+        logits = self.model(tokens.to(dev), positions[:, :P], None if key_valid is None else key_valid[:, :P],
+                            cache, 0, last_only=True)
         u = None
         if temperature > 0:  # [B, G]: row i's draw for its k-th token depends on (seed_i, k) only
-            u = torch.tensor([uniforms(r.seed, G, start=len(r.out)) for r in rows], device=dev)
-        return self._decode(rows, cache, logits, positions, key_valid, u, P, G, temperature, top_p, stop, hand_off)
-
-    def _prefill(self, cache: KVCache, carry: Optional["_Carry"], new: list["_Row"], P: int,
-                 positions: torch.Tensor, key_valid: Optional[torch.Tensor]) -> torch.Tensor:
-        """Fill cache columns [0, P): copy the carried rows' K/V, run new prompts in one pass.
-        Returns next-token logits [B, V] (carried rows first)."""
-        nc, parts = 0, []
-        if carry is not None:
-            nc, m = len(carry.rows), carry.cache[0][0].shape[2]
-            for (k, v), (ck, cv) in zip(cache, carry.cache):
-                k[:nc, :, P - m:P] = ck  # K already holds RoPE at row-local positions:
-                v[:nc, :, P - m:P] = cv  # moving it to other columns changes nothing
-            parts.append(carry.logits)
-        if new:  # only the columns new prompts occupy: carried rows may reach further left
-            n = max(len(r.prompt) for r in new)
-            tokens = torch.zeros(len(new), n, dtype=torch.long)
-            for i, r in enumerate(new):
-                tokens[i, n - len(r.prompt):] = torch.tensor(r.prompt)
-            masked = key_valid is not None and (nc > 0 or min(len(r.prompt) for r in new) < P)
-            view = [(k[nc:], v[nc:]) for k, v in cache]
-            parts.append(self.model(tokens.to(self.device), positions[nc:, P - n:P],
-                                    key_valid[nc:, :P] if masked else None, view, P - n, last_only=True))
-        return torch.cat(parts) if len(parts) > 1 else parts[0]
+            u = torch.tensor([uniforms(r.seed, G) for r in rows], device=dev)
+        self._decode(rows, cache, logits, positions, key_valid, u, P, G, temperature, top_p, stop)
 
     def _decode(self, rows: list["_Row"], cache: KVCache, logits: torch.Tensor, positions: torch.Tensor,
                 key_valid: Optional[torch.Tensor], u: Optional[torch.Tensor], P: int, G: int,
-                temperature: float, top_p: float, stop: set[int], hand_off: bool) -> Optional["_Carry"]:
-        """Sample and feed one column per step until every row stops, or hand stragglers off."""
-        B = len(rows)
-        live = list(range(B))  # batch row of each cache row; shrinks as finished rows are dropped
+                temperature: float, top_p: float, stop: set[int]) -> None:
+        """Sample and feed one column per step until every row stops."""
+        live = list(range(len(rows)))  # batch row of each cache row; shrinks as finished rows are dropped
         for t in range(G):
             nxt = sample(logits, temperature, top_p, None if u is None else u[:, t])
             for i, tok in zip(live, nxt.tolist()):
                 rows[i].push(tok, stop)
             keep = [j for j, i in enumerate(live) if not rows[i].done]
             if not keep:
-                return None
-            handing_off = hand_off and len(keep) <= self.hand_off_below * B
-            if len(keep) < len(live) and (handing_off or len(keep) <= self.compact_below * len(live)):
+                return
+            if len(keep) < len(live) and len(keep) <= COMPACT_BELOW * len(live):
                 idx = torch.tensor(keep, device=self.device)
                 cache, nxt, positions = _take(cache, idx), nxt[idx], positions[idx]
                 key_valid = None if key_valid is None else key_valid[idx]
@@ -216,11 +184,6 @@ class Generator:
             c = P + t  # cache column of the token being fed
             logits = self.model(nxt[:, None], positions[:, c:c + 1],
                                 None if key_valid is None else key_valid[:, :c + 1], cache, c, last_only=True)
-            if handing_off:  # stragglers join the next micro-batch with their cache and logits
-                m = max(len(rows[i].prompt) + len(rows[i].out) for i in live)
-                return _Carry([rows[i] for i in live], [(k[:, :, c + 1 - m:c + 1], v[:, :, c + 1 - m:c + 1])
-                                                       for k, v in cache], logits)
-        return None
 
     def _check_agreement(self, out: list[list[int]]) -> None:
         """MP ranks sample independently from identical logits; fail loudly if they ever diverge."""
@@ -259,16 +222,8 @@ class _Row:
             self.done = len(self.out) >= self.limit
 
 
-@dataclass
-class _Carry:
-    """Unfinished rows leaving a micro-batch, everything they have fed still cached."""
-    rows: list[_Row]
-    cache: KVCache  # per layer [n, H, m, D]: the last m columns, each row's context right-aligned
-    logits: torch.Tensor  # [n, V] next-token logits
-
-
 def _layout(lens: list[int], cols: int, dev: torch.device) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """For contexts right-aligned to end at column max(lens): row-local RoPE positions
+    """For prompts right-aligned to end at column max(lens): row-local RoPE positions
     [B, cols] and key validity [B, cols] (None when nothing is padded)."""
     P = max(lens)
     pad = torch.tensor([P - n for n in lens], device=dev)
