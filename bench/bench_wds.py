@@ -6,7 +6,8 @@ process against the number of shards.
 1. Throughput: the same JPEGs (bench_train's synthetic CC3M-like images) and two rewrites as
    a CSV + image folder + rewrite files, and as 8 tar shards + rewrite parquet files; both
    loaders as train.py builds them (decode, RandomResizedCrop, caption pick, tokenise, with
-   --workers processes), samples/s over the same number of batches, and the ratio.
+   --workers processes), samples/s over the same number of batches, median of --rounds
+   alternating rounds, and the ratio.
 2. Memory: 10 and 1000 shards of small samples with one rewrite parquet each; a fresh process
    per case reads --rss-samples samples through the loader (one process, no workers) and
    reports its peak RSS; printed as the ratio 1000/10 and the growth in MB.
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -69,12 +71,13 @@ def throughput(cli: argparse.Namespace, folder: str) -> tuple[float, float]:
                            augmented_caption_filelist=data["rewrites"], batch_size=cli.batch_size, workers=cli.workers)
     wds_args = loader_args(train_data=tars, rewrite_data=parquets, train_num_samples=n,
                            batch_size=cli.batch_size, workers=cli.workers)
-    rates = []
-    for args in (csv_args, wds_args):
-        loader, sampler = build_loader(args, DistInfo(), SimpleTokenizer())
-        sampler.set_epoch(0)
-        rates.append(bench_data(loader, batches))
-    return rates[0], rates[1]
+    loaders = [build_loader(args, DistInfo(), SimpleTokenizer()) for args in (csv_args, wds_args)]
+    rates: list[list[float]] = [[], []]
+    for epoch in range(cli.rounds):  # alternate, so both see the same load of a shared machine
+        for k, (loader, sampler) in enumerate(loaders):
+            sampler.set_epoch(epoch)
+            rates[k].append(bench_data(loader, batches))
+    return statistics.median(rates[0]), statistics.median(rates[1])
 
 
 def rss_child(folder: str, samples: int) -> None:
@@ -85,12 +88,14 @@ def rss_child(folder: str, samples: int) -> None:
                        train_num_samples=samples, batch_size=16, workers=0)
     loader, sampler = build_loader(args, DistInfo(), SimpleTokenizer())
     sampler.set_epoch(0)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     for _ in loader:
         pass
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    print(before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 
 
-def peak_rss(folder: Path, n_shards: int, samples: int) -> int:
+def peak_rss(folder: Path, n_shards: int, samples: int) -> tuple[int, int]:
+    """(peak RSS in KB before reading, after reading `samples` samples) of a fresh process."""
     import numpy as np
     from PIL import Image
     image = folder / "img.jpg"
@@ -108,7 +113,8 @@ def peak_rss(folder: Path, n_shards: int, samples: int) -> int:
     (root / "rewrites.txt").write_text(parquets)
     out = subprocess.run([sys.executable, "-m", "bench.bench_wds", "--rss-child", str(root), str(samples)],
                          capture_output=True, text=True, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    return int(out.stdout.split()[-1])
+    before, after = out.stdout.split()[-2:]
+    return int(before), int(after)
 
 
 def main() -> None:
@@ -116,6 +122,7 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=1024, help="images for the throughput comparison")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=3, help="throughput rounds per loader (median)")
     p.add_argument("--rss-samples", type=int, default=4000, help="samples read in each memory case")
     p.add_argument("--rss-child", nargs=2, help=argparse.SUPPRESS)
     cli = p.parse_args()
@@ -132,8 +139,10 @@ def main() -> None:
     print(f"loader, CSV + image folder : {csv_rate:8.1f} samples/s")
     print(f"loader, 8 tar shards       : {wds_rate:8.1f} samples/s")
     print(f"ratio shards/CSV           : {wds_rate / csv_rate:.2f}")
-    print(f"peak RSS reading {cli.rss_samples} samples: 10 shards {few / 1024:.1f} MB, 1000 shards "
-          f"{many / 1024:.1f} MB; ratio 1000/10 {many / few:.3f} (+{(many - few) / 1024:.1f} MB)")
+    print(f"peak RSS after reading {cli.rss_samples} samples: 10 shards {few[1] / 1024:.1f} MB, 1000 shards "
+          f"{many[1] / 1024:.1f} MB; ratio 1000/10 {many[1] / few[1]:.3f} ({(many[1] - few[1]) / 1024:+.1f} MB)")
+    print(f"growth while reading (peak after - peak before): 10 shards {(few[1] - few[0]) / 1024:.1f} MB, "
+          f"1000 shards {(many[1] - many[0]) / 1024:.1f} MB (imports and the loader: {few[0] / 1024:.0f} MB)")
 
 
 if __name__ == "__main__":
