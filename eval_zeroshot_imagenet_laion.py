@@ -1,6 +1,8 @@
-"""ImageNet zero-shot top-1 of LaCLIP's LAION-400M checkpoints (open_clip ViT-B-32 / ViT-B-16).
+"""ImageNet zero-shot top-1 of LaCLIP's LAION-400M checkpoints (open_clip ViT-B-32, ViT-B-16, ViT-L-14).
 
     python eval_zeroshot_imagenet_laion.py --imagenet-root PATH --ckpt-path CKPT --model ViT-B-32 --batch-size 128 --workers 8
+    # the released ViT-L/14 models were trained with QuickGELU:
+    python eval_zeroshot_imagenet_laion.py --imagenet-root PATH --ckpt-path CKPT --model ViT-L-14 --quickgelu
 """
 from __future__ import annotations
 
@@ -16,9 +18,9 @@ from zeroshot import add_eval_args, check_eval_args, run_eval_cli
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="LaCLIP (LAION-400M, open_clip) ImageNet zero-shot evaluation")
-    parser.add_argument("--model", default="ViT-B-32", help="open_clip model name (ViT-B-32, ViT-B-16, ...)")
+    parser.add_argument("--model", default="ViT-B-32", help="open_clip model name (ViT-B-32, ViT-B-16, ViT-L-14, ...)")
     parser.add_argument("--quickgelu", action="store_true",
-                        help="use QuickGELU activations (for checkpoints trained with them)")
+                        help="use QuickGELU activations (for checkpoints trained with them: LaCLIP's ViT-L-14)")
     return add_eval_args(parser, default_templates="openai")
 
 

@@ -1,10 +1,14 @@
-"""Train CLIP or LaCLIP (CLIP with language-rewrite augmentation) on an image-caption CSV.
+"""Train CLIP or LaCLIP (CLIP with language-rewrite augmentation) on an image-caption CSV
+or on webdataset shards (img2dataset output, training/wds.py).
 
     # one process (CPU smoke run or one GPU)
     python train.py --train-data cc3m_original.csv --root /data/cc3m --model CLIP_VITB16 \
         --aug-text --augmented_caption_filelist cc3m_chatgpt.txt cc3m_bard.txt cc3m_mscoco.txt cc3m_human.txt
     # one node, 8 GPUs (add --nnodes/--node-rank/--rdzv-endpoint for several nodes)
     torchrun --nproc-per-node 8 train.py ...same flags...
+    # LAION-style shards, rewrites joined by sample key
+    torchrun --nproc-per-node 8 train.py --train-data 'laion/{00000..41407}.tar' --dataset-type webdataset \
+        --train-num-samples 400000000 --aug-text --rewrite-data 'rewrites/{00000..41407}.parquet' ...
 
 Setup lives here; the pieces are in `training/` (data, loss, engine, checkpoint,
 checkpoint; process groups in common/distributed.py). `python train.py --help` lists every flag.
@@ -33,16 +37,31 @@ from training import checkpoint as ckpt_io
 from training.output_dir import claim
 from training.data import CaptionImageDataset, EpochSampler, check_root, sample_seed, train_transform
 from training.engine import CosineSchedule, Trainer, build_optimizer, train_one_epoch
+from training.wds import ShardLoader
+from training.wds_loader import (build_webdataset_loader, check_not_webdataset_flags, check_webdataset_args,
+                                 data_state, dataset_type, restore_positions)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="LaCLIP / CLIP training", add_help=True)
     add = p.add_argument
-    add("--train-data", required=True, help="caption CSV: rows image_path,caption (header optional)")
+    add("--train-data", required=True, help="caption CSV: rows image_path,caption (header optional); or "
+        "webdataset shards as a brace pattern, 'laion/{00000..41407}.tar'")
     add("--root", default="./data/", help="folder the CSV's image paths are relative to")
     add("--aug-text", action="store_true", help="LaCLIP: pick among original + rewritten captions")
     add("--augmented_caption_filelist", "--augmented-caption-filelist", nargs="+", default=[],
         metavar="FILE", help="rewrite files, one caption per line aligned with the CSV's samples")
+    # webdataset shards (open_clip's spelling) and LaCLIP-MT
+    add("--dataset-type", choices=("auto", "csv", "webdataset"), default="auto",
+        help="auto: webdataset when --train-data names .tar shards, else csv")
+    add("--train-num-samples", type=int, default=None, help="webdataset: samples per epoch, all processes together")
+    add("--dataset-resampled", action="store_true", help="webdataset: draw shards with replacement")
+    add("--rewrite-data", default=None, metavar="PATTERN", help="webdataset + --aug-text: the rewriter's output, "
+        "'out/{00000..41407}.parquet', joined by sample key (shard 00012.tar <-> 00012.parquet)")
+    add("--rewrite-json-keys", nargs="+", default=[], metavar="KEY",
+        help="webdataset + --aug-text: rewrites inside each sample's KEY.json under these keys (e.g. re_caption)")
+    add("--multi-text", action="store_true", help="LaCLIP-MT: each image with all its texts in one step, "
+        "the loss averaged over the texts (needs --aug-text)")
     add("--imagenet-root", default=None, help="ImageNet folder with val/<wnid>/: zero-shot top-1 after each epoch")
     add("--output-dir", default="./output", help="checkpoints, log.txt and TensorBoard logs go here")
     add("--model", default="CLIP_VITB16", help=f"one of {', '.join(models.PRESETS)}")
@@ -87,10 +106,10 @@ def _positive(args: argparse.Namespace, **minimums: int) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
 
 
-def validate_args(args: argparse.Namespace) -> None:
-    """Every check that needs no model: errors name the flag and the file."""
+def check_csv_args(args: argparse.Namespace) -> None:
     if not args.train_data or not os.path.isfile(args.train_data):
         raise ValueError(f"--train-data: caption CSV {args.train_data!r} does not exist")
+    check_not_webdataset_flags(args)
     if not os.path.isdir(args.root):
         raise ValueError(f"--root: image folder {args.root!r} does not exist")
     if args.aug_text and not args.augmented_caption_filelist:
@@ -98,6 +117,17 @@ def validate_args(args: argparse.Namespace) -> None:
     for path in args.augmented_caption_filelist if args.aug_text else []:
         if not os.path.isfile(path):
             raise ValueError(f"--augmented_caption_filelist: file {path!r} does not exist")
+
+
+def validate_args(args: argparse.Namespace) -> None:
+    """Every check that needs no model: errors name the flag and the file."""
+    if dataset_type(args) == "webdataset":
+        check_webdataset_args(args)
+    else:
+        check_csv_args(args)
+    if args.multi_text and not args.aug_text:
+        raise ValueError("--multi-text (LaCLIP-MT) pairs each image with its original and rewritten texts: "
+                         "it needs --aug-text and the rewrites")
     models.check_preset(args.model)
     _positive(args, epochs=1, warmup_epochs=0, start_epoch=0, batch_size=1, update_freq=1,
               workers=0, print_freq=1, seed=0, eval_batch_size=1, max_steps_per_epoch=1)
@@ -116,10 +146,15 @@ def validate_args(args: argparse.Namespace) -> None:
     ckpt_io.resume_path(args.resume, args.output_dir)
 
 
-def build_loader(args: argparse.Namespace, info: DistInfo, tokenizer) -> tuple[DataLoader, EpochSampler]:
+def build_loader(args: argparse.Namespace, info: DistInfo, tokenizer):
+    """(loader, what set_epoch is called on): a DataLoader and its EpochSampler for a CSV; a
+    ShardLoader (itself) for webdataset shards."""
+    if dataset_type(args) == "webdataset":
+        loader = build_webdataset_loader(args, info, tokenizer)
+        return loader, loader
     rewrites = args.augmented_caption_filelist if args.aug_text else []
     dataset = CaptionImageDataset(args.train_data, args.root, train_transform(), tokenizer,
-                                  rewrites, seed=args.seed)
+                                  rewrites, seed=args.seed, multi_text=args.multi_text)
     check_root(dataset)
     sampler = EpochSampler(dataset, info.world_size, info.rank, args.seed)
     # Forked workers share the caption tables (GBs for CC12M) copy-on-write; a spawned or
@@ -191,17 +226,20 @@ def zero_shot(args, raw_model, tokenizer, info: DistInfo, amp: bool) -> dict | N
 
 
 def end_of_epoch(args, epoch: int, stats: dict, zs: dict | None, best_acc1: float | None,
-                 tr: Trainer, seconds: float, info: DistInfo, benchmark: dict | None = None) -> float | None:
+                 tr: Trainer, seconds: float, info: DistInfo, benchmark: dict | None = None,
+                 shard_positions: dict | None = None) -> float | None:
     """Checkpoint and log.txt line (main process); returns the new best_acc1. A failed save
-    stops every rank with the main process's one line (none waits for it forever)."""
+    stops every rank with the main process's one line (none waits for it forever).
+    shard_positions: where the webdataset stream continues (training/wds.py), saved as the
+    checkpoint's data_state."""
     acc1 = zs["top1"] if zs else None
     if args.imagenet_root:  # best by zero-shot top-1; a failed evaluation is never best
         is_best = acc1 is not None and (best_acc1 is None or acc1 > best_acc1)
         best_acc1 = acc1 if is_best else best_acc1
     else:  # nothing to rank by: the latest is the best
         is_best = True
-    record = {"epoch": epoch, **{f"train_{k}": v for k, v in stats.items() if k != "skipped_images"},
-              "skipped_images": stats["skipped_images"],
+    record = {"epoch": epoch, **{f"train_{k}": v for k, v in stats.items() if k != "counts"},
+              **stats["counts"],  # skipped / missing inputs, by kind (skipped_images, ...)
               "zeroshot_top1": acc1, "zeroshot_top5": zs["top5"] if zs else None,
               "best_acc1": best_acc1, "epoch_time_s": round(seconds, 3)}
     if benchmark is not None:  # --eval-benchmark ran this epoch
@@ -210,11 +248,13 @@ def end_of_epoch(args, epoch: int, stats: dict, zs: dict | None, best_acc1: floa
     def save_and_log() -> None:
         ckpt = ckpt_io.make_checkpoint(epoch + 1, tr.raw_model, tr.optimizer, tr.scaler, best_acc1, args,
                                        info.world_size)
+        if shard_positions is not None:
+            ckpt["data_state"] = shard_positions
         ckpt_io.save_checkpoint(ckpt, args.output_dir, is_best)
         with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
             f.write(json.dumps(record) + "\n")
         if tr.writer is not None:
-            for key in ("train_loss", "train_clip_acc", "skipped_images", "zeroshot_top1", "zeroshot_top5"):
+            for key in ("train_loss", "train_clip_acc", *stats["counts"], "zeroshot_top1", "zeroshot_top5"):
                 if record[key] is not None:
                     tr.writer.add_scalar(f"epoch/{key}", record[key], epoch)
         print("=> " + json.dumps(record))
@@ -288,6 +328,9 @@ def run(args: argparse.Namespace, info: DistInfo) -> list[dict]:
     for note in loader.dataset.report if is_main else []:
         print(f"=> note: {note}")
     st = setup(args, info)
+    shards = loader if isinstance(loader, ShardLoader) else None
+    if shards is not None:
+        restore_positions(shards, ckpt_io.resume_path(args.resume, args.output_dir), info, args.trust_checkpoint)
     steps = steps_per_epoch(args, loader, info)
     schedule = CosineSchedule(args.lr, args.lr_end, args.lr_start, args.epochs * steps,
                               args.warmup_epochs * steps)
@@ -296,10 +339,12 @@ def run(args: argparse.Namespace, info: DistInfo) -> list[dict]:
                  device=info.device, amp_dtype=st.amp_dtype, print_freq=args.print_freq, is_main=is_main,
                  world_size=info.world_size, writer=open_tensorboard(args.output_dir) if is_main else None)
     start_epoch, best_acc1 = st.start_epoch, st.best_acc1
-    if is_main and args.augmented_caption_filelist and not args.aug_text:
-        print("=> note: --augmented_caption_filelist without --aug-text: the rewrites are not used (CLIP)")
+    given = [f for f in ("augmented_caption_filelist", "rewrite_data", "rewrite_json_keys") if getattr(args, f)]
+    if is_main and given and not args.aug_text:
+        print(f"=> note: --{given[0].replace('_', '-')} without --aug-text: the rewrites are not used (CLIP)")
     if is_main:
-        print(f"=> {args.model}: {len(loader.dataset)} samples, {steps} steps/epoch of "
+        print(f"=> {args.model}: {len(loader.dataset) * (info.world_size if shards else 1)} samples, "
+              f"{steps} steps/epoch of "
               f"{args.batch_size}x{info.world_size}x{args.update_freq}, epochs {start_epoch}..{args.epochs - 1}")
     if is_main and start_epoch >= args.epochs:
         print(f"=> nothing to train: {start_epoch} epochs done, --epochs is {args.epochs}")
@@ -311,7 +356,8 @@ def run(args: argparse.Namespace, info: DistInfo) -> list[dict]:
         stats = train_one_epoch(tr, epoch)
         zs = zero_shot(args, st.model, tokenizer, info, amp=st.amp_dtype is not None)
         bench = run_benchmarks(args, st.model, tokenizer, info.rank, info.device, epoch, amp=st.amp_dtype is not None)
-        best_acc1 = end_of_epoch(args, epoch, stats, zs, best_acc1, tr, time.time() - start, info, bench)
+        positions = data_state(shards, info) if shards is not None else None
+        best_acc1 = end_of_epoch(args, epoch, stats, zs, best_acc1, tr, time.time() - start, info, bench, positions)
         records.append({"epoch": epoch, **stats, "zeroshot": zs, "benchmark": bench})
     if tr.writer is not None:
         tr.writer.close()

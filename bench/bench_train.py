@@ -108,6 +108,7 @@ def main() -> None:
         data = make_data(folder, n, tuple(cli.image_size))
         args = argparse.Namespace(train_data=data["csv"], root=data["root"], aug_text=True,
                                   augmented_caption_filelist=data["rewrites"], seed=0,
+                                  dataset_type="csv", multi_text=False,
                                   batch_size=cli.batch_size, workers=cli.workers,
                                   disable_amp=False, amp_dtype="fp16")
         info = DistInfo(device=device)

@@ -175,3 +175,14 @@ def on_every_rank(fn: Callable[[], T], world_size: int) -> list[T]:
     everyone: list = [None] * world_size
     dist.all_gather_object(everyone, _boxed(fn))
     return [_unboxed(box) for box in everyone]
+
+
+def from_group_source(fn: Callable[[], T], is_source: bool, source: int, group) -> T:
+    """fn() on `source` (a global rank) only; its result, or its ValueError / OSError, on every
+    rank of `group`. For exchanges inside one group while other groups run at their own
+    pace (a rewriting group's model-parallel ranks agreeing on the next shard). group None: fn()."""
+    if group is None:
+        return fn()
+    box: list = [_boxed(fn) if is_source else None]
+    dist.broadcast_object_list(box, src=source, group=group)
+    return _unboxed(box[0])

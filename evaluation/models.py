@@ -4,6 +4,7 @@ scripts and eval_benchmark.py; errors name the caller's flags.
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
 import os
 from collections.abc import Callable
@@ -56,13 +57,44 @@ def check_open_clip_name(name: str, flag: str = "--model") -> None:
         raise ValueError(f"{flag} {name!r} is not an open_clip model{hint}")
 
 
+VIT_SIZES = {768: "B", 1024: "L", 1280: "H"}  # open_clip's ViT image widths
+
+
+def quickgelu_note(name: str, quickgelu: bool) -> str | None:
+    """The released LaCLIP ViT-L/14 files were trained with QuickGELU; the weights cannot tell,
+    and with GELU they load fine and score lower. Said, not enforced: other L/14 files exist."""
+    if "L-14" in name and not quickgelu and "quickgelu" not in name:
+        return ("note: LaCLIP's released ViT-L/14 checkpoints were trained with QuickGELU; for them pass "
+                "--quickgelu (or --model ViT-L-14-quickgelu)")
+    return None
+
+
 def patch_size_hint(model: torch.nn.Module, state: dict) -> str | None:
+    """The open_clip model a file's patch embedding fits, e.g. [1024, 3, 14, 14] -> ViT-L-14."""
+    import open_clip
     key = "visual.conv1.weight"
     own = model.state_dict().get(key)
     if own is None or key not in state or state[key].shape == own.shape:
         return None
-    return (f"  the checkpoint's patch size is {state[key].shape[-1]}, the model's "
-            f"{own.shape[-1]}: try --model ViT-B-{state[key].shape[-1]}")
+    width, patch = state[key].shape[0], state[key].shape[-1]
+    name = f"ViT-{VIT_SIZES.get(width, '?')}-{patch}"
+    fits = name if name in open_clip.list_models() else f"a ViT with patch size {patch} and width {width}"
+    quick = " --quickgelu" if name == "ViT-L-14" else ""
+    return f"  the checkpoint's patch embedding {tuple(state[key].shape)} fits {fits}: try --model {name}{quick}"
+
+
+def create_open_clip(name: str, quickgelu: bool, logit_bias: bool = False, device: str | torch.device = "cpu"):
+    """(model, validation transform) of an open_clip architecture, random weights. Device "meta"
+    builds the structure without memory (the tests check ViT-L-14's keys that way): open_clip
+    builds on the CPU and then moves the model, so it is built under torch.device("meta")."""
+    import open_clip
+    # A file trained with open_clip's --siglip carries logit_bias; build the model with one so
+    # the file loads strictly (the value is the file's; open_clip itself fails on such a file).
+    extra = {"init_logit_bias": 0.0} if logit_bias else {}
+    with torch.device("meta") if str(device) == "meta" else contextlib.nullcontext():
+        model, _, preprocess_val = open_clip.create_model_and_transforms(
+            name, pretrained=None, force_quick_gelu=quickgelu, device=device, **extra)
+    return model, preprocess_val
 
 
 def fit_open_clip_state(model: torch.nn.Module, state: dict) -> dict:
@@ -92,14 +124,12 @@ def fit_open_clip_state(model: torch.nn.Module, state: dict) -> dict:
 def load_open_clip(name: str, ckpt_path: str, quickgelu: bool, device: torch.device, flag: str = "--ckpt-path",
                    preset_hint: str = "use eval_zeroshot_imagenet.py", trust: bool = False):
     """open_clip model + its validation transform, with the checkpoint loaded strictly."""
-    import open_clip
     check_open_clip_name(name)
+    note = quickgelu_note(name, quickgelu)
+    if note:
+        print(note)
     state = models.load_checkpoint_state(ckpt_path, flag, trust=trust)
-    # A file trained with open_clip's --siglip carries logit_bias; build the model with one so
-    # the file loads strictly (the value is the file's; open_clip itself fails on such a file).
-    extra = {"init_logit_bias": 0.0} if "logit_bias" in state else {}
-    model, _, preprocess_val = open_clip.create_model_and_transforms(
-        name, pretrained=None, force_quick_gelu=quickgelu, **extra)
+    model, preprocess_val = create_open_clip(name, quickgelu, logit_bias="logit_bias" in state)
     state = fit_open_clip_state(model, state)
     lines = models.mismatch_lines(model, state)
     if lines:

@@ -11,10 +11,14 @@ from rewrite.cli_args import check_argv, flags_help, signature, validate
 from rewrite.launch import flag_names, teardown_parallel
 from rewrite.prompts import load_pool
 from rewrite.runner import Interrupted, run, write_dry_run
+from rewrite.shard_input import is_shard_input
+from rewrite.shard_runner import run_shard_cli
 
 
 def main(**flags) -> None:
     cfg = validate(flags)
+    if is_shard_input(cfg.prompt_filename):
+        return run_shard_cli(cfg)  # rewrite/shard_runner.py: a folder of keyed parquet shards
     pool = load_pool(cfg.sample_mode, cfg.examples)
     with flag_names(cfg.ckpt_dir, cfg.tokenizer_path, cfg.model_parallel_size):
         if cfg.dry_run:
@@ -28,7 +32,8 @@ def main(**flags) -> None:
 
 
 main.__signature__ = signature()
-main.__doc__ = f"""Rewrite each line of --prompt_filename into the same line of --output_filename.
+main.__doc__ = f"""Rewrite each line of --prompt_filename into the same line of --output_filename
+(or each shard of a .parquet / .tar pattern into the folder --output_filename).
 
 Args:
 {flags_help()}

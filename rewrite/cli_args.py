@@ -14,7 +14,8 @@ from typing import Any, Optional
 
 from common.distributed import launched_as_rank0
 from common.fileio import cannot_write_in
-from rewrite.prompts import normalize_sample_mode
+from rewrite.prompts import normalize_sample_modes
+from rewrite.shard_input import check_shard_flags, is_shard_input
 
 HERE = Path(__file__).resolve().parent
 MAX_CONTEXT = 2048  # LLaMA-v1 was trained with 2048 positions
@@ -35,9 +36,12 @@ class Config:
     top_p: float = _flag(0.95, "nucleus sampling mass, in (0, 1].")
     max_seq_len: int = _flag(512, "context for prompt + rewrite, 16..2048; longer prompts are truncated.")
     max_batch_size: int = _flag(32, "prompts per forward pass.")
-    prompt_filename: Path = _flag(Path("text/source.txt"), "captions, one per line.")
-    output_filename: Path = _flag(Path("text/target.txt"), "rewrites, one per line, aligned with the captions.")
-    sample_mode: str = _flag("chatgpt", "example pool: chatgpt, bard, mscoco (or coco), human.")
+    prompt_filename: Path = _flag(Path("text/source.txt"), "captions, one per line; or shards: a brace pattern of "
+                                  "img2dataset .parquet files or webdataset .tar files ('laion/{00000..00099}.tar').")
+    output_filename: Path = _flag(Path("text/target.txt"), "rewrites, one per line, aligned with the captions; with "
+                                  "shards a folder: one NNNNN.parquet per shard (key, caption, one column per mode).")
+    sample_mode: str = _flag("chatgpt", "example pool: chatgpt, bard, mscoco (or coco), human; with shards a comma "
+                             "list (chatgpt,bard,mscoco,human) rewrites in every mode in one pass.")
     max_gen_len: int = _flag(77, "most new tokens per rewrite.")
     seed: int = _flag(1, "fixes the examples and the sampling of every line.")
     examples: Optional[str] = _flag(None, 'own pool: JSON {"pairs": ...} / {"groups": ...}, or the original utils.py.')
@@ -45,6 +49,7 @@ class Config:
     overwrite: bool = _flag(False, "discard an earlier partial or finished output and start over.")
     model_parallel_size: Optional[int] = _flag(None, "ranks per model copy (default: the checkpoint's shard count).")
     dtype: Optional[str] = _flag(None, "fp16, bf16 or fp32 (default: fp16 on CUDA, fp32 on CPU).")
+    text_key: Optional[str] = _flag(None, "with shards: the caption field (default: caption for .parquet, txt for .tar).")
 
 
 FLAG_NAMES = tuple(f.name for f in fields(Config))
@@ -176,7 +181,7 @@ def validate(raw: dict[str, Any]) -> Config:
     if unknown:
         raise ValueError(f"unknown flag --{unknown[0]}; the flags are --" + ", --".join(FLAG_NAMES))
     c = Config(**raw)
-    mode = normalize_sample_mode(c.sample_mode)
+    modes = normalize_sample_modes(c.sample_mode)
     if not c.dry_run:
         for flag, value in (("ckpt_dir", c.ckpt_dir), ("tokenizer_path", c.tokenizer_path)):
             if value is None or value is True or str(value) == "":
@@ -195,11 +200,20 @@ def validate(raw: dict[str, Any]) -> Config:
                "max_batch_size": _int("max_batch_size", c.max_batch_size, 1),
                "max_gen_len": _int("max_gen_len", c.max_gen_len, 1),
                "seed": _int("seed", c.seed, -(1 << 62), 1 << 62)}
-    prompt = _input_file(c.prompt_filename)
+    if is_shard_input(c.prompt_filename) or isinstance(c.prompt_filename, (list, tuple)):
+        prompt, output, text_key = check_shard_flags(c.prompt_filename, c.output_filename, c.text_key)
+    else:
+        if len(modes) > 1:
+            raise ValueError(f"--sample_mode {','.join(modes)}: a caption text file is rewritten in one mode "
+                             "(one output file); give shards (.parquet / .tar) to rewrite in several at once")
+        if c.text_key is not None:
+            raise ValueError("--text_key names the caption field of .parquet / .tar shards; "
+                             f"--prompt_filename {c.prompt_filename} is a text file")
+        prompt, text_key = _input_file(c.prompt_filename), None
+        output = _output_file(c.output_filename, prompt)
     return Config(
         ckpt_dir=_optional_str(c.ckpt_dir), tokenizer_path=_optional_str(c.tokenizer_path),
-        temperature=temperature, top_p=top_p, prompt_filename=prompt,
-        output_filename=_output_file(c.output_filename, prompt), sample_mode=mode,
-        examples=_optional_str(c.examples), dry_run=_switch('dry_run', c.dry_run),
-        overwrite=_switch('overwrite', c.overwrite),
-        model_parallel_size=mp, dtype=None if c.dtype is None else DTYPES[str(c.dtype).lower()], **numbers)
+        temperature=temperature, top_p=top_p, prompt_filename=prompt, output_filename=output,
+        sample_mode=",".join(modes), examples=_optional_str(c.examples), dry_run=_switch("dry_run", c.dry_run),
+        overwrite=_switch("overwrite", c.overwrite), model_parallel_size=mp,
+        dtype=None if c.dtype is None else DTYPES[str(c.dtype).lower()], text_key=text_key, **numbers)

@@ -82,7 +82,7 @@ def decode_line(raw: bytes) -> tuple[str, bool]:
 
 class Line(NamedTuple):
     """One input line as read."""
-    index: int  # line number, from 0
+    index: int | str  # line number, from 0; for shard input (rewrite/shard_input.py) the sample key
     text: str  # without its line ending
     undecodable: bool  # had bytes that are not UTF-8 (replaced by U+FFFD)
     end: int  # byte offset just after the line: where the next one starts

@@ -51,6 +51,17 @@ def normalize_sample_mode(sample_mode: object) -> str:
     return mode
 
 
+def normalize_sample_modes(value: object) -> tuple[str, ...]:
+    """'chatgpt,bard' (or the tuple fire makes of it) -> ('chatgpt', 'bard'): each mode once, in the given order."""
+    items = value.split(",") if isinstance(value, str) else list(value) if isinstance(value, (list, tuple)) else [value]
+    modes = tuple(normalize_sample_mode(m) for m in items if str(m).strip())
+    if not modes:
+        raise ValueError(f"--sample_mode {value!r}: give at least one of {', '.join(SAMPLE_MODES)}")
+    if len(set(modes)) != len(modes):
+        raise ValueError(f"--sample_mode {value!r} names a mode twice")
+    return modes
+
+
 @dataclass(frozen=True)
 class Pool:
     """Either (source, target) pairs, or groups of captions of one image (the
@@ -179,10 +190,10 @@ class HashDraws:
         return order[:k]
 
 
-def choose_examples(pool: Pool, seed: int, mode: str, index: int) -> list[tuple[str, str]]:
-    """The 3 (source, target) examples of input line `index`: a function of
-    (seed, mode, index) only, so batch size, process count and resume point do
-    not change them."""
+def choose_examples(pool: Pool, seed: int, mode: str, index: int | str) -> list[tuple[str, str]]:
+    """The 3 (source, target) examples of input line `index` (a line number of a text
+    file, or the sample key of a shard): a function of (seed, mode, index) only, so
+    batch size, process count, shard order and resume point do not change them."""
     draws = HashDraws("laclip-rewrite/examples", seed, mode, index)
     chosen = draws.sample(len(pool), EXAMPLES_PER_PROMPT)
     if pool.pairs:
@@ -194,8 +205,8 @@ def choose_examples(pool: Pool, seed: int, mode: str, index: int) -> list[tuple[
     return examples
 
 
-def sampling_seed(seed: int, mode: str, index: int) -> int:
-    """The generator seed of input line `index` (63 bits: fits torch.manual_seed)."""
+def sampling_seed(seed: int, mode: str, index: int | str) -> int:
+    """The generator seed of input line `index` (line number or sample key; 63 bits: fits torch.manual_seed)."""
     return HashDraws("laclip-rewrite/sampling", seed, mode, index).next_u64() >> 1
 
 

@@ -48,8 +48,9 @@ class LineRequest:
     seed: int  # the line's sampling seed
 
 
-def line_request(cfg: Config, pool: Pool, tokenizer: Optional[TokenizerLike], i: int, caption: str) -> LineRequest:
-    """The request of input line i: a function of (seed, mode, i, caption) only."""
+def line_request(cfg: Config, pool: Pool, tokenizer: Optional[TokenizerLike], i: int | str,
+                 caption: str) -> LineRequest:
+    """The request of input line i (or of the sample with key i): a function of (seed, mode, i, caption) only."""
     examples = choose_examples(pool, cfg.seed, cfg.sample_mode, i)
     text = build_prompt(examples, one_line(caption))
     tokens, truncated = None, False

@@ -30,6 +30,37 @@ MAX_LOAD_ATTEMPTS = 50
 MAX_LOGGED_FAILURES = 10
 
 
+def usable_rewrite(original: str, rewrite: str) -> str:
+    """A rewrite under two words (an empty or missing one included) falls back to the original.
+    Words split at any white space (LaCLIP split at ' ', so "word " counted as two)."""
+    return rewrite if len(rewrite.split()) >= 2 else original
+
+
+def pick_caption(original: str, rewrites: Sequence[str], rng: random.Random) -> str:
+    """LaCLIP's text augmentation: uniform over the original and its rewrites, one draw of rng."""
+    choice = rng.randrange(1 + len(rewrites))
+    return original if choice == 0 else usable_rewrite(original, rewrites[choice - 1])
+
+
+def all_captions(original: str, rewrites: Sequence[str]) -> list[str]:
+    """LaCLIP-MT: the original and every rewrite (each with the same fallback), in a fixed order."""
+    return [original] + [usable_rewrite(original, r) for r in rewrites]
+
+
+def keyed_transform(transform: Callable, image: Image.Image, seed: int) -> torch.Tensor:
+    """transform(image) with torch's global CPU generator seeded for this call and restored
+    after, so the random crop depends on `seed` alone (torchvision's random transforms draw
+    from that generator). The CPU generator alone gives the same crop as torch.manual_seed,
+    which also seeds every accelerator backend and costs ~0.1 ms a call (this: ~3 us)."""
+    generator = torch.default_generator
+    state = generator.get_state()
+    try:
+        generator.manual_seed(seed)
+        return transform(image)
+    finally:
+        generator.set_state(state)
+
+
 def sample_seed(seed: int, epoch: int, index: int) -> int:
     """A 63-bit seed for one (seed, epoch, sample) triple; train.py also keys (seed, epoch, rank)."""
     # SeedSequence mixes the triple well, so neighbouring indices get unrelated streams.
@@ -55,7 +86,8 @@ class CaptionImageDataset(Dataset):
     """
 
     def __init__(self, csv_path: str, root: str, transform: Callable, tokenizer: Callable,
-                 rewrite_files: Sequence[str] = (), seed: int = 0):
+                 rewrite_files: Sequence[str] = (), seed: int = 0, multi_text: bool = False):
+        self.multi_text = multi_text  # LaCLIP-MT: tokens [1 + rewrites, 77], every text of the sample
         table = read_caption_csv(csv_path)
         self.paths, self.captions = table.paths, table.captions
         self.report = [f"--train-data {csv_path!r}: {line}" for line in table.report]
@@ -75,13 +107,7 @@ class CaptionImageDataset(Dataset):
 
     def pick_caption(self, index: int, rng: random.Random) -> str:
         """Uniform over the original and its rewrites; a pick under two words -> original."""
-        original = self.captions[index]
-        choice = rng.randrange(1 + len(self.rewrites))
-        if choice == 0:
-            return original
-        caption = self.rewrites[choice - 1][index]
-        # Words split at any white space (LaCLIP split at ' ', so "word " counted as two).
-        return caption if len(caption.split()) >= 2 else original
+        return pick_caption(self.captions[index], [r[index] for r in self.rewrites], rng)
 
     def load_image(self, index: int) -> tuple[Image.Image, int, int]:
         """(RGB image, index actually used, failed loads); skips to the next sample on failure."""
@@ -103,19 +129,12 @@ class CaptionImageDataset(Dataset):
         index, epoch = key if isinstance(key, tuple) else (key, 0)
         rng = random.Random(sample_seed(self.seed, epoch, index))
         image, used, failed = self.load_image(index)
-        # torchvision's random transforms draw from torch's global CPU generator; seed it
-        # for this key and restore it after, so the crop depends on the key alone. The CPU
-        # generator alone gives the same crop as torch.manual_seed, which also seeds every
-        # accelerator backend and costs ~0.1 ms a call (this: ~3 us).
-        generator = torch.default_generator
-        state = generator.get_state()
-        try:
-            generator.manual_seed(rng.getrandbits(63))
-            pixels = self.transform(image)
-        finally:
-            generator.set_state(state)
+        pixels = keyed_transform(self.transform, image, rng.getrandbits(63))
         # The caption comes from the sample whose image is used, so pairs stay matched.
-        tokens = self.tokenizer(self.pick_caption(used, rng))
+        if self.multi_text:
+            tokens = self.tokenizer(all_captions(self.captions[used], [r[used] for r in self.rewrites]))
+        else:
+            tokens = self.tokenizer(self.pick_caption(used, rng))
         return pixels, tokens, failed
 
 

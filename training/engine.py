@@ -12,7 +12,7 @@ from torch import nn
 from tqdm import tqdm
 
 from common.distributed import all_reduce_sum
-from .loss import LOGIT_SCALE_MAX, clip_loss
+from .loss import LOGIT_SCALE_MAX, clip_loss, multi_text_loss
 
 
 @dataclass
@@ -81,19 +81,34 @@ class Trainer:
     writer: Any = None  # TensorBoard SummaryWriter or None
 
 
-def micro_step(tr: Trainer, batch, sync: bool, step: int) -> tuple[float, float, int, int]:
-    """Forward + backward of one micro-batch; returns (loss, acc, batch size, failed loads)."""
-    images, tokens, failed = batch
+def batch_counts(counts) -> dict[str, int]:
+    """The batch's counts of skipped inputs by kind: a dict of [b] tensors (webdataset path) or
+    the CSV dataset's failed image loads per item."""
+    if not isinstance(counts, dict):
+        counts = {"skipped_images": counts}
+    return {k: int(v.sum()) for k, v in counts.items()}
+
+
+def micro_step(tr: Trainer, batch, sync: bool, step: int) -> tuple[float, float, int, dict[str, int]]:
+    """Forward + backward of one micro-batch; returns (loss, acc, batch size, skipped-input counts).
+    tokens [b, 77], or [b, T, 77] for LaCLIP-MT (each image with its T texts)."""
+    images, tokens, counts = batch
     images = images.to(tr.device, non_blocking=True)  # [b, 3, 224, 224]
-    tokens = tokens.to(tr.device, non_blocking=True)  # [b, 77]
+    tokens = tokens.to(tr.device, non_blocking=True)  # [b, 77] or [b, T, 77]
+    rows, texts = images.shape[0], tokens.shape[1] if tokens.ndim == 3 else 0
     # Skip DDP's gradient all-reduce on all but the last micro-batch of an accumulation.
     no_sync = getattr(tr.model, "no_sync", None)
     ctx = no_sync() if (no_sync is not None and not sync) else nullcontext()
     with ctx:
         with torch.autocast(tr.device.type, dtype=tr.amp_dtype or torch.float32,
                             enabled=tr.amp_dtype is not None):
-            out = tr.model(images, tokens)
-            metrics = clip_loss(out["image_embed"], out["text_embed"], out["logit_scale"])
+            # LaCLIP-MT: one forward encodes every text ([b*T, 77]); each image is encoded once.
+            out = tr.model(images, tokens.flatten(0, 1) if texts else tokens)
+            if texts:
+                metrics = multi_text_loss(out["image_embed"], out["text_embed"].unflatten(0, (rows, texts)),
+                                          out["logit_scale"])
+            else:
+                metrics = clip_loss(out["image_embed"], out["text_embed"], out["logit_scale"])
         loss = metrics["loss"]
         loss_value = loss.item()
         if not math.isfinite(loss_value):
@@ -101,7 +116,7 @@ def micro_step(tr: Trainer, batch, sync: bool, step: int) -> tuple[float, float,
                 f"loss is {loss_value} at optimizer step {step}; stopping. Lower --lr, try "
                 f"--amp-dtype bf16 or --disable-amp, or resume from the last checkpoint.")
         tr.scaler.scale(loss / tr.update_freq).backward()
-    return loss_value, metrics["clip_acc"].item(), images.shape[0], int(failed.sum())
+    return loss_value, metrics["clip_acc"].item(), rows, batch_counts(counts)
 
 
 def optimizer_step(tr: Trainer) -> None:
@@ -119,7 +134,8 @@ def train_one_epoch(tr: Trainer, epoch: int) -> dict[str, float]:
     into the next epoch. Returns the epoch's statistics, summed over all ranks.
     """
     tr.model.train()
-    sums = {"loss": 0.0, "acc": 0.0, "samples": 0.0, "skipped": 0.0}
+    sums = {"loss": 0.0, "acc": 0.0, "samples": 0.0}
+    counts: dict[str, int] = {}
     start = time.time()
     bar = tqdm(total=tr.steps_per_epoch, desc=f"epoch {epoch}", disable=not tr.is_main,
                dynamic_ncols=True)
@@ -131,15 +147,17 @@ def train_one_epoch(tr: Trainer, epoch: int) -> dict[str, float]:
             for group in tr.optimizer.param_groups:
                 group["lr"] = tr.schedule(step)
         last = sub == tr.update_freq - 1
-        loss, acc, n, failed = micro_step(tr, next(batches), last, step)
-        for key, value in (("loss", loss * n), ("acc", acc * n), ("samples", n), ("skipped", failed)):
+        loss, acc, n, skipped = micro_step(tr, next(batches), last, step)
+        for key, value in (("loss", loss * n), ("acc", acc * n), ("samples", n)):
             sums[key] += value
+        for key, value in skipped.items():
+            counts[key] = counts.get(key, 0) + value
         if not last:
             continue
         optimizer_step(tr)
         _report(tr, bar, step, local_step, loss, acc, sums["samples"], start)
     bar.close()
-    return _epoch_stats(tr, sums, time.time() - start)
+    return _epoch_stats(tr, sums, counts, time.time() - start)
 
 
 def _report(tr: Trainer, bar, step: int, local_step: int, loss: float, acc: float,
@@ -157,9 +175,11 @@ def _report(tr: Trainer, bar, step: int, local_step: int, loss: float, acc: floa
                         samples_per_s=f"{rate:.1f}")
 
 
-def _epoch_stats(tr: Trainer, sums: dict[str, float], seconds: float) -> dict[str, float]:
-    loss, acc, samples, skipped = all_reduce_sum(
-        [sums["loss"], sums["acc"], sums["samples"], sums["skipped"]], tr.device)
+def _epoch_stats(tr: Trainer, sums: dict[str, float], counts: dict[str, int], seconds: float) -> dict:
+    """Summed over ranks; every rank has the same count keys (one data path, same step count)."""
+    keys = sorted(counts)
+    loss, acc, samples, *totals = all_reduce_sum(
+        [sums["loss"], sums["acc"], sums["samples"], *(counts[k] for k in keys)], tr.device)
     return {
         "loss": loss / max(samples, 1),
         "clip_acc": acc / max(samples, 1),
@@ -167,5 +187,5 @@ def _epoch_stats(tr: Trainer, sums: dict[str, float], seconds: float) -> dict[st
         "logit_scale": tr.raw_model.logit_scale.exp().item(),
         "samples": int(samples),
         "samples_per_s": samples / max(seconds, 1e-9),
-        "skipped_images": int(skipped),
+        "counts": {k: int(v) for k, v in zip(keys, totals)},
     }

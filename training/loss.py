@@ -77,3 +77,13 @@ def _clip_loss_fp32(image_embed: torch.Tensor, text_embed: torch.Tensor,
     with torch.no_grad():
         acc = (logits_per_image.argmax(dim=-1) == labels).float().mean() * 100
     return {"loss": loss, "clip_loss": loss.detach(), "clip_acc": acc}
+
+
+def multi_text_loss(image_embed: torch.Tensor, text_embeds: torch.Tensor,
+                    logit_scale: torch.Tensor) -> dict[str, torch.Tensor]:
+    """LaCLIP-MT: image_embed [b, E] and the texts of each image text_embeds [b, T, E]
+    (original first, then the rewrites). Text slot j of every image forms one CLIP batch:
+    clip_loss(images, texts[:, j]), so each image meets its own j-th text against the other
+    images' j-th texts; the loss (and accuracy) is the mean over the T slots. T = 1 is clip_loss."""
+    parts = [clip_loss(image_embed, text_embeds[:, j], logit_scale) for j in range(text_embeds.shape[1])]
+    return {key: torch.stack([p[key] for p in parts]).mean() for key in parts[0]}

@@ -1,0 +1,120 @@
+"""The rewriter's output for shard input: a folder OUT with one OUT/NNNNN.parquet per input
+shard (columns `key`, `caption`, then one column per sample mode), written so that shards
+can be done in any order, by any number of data-parallel groups and runs.
+
+Design (crash safety and claims):
+- A shard is *claimed* with an flock on OUT/NNNNN.parquet.lock (common.locking): the
+  kernel drops it when its process dies, so a dead run's claim is free at once, and two
+  live runs never write the same shard.
+- While a shard is in progress its rows go to an append-only part file OUT/NNNNN.parquet.part
+  (one JSON object per line), committed window by window with the same writer and progress
+  record as the text-file path (rewrite/output.py: append + fsync, then the record replaced
+  atomically; a resume truncates to the recorded size and continues from the recorded line).
+- When the shard is complete its rows become OUT/NNNNN.parquet in one atomic replace, then
+  the part and its record are removed. OUT/NNNNN.parquet exists only complete: a finished
+  shard is never redone. A crash between the two steps leaves a part beside a finished
+  shard; whoever claims the shard next removes it.
+- OUT/rewrite.json holds the settings that shape every rewrite (seed, modes, examples, model,
+  sampling); a run with other settings is refused before any shard is touched.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional, Sequence
+
+from common.fileio import atomic_write, write_json_atomic
+from common.locking import FileLock, describe_holder, lock_path
+from rewrite.output import ResumeError, describe_changes, record_path
+
+RUN_RECORD = "rewrite.json"
+RUN_RECORD_VERSION = 1
+PART_SUFFIX = ".part"
+METADATA_KEY = b"laclip_rewrite"  # parquet schema metadata: settings, input fingerprint, counts
+
+
+def output_path(out_dir: Path, stem: str) -> Path:
+    return out_dir / f"{stem}.parquet"
+
+
+def part_path(out: Path) -> Path:
+    return out.with_name(out.name + PART_SUFFIX)
+
+
+def claim(out: Path) -> Optional[FileLock]:
+    """The shard's lock if it was free, else None (a live process is writing it)."""
+    lock = FileLock(out, f"--output_filename shard {out.name}")
+    return lock if lock.try_acquire() else None
+
+
+def remove_part(out: Path) -> None:
+    part = part_path(out)
+    for p in (part, record_path(part)):
+        p.unlink(missing_ok=True)
+
+
+def check_run_record(out_dir: Path, settings: dict, overwrite: bool) -> None:
+    """On global rank 0, before any group starts: the folder's settings must be this run's."""
+    path = out_dir / RUN_RECORD
+    if path.exists() and not overwrite:
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise ResumeError(f"--output_filename: {path} is unreadable ({e}); pass --overwrite to start over") \
+                from None
+        if record.get("settings") != settings:
+            raise ResumeError(
+                f"--output_filename: the shards in {out_dir} were rewritten with other settings: "
+                f"{describe_changes(record.get('settings', {}), settings)}. Rerun with the same flags to "
+                "continue, or pass --overwrite to redo these shards")
+        return
+    write_json_atomic(path, {"version": RUN_RECORD_VERSION, "settings": settings})
+
+
+def clear_for_overwrite(out_dir: Path, stems: Sequence[str]) -> int:
+    """--overwrite: remove the outputs and parts of these shards, each under its claim so a
+    live run's shard is never pulled away; returns how many outputs were removed."""
+    removed = 0
+    for stem in stems:
+        out = output_path(out_dir, stem)
+        lock = claim(out)
+        if lock is None:
+            raise ResumeError(f"--overwrite: shard {out} is being written by {describe_holder(lock_path(out))}; "
+                              "stop that run first")
+        try:
+            removed += out.exists()
+            out.unlink(missing_ok=True)
+            remove_part(out)
+        finally:
+            lock.release()
+    return removed
+
+
+def encode_row(key: str, caption: str, rewrites: dict[str, str]) -> str:
+    """One part-file line: JSON keeps keys, captions and rewrites exact (no line breaks in it)."""
+    return json.dumps({"key": key, "caption": caption, **rewrites}, ensure_ascii=False)
+
+
+def write_shard(out: Path, modes: Sequence[str], metadata: dict) -> int:
+    """The finished part -> OUT/NNNNN.parquet (atomically), then the part goes; returns the row count."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    columns = ["key", "caption", *modes]
+    values: dict[str, list] = {c: [] for c in columns}
+    with open(part_path(out), encoding="utf-8") as f:
+        for line in f:
+            row = json.loads(line)
+            for c in columns:
+                values[c].append(row[c])
+    table = pa.table({c: pa.array(values[c], type=pa.string()) for c in columns})
+    table = table.replace_schema_metadata({METADATA_KEY: json.dumps(metadata, sort_keys=True)})
+    atomic_write(out, lambda tmp: pq.write_table(table, tmp))
+    remove_part(out)
+    return table.num_rows
+
+
+def read_metadata(out: Path) -> dict:
+    """What write_shard stored about a finished shard (settings, input, counts)."""
+    import pyarrow.parquet as pq
+    meta = pq.read_schema(out).metadata or {}
+    return json.loads(meta.get(METADATA_KEY, b"{}"))

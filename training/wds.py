@@ -1,0 +1,256 @@
+"""Training from webdataset shards (img2dataset output: KEY.jpg, KEY.txt, KEY.json per sample),
+streamed with the `webdataset` library, with LaCLIP's rewrites joined by key.
+
+Epochs, as open_clip defines them: `--train-num-samples` N per epoch over all ranks. Each
+rank runs ceil(N / (batch x world)) batches rounded up to its loader workers, and each
+worker yields exactly its share of samples, so every rank takes the same number of steps.
+
+Shards. Without `--dataset-resampled` the shards are read in *passes*: pass p is the shard
+list shuffled with (seed, p), split across ranks (webdataset's split_by_node) and loader
+workers (split_by_worker). A worker reads its shards of a pass one after the other and goes
+on to the next pass when they run out, and an epoch continues where the previous one stopped,
+so a pass reads every shard once whatever N is. Each batch carries its worker's read position
+(pass, shard, sample); the position after the last batch an epoch used is kept and saved in
+the checkpoint, so a resumed run starts exactly there: finished shards are not read again.
+The approximation (as with open_clip, exact mid-stream resume is not possible): samples that
+sat in a worker's shuffle buffer when an epoch ended (at most SHUFFLE_BUFFER per worker) are
+not trained on in that pass. With `--dataset-resampled`, each worker draws shards with
+replacement (webdataset's ResampledShards, seeded by seed, epoch, rank and worker) and an
+epoch needs no position.
+
+Samples. Raw samples (bytes) are shuffled in a buffer, then decoded. A sample with an
+unreadable or missing image, or without text, is skipped; a tar that cannot be read (to its
+end) is counted; a sample whose rewrites are missing trains on its original caption. All four
+are counted, travel with the batches and are reported per epoch in log.txt. Crop and caption
+pick are keyed by (seed, epoch, sample key), as the CSV path keys them by index.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import math
+import random
+from collections import Counter
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from common.images import IMAGE_EXTENSIONS
+from training.data import MAX_LOGGED_FAILURES, all_captions, keyed_transform, pick_caption, sample_seed
+from training.shard_rewrites import RewriteSource, load_shard_rewrites, sample_rewrites
+
+log = logging.getLogger(__name__)
+# Shuffle buffer of raw samples per worker (open_clip: 5000 / 1000), at most a quarter of a
+# worker's epoch: what sits in it when an epoch ends is not trained on in that pass.
+SHUFFLE_BUFFER, SHUFFLE_INITIAL = 2000, 500
+COUNT_KEYS = ("skipped_images", "skipped_no_text", "shard_errors", "missing_rewrites")
+IMAGE_FIELDS = tuple(ext[1:] for ext in IMAGE_EXTENSIONS)  # webdataset's lower-cased member extensions
+
+
+def stream_seed(*parts: int) -> int:
+    """One 63-bit seed from a few ints (shard order of a pass, shuffle buffer of a worker)."""
+    return int(np.random.SeedSequence(list(parts)).generate_state(1, np.uint64)[0]) >> 1
+
+
+def key_number(key: str) -> int:
+    """A sample key as an int for sample_seed: stable across processes (unlike hash())."""
+    return int.from_bytes(hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest(), "little")
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    """What the shard stream needs, checked by train.py."""
+    urls: tuple[str, ...]
+    num_samples: int  # per epoch, all ranks together (--train-num-samples)
+    resampled: bool
+    rewrites: Optional[RewriteSource]  # None: plain CLIP (no --aug-text)
+    multi_text: bool
+    seed: int
+
+    def fingerprint(self) -> str:
+        """Identifies the shard list, so saved positions are only reused for the same one."""
+        return hashlib.blake2b("\n".join(self.urls).encode(), digest_size=8).hexdigest()
+
+
+class ShardStream(IterableDataset):
+    """Items (image [3,H,W], tokens [77] or [texts,77], info) for one rank; info holds the
+    COUNT_KEYS counts and the worker's read position (worker, pass, shard, sample)."""
+
+    def __init__(self, spec: StreamSpec, transform: Callable, tokenizer: Callable, batch_size: int,
+                 world_size: int, workers: int) -> None:
+        self.spec, self.transform, self.tokenizer, self.batch_size = spec, transform, tokenizer, batch_size
+        self.workers = max(1, workers)
+        batches = math.ceil(spec.num_samples / (batch_size * world_size))
+        self.worker_batches = math.ceil(batches / self.workers)
+        self.batches = self.worker_batches * self.workers  # per rank and epoch
+        self.worker_samples = self.worker_batches * batch_size
+        self.epoch = 0
+        self.starts: dict[int, tuple[int, int, int]] = {}  # worker -> (pass, shard, sample) to start from
+        self._logged = 0  # bad samples and shards logged by this worker (each worker has its own copy)
+        self.report: list[str] = []  # start-up notes, as the CSV dataset's (none: shards are read as they stream)
+
+    def __len__(self) -> int:
+        return self.batches * self.batch_size  # samples per rank and epoch
+
+    def __iter__(self) -> Iterator[tuple]:
+        info = get_worker_info()
+        worker = 0 if info is None else info.id
+        rank = wds.utils.pytorch_worker_info()[0]
+        pending: Counter = Counter()  # counts waiting to travel with the next good sample
+        cursor = [self.starts.get(worker, (0, 0, 0))]
+        raw = self._resampled(pending) if self.spec.resampled else self._passes(worker, cursor, pending)
+        rng = random.Random(stream_seed(self.spec.seed, self.epoch, rank, worker))
+        size = max(1, min(SHUFFLE_BUFFER, self.worker_samples // 4))
+        shuffled = wds.filters.shuffle(size, min(SHUFFLE_INITIAL, size), rng=rng)(raw)
+        emitted = 0
+        for sample in shuffled:
+            item = self._decode(sample, pending)
+            if item is None:
+                continue
+            counts = {k: pending.pop(k, 0) for k in COUNT_KEYS}
+            yield (*item, {**counts, "position": torch.tensor([worker, *cursor[0]])})
+            emitted += 1
+            if emitted == self.worker_samples:
+                return
+
+    # ------------------------------------------------------------ raw samples of shards
+    def _read_shard(self, url: str, pending: Counter) -> Iterator[dict]:
+        table = None
+        if self.spec.rewrites is not None and self.spec.rewrites.columns:
+            table = load_shard_rewrites(self.spec.rewrites, url)
+        broken = []
+
+        def count_and_continue(exn: Exception) -> bool:
+            if not broken:  # webdataset may report one damaged tar more than once
+                pending["shard_errors"] += 1
+                self._logged += 1
+                if self._logged <= MAX_LOGGED_FAILURES:
+                    log.warning("shard %s cannot be read to its end (%s); its samples before that are used",
+                                url, exn)
+            broken.append(exn)
+            return True
+
+        for sample in wds.tarfile_samples([{"url": url}], handler=count_and_continue):
+            if self.spec.rewrites is not None:
+                sample["__rewrites__"] = sample_rewrites(self.spec.rewrites, table, sample["__key__"],
+                                                         sample.get("json"))
+            yield sample
+
+    def _pass_shards(self, p: int) -> list[str]:
+        order = [d["url"] for d in wds.SimpleShardList(list(self.spec.urls), seed=stream_seed(self.spec.seed, p))]
+        return list(wds.split_by_worker(wds.split_by_node(order)))
+
+    def _passes(self, worker: int, cursor: list, pending: Counter) -> Iterator[dict]:
+        """This worker's shards, pass after pass, from cursor[0]; cursor[0] follows the reading."""
+        p, first_shard, skip = cursor[0]
+        while True:
+            shards, read = self._pass_shards(p), 0
+            for s in range(first_shard, len(shards)):
+                for j, sample in enumerate(self._read_shard(shards[s], pending)):
+                    if j < skip:
+                        continue  # read before the saved position: already trained on
+                    cursor[0] = (p, s, j + 1)
+                    read += 1
+                    yield sample
+                skip = 0
+                cursor[0] = (p, s + 1, 0)
+            if read == 0 and first_shard == 0:
+                raise RuntimeError(f"loader worker {worker}: none of its {len(shards)} shards holds a readable "
+                                   f"sample (e.g. {shards[0] if shards else '-'})")
+            p, first_shard = p + 1, 0
+
+    def _resampled(self, pending: Counter) -> Iterator[dict]:
+        for shard in wds.ResampledShards(list(self.spec.urls), seed=stream_seed(self.spec.seed, self.epoch),
+                                         deterministic=True):
+            yield from self._read_shard(shard["url"], pending)
+
+    # ------------------------------------------------------------ one sample
+    def _decode(self, sample: dict, pending: Counter) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        key = sample["__key__"]
+        text = sample.get("txt")
+        caption = text.decode("utf-8", errors="replace") if text is not None else ""
+        if not caption.strip():
+            pending["skipped_no_text"] += 1
+            return None
+        data = next((sample[f] for f in IMAGE_FIELDS if f in sample), None)
+        rng = random.Random(sample_seed(self.spec.seed, self.epoch, key_number(key)))
+        try:
+            if data is None:
+                raise ValueError("no image member")
+            with Image.open(io.BytesIO(data)) as img:
+                image = img.convert("RGB")
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+            pending["skipped_images"] += 1
+            self._logged += 1
+            if self._logged <= MAX_LOGGED_FAILURES:
+                log.warning("skipping sample %s of %s: unreadable image (%s)", key, sample.get("__url__"), err)
+            return None
+        pixels = keyed_transform(self.transform, image, rng.getrandbits(63))
+        rewrites: tuple[str, ...] = ()
+        if self.spec.rewrites is not None:
+            rewrites = sample.get("__rewrites__")
+            if rewrites is None:
+                pending["missing_rewrites"] += 1  # trains on the original; the empty slots fall back to it
+                rewrites = ("",) * self.spec.rewrites.slots
+        if self.spec.multi_text:
+            return pixels, self.tokenizer(all_captions(caption, rewrites))
+        return pixels, self.tokenizer(pick_caption(caption, rewrites, rng))
+
+
+class ShardLoader:
+    """The DataLoader over a ShardStream plus the read positions of the batches it handed
+    out: what the next epoch, or a resumed run, starts from."""
+
+    def __init__(self, stream: ShardStream, loader: DataLoader) -> None:
+        self.stream, self.loader = stream, loader
+        self.seen: dict[int, tuple[int, int, int]] = {}
+
+    @property
+    def dataset(self) -> ShardStream:
+        return self.stream
+
+    @property
+    def batch_size(self) -> int:
+        return self.loader.batch_size
+
+    def __len__(self) -> int:
+        return self.stream.batches
+
+    def __iter__(self):
+        for images, tokens, info in self.loader:
+            for worker, *position in info.pop("position").tolist():
+                self.seen[worker] = tuple(position)
+            yield images, tokens, info
+
+    def set_epoch(self, epoch: int) -> None:
+        """Before each epoch: it starts where the batches of the previous one stopped."""
+        self.stream.starts = self.next_starts()
+        self.stream.epoch = epoch
+        self.seen = {}
+
+    def next_starts(self) -> dict[int, tuple[int, int, int]]:
+        return {**self.stream.starts, **self.seen}
+
+    def state(self, world_size: int, gathered: list) -> dict:
+        """The checkpoint's data_state from every rank's next_starts() (rank order)."""
+        return {"layout": [world_size, self.stream.workers], "shards": self.stream.spec.fingerprint(),
+                "starts": [[list(g.get(w, (0, 0, 0))) for w in range(self.stream.workers)] for g in gathered]}
+
+    def restore(self, state: Optional[dict], rank: int, world_size: int) -> Optional[str]:
+        """Start positions from a checkpoint's data_state; returns a note when they do not apply."""
+        if self.stream.spec.resampled or not state:
+            return None
+        layout = [world_size, self.stream.workers]
+        if state.get("layout") != layout or state.get("shards") != self.stream.spec.fingerprint():
+            first = min(tuple(s) for rank_starts in state.get("starts", [[[0, 0, 0]]]) for s in rank_starts)
+            self.stream.starts = {w: (first[0], 0, 0) for w in range(self.stream.workers)}
+            return (f"the checkpoint's data positions are for {state.get('layout')} ranks x workers or another "
+                    f"shard list; this run has {layout}: its workers start pass {first[0]} from the beginning")
+        self.stream.starts = {w: tuple(s) for w, s in enumerate(state["starts"][rank])}
+        return None
