@@ -146,7 +146,7 @@ def compare(name: str, gen: Generator, prompts: list[list[int]], max_gen_len: in
           f"ours {ours_calls[0]} ({ours_calls[1]} prefills); rows x columns fed: baseline {base_calls[2]}, "
           f"ours {ours_calls[2]}")
     if stop:
-        ended = sum(1 for b in base if tok.newline_id in b)
+        ended = sum(1 for b in base if tok.newline_ids & set(b))
         print(f"  baseline completions with a newline within {max_gen_len} tokens: {ended}/{n}")
     return [cut_rewrite(tok.decode(o)) for o in ours]
 
@@ -175,13 +175,13 @@ def main() -> None:
                                  ParallelInfo.single(torch.device("cpu")))
             prompts = [gen.tokenizer.encode(t, bos=True, eos=False) for t in texts]
             if name == "random":
-                gen.tokenizer.eos_id = -1  # never stop: both engines generate max_gen_len tokens
+                gen.tokenizer.eos_ids = frozenset()  # never stop: both engines generate max_gen_len tokens
                 compare("random weights, stop disabled", gen, prompts, a.max_gen_len, 0.9, stop=False)
             else:
                 ours = compare("trained, stop at newline", gen, prompts, a.max_gen_len, 0.9, stop=True)
                 print("  e.g.", captions[0], "=>", ours[0])
         k = min(32, a.n)  # greedy: both engines must write the same rewrites
-        stops = {gen.tokenizer.newline_id, gen.tokenizer.eos_id}
+        stops = gen.tokenizer.newline_ids | gen.tokenizer.eos_ids
         base = meta_schedule(gen, prompts[:k], a.max_gen_len, 0.0, 0.95, gen.model.new_cache(
             a.max_batch_size, a.max_seq_len, gen.device, gen.dtype))
         ours = gen.generate(prompts[:k], a.max_gen_len, 0.0, 0.95, list(range(k)))

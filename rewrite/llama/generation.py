@@ -29,9 +29,10 @@ import torch
 
 from .model import KVCache, Transformer
 from .parallel import ParallelInfo
-from .tokenizer import Tokenizer
+from .tokenizer import TokenizerBase
 
 _M64 = (1 << 64) - 1
+Stops = tuple[set[int], set[int]]  # (ids that end a row, those of them that still belong to its text)
 
 
 def _splitmix64(x: int) -> int:
@@ -83,7 +84,7 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, u: Optional[t
 class Generator:
     """Generates continuations with a loaded `Transformer` (see `checkpoint.load_generator`)."""
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, max_seq_len: int, max_batch_size: int,
+    def __init__(self, model: Transformer, tokenizer: TokenizerBase, max_seq_len: int, max_batch_size: int,
                  parallel: Optional[ParallelInfo] = None, compact_below: float = 0.75,
                  hand_off_below: float = 0.5):
         self.model = model
@@ -120,25 +121,26 @@ class Generator:
     @torch.inference_mode()
     def generate(self, prompt_tokens: list[list[int]], max_gen_len: int, temperature: float, top_p: float,
                  seeds: list[int], stop_at_newline: bool = True) -> list[list[int]]:
-        """Generated ids per prompt, in input order, without the stop token.
+        """Generated ids per prompt, in input order, without the stop token (but with a
+        token that merges text and a newline, like LLaMA-3's '.\\n': its text is part of the output).
 
-        prompt_tokens include BOS. A row stops at EOS, at its first newline when
+        prompt_tokens include BOS. A row stops at any EOS id, at its first token holding a newline when
         stop_at_newline, after max_gen_len tokens, or when prompt + generation
         reaches max_seq_len (a prompt longer than max_seq_len - max_gen_len is
         cut short there, not rejected). temperature 0: greedy.
         """
         self._check(prompt_tokens, seeds, max_gen_len)
         t0 = time.perf_counter()
-        stop = {self.tokenizer.eos_id}
-        if stop_at_newline and self.tokenizer.newline_id is not None:
-            stop.add(self.tokenizer.newline_id)
+        tok = self.tokenizer
+        stop = set(tok.eos_ids) | (set(tok.newline_ids) if stop_at_newline else set())
+        keep = set(tok.newline_kept) if stop_at_newline else set()  # e.g. '.\n': its '.' is text
         rows = [_Row(p, s, min(max_gen_len, self.max_seq_len - len(p))) for p, s in zip(prompt_tokens, seeds)]
         pending = deque(sorted((r for r in rows if r.limit > 0), key=lambda r: len(r.prompt)))
         carry: Optional[_Carry] = None
         while pending or carry:
             n_new = min(len(pending), self.max_batch_size - (len(carry.rows) if carry else 0))
             new = [pending.popleft() for _ in range(n_new)]
-            carry = self._batch(new, carry, temperature, top_p, stop, hand_off=bool(pending))
+            carry = self._batch(new, carry, temperature, top_p, (stop, keep), hand_off=bool(pending))
             self._stats["batches"] += 1
             self._stats["hand_offs"] += len(carry.rows) if carry else 0
         out = [r.out for r in rows]
@@ -153,7 +155,7 @@ class Generator:
         return out
 
     def _batch(self, new: list["_Row"], carry: Optional["_Carry"], temperature: float, top_p: float,
-               stop: set[int], hand_off: bool) -> Optional["_Carry"]:
+               stop: "Stops", hand_off: bool) -> Optional["_Carry"]:
         """One micro-batch: stragglers carried in from the last one, then new prompts.
 
         Every row's context (prompt + text so far) is right-aligned to end at
@@ -195,7 +197,7 @@ class Generator:
 
     def _decode(self, rows: list["_Row"], cache: KVCache, logits: torch.Tensor, positions: torch.Tensor,
                 key_valid: Optional[torch.Tensor], u: Optional[torch.Tensor], P: int, G: int,
-                temperature: float, top_p: float, stop: set[int], hand_off: bool) -> Optional["_Carry"]:
+                temperature: float, top_p: float, stop: "Stops", hand_off: bool) -> Optional["_Carry"]:
         """Sample and feed one column per step until every row stops, or hand stragglers off."""
         B = len(rows)
         live = list(range(B))  # batch row of each cache row; shrinks as finished rows are dropped
@@ -249,11 +251,14 @@ class _Row:
     out: list[int] = field(default_factory=list)
     done: bool = False
 
-    def push(self, tok: int, stop: set[int]) -> None:
+    def push(self, tok: int, stops: "Stops") -> None:
         if self.done:
             return  # finished, still in the batch until it is compacted: ignore
+        stop, keep = stops
         if tok in stop:
             self.done = True
+            if tok in keep:  # a newline merged after text ('.\n'): the text is the rewrite's
+                self.out.append(tok)
         else:
             self.out.append(tok)
             self.done = len(self.out) >= self.limit
