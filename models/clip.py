@@ -1,7 +1,7 @@
 """CLIP as trained by LaCLIP (SLIP lineage): a timm ViT image tower and OpenAI's text tower.
 
-Parameter names are a contract with the released checkpoints (see
-``shared/formats/clip_checkpoint_keys.json``): never rename one.
+Parameter names are a contract with the released checkpoints (every key and shape is listed in
+``tests/data/clip_checkpoint_keys.json``; docs/formats.md, "CLIP checkpoints"): never rename one.
 """
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ import torch
 
 import models
 
-# A copy of shared/formats/clip_checkpoint_keys.json: every key and shape of the released files.
+# Every key and shape of the released files (docs/formats.md, "CLIP checkpoints").
 MANIFEST = os.path.join(os.path.dirname(__file__), "data", "clip_checkpoint_keys.json")
 
 
