@@ -1,7 +1,9 @@
-"""Caption-rewriting throughput: our LLaMA engine vs the LLaMA-v1 example schedule.
+"""Caption-rewriting throughput: our LLaMA engine vs the LLaMA-v1 example schedule, and our
+engine with prefix sharing on vs off.
 
-    python -m bench.bench_rewrite                 # 256 captions, batch 16, 1 torch thread
-    python -m bench.bench_rewrite --n 128 --max_batch_size 8
+    python -m bench.bench_rewrite                 # 256 captions, batch 16, 1 torch thread; sharing at batch 100
+    python -m bench.bench_rewrite --n 128 --max_batch_size 8 --part schedule
+    python -m bench.bench_rewrite --part sharing --sharing_n 400 --modes chatgpt,mscoco
 
 Both engines run the same tiny model (float32, CPU) on the same in-context
 prompts (3 example pairs + caption, FORMATS.md section 4, built with
@@ -22,6 +24,13 @@ Two settings:
 Time is this process's CPU time (one thread: shared cores skew it less than
 wall time); wall time is printed too. A greedy run on the trained model checks
 that both engines write the same rewrites.
+
+Prefix sharing (--part sharing): the trained model rewrites --sharing_n synthetic captions
+at batch 100 with LaCLIP's prompts built as the CLI builds them (rewrite/prompts.py: the
+shipped pools of --modes, examples and sampling seed per line from --seed 1), one engine
+call per 4 batches as the CLI's commit window does, sharing off then on: prompt columns
+actually prefilled (rows x columns, padding included), prefill and total CPU time,
+captions/s, and how many rewrites are identical (float32: equal up to rounding).
 """
 from __future__ import annotations
 
@@ -35,9 +44,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 from rewrite.llama import Generator, ParallelInfo, load_generator
-from testkit.tiny_llama import make_tiny_llama, train_tiny_llama
 from rewrite.llama.generation import sample
-from rewrite.prompts import build_prompt, cut_rewrite
+from rewrite.prompts import SAMPLE_MODES, build_prompt, choose_examples, cut_rewrite, load_pool, sampling_seed
+from testkit.tiny_llama import make_tiny_llama, train_tiny_llama
 
 ADJ = ("red old small vintage wooden bright quiet snowy golden modern tiny rusty colorful empty busy "
        "ancient white dark sunny misty").split()
@@ -151,42 +160,118 @@ def compare(name: str, gen: Generator, prompts: list[list[int]], max_gen_len: in
     return [cut_rewrite(tok.decode(o)) for o in ours]
 
 
+def pool_pairs(mode: str) -> list[tuple[str, str]]:
+    """A shipped pool as (source, target) pairs (an MSCOCO group gives its consecutive captions)."""
+    pool = load_pool(mode)
+    return list(pool.pairs) or [(g[i], g[i + 1]) for g in pool.groups for i in range(len(g) - 1)]
+
+
+def timed_prefill(gen: Generator) -> list[float]:
+    """Wrap gen._prefill; the returned list accumulates its seconds (synchronised on CUDA)."""
+    spent = [0.0]
+    prefill = gen._prefill
+
+    def timed(*args, **kwargs):
+        sync = torch.cuda.synchronize if gen.device.type == "cuda" else (lambda: None)
+        sync()
+        t0 = time.perf_counter()
+        out = prefill(*args, **kwargs)
+        sync()
+        spent[0] += time.perf_counter() - t0
+        return out
+
+    gen._prefill = timed
+    return spent
+
+
+def sharing_run(gen: Generator, prompts: list[list[int]], seeds: list[int], share: bool, max_gen_len: int,
+                window: int) -> dict:
+    """One pass over the prompts in windows of `window` (one engine call each), sharing on or off."""
+    gen.share_prefixes = share
+    spent = timed_prefill(gen)
+    before = gen.stats
+    out, cpu0, wall0 = [], time.process_time(), time.perf_counter()
+    for a in range(0, len(prompts), window):
+        out += gen.generate(prompts[a:a + window], max_gen_len, 0.9, 0.95, seeds[a:a + window])
+    cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
+    del gen._prefill
+    after = gen.stats
+    return {"out": out, "cpu": cpu, "wall": wall, "prefill": spent[0],
+            "fed": after["prefill_tokens"] - before["prefill_tokens"]}
+
+
+def compare_sharing(gen: Generator, mode: str, captions: list[str], max_gen_len: int) -> None:
+    pool = load_pool(mode)
+    prompts = [gen.tokenizer.encode(build_prompt(choose_examples(pool, 1, mode, i), c), bos=True, eos=False)
+               for i, c in enumerate(captions)]
+    seeds = [sampling_seed(1, mode, i) for i in range(len(captions))]
+    window = 4 * gen.max_batch_size  # rewrite/runner.py's WINDOW_BATCHES
+    off = sharing_run(gen, prompts, seeds, False, max_gen_len, window)
+    on = sharing_run(gen, prompts, seeds, True, max_gen_len, window)
+    n, total = len(prompts), sum(map(len, prompts))
+    same = sum(a == b for a, b in zip(off["out"], on["out"]))
+    print(f"[sharing, {mode} pool ({len(pool)} entries)] {n} captions at batch {gen.max_batch_size}, "
+          f"{total} prompt tokens ({total / n:.0f} per caption)")
+    for name, r in (("off", off), ("on ", on)):
+        print(f"  sharing {name}: prefilled {r['fed']:7d} rows x columns; prefill {r['prefill']:6.2f} s of {r['wall']:6.2f} s "
+              f"wall ({100 * r['prefill'] / r['wall']:.0f}%); {n / r['cpu']:7.1f} captions/s CPU ({n / r['wall']:.1f} wall)")
+    print(f"  ratio on/off: prefilled columns {on['fed'] / off['fed']:.3f}, prefill time "
+          f"{on['prefill'] / off['prefill']:.3f}, captions/s {off['cpu'] / on['cpu']:.2f}x CPU "
+          f"({off['wall'] / on['wall']:.2f}x wall); "
+          f"rewrites identical {same}/{n}")
+
+
+def run_schedule(a, tmp: Path, trained: Path, pool: list, captions: list[str]) -> None:
+    texts = [build_prompt(random.Random(i).sample(pool, 3), c) for i, c in enumerate(captions)]
+    rand = make_tiny_llama(tmp / "random", texts[:64], dim=64, n_layers=2, n_heads=4)
+    for name, d in (("random", rand), ("trained", trained)):
+        gen = load_generator(str(d), None, a.max_seq_len, a.max_batch_size, ParallelInfo.single(torch.device("cpu")))
+        prompts = [gen.tokenizer.encode(t, bos=True, eos=False) for t in texts]
+        if name == "random":
+            gen.tokenizer.eos_ids = frozenset()  # never stop: both engines generate max_gen_len tokens
+            compare("random weights, stop disabled", gen, prompts, a.max_gen_len, 0.9, stop=False)
+        else:
+            ours = compare("trained, stop at newline", gen, prompts, a.max_gen_len, 0.9, stop=True)
+            print("  e.g.", captions[0], "=>", ours[0])
+    k = min(32, a.n)  # greedy: both engines must write the same rewrites
+    stops = gen.tokenizer.newline_ids | gen.tokenizer.eos_ids
+    base = meta_schedule(gen, prompts[:k], a.max_gen_len, 0.0, 0.95, gen.model.new_cache(
+        a.max_batch_size, a.max_seq_len, gen.device, gen.dtype))
+    ours = gen.generate(prompts[:k], a.max_gen_len, 0.0, 0.95, list(range(k)))
+    same = sum(cut_at(b, stops) == o for b, o in zip(base, ours))
+    print(f"greedy check: {same}/{k} rewrites identical between the two engines")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--n", type=int, default=256, help="captions to rewrite")
-    ap.add_argument("--max_batch_size", type=int, default=16)
+    ap.add_argument("--n", type=int, default=256, help="captions to rewrite (schedule comparison)")
+    ap.add_argument("--max_batch_size", type=int, default=16, help="batch of the schedule comparison")
     ap.add_argument("--max_seq_len", type=int, default=400)
     ap.add_argument("--max_gen_len", type=int, default=77)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: steady figures on shared cores)")
     ap.add_argument("--train_steps", type=int, default=300)
+    ap.add_argument("--part", choices=("all", "schedule", "sharing"), default="all")
+    ap.add_argument("--sharing_n", type=int, default=400, help="captions per pool (sharing comparison)")
+    ap.add_argument("--sharing_batch", type=int, default=100, help="batch of the sharing comparison")
+    ap.add_argument("--modes", default=",".join(SAMPLE_MODES), help="shipped pools for the sharing comparison")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     rng = random.Random(0)
     pool = [synthetic_pair(rng) for _ in range(400)]
-    captions = [synthetic_pair(rng)[0] for _ in range(a.n)]
-    texts = [build_prompt(random.Random(i).sample(pool, 3), c) for i, c in enumerate(captions)]
+    captions = [synthetic_pair(rng)[0] for _ in range(max(a.n, a.sharing_n))]
+    modes = [m for m in a.modes.split(",") if m]
     with tempfile.TemporaryDirectory() as tmp:
-        t0 = time.perf_counter()
-        trained = train_tiny_llama(Path(tmp) / "trained", pool, build_prompt, steps=a.train_steps)
+        t0 = time.perf_counter()  # the shipped pools' text is in its training set, so it tokenizes well
+        trained = train_tiny_llama(Path(tmp) / "trained", pool + [p for m in SAMPLE_MODES for p in pool_pairs(m)],
+                                   build_prompt, steps=a.train_steps)
         print(f"trained the tiny model (dim 64, 2 layers) in {time.perf_counter() - t0:.0f} s")
-        rand = make_tiny_llama(Path(tmp) / "random", texts[:64], dim=64, n_layers=2, n_heads=4)
-        for name, d in (("random", rand), ("trained", trained)):
-            gen = load_generator(str(d), str(d / "tokenizer.model"), a.max_seq_len, a.max_batch_size,
+        if a.part in ("all", "schedule"):
+            run_schedule(a, Path(tmp), trained, pool, captions[:a.n])
+        if a.part in ("all", "sharing"):
+            gen = load_generator(str(trained), None, a.max_seq_len, a.sharing_batch,
                                  ParallelInfo.single(torch.device("cpu")))
-            prompts = [gen.tokenizer.encode(t, bos=True, eos=False) for t in texts]
-            if name == "random":
-                gen.tokenizer.eos_ids = frozenset()  # never stop: both engines generate max_gen_len tokens
-                compare("random weights, stop disabled", gen, prompts, a.max_gen_len, 0.9, stop=False)
-            else:
-                ours = compare("trained, stop at newline", gen, prompts, a.max_gen_len, 0.9, stop=True)
-                print("  e.g.", captions[0], "=>", ours[0])
-        k = min(32, a.n)  # greedy: both engines must write the same rewrites
-        stops = gen.tokenizer.newline_ids | gen.tokenizer.eos_ids
-        base = meta_schedule(gen, prompts[:k], a.max_gen_len, 0.0, 0.95, gen.model.new_cache(
-            a.max_batch_size, a.max_seq_len, gen.device, gen.dtype))
-        ours = gen.generate(prompts[:k], a.max_gen_len, 0.0, 0.95, list(range(k)))
-        same = sum(cut_at(b, stops) == o for b, o in zip(base, ours))
-        print(f"greedy check: {same}/{k} rewrites identical between the two engines")
+            for mode in modes:
+                compare_sharing(gen, mode, captions[:a.sharing_n], a.max_gen_len)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
 """Batched text generation with a KV cache: padded one-pass prefill, early stop, seeded sampling.
 
-Schedule of one `generate` call: prompts are sorted by length and taken in
-micro-batches of at most `max_batch_size`. A micro-batch is left-padded so all
-contexts end at the same cache column P (each row keeps its own RoPE positions
-0, 1, ...; pad keys are masked), prefilled in one forward pass, then decoded
+Schedule of one `generate` call: prompts are sorted (by token ids with prefix sharing,
+else by length) and taken in micro-batches of at most `max_batch_size`. A micro-batch is
+left-padded so all contexts end at the same cache column P (each row keeps its own RoPE
+positions 0, 1, ...; pad keys are masked), prefilled in one forward pass (with prefix
+sharing: the prefixes rows share once, then the rest; prefix.py), then decoded
 one column per step into a cache of P + (tokens still allowed) columns. A row
 stops at its first stop token (EOS, and '\n' when asked) or its length limit;
 finished rows are dropped from the cache once a quarter of the live rows are
@@ -27,6 +28,7 @@ from typing import Optional
 
 import torch
 
+from . import prefix
 from .model import KVCache, Transformer
 from .parallel import ParallelInfo
 from .tokenizer import TokenizerBase
@@ -86,7 +88,7 @@ class Generator:
 
     def __init__(self, model: Transformer, tokenizer: TokenizerBase, max_seq_len: int, max_batch_size: int,
                  parallel: Optional[ParallelInfo] = None, compact_below: float = 0.75,
-                 hand_off_below: float = 0.5):
+                 hand_off_below: float = 0.5, share_prefixes: bool = True, min_shared_gain: int = 16):
         self.model = model
         self.tokenizer = tokenizer
         self.max_seq_len = max_seq_len
@@ -94,15 +96,18 @@ class Generator:
         self.parallel = parallel or ParallelInfo.single(model.tok_embeddings.weight.device)
         self.compact_below = compact_below  # drop finished rows when active/rows falls to this
         self.hand_off_below = hand_off_below  # move stragglers to the next batch below this fraction
+        self.share_prefixes = share_prefixes  # compute prompt prefixes shared in a micro-batch once (prefix.py)
+        self.min_shared_gain = min_shared_gain  # ... when that saves at least this many token computations
         self.device = model.tok_embeddings.weight.device
         self.dtype = model.tok_embeddings.weight.dtype
-        self._stats = {"prompts": 0, "generated_tokens": 0, "prompt_tokens": 0, "seconds": 0.0,
-                       "batches": 0, "hand_offs": 0}
+        self._stats = {"prompts": 0, "generated_tokens": 0, "prompt_tokens": 0, "prefill_tokens": 0,
+                       "seconds": 0.0, "batches": 0, "hand_offs": 0}
 
     @property
     def stats(self) -> dict:
         """Cumulative over all `generate` calls: prompts, generated_tokens, prompt_tokens, seconds;
-        and batches (micro-batches run), hand_offs (rows moved on to a next micro-batch)."""
+        prefill_tokens (rows x columns the prefills fed, padding included, shared prefixes once);
+        batches (micro-batches run), hand_offs (rows moved on to a next micro-batch)."""
         return dict(self._stats)
 
     def _check(self, prompts: list[list[int]], seeds: list[int], max_gen_len: int) -> None:
@@ -135,7 +140,10 @@ class Generator:
         stop = set(tok.eos_ids) | (set(tok.newline_ids) if stop_at_newline else set())
         keep = set(tok.newline_kept) if stop_at_newline else set()  # e.g. '.\n': its '.' is text
         rows = [_Row(p, s, min(max_gen_len, self.max_seq_len - len(p))) for p, s in zip(prompt_tokens, seeds)]
-        pending = deque(sorted((r for r in rows if r.limit > 0), key=lambda r: len(r.prompt)))
+        # By length, so a micro-batch pads little; with prefix sharing by token ids, so prompts that
+        # start alike share a micro-batch (prefix.py feeds the unshared rests by length).
+        order = (lambda r: r.prompt) if self.share_prefixes else (lambda r: len(r.prompt))
+        pending = deque(sorted((r for r in rows if r.limit > 0), key=order))
         carry: Optional[_Carry] = None
         while pending or carry:
             n_new = min(len(pending), self.max_batch_size - (len(carry.rows) if carry else 0))
@@ -161,22 +169,35 @@ class Generator:
         Every row's context (prompt + text so far) is right-aligned to end at
         column P; the cache has P + (most tokens still allowed) columns.
         """
+        share = self._plan(new)
+        if share is not None:  # sorted by what is left to prefill, longest first (prefix.prefill_shared)
+            order = sorted(range(len(new)), key=lambda i: len(new[i].prompt) - share.shared(i), reverse=True)
+            new, share = [new[i] for i in order], share.permuted(order)
         rows = (carry.rows if carry else []) + new
         dev = self.device
         lens = [len(r.prompt) + len(r.out) for r in rows]
         P, G = max(lens), max(r.limit - len(r.out) for r in rows)
         positions, key_valid = _layout(lens, P + G, dev)
         cache = self.model.new_cache(len(rows), P + G, dev, self.dtype)
-        logits = self._prefill(cache, carry, new, P, positions, key_valid)
+        logits = self._prefill(cache, carry, new, P, positions, key_valid, share)
         u = None
         if temperature > 0:  # [B, G]: row i's draw for its k-th token depends on (seed_i, k) only
             u = torch.tensor([uniforms(r.seed, G, start=len(r.out)) for r in rows], device=dev)
         return self._decode(rows, cache, logits, positions, key_valid, u, P, G, temperature, top_p, stop, hand_off)
 
+    def _plan(self, new: list["_Row"]) -> Optional[prefix.Plan]:
+        """Which prefixes the new prompts share (None: nothing worth sharing, or sharing is off)."""
+        if not self.share_prefixes or len(new) < 2:
+            return None
+        share = prefix.plan([r.prompt for r in new], self.min_shared_gain)
+        return share if share.levels else None
+
     def _prefill(self, cache: KVCache, carry: Optional["_Carry"], new: list["_Row"], P: int,
-                 positions: torch.Tensor, key_valid: Optional[torch.Tensor]) -> torch.Tensor:
-        """Fill cache columns [0, P): copy the carried rows' K/V, run new prompts in one pass.
-        Returns next-token logits [B, V] (carried rows first)."""
+                 positions: torch.Tensor, key_valid: Optional[torch.Tensor],
+                 share: Optional[prefix.Plan]) -> torch.Tensor:
+        """Fill cache columns [0, P): copy the carried rows' K/V, run new prompts in one pass (or
+        their shared prefixes once and the rest in chunks). Returns next-token logits [B, V]
+        (carried rows first)."""
         nc, parts = 0, []
         if carry is not None:
             nc, m = len(carry.rows), carry.cache[0][0].shape[2]
@@ -184,8 +205,15 @@ class Generator:
                 k[:nc, :, P - m:P] = ck  # K already holds RoPE at row-local positions:
                 v[:nc, :, P - m:P] = cv  # moving it to other columns changes nothing
             parts.append(carry.logits)
-        if new:  # only the columns new prompts occupy: carried rows may reach further left
+        if share is not None:
+            view = [(k[nc:], v[nc:]) for k, v in cache]
+            logits, fed = prefix.prefill_shared(self.model, view, [r.prompt for r in new], share, P, positions[nc:],
+                                                None if key_valid is None else key_valid[nc:])
+            parts.append(logits)
+            self._stats["prefill_tokens"] += fed
+        elif new:  # only the columns new prompts occupy: carried rows may reach further left
             n = max(len(r.prompt) for r in new)
+            self._stats["prefill_tokens"] += len(new) * n
             tokens = torch.zeros(len(new), n, dtype=torch.long)
             for i, r in enumerate(new):
                 tokens[i, n - len(r.prompt):] = torch.tensor(r.prompt)
