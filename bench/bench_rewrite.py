@@ -167,17 +167,21 @@ def pool_pairs(mode: str) -> list[tuple[str, str]]:
 
 
 def timed_prefill(gen: Generator) -> list[float]:
-    """Wrap gen._prefill; the returned list accumulates its seconds (synchronised on CUDA)."""
+    """Wrap gen._prefill; the returned list accumulates its seconds: process CPU time on the CPU,
+    CUDA-synchronised wall time on a GPU."""
     spent = [0.0]
     prefill = gen._prefill
+    cuda = gen.device.type == "cuda"
+    clock = time.perf_counter if cuda else time.process_time
 
     def timed(*args, **kwargs):
-        sync = torch.cuda.synchronize if gen.device.type == "cuda" else (lambda: None)
-        sync()
-        t0 = time.perf_counter()
+        if cuda:
+            torch.cuda.synchronize(gen.device)
+        t0 = clock()
         out = prefill(*args, **kwargs)
-        sync()
-        spent[0] += time.perf_counter() - t0
+        if cuda:
+            torch.cuda.synchronize(gen.device)
+        spent[0] += clock() - t0
         return out
 
     gen._prefill = timed
@@ -213,9 +217,9 @@ def compare_sharing(gen: Generator, mode: str, captions: list[str], max_gen_len:
     print(f"[sharing, {mode} pool ({len(pool)} entries)] {n} captions at batch {gen.max_batch_size}, "
           f"{total} prompt tokens ({total / n:.0f} per caption)")
     for name, r in (("off", off), ("on ", on)):
-        print(f"  sharing {name}: prefilled {r['fed']:7d} rows x columns; prefill {r['prefill']:6.2f} s of {r['wall']:6.2f} s "
-              f"wall ({100 * r['prefill'] / r['wall']:.0f}%); {n / r['cpu']:7.1f} captions/s CPU ({n / r['wall']:.1f} wall)")
-    print(f"  ratio on/off: prefilled columns {on['fed'] / off['fed']:.3f}, prefill time "
+        print(f"  sharing {name}: prefilled {r['fed']:7d} rows x columns; prefill {r['prefill']:5.2f} s of {r['cpu']:5.2f} s "
+              f"CPU ({100 * r['prefill'] / r['cpu']:.0f}%); {n / r['cpu']:6.1f} captions/s CPU ({n / r['wall']:.1f} wall)")
+    print(f"  ratio on/off: prefilled columns {on['fed'] / off['fed']:.3f}, prefill CPU time "
           f"{on['prefill'] / off['prefill']:.3f}, captions/s {off['cpu'] / on['cpu']:.2f}x CPU "
           f"({off['wall'] / on['wall']:.2f}x wall); "
           f"rewrites identical {same}/{n}")
