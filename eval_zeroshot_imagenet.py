@@ -10,6 +10,7 @@ import sys
 import torch
 
 import models
+from evaluation.models import load_preset
 from tokenizer import SimpleTokenizer
 from zeroshot import add_eval_args, check_eval_args, eval_transform, run_eval_cli
 
@@ -20,18 +21,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     return add_eval_args(parser, default_templates="simple")
 
 
-def load_model(name: str, ckpt_path: str, device: torch.device) -> torch.nn.Module:
-    models.check_preset(name)
-    state = models.load_checkpoint_state(ckpt_path)  # checks the file before building the model
-    model = models.get_model(name, rand_embed=False)
-    models.load_into(model, state, name, ckpt_path)
-    return model.to(device).eval()
+def load_model(name: str, ckpt_path: str, device: torch.device, trust: bool = False) -> torch.nn.Module:
+    return load_preset(name, ckpt_path, device, trust=trust)
 
 
 def main(argv: list[str] | argparse.Namespace | None = None) -> dict:
     args = argv if isinstance(argv, argparse.Namespace) else get_args_parser().parse_args(argv)
     device = check_eval_args(args)
-    model = load_model(args.model, args.ckpt_path, device)
+    model = load_model(args.model, args.ckpt_path, device, args.trust_checkpoint)
     return run_eval_cli(args, model, SimpleTokenizer(), eval_transform(), device)
 
 

@@ -13,7 +13,7 @@ from typing import NamedTuple
 import torch
 from torch.utils.data import Dataset, default_collate
 
-from common.images import is_image_file, open_rgb
+from common.images import IMAGE_EXTENSIONS, is_image_file, open_rgb
 from imagenet_templates import IMAGENET_CLASSNAMES, IMAGENET_WNIDS, OPENAI_TEMPLATES, SIMPLE_TEMPLATES
 
 _WNID_TO_NAME = dict(zip(IMAGENET_WNIDS, IMAGENET_CLASSNAMES))
@@ -44,7 +44,7 @@ def resolve_templates(spec: str) -> list[str]:
     return templates
 
 
-def list_class_folders(val_dir: str) -> list[str]:
+def list_class_folders(val_dir: str, flag: str = "--imagenet-root") -> list[str]:
     entries = list(os.scandir(val_dir))
     folders = sorted(e.name for e in entries if e.is_dir())
     if not folders:
@@ -52,7 +52,7 @@ def list_class_folders(val_dir: str) -> list[str]:
         images = sum(1 for e in entries if is_image_file(e.name))
         hint = (f"; it holds {images} images directly: move them into one folder per WordNet ID "
                 f"(e.g. with ImageNet's valprep.sh)") if images else ""
-        raise ValueError(f"--imagenet-root: {val_dir!r} has no class folders{hint}")
+        raise ValueError(f"{flag}: {val_dir!r} has no class folders{hint}")
     return folders
 
 
@@ -72,15 +72,30 @@ def class_names_for(folders: list[str], val_dir: str, classnames_file: str | Non
     return [_WNID_TO_NAME[f] for f in folders]
 
 
-def list_samples(val_dir: str, folders: list[str]) -> list[tuple[str, int]]:
-    samples = []
+def list_samples(val_dir: str, folders: list[str], flag: str = "--imagenet-root") -> tuple[list[tuple[str, int]], list[str]]:
+    """((image, label) pairs, entries not evaluated). An entry named like an image is a sample
+    even when it cannot be read (a broken link): reading it fails, which is refused or
+    skipped and counted. Other files and subfolders are returned to be reported."""
+    samples, left_out = [], []
     for label, folder in enumerate(folders):
-        files = sorted(e.path for e in os.scandir(os.path.join(val_dir, folder))
-                       if e.is_file() and is_image_file(e.name))
+        files = []
+        for entry in os.scandir(os.path.join(val_dir, folder)):
+            (files if is_image_file(entry.name) and not entry.is_dir() else left_out).append(entry.path)
         if not files:
-            raise ValueError(f"--imagenet-root: class folder {os.path.join(val_dir, folder)!r} has no images")
-        samples.extend((path, label) for path in files)
-    return samples
+            raise ValueError(f"{flag}: class folder {os.path.join(val_dir, folder)!r} has no images")
+        samples.extend((path, label) for path in sorted(files))
+    return samples, sorted(left_out)
+
+
+def not_evaluated_note(dataset: "ImageList", shown: int = 5) -> str | None:
+    """One line listing the class-folder entries the evaluation leaves out, or None."""
+    paths = dataset.not_evaluated
+    if not paths:
+        return None
+    root = os.path.dirname(os.path.dirname(paths[0]))
+    names = ", ".join(os.path.relpath(p, root) for p in paths[:shown]) + (", ..." if len(paths) > shown else "")
+    return (f"note: {len(paths)} files in the class folders of {root!r} are not evaluated (folders, or names "
+            f"not ending in {' '.join(IMAGE_EXTENSIONS)}): {names}")
 
 
 class BadImage(NamedTuple):
@@ -96,9 +111,10 @@ class ImageList(Dataset):
     lets the main process stop with one line naming the file, or skip it and count it.
     """
 
-    def __init__(self, samples: list[tuple[str, int]], transform: Callable):
+    def __init__(self, samples: list[tuple[str, int]], transform: Callable, not_evaluated: list[str] = ()):
         self.samples = samples
         self.transform = transform
+        self.not_evaluated = list(not_evaluated)  # class-folder entries that are not samples
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -135,4 +151,5 @@ def imagenet_val(root: str, transform: Callable,
         raise FileNotFoundError(f"--imagenet-root: {root!r} has no 'val' folder (expected {val_dir!r}){hint}")
     folders = list_class_folders(val_dir)
     names = class_names_for(folders, val_dir, classnames_file)
-    return ImageList(list_samples(val_dir, folders), transform), names
+    samples, left_out = list_samples(val_dir, folders)
+    return ImageList(samples, transform, left_out), names

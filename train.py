@@ -25,8 +25,12 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 import models
-from common.distributed import DistInfo, all_reduce_min_max, barrier, cleanup_distributed, init_distributed_mode
+from common.distributed import (DistInfo, all_reduce_min_max, barrier, cleanup_distributed, init_distributed_mode,
+                                launched_as_rank0, on_rank0)
+from common.locking import FileLock
+from evaluation.periodic import add_benchmark_args, check_benchmark_args, run_benchmarks
 from training import checkpoint as ckpt_io
+from training.output_dir import claim
 from training.data import CaptionImageDataset, EpochSampler, check_root, sample_seed, train_transform
 from training.engine import CosineSchedule, Trainer, build_optimizer, train_one_epoch
 
@@ -43,6 +47,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--output-dir", default="./output", help="checkpoints, log.txt and TensorBoard logs go here")
     add("--model", default="CLIP_VITB16", help=f"one of {', '.join(models.PRESETS)}")
     add("--resume", default="", help="checkpoint to resume from (default: <output-dir>/checkpoint.pt if present)")
+    add("--resume-override", action="store_true",
+        help="resume although flags that decide the training (batch size, lr schedule, epochs, seed, data, ...) "
+             "differ from the checkpoint's; without it such a resume is refused")
+    add("--trust-checkpoint", action="store_true",
+        help="fully unpickle the --resume file (it can then run code); needed only for files that pickle "
+             "objects beyond tensors, plain values and argparse.Namespace")
     add("--epochs", type=int, default=25)
     add("--warmup-epochs", type=int, default=1)
     add("--start-epoch", type=int, default=0, help="first epoch of a fresh run (a resume uses the checkpoint's)")
@@ -66,6 +76,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="cut every epoch to this many optimizer steps (smoke runs; the lr schedule follows)")
     add("--dist-timeout", type=float, default=60.0, help="minutes a collective may wait (zero-shot eval runs on rank 0 alone)")
     add("--local_rank", "--local-rank", type=int, default=0, help=argparse.SUPPRESS)  # torch.distributed.launch
+    add_benchmark_args(p)  # --eval-benchmark DATASET=ROOT ... --eval-tasks --eval-every
     return p
 
 
@@ -97,8 +108,11 @@ def validate_args(args: argparse.Namespace) -> None:
     if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
         raise ValueError(f"--output-dir {args.output_dir!r} exists and is not a folder")
     if args.imagenet_root:
-        from imagenet_data import imagenet_val  # checks val/<wnid>/ now, not after an epoch
-        imagenet_val(args.imagenet_root, transform=None)
+        from imagenet_data import imagenet_val, not_evaluated_note  # checks val/<wnid>/ now, not after an epoch
+        note = not_evaluated_note(imagenet_val(args.imagenet_root, transform=None)[0])
+        if note and launched_as_rank0():
+            print(f"=> {note}")
+    check_benchmark_args(args)
     ckpt_io.resume_path(args.resume, args.output_dir)
 
 
@@ -177,8 +191,9 @@ def zero_shot(args, raw_model, tokenizer, info: DistInfo, amp: bool) -> dict | N
 
 
 def end_of_epoch(args, epoch: int, stats: dict, zs: dict | None, best_acc1: float | None,
-                 tr: Trainer, seconds: float) -> float | None:
-    """Checkpoint and log.txt line (main process); returns the new best_acc1."""
+                 tr: Trainer, seconds: float, info: DistInfo, benchmark: dict | None = None) -> float | None:
+    """Checkpoint and log.txt line (main process); returns the new best_acc1. A failed save
+    stops every rank with the main process's one line (none waits for it forever)."""
     acc1 = zs["top1"] if zs else None
     if args.imagenet_root:  # best by zero-shot top-1; a failed evaluation is never best
         is_best = acc1 is not None and (best_acc1 is None or acc1 > best_acc1)
@@ -189,8 +204,12 @@ def end_of_epoch(args, epoch: int, stats: dict, zs: dict | None, best_acc1: floa
               "skipped_images": stats["skipped_images"],
               "zeroshot_top1": acc1, "zeroshot_top5": zs["top5"] if zs else None,
               "best_acc1": best_acc1, "epoch_time_s": round(seconds, 3)}
-    if tr.is_main:
-        ckpt = ckpt_io.make_checkpoint(epoch + 1, tr.raw_model, tr.optimizer, tr.scaler, best_acc1, args)
+    if benchmark is not None:  # --eval-benchmark ran this epoch
+        record["benchmark"] = benchmark
+
+    def save_and_log() -> None:
+        ckpt = ckpt_io.make_checkpoint(epoch + 1, tr.raw_model, tr.optimizer, tr.scaler, best_acc1, args,
+                                       info.world_size)
         ckpt_io.save_checkpoint(ckpt, args.output_dir, is_best)
         with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
             f.write(json.dumps(record) + "\n")
@@ -199,7 +218,8 @@ def end_of_epoch(args, epoch: int, stats: dict, zs: dict | None, best_acc1: floa
                 if record[key] is not None:
                     tr.writer.add_scalar(f"epoch/{key}", record[key], epoch)
         print("=> " + json.dumps(record))
-    barrier()
+
+    on_rank0(save_and_log, info.rank)
     return best_acc1
 
 
@@ -234,8 +254,15 @@ def setup(args: argparse.Namespace, info: DistInfo) -> Setup:
     path = ckpt_io.resume_path(args.resume, args.output_dir)
     if info.rank == 0:
         warn_resume_over_latest(args.resume, args.output_dir)
+
+    def check(ckpt) -> None:  # every rank reads the same file, so every rank refuses alike
+        for note in ckpt_io.check_resume_settings(ckpt, args, info.world_size, path):
+            if info.rank == 0:
+                print(f"=> note: {note}")
+
     if path:
-        start_epoch, best_acc1 = ckpt_io.load_training_state(path, model, args.model, optimizer, scaler)
+        start_epoch, best_acc1 = ckpt_io.load_training_state(path, model, args.model, optimizer, scaler,
+                                                             trust=args.trust_checkpoint, check=check)
         print(f"=> rank {info.rank}: resumed from {path!r} after epoch {start_epoch} (best_acc1 {best_acc1})")
     low, high = all_reduce_min_max(start_epoch, info.device)
     if low != high:
@@ -254,12 +281,12 @@ def run(args: argparse.Namespace, info: DistInfo) -> list[dict]:
     from tokenizer import SimpleTokenizer
     is_main = info.rank == 0
     torch.backends.cudnn.benchmark = True  # fixed 224x224 inputs: pick the fastest conv once
-    if is_main:
-        os.makedirs(args.output_dir, exist_ok=True)
     tokenizer = SimpleTokenizer()
     # Data first: a bad CSV, rewrite file or --root fails in seconds, before a large model
     # is built and a checkpoint read. (Neither touches the global RNG, so order is free.)
     loader, sampler = build_loader(args, info, tokenizer)
+    for note in loader.dataset.report if is_main else []:
+        print(f"=> note: {note}")
     st = setup(args, info)
     steps = steps_per_epoch(args, loader, info)
     schedule = CosineSchedule(args.lr, args.lr_end, args.lr_start, args.epochs * steps,
@@ -283,8 +310,9 @@ def run(args: argparse.Namespace, info: DistInfo) -> list[dict]:
         reseed(args.seed, epoch, info.rank)
         stats = train_one_epoch(tr, epoch)
         zs = zero_shot(args, st.model, tokenizer, info, amp=st.amp_dtype is not None)
-        best_acc1 = end_of_epoch(args, epoch, stats, zs, best_acc1, tr, time.time() - start)
-        records.append({"epoch": epoch, **stats, "zeroshot": zs})
+        bench = run_benchmarks(args, st.model, tokenizer, info.rank, info.device, epoch, amp=st.amp_dtype is not None)
+        best_acc1 = end_of_epoch(args, epoch, stats, zs, best_acc1, tr, time.time() - start, info, bench)
+        records.append({"epoch": epoch, **stats, "zeroshot": zs, "benchmark": bench})
     if tr.writer is not None:
         tr.writer.close()
     return records
@@ -295,9 +323,14 @@ def main(argv: list[str] | argparse.Namespace | None = None) -> list[dict]:
     args = argv if isinstance(argv, argparse.Namespace) else get_args_parser().parse_args(argv)
     validate_args(args)
     info = init_distributed_mode(args.device, timedelta(minutes=args.dist_timeout))
+    locks: list[FileLock] = []
     try:
+        # The main process claims --output-dir before any other work; every rank learns of a refusal.
+        on_rank0(lambda: locks.append(claim(args.output_dir)), info.rank)
         return run(args, info)
     finally:
+        for lock in locks:
+            lock.release()
         if info.distributed:
             cleanup_distributed()
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -19,7 +18,8 @@ from torchvision import transforms
 from tqdm import tqdm
 
 from common.distributed import resolve_device
-from imagenet_data import BadImage, collate_with_bad, imagenet_val, resolve_templates
+from common.fileio import cannot_write_in, write_json_atomic
+from imagenet_data import BadImage, collate_with_bad, imagenet_val, not_evaluated_note, resolve_templates
 from models import IMAGENET_MEAN, IMAGENET_STD
 
 
@@ -130,8 +130,10 @@ def evaluate_imagenet(model, tokenizer: Callable, imagenet_root: str, templates:
     try:
         classifier = build_classifier(model, tokenizer, classnames, templates, device, amp,
                                       progress=progress)
-        return evaluate(model, classifier, make_loader(dataset, batch_size, workers, device), device,
-                        amp, progress, skip_bad_images)
+        results = evaluate(model, classifier, make_loader(dataset, batch_size, workers, device), device,
+                           amp, progress, skip_bad_images)
+        results.update(not_evaluated=len(dataset.not_evaluated), not_evaluated_files=dataset.not_evaluated)
+        return results
     finally:
         model.train(was_training)
 
@@ -153,6 +155,9 @@ def add_eval_args(parser: argparse.ArgumentParser, default_templates: str) -> ar
     parser.add_argument("--skip-bad-images", action="store_true",
                         help="skip unreadable images (counted and reported) instead of failing")
     parser.add_argument("--output-json", default=None, help="also write the results to this JSON file")
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="fully unpickle --ckpt-path (it can then run code); needed only for files that "
+                             "pickle objects beyond tensors, plain values and argparse.Namespace")
     return parser
 
 
@@ -161,13 +166,28 @@ def check_eval_args(args: argparse.Namespace) -> torch.device:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.workers < 0:
         raise ValueError(f"--workers must be >= 0, got {args.workers}")
-    if args.output_json and not os.path.isdir(os.path.dirname(os.path.abspath(args.output_json))):
-        raise FileNotFoundError(f"--output-json: folder of {args.output_json!r} does not exist")
+    if args.output_json:
+        check_output_json(args.output_json)
     # Check the folders and files before a checkpoint of several GB is read, not after. Listing
     # the 50,000 validation files takes well under a second, and evaluation lists them again.
     resolve_templates(args.templates)
-    imagenet_val(args.imagenet_root, transform=None, classnames_file=args.classnames)
+    dataset, _ = imagenet_val(args.imagenet_root, transform=None, classnames_file=args.classnames)
+    note = not_evaluated_note(dataset)
+    if note:
+        print(note)
     return resolve_device(args.device)
+
+
+def check_output_json(path: str) -> None:
+    """--output-json must be writable now, not after the whole evaluation."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"--output-json: folder of {path!r} does not exist")
+    if os.path.isdir(path):
+        raise ValueError(f"--output-json {path!r} is a folder; give a file name")
+    reason = cannot_write_in(folder)
+    if reason:
+        raise ValueError(f"--output-json {path!r}: cannot write in {folder!r} ({reason})")
 
 
 def run_eval_cli(args: argparse.Namespace, model, tokenizer: Callable, transform: Callable,
@@ -189,6 +209,5 @@ def run_eval_cli(args: argparse.Namespace, model, tokenizer: Callable, transform
               f"{', ...' if results['skipped_images'] > 5 else ''}); accuracy is over the "
               f"{results['images']} that were read")
     if args.output_json:
-        with open(args.output_json, "w") as f:
-            json.dump(results, f, indent=2)
+        write_json_atomic(args.output_json, results)
     return results

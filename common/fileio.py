@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -51,3 +52,15 @@ def write_json_atomic(path: str | os.PathLike, obj: dict) -> None:
             json.dump(obj, f, indent=1, sort_keys=True)
 
     atomic_write(path, write)
+
+
+def cannot_write_in(folder: str | os.PathLike) -> str | None:
+    """Why no file can be created in `folder` (None if one can), found by creating and
+    removing one: os.access passes root on a read-only folder and misses full quotas."""
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".write-probe-")
+    except OSError as e:
+        return e.strerror or str(e)
+    os.close(fd)
+    os.remove(probe)
+    return None

@@ -4,10 +4,12 @@ from __future__ import annotations
 import argparse
 import os
 import pickle
+import re
 from collections.abc import Mapping
 
 import torch
 from torch import nn
+from torch.torch_version import TorchVersion
 
 from .clip import PRESETS
 
@@ -22,48 +24,76 @@ def _torch_load(path: str, weights_only: bool, mmap: bool):
         raise
 
 
-def read_checkpoint(path: str, flag: str = "--ckpt-path", mmap: bool = False) -> dict:
+# What released files pickle besides tensors and plain values: LaCLIP's and SLIP's training
+# scripts save their argparse.Namespace as 'args' (open_clip's save only plain values);
+# torch.__version__ (a str subclass) is a common extra. Neither can run code when loaded.
+SAFE_GLOBALS = (argparse.Namespace, TorchVersion)
+TRUST_FLAG = "--trust-checkpoint"
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel, torch.compile
+
+
+def refused_globals(path: str, err: Exception) -> list[str]:
+    """The pickled globals a safe load refused: from the file's pickle (zip format), else
+    from torch's message (the older format)."""
+    allowed = {f"{g.__module__}.{g.__qualname__}" for g in SAFE_GLOBALS}
+    try:
+        found = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except (ValueError, RuntimeError, OSError):
+        found = re.findall(r"GLOBAL (\S+)", str(err))
+    return sorted({g for g in found if g not in allowed})
+
+
+def read_checkpoint(path: str, flag: str = "--ckpt-path", mmap: bool = False, trust: bool = False) -> dict:
     """torch.load a checkpoint onto the CPU; errors name the flag and the file.
 
-    ``mmap=True`` maps the file instead of reading it: a training checkpoint is about two
-    thirds optimizer state, which a caller that only wants the weights then never reads.
+    Only tensors, plain values and SAFE_GLOBALS are unpickled (weights_only), unless the
+    user passed --trust-checkpoint (trust=True): a pickle can call any function while it
+    loads, and a checkpoint is often a download. ``mmap=True`` maps the file instead of
+    reading it: a training checkpoint is about two thirds optimizer state, which a
+    caller that only wants the weights then never reads.
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{flag}: checkpoint file {path!r} does not exist")
     if not os.access(path, os.R_OK):
         raise PermissionError(f"{flag}: checkpoint file {path!r} is not readable")
-    # The released files pickle an argparse.Namespace next to the weights; allow just that in
-    # the safe loader, and fall back to full unpickling (torch<2.6 behaviour) for other extras.
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            obj = _torch_load(path, weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError:
-        obj = None
+        with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
+            obj = _torch_load(path, weights_only=not trust, mmap=mmap)
+    except pickle.UnpicklingError as err:
+        found = refused_globals(path, err)
+        if not found and "weights only" not in str(err).lower():
+            raise ValueError(f"{flag}: cannot read checkpoint {path!r}: {err}") from None
+        raise ValueError(f"{flag}: {path!r} pickles objects other than tensors and plain values "
+                         f"({', '.join(found) or 'see torch.load(weights_only=True)'}); unpickling them can run "
+                         f"code, so they are refused. If you trust where the file came from, pass {TRUST_FLAG}") from None
     except Exception as err:  # truncated zip, not a torch file, ...
         raise ValueError(f"{flag}: cannot read checkpoint {path!r} (not a torch.save file, or truncated "
                          f"by an interrupted download): {err}") from err
-    if obj is None:
-        try:
-            obj = _torch_load(path, weights_only=False, mmap=mmap)
-        except Exception as err:
-            raise ValueError(f"{flag}: cannot read checkpoint {path!r}: {err}") from err
     if not isinstance(obj, Mapping):
         raise ValueError(f"{flag}: {path!r} holds a {type(obj).__name__}, not a checkpoint dict")
     return dict(obj)
 
 
+def strip_wrappers(key: str) -> str:
+    """'module._orig_mod.visual...' -> 'visual...': any run of wrapper prefixes, in any order."""
+    while key.startswith(WRAPPER_PREFIXES):
+        key = key.split(".", 1)[1]
+    return key
+
+
 def extract_state_dict(ckpt: Mapping, path: str = "", flag: str = "--ckpt-path") -> dict[str, torch.Tensor]:
-    """``ckpt['state_dict']`` or the bare dict, with the DDP ``module.`` prefix stripped."""
+    """``ckpt['state_dict']`` or the bare dict, with wrapper prefixes (DDP ``module.``,
+    torch.compile ``_orig_mod.``, repeated) stripped."""
     state = ckpt.get("state_dict", ckpt)
     if not isinstance(state, Mapping) or not all(torch.is_tensor(v) for v in state.values()):
         raise ValueError(f"{flag}: {path!r} has no state dict of tensors (keys: {sorted(ckpt)[:8]})")
-    return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}
+    return {strip_wrappers(k): v for k, v in state.items()}
 
 
-def load_checkpoint_state(path: str, flag: str = "--ckpt-path") -> dict[str, torch.Tensor]:
+def load_checkpoint_state(path: str, flag: str = "--ckpt-path", trust: bool = False) -> dict[str, torch.Tensor]:
     """The weights only, memory-mapped: ``load_state_dict`` copies them (casting an fp16 file
     to the model's dtype), so the optimizer state in the same file is never read."""
-    return extract_state_dict(read_checkpoint(path, flag, mmap=True), path, flag)
+    return extract_state_dict(read_checkpoint(path, flag, mmap=True, trust=trust), path, flag)
 
 
 def preset_shapes(name: str) -> dict[str, tuple[int, ...]]:
@@ -108,6 +138,15 @@ def mismatch_lines(model: nn.Module, state: Mapping[str, torch.Tensor]) -> list[
     return lines
 
 
+def common_prefix(state: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor]) -> str | None:
+    """A first name component that every key of the file has and no key of the model has."""
+    firsts = {k.split(".", 1)[0] + "." for k in state if "." in k}
+    if len(firsts) != 1 or len(state) == 0 or any("." not in k for k in state):
+        return None
+    (prefix,) = firsts
+    return None if any(k.startswith(prefix) for k in own) else prefix
+
+
 def load_into(model: nn.Module, state: Mapping[str, torch.Tensor], model_name: str, path: str,
               flag: str = "--ckpt-path") -> None:
     """Strict load; on mismatch say which keys are missing/unexpected and which preset the file fits."""
@@ -119,5 +158,8 @@ def load_into(model: nn.Module, state: Mapping[str, torch.Tensor], model_name: s
             lines.append(f"  it looks like a {guess} checkpoint: try --model {guess}")
         elif any(k.startswith(("visual.conv1", "visual.transformer.")) for k in state):
             lines.append("  it looks like an open_clip model: use eval_zeroshot_imagenet_laion.py")
+        prefix = common_prefix(state, model.state_dict())
+        if prefix:
+            lines.append(f"  every key of the file starts with {prefix!r}, which the model's keys do not have")
         raise ValueError("\n".join(lines))
     model.load_state_dict(state, strict=True)

@@ -7,10 +7,10 @@ import sys
 import fire
 
 from common.distributed import launched_as_rank0
-from rewrite.cli_args import flags_help, signature, validate
+from rewrite.cli_args import check_argv, flags_help, signature, validate
 from rewrite.launch import flag_names, teardown_parallel
 from rewrite.prompts import load_pool
-from rewrite.runner import run, write_dry_run
+from rewrite.runner import Interrupted, run, write_dry_run
 
 
 def main(**flags) -> None:
@@ -36,10 +36,20 @@ Args:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    """fire entry point; bad flags and files end with one clear line, exit status 2."""
+    """fire entry point; bad flags and files end with one clear line, exit status 2;
+    Ctrl-C with one line saying what is kept, exit status 130 (128 + SIGINT)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
+        check_argv(argv)  # every rank parses its own argv, so every rank stops here
         fire.Fire(main, command=argv, name="llama_rewrite.py")
     except (ValueError, OSError) as e:
         print(f"llama_rewrite.py: error: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:
+        print(f"llama_rewrite.py: {e}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("llama_rewrite.py: interrupted; committed lines are kept, rerun the same command to resume",
+              file=sys.stderr)
+        return 130
     return 0

@@ -4,12 +4,16 @@ and `validate` checks every value at the edge (messages name the flag and the fi
 before any process group or model exists."""
 from __future__ import annotations
 
+import difflib
 import inspect
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
 
 from common.distributed import launched_as_rank0
+from common.fileio import cannot_write_in
 from rewrite.llama import find_tokenizer
 from rewrite.prompts import normalize_sample_mode
 
@@ -47,6 +51,52 @@ class Config:
 
 
 FLAG_NAMES = tuple(f.name for f in fields(Config))
+BOOL_FLAGS = tuple(f.name for f in fields(Config) if isinstance(f.default, bool))
+HELP_FLAGS = ("-h", "--help")  # fire shows the help for these wherever they stand
+
+
+def _is_flag(arg: str) -> bool:
+    """fire's rule: '--anything', or '-' and a letter ('-0.5' is a value)."""
+    return arg.startswith("--") or re.match(r"-[a-zA-Z]", arg) is not None
+
+
+def _check_flag(arg: str, key: str, bare: bool) -> None:
+    if key in FLAG_NAMES or (bare and key.startswith("no") and key[2:] in BOOL_FLAGS):
+        return
+    typed = arg.split("=", 1)[0]
+    if len(key) == 1:  # fire's shortcut: -p for the one flag starting with p
+        matches = [name for name in FLAG_NAMES if name[0] == key]
+        if len(matches) == 1:
+            return
+        if matches:
+            raise ValueError(f"flag {typed} is ambiguous: it could be --" + ", --".join(matches))
+    close = difflib.get_close_matches(key, FLAG_NAMES + tuple(f"no{b}" for b in BOOL_FLAGS), n=1, cutoff=0.6)
+    hint = f"did you mean --{close[0]}?" if close else "the flags are --" + ", --".join(FLAG_NAMES)
+    raise ValueError(f"unknown flag {typed}; {hint}")
+
+
+def check_argv(argv: Sequence[str]) -> None:
+    """Refuse, before any work, what fire would not bind: fire binds the flags it knows,
+    runs main with defaults for the rest and only complains about a leftover after main
+    returns (a whole run with a mistyped flag ignored). Reads argv as fire does:
+    --a_b or --a-b, --flag=value or --flag value, a bare --flag (True) or --noflag
+    (False), -x for the one flag starting with x; after a lone '--' come fire's own flags."""
+    args = list(argv)
+    if "--" in args:
+        args = args[:len(args) - 1 - args[::-1].index("--")]
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg in HELP_FLAGS:
+            i += 1
+            continue
+        if not _is_flag(arg):
+            raise ValueError(f"unexpected argument {arg!r}: every value follows its flag "
+                             "(--name value or --name=value)")
+        has_value = "=" in arg
+        bare = not has_value and (i + 1 == len(args) or _is_flag(args[i + 1]))
+        _check_flag(arg, arg.lstrip("-").split("=", 1)[0].replace("-", "_"), bare)
+        i += 1 if has_value or bare else 2
 
 
 def signature() -> inspect.Signature:
@@ -107,7 +157,16 @@ def _output_file(value: object, prompt: Path) -> Path:
         raise ValueError(f"--output_filename {value}: directory {path.parent} does not exist")
     if path.resolve() == prompt.resolve():
         raise ValueError(f"--output_filename {value} is the --prompt_filename; give another file")
+    reason = cannot_write_in(path.parent)
+    if reason:
+        raise ValueError(f"--output_filename {value}: cannot write in {path.parent} ({reason})")
     return path
+
+
+def _switch(flag: str, value: object) -> bool:
+    if not isinstance(value, bool):  # fire binds the token after a bare switch to it
+        raise ValueError(f"--{flag} is a switch: give it alone (or --{flag}=False), got {value!r}")
+    return value
 
 
 def _optional_str(value: object) -> Optional[str]:
@@ -118,17 +177,17 @@ def _given(value: object) -> bool:
     return value is not None and value is not True and str(value) != ""
 
 
-def _tokenizer_path(c: Config) -> Optional[str]:
+def _tokenizer_path(c: Config, dry_run: bool) -> Optional[str]:
     """--tokenizer_path as given, else (outside a dry run) the tokenizer --ckpt_dir comes with."""
     for flag, value in (("ckpt_dir", c.ckpt_dir), ("tokenizer_path", c.tokenizer_path)):
         if value is True or (value is not None and str(value) == ""):
             raise ValueError(f"--{flag} needs a path")
-    if not c.dry_run and c.ckpt_dir is None:
+    if not dry_run and c.ckpt_dir is None:
         raise ValueError("--ckpt_dir is required (the LLaMA weights folder), except with --dry_run")
     if _given(c.tokenizer_path) or c.ckpt_dir is None:
         return _optional_str(c.tokenizer_path)
     found = find_tokenizer(str(c.ckpt_dir)) if Path(str(c.ckpt_dir)).is_dir() else None
-    if found is None and not c.dry_run:
+    if found is None and not dry_run:
         raise ValueError(f"--tokenizer_path is required: --ckpt_dir {c.ckpt_dir} has no tokenizer.model or "
                          "tokenizer.json (nor, for a Meta folder, its parent a tokenizer.model)")
     return found
@@ -141,7 +200,8 @@ def validate(raw: dict[str, Any]) -> Config:
         raise ValueError(f"unknown flag --{unknown[0]}; the flags are --" + ", --".join(FLAG_NAMES))
     c = Config(**raw)
     mode = normalize_sample_mode(c.sample_mode)
-    tokenizer_path = _tokenizer_path(c)
+    dry_run = _switch("dry_run", c.dry_run)
+    tokenizer_path = _tokenizer_path(c, dry_run)
     temperature = _float("temperature", c.temperature)
     if temperature < 0:
         raise ValueError(f"--temperature must be >= 0 (0 = greedy), got {temperature}")
@@ -160,5 +220,6 @@ def validate(raw: dict[str, Any]) -> Config:
         ckpt_dir=_optional_str(c.ckpt_dir), tokenizer_path=tokenizer_path,
         temperature=temperature, top_p=top_p, prompt_filename=prompt,
         output_filename=_output_file(c.output_filename, prompt), sample_mode=mode,
-        examples=_optional_str(c.examples), dry_run=bool(c.dry_run), overwrite=bool(c.overwrite),
+        examples=_optional_str(c.examples), dry_run=dry_run,
+        overwrite=_switch('overwrite', c.overwrite),
         model_parallel_size=mp, dtype=None if c.dtype is None else DTYPES[str(c.dtype).lower()], **numbers)

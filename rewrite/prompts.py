@@ -214,18 +214,31 @@ def build_prompt(examples: Sequence[tuple[str, str]], caption: str) -> str:
 def fit_prompt(prompt: str, tokenizer: TokenizerLike, max_seq_len: int) -> tuple[list[int], str, bool]:
     """(tokens with BOS, prompt text, truncated?). A prompt longer than
     max_seq_len - 5 tokens is cut to its first max_seq_len - 10 tokens, decoded,
-    and ' =>' appended, as the original did."""
+    and ' =>' appended, as the original did.
+
+    Fixed where that rule broke: with byte fallback a character the vocabulary lacks
+    is 2-4 byte pieces, and a cut between them decodes to U+FFFD, which re-encodes
+    longer; the original then cut the re-encoded tokens again and lost the ' =>'
+    (the model continued the caption instead of rewriting it). Here the cut steps
+    back, a token at a time, to the first point whose tokens decode and re-encode to
+    themselves (a whole character; every clean cut keeps the original's prompt), and
+    the result is checked to fit, so the prompt always ends in the arrow.
+    """
     tokens = tokenizer.encode(prompt, bos=True, eos=False)
     if len(tokens) <= max_seq_len - 5:
         return tokens, prompt, False
     kept = tokens[: max_seq_len - 10]
     if kept and kept[0] == tokenizer.bos_id:
         kept = kept[1:]  # SentencePiece drops control ids when decoding anyway
-    text = tokenizer.decode(kept) + PROMPT_ARROW
-    tokens = tokenizer.encode(text, bos=True, eos=False)
-    # Re-encoding decoded text can, rarely (a cut inside a multi-byte character),
-    # come out longer; never hand the engine more than the context can hold.
-    return tokens[: max_seq_len - 5], text, True
+    for n in range(len(kept), -1, -1):
+        head = tokenizer.decode(kept[:n])
+        if tokenizer.encode(head, bos=False, eos=False) != kept[:n]:
+            continue  # a cut inside a character (or a piece that re-encodes otherwise)
+        text = head + PROMPT_ARROW
+        tokens = tokenizer.encode(text, bos=True, eos=False)
+        if len(tokens) <= max_seq_len - 5:
+            return tokens, text, True
+    raise ValueError(f"max_seq_len {max_seq_len} leaves no room for a prompt")  # unreachable past MIN_ROOM
 
 
 def longest_prefix_tokens(pool: Pool, tokenizer: TokenizerLike) -> int:

@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from common.distributed import launched_as_rank0, on_every_rank, on_rank0
 from common.fileio import atomic_write
+from common.locking import FileLock
 from rewrite.cli_args import Config
 from rewrite.input_lines import InputInfo, Line, offset_of_line, read_lines, scan_input, share_range
 from rewrite.llama import (Generator, ParallelInfo, TokenizerBase, default_dtype, load_generator, load_tokenizer,
@@ -139,6 +140,7 @@ class Prepared:
     fingerprint: dict  # input + settings: what a resumed run must match
     complete: bool  # the output is already finished for this fingerprint
     dtype: torch.dtype
+    locks: list[FileLock]  # held by this process for the run: OUT on rank 0, its part on a writer
 
 
 @dataclass
@@ -178,21 +180,43 @@ def settings_fingerprint(cfg: Config, pool: Pool, dtype: str) -> dict:
             "max_gen_len": cfg.max_gen_len, "dtype": dtype, "checkpoint": checkpoint_identity(cfg)}
 
 
+def take_lock(path: Path, what: str, locks: list[FileLock]) -> None:
+    """Lock `path` for the run (LockHeld names the holder), kept in `locks` for release()."""
+    lock = FileLock(path, f"--output_filename {what}")
+    try:
+        locks.append(lock.acquire())  # LockHeld (a ValueError) names the holder
+    except OSError as e:
+        raise ValueError(f"--output_filename {path}: cannot create its lock {lock.path} ({e.strerror or e})") from None
+
+
+def release(prep: Prepared) -> None:
+    while prep.locks:
+        prep.locks.pop().release()
+
+
 def prepare(cfg: Config, pool: Pool) -> Prepared:
-    """Process groups, tokenizer and context check, and the input scan + plan on rank 0."""
+    """Process groups, tokenizer and context check; on rank 0 the output's lock, the
+    input scan and the plan (a second run on the same output stops there, on every rank)."""
     parallel = setup_parallel(cfg.ckpt_dir, cfg.model_parallel_size)
     tokenizer = load_tokenizer(cfg.tokenizer_path, cfg.ckpt_dir)
     check_context(cfg, pool, tokenizer)
     dtype = cfg.dtype or DTYPE_NAMES[default_dtype(parallel.device, open_checkpoint(cfg.ckpt_dir).stored_dtype())]
     settings = settings_fingerprint(cfg, pool, dtype)
+    locks: list[FileLock] = []
 
     def scan_and_plan():
+        take_lock(cfg.output_filename, str(cfg.output_filename), locks)
         info = scan_input(cfg.prompt_filename)
         fingerprint = {"input": info.fingerprint(), "settings": settings}
         return info, fingerprint, plan_run(cfg.output_filename, parallel.dp_size, fingerprint, cfg.overwrite)
 
-    info, fingerprint, complete = on_rank0(scan_and_plan, parallel.rank)
-    return Prepared(parallel, tokenizer, info, fingerprint, complete, TORCH_DTYPES[dtype])
+    try:
+        info, fingerprint, complete = on_rank0(scan_and_plan, parallel.rank)
+    except BaseException:
+        for lock in locks:
+            lock.release()
+        raise
+    return Prepared(parallel, tokenizer, info, fingerprint, complete, TORCH_DTYPES[dtype], locks)
 
 
 def open_share(cfg: Config, prep: Prepared) -> Share:
@@ -211,6 +235,8 @@ def open_share(cfg: Config, prep: Prepared) -> Share:
     def resume_point():
         if writer is None:
             return None
+        if parallel.dp_size > 1:  # rank 0 holds OUT's lock; each group's writer holds its part's
+            take_lock(out, f"part {out}", prep.locks)
         state = writer.open(start, offset_of_line(cfg.prompt_filename, prep.info, start))
         return parallel.dp_rank, state.next_line, state.in_offset
 
@@ -221,21 +247,20 @@ def open_share(cfg: Config, prep: Prepared) -> Share:
 
 def rewrite_share(cfg: Config, pool: Pool, generator: Generator, share: Share, show_bar: bool) -> int:
     """Rewrite the share's lines from its resume point, committing per window; returns the lines done now."""
-    bar = tqdm(total=share.end - share.start, initial=share.next_line - share.start, unit="line",
-               disable=not show_bar, dynamic_ncols=True)
     lines = read_lines(cfg.prompt_filename, share.offset, share.next_line, share.end)
     warned = 0
-    for window in _windows(lines, WINDOW_BATCHES * cfg.max_batch_size):
-        out, stats = rewrite_window(cfg, pool, generator, window)
-        if share.writer is not None:
-            for line in window:
-                if line.undecodable and warned < 5:
-                    warned += 1
-                    print(f"warning: {cfg.prompt_filename} line {line.index + 1} is not valid UTF-8; "
-                          "undecodable bytes were replaced by U+FFFD", file=sys.stderr)
-            share.writer.commit(out, next_line=window[-1].index + 1, in_offset=window[-1].end, stats=stats)
-        bar.update(len(window))
-    bar.close()
+    with tqdm(total=share.end - share.start, initial=share.next_line - share.start, unit="line",
+              disable=not show_bar, dynamic_ncols=True) as bar:  # closed before any message of an error
+        for window in _windows(lines, WINDOW_BATCHES * cfg.max_batch_size):
+            out, stats = rewrite_window(cfg, pool, generator, window)
+            if share.writer is not None:
+                for line in window:
+                    if line.undecodable and warned < 5:
+                        warned += 1
+                        print(f"warning: {cfg.prompt_filename} line {line.index + 1} is not valid UTF-8; "
+                              "undecodable bytes were replaced by U+FFFD", file=sys.stderr)
+                share.writer.commit(out, next_line=window[-1].index + 1, in_offset=window[-1].end, stats=stats)
+            bar.update(len(window))
     return share.end - share.next_line
 
 
@@ -256,18 +281,29 @@ def gather_totals(parallel: ParallelInfo, writer: Optional[ShareWriter], lines_n
     return total
 
 
-def run(cfg: Config, pool: Pool) -> None:
-    prep = prepare(cfg, pool)
-    if prep.complete:
-        log(f"{cfg.output_filename} is already complete ({prep.info.lines} lines; record "
-            f"{record_path(cfg.output_filename).name}); nothing to do. Pass --overwrite to redo it.")
-        return
-    generator = load_generator(cfg.ckpt_dir, cfg.tokenizer_path, cfg.max_seq_len, cfg.max_batch_size,
-                               prep.parallel, prep.dtype, prep.tokenizer)
+class Interrupted(Exception):
+    """Ctrl-C during the run, with what was kept (the committed lines stay; rerun to resume)."""
+
+
+def interrupted(cfg: Config, prep: Prepared, share: Share) -> Interrupted:
+    if share.writer is None or share.writer.state is None:
+        return Interrupted("interrupted; committed lines are kept, rerun the same command to resume")
+    where = cfg.output_filename if prep.parallel.dp_size == 1 else share.writer.out_path
+    done, total = share.writer.state.next_line - share.start, share.end - share.start
+    return Interrupted(f"interrupted; {done} of {total} lines of {where} committed, "
+                       "rerun the same command to resume")
+
+
+def rewrite_all(cfg: Config, pool: Pool, prep: Prepared) -> None:
+    """Open this group's share (its part locked), load the model, rewrite, merge."""
     share = open_share(cfg, prep)
-    t0 = time.perf_counter()
     try:
+        generator = load_generator(cfg.ckpt_dir, cfg.tokenizer_path, cfg.max_seq_len, cfg.max_batch_size,
+                                   prep.parallel, prep.dtype, prep.tokenizer)
+        t0 = time.perf_counter()
         done = rewrite_share(cfg, pool, generator, share, prep.parallel.rank == 0)
+    except KeyboardInterrupt:
+        raise interrupted(cfg, prep, share) from None
     finally:
         if share.writer is not None:
             share.writer.close()
@@ -278,6 +314,18 @@ def run(cfg: Config, pool: Pool) -> None:
     if prep.parallel.dp_size > 1 and prep.parallel.rank == 0:  # every writer has finished: gather_totals synced
         merge_parts(cfg.output_filename, prep.parallel.dp_size, prep.fingerprint, totals.stats)
     log(summary(cfg, totals, seconds))
+
+
+def run(cfg: Config, pool: Pool) -> None:
+    prep = prepare(cfg, pool)
+    try:
+        if prep.complete:
+            log(f"{cfg.output_filename} is already complete ({prep.info.lines} lines; record "
+                f"{record_path(cfg.output_filename).name}); nothing to do. Pass --overwrite to redo it.")
+            return
+        rewrite_all(cfg, pool, prep)
+    finally:
+        release(prep)
 
 
 def summary(cfg: Config, totals: Totals, seconds: float) -> str:

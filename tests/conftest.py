@@ -1,7 +1,9 @@
 """Shared fixtures: everything a test needs is made here, offline, on the CPU."""
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -41,6 +43,67 @@ def make_imagenet(tmp_path):
         return write_imagenet(tmp_path / name, folders, per_class)
 
     return make
+
+
+TINY_OPEN_CLIP = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 224, "layers": 1, "width": 64, "head_width": 32, "patch_size": 32},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1},
+}
+
+
+@pytest.fixture
+def tiny_open_clip(tmp_path):
+    """A tiny open_clip model registered as 'LaCLIP-test-tiny' and its checkpoint as open_clip's
+    training writes it: (path, model, preprocess)."""
+    import open_clip
+    cfg_dir = tmp_path / "configs"
+    cfg_dir.mkdir()
+    (cfg_dir / "LaCLIP-test-tiny.json").write_text(json.dumps(TINY_OPEN_CLIP))
+    open_clip.add_model_config(str(cfg_dir))
+    torch.manual_seed(0)
+    model, _, preprocess = open_clip.create_model_and_transforms("LaCLIP-test-tiny", pretrained=None)
+    path = tmp_path / "laion_tiny.pt"
+    torch.save({"epoch": 32, "state_dict": {"module." + k: v for k, v in model.state_dict().items()}}, path)
+    return str(path), model.eval(), preprocess
+
+
+def unwritable_dir(tmp_path) -> Path:
+    """A folder this process cannot create files in: a read-only one, or for root (whom
+    permissions do not stop) /sys/kernel, where nobody can create a file."""
+    folder = Path(tmp_path) / "read_only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    for candidate in (folder, Path("/sys/kernel")):
+        if candidate.is_dir() and not _can_create(candidate):
+            return candidate
+    pytest.skip("no folder here refuses writes to this user")
+
+
+def _can_create(folder: Path) -> bool:
+    try:
+        (folder / "laclip-probe").touch()
+    except OSError:
+        return False
+    (folder / "laclip-probe").unlink()
+    return True
+
+
+class Payload:
+    """Unpickling this calls os.mkdir(marker): what a checkpoint built to run code can do."""
+
+    def __init__(self, marker) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+def write_payload_checkpoint(path, state: dict, marker, legacy: bool = False) -> str:
+    """A released-style checkpoint (state_dict with `module.`) that also carries a Payload."""
+    torch.save({"epoch": 1, "state_dict": {"module." + k: v for k, v in state.items()}, "note": Payload(marker)},
+               path, _use_new_zipfile_serialization=not legacy)
+    return str(path)
 
 
 # torchrun's variables: a subprocess without them runs as one process.

@@ -16,7 +16,7 @@ import eval_zeroshot_imagenet_laion
 import models
 import zeroshot
 from common.distributed import resolve_device
-from conftest import write_image
+from conftest import TINY_OPEN_CLIP, unwritable_dir, write_image, write_payload_checkpoint
 from imagenet_data import imagenet_val
 from imagenet_templates import IMAGENET_CLASSNAMES, IMAGENET_WNIDS, OPENAI_TEMPLATES, SIMPLE_TEMPLATES
 from tokenizer import SimpleTokenizer
@@ -230,26 +230,6 @@ def test_repeated_class_names_share_one_column_and_ties_go_to_the_first():
     assert res["top1"] == 100.0 and res["top5"] == 100.0
 
 
-TINY_OPEN_CLIP = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 224, "layers": 1, "width": 64, "head_width": 32, "patch_size": 32},
-    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1},
-}
-
-
-@pytest.fixture
-def tiny_open_clip(tmp_path):
-    cfg_dir = tmp_path / "configs"
-    cfg_dir.mkdir()
-    (cfg_dir / "LaCLIP-test-tiny.json").write_text(json.dumps(TINY_OPEN_CLIP))
-    open_clip.add_model_config(str(cfg_dir))
-    torch.manual_seed(0)
-    model, _, preprocess = open_clip.create_model_and_transforms("LaCLIP-test-tiny", pretrained=None)
-    path = tmp_path / "laion_tiny.pt"
-    torch.save({"epoch": 32, "state_dict": {"module." + k: v for k, v in model.state_dict().items()}}, path)
-    return str(path), model.eval(), preprocess
-
-
 def test_laion_eval_matches_independent_computation(make_imagenet, tiny_open_clip):
     ckpt, model, preprocess = tiny_open_clip
     root = make_imagenet(WNIDS[:3], per_class=2)
@@ -308,3 +288,51 @@ def test_laion_open_clip_training_checkpoints_load(tmp_path, make_imagenet, tiny
     args = base + ["--ckpt-path", str(plain)]
     args[args.index("--model") + 1] = "LaCLIP-test-tiny-bias"
     assert eval_zeroshot_imagenet_laion.main(args)["top1"] == expected["top1"]
+
+
+def test_a_checkpoint_that_would_run_code_needs_trust_checkpoint(tmp_path, make_imagenet, tiny_ckpt, tiny_open_clip):
+    """Both scripts refuse a file whose pickle calls a function, before running it; with
+    --trust-checkpoint they load it (and the payload runs: that is what trusting means)."""
+    root = make_imagenet(WNIDS[:2], per_class=1)
+    laion_state = tiny_open_clip[1].state_dict()
+    for script, model, state in ((eval_zeroshot_imagenet, "CLIP_TINY", tiny_ckpt[1].state_dict()),
+                                 (eval_zeroshot_imagenet_laion, "LaCLIP-test-tiny", laion_state)):
+        marker = tmp_path / f"ran_{model}"
+        path = write_payload_checkpoint(tmp_path / f"{model}.pt", state, marker)
+        args = eval_args(root, path, "--model", model, "--templates", "simple")
+        with pytest.raises(ValueError, match=f"--ckpt-path: {path!r} .*mkdir.*--trust-checkpoint"):
+            script.main(args)
+        assert not marker.exists()
+        assert script.main(args + ["--trust-checkpoint"])["images"] == 2 and marker.exists()
+
+
+def test_every_file_of_a_class_folder_is_evaluated_or_reported(tmp_path, make_imagenet, tiny_ckpt, capsys):
+    """A broken symlink named like an image is an unreadable image (refused, or skipped with
+    --skip-bad-images); a .gif (not in torchvision's list, which the original used), another
+    file and a subfolder are listed as not evaluated, before the checkpoint is read."""
+    ckpt, _ = tiny_ckpt
+    root = make_imagenet(WNIDS[:2], per_class=2)
+    first, second = os.path.join(root, "val", WNIDS[0]), os.path.join(root, "val", WNIDS[1])
+    gone = os.path.join(first, "gone.png")
+    os.symlink(os.path.join(first, "moved_away.png"), gone)
+    write_image(os.path.join(first, "anim.gif"), seed=5)
+    open(os.path.join(second, "README.txt"), "w").close()
+    os.makedirs(os.path.join(second, "extra"))
+    write_image(os.path.join(second, "extra", "img.png"), seed=6)
+    with pytest.raises(OSError, match="gone.png"):
+        eval_zeroshot_imagenet.main(eval_args(root, ckpt))
+    out = capsys.readouterr().out
+    assert "3 files in the class folders" in out and out.index("not evaluated") < len(out)
+    for name in (f"{WNIDS[0]}/anim.gif", f"{WNIDS[1]}/README.txt", f"{WNIDS[1]}/extra"):
+        assert name in out
+    results = eval_zeroshot_imagenet.main(eval_args(root, ckpt, "--skip-bad-images"))
+    assert results["images"] == 4 and results["skipped_files"] == [gone]
+    assert sorted(results["not_evaluated_files"]) == sorted(
+        [os.path.join(first, "anim.gif"), os.path.join(second, "README.txt"), os.path.join(second, "extra")])
+
+
+def test_unwritable_output_json_fails_before_the_checkpoint_is_read(tmp_path, make_imagenet):
+    root = make_imagenet(WNIDS[:1], per_class=1)
+    target = unwritable_dir(tmp_path) / "results.json"
+    with pytest.raises(ValueError, match=f"--output-json {str(target)!r}: cannot write in"):
+        eval_zeroshot_imagenet.main(eval_args(root, str(tmp_path / "nope.pt"), "--output-json", str(target)))

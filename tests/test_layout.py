@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("common", "models", "training", "rewrite", "testkit")
+PACKAGES = ("common", "models", "training", "evaluation", "rewrite", "testkit")
 TOP_MODULES = ("tokenizer", "imagenet_templates", "imagenet_data", "zeroshot", "train", "demo",
-               "eval_zeroshot_imagenet", "eval_zeroshot_imagenet_laion")
+               "eval_zeroshot_imagenet", "eval_zeroshot_imagenet_laion", "eval_benchmark")
 ENGINE_DEPS = {"torch", "fairscale", "sentencepiece", "tokenizers", "safetensors"}
 BOOTSTRAP = ROOT / "rewrite" / "llama_rewrite.py"
 

@@ -198,3 +198,16 @@ def test_a_mismatched_checkpoint_fails_before_any_copy(ckpts, tmp_path, monkeypa
     monkeypatch.setattr(torch, "cat", lambda *a, **k: pytest.fail("merged before validating"))
     with pytest.raises(ValueError, match="pieces but tok_embeddings.weight"):
         load(ckpts[4], other / "tokenizer.model")
+
+
+def test_a_shard_that_would_run_code_is_refused(ckpts, tmp_path):
+    """LLaMA shards hold tensors only: one that pickles a callable is refused before it runs
+    (there is no trust flag for shards: Meta's files never need one)."""
+    from conftest import Payload
+    d = copy(ckpts, tmp_path)
+    state = torch.load(d / "consolidated.00.pth", weights_only=True)
+    marker = tmp_path / "payload_ran"
+    torch.save({**state, "note": Payload(marker)}, d / "consolidated.00.pth")
+    with pytest.raises(CheckpointError, match="consolidated.00.pth"):
+        load(d)
+    assert not marker.exists()

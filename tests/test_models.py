@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import models
+from conftest import write_payload_checkpoint
 
 # Every key and shape of the released files (docs/formats.md, "CLIP checkpoints").
 MANIFEST = os.path.join(os.path.dirname(__file__), "data", "clip_checkpoint_keys.json")
@@ -140,3 +141,42 @@ def test_weights_are_memory_mapped_and_old_format_files_still_load(tmp_path, mon
     current = tmp_path / "zip.pt"
     torch.save({"state_dict": state}, current)
     assert set(models.load_checkpoint_state(str(current))) == set(state) and calls == [True]
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_a_checkpoint_that_would_run_code_is_refused_unless_trusted(tmp_path, legacy):
+    marker = tmp_path / "payload_ran"
+    path = write_payload_checkpoint(tmp_path / "evil.pt", models.get_model("CLIP_TINY").state_dict(), marker, legacy)
+    with pytest.raises(ValueError) as err:
+        models.load_checkpoint_state(path)
+    assert not marker.exists()
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"--ckpt-path: {path!r}")
+    assert "mkdir" in message and "can run code" in message and "--trust-checkpoint" in message
+    assert set(models.load_checkpoint_state(path, trust=True)) == set(models.get_model("CLIP_TINY").state_dict())
+    assert marker.exists()  # trusted: fully unpickled, as torch.load(weights_only=False) would
+
+
+def test_released_extras_load_without_trust(tmp_path):
+    """argparse.Namespace (LaCLIP/SLIP's args) and torch's version string are plain data."""
+    import argparse
+    path = tmp_path / "released.pt"
+    state = models.get_model("CLIP_TINY").state_dict()
+    torch.save({"state_dict": state, "args": argparse.Namespace(model="CLIP_TINY", betas=(0.9, 0.98)),
+                "torch_version": torch.__version__}, path)
+    ckpt = models.read_checkpoint(str(path))
+    assert ckpt["args"].betas == (0.9, 0.98) and ckpt["torch_version"] == torch.__version__
+
+
+@pytest.mark.parametrize("prefix", ["module.", "_orig_mod.", "module.module.", "module._orig_mod.",
+                                    "_orig_mod.module."])
+def test_wrapper_prefixes_are_stripped(prefix):
+    """DDP (module.), torch.compile (_orig_mod.) and their combinations."""
+    state = models.get_model("CLIP_TINY").state_dict()
+    assert models.extract_state_dict({"state_dict": {prefix + k: v for k, v in state.items()}}) .keys() == state.keys()
+
+
+def test_an_unknown_prefix_is_named(tmp_path):
+    state = {"model." + k: v for k, v in models.get_model("CLIP_TINY").state_dict().items()}
+    with pytest.raises(ValueError, match="every key of the file starts with 'model.'"):
+        models.load_into(models.get_model("CLIP_TINY"), state, "CLIP_TINY", "x.pt")

@@ -140,3 +140,25 @@ def test_merge_refuses_missing_part(tmp_path):
     with pytest.raises(ResumeError, match="part-00001-of-00002 is missing or unfinished"):
         merge_parts(output, 2, FP, {})
     assert not output.exists()
+
+
+def test_record_written_before_checksums_still_resumes(tmp_path):
+    """A version-1 record (no checksum): its committed bytes are taken as they are, once,
+    and checked from then on; nothing is redone."""
+    out = tmp_path / "out.txt"
+    w = writer(out)
+    w.open(0, 0)
+    w.commit(["a", "b"], next_line=2, in_offset=4, stats={"lines": 2})
+    w.close()
+    record = json.loads(record_path(out).read_text())
+    del record["state"]["out_blake2b"]
+    record["version"] = 1
+    record_path(out).write_text(json.dumps(record))
+    w = writer(out)
+    assert w.open(0, 0).next_line == 2
+    w.commit(["c"], next_line=3, in_offset=6, stats={"lines": 1})
+    w.close()
+    assert out.read_text() == "a\nb\nc\n" and json.loads(record_path(out).read_text())["version"] == 2
+    out.write_text("x\nb\nc\n")
+    with pytest.raises(ResumeError, match="checksum"):
+        writer(out).open(0, 0)

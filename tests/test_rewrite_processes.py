@@ -101,3 +101,33 @@ def test_two_processes_equal_one(tiny, tmp_path, mp, temperature):
     record = json.loads(record_path(out).read_text())
     assert record["complete"] and record["state"]["stats"]["lines"] == 31
     assert "done: " in done.stdout and done.stdout.count("done: ") == 1  # one summary, from rank 0
+
+
+def test_second_run_is_refused_and_ctrl_c_keeps_the_work(tiny, tmp_path, capsys):
+    """A live run holds the output: a second run on it stops at once naming the first's
+    process; SIGINT then ends the first with one line and exit 130, and the rerun completes it."""
+    src = tmp_path / "src.txt"
+    src.write_text("".join(f"{c} {i}\n" for i in range(12) for c in CAPTIONS))  # 120 lines
+    expected = reference(tiny, src, tmp_path / "ref.txt")
+    out = tmp_path / "out.txt"
+    proc = subprocess.Popen([sys.executable, str(REWRITE / "llama_rewrite.py"), *argv(tiny, src, out)],
+                            env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while committed_lines(out) < 4 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert proc.poll() is None, "the run ended before the second one could start; give it more lines"
+        capsys.readouterr()
+        assert llama_rewrite.cli(argv(tiny, src, out)) == 2
+        assert f"is in use by process {proc.pid}" in capsys.readouterr().err
+        os.kill(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130 and "Traceback" not in err
+    (message,) = [line for line in err.replace("\r", "\n").splitlines() if line.startswith("llama_rewrite.py")]
+    assert message.startswith("llama_rewrite.py: interrupted; ") and "rerun the same command" in message
+    assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name or p.name.endswith(".lock")]
+    assert llama_rewrite.cli(argv(tiny, src, out)) == 0
+    assert out.read_bytes() == expected

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import pytest
@@ -48,6 +49,54 @@ def test_truncation_cuts_long_prompt_and_appends_arrow():
     tokens, text, truncated = fit_prompt(long, tok, max_seq_len=100)
     assert truncated and text == long[:100 - 10 - 1] + " =>"  # 90 tokens kept, BOS among them
     assert tokens == tok.encode(text, True, False) and len(tokens) <= 100 - 5
+
+
+@pytest.fixture(scope="module")
+def byte_fallback_tokenizer(tmp_path_factory):
+    """A SentencePiece model like LLaMA's (BPE, byte fallback) that has seen a little CJK and
+    emoji: characters it has not seen become 3-4 byte pieces, so a cut can land inside one."""
+    from rewrite.llama import Tokenizer
+    from testkit.tiny_llama import TINY_TEXTS, train_tokenizer
+    path = tmp_path_factory.mktemp("spm") / "tokenizer.model"
+    path.write_bytes(train_tokenizer(TINY_TEXTS + ["一只猫坐在窗台上", "東京の夜景", "🐶 dog 🐱 cat", "café"], 400))
+    return Tokenizer(str(path))
+
+
+CUT_PIECES = ["🐶", "🌅", "👩‍👩‍👧", "🇯🇵", "猫", "夜景", "東京", "ﾌﾞ", "café", "a dog", " ", "naïve", "on the"]
+
+
+def test_cut_inside_a_multibyte_character_keeps_the_arrow(byte_fallback_tokenizer):
+    """Emoji, CJK and mixed captions cut at many lengths: the prompt always ends in ' =>', fits the
+    context, holds only whole characters of the caption, and its tokens are its encoding."""
+    tok, rng = byte_fallback_tokenizer, random.Random(0)
+    examples = [("a dog", "A dog runs."), ("city at night", "The city glows."), ("x", "y z")]
+    cut = 0
+    for _ in range(300):
+        caption = "".join(rng.choice(CUT_PIECES) for _ in range(rng.randint(30, 120)))
+        prompt, max_seq_len = build_prompt(examples, caption), rng.randint(40, 140)
+        tokens, text, truncated = fit_prompt(prompt, tok, max_seq_len)
+        if not truncated:
+            continue
+        cut += 1
+        assert text.endswith(" =>") and prompt.startswith(text[:-len(" =>")]), text[-20:]
+        assert tokens == tok.encode(text, True, False) and len(tokens) <= max_seq_len - 5
+        assert tok.decode(tokens).endswith("=>")
+    assert cut > 200
+
+
+def test_cut_on_a_clean_token_boundary_is_the_original_rule(byte_fallback_tokenizer):
+    """Where the first max_seq_len - 10 tokens decode and re-encode to themselves (every ASCII
+    caption here), the prompt is exactly the original's: those tokens, decoded, plus ' =>'."""
+    tok, rng = byte_fallback_tokenizer, random.Random(1)
+    words = "a photo of the dog running on beach at sunset two cats sleeping red sofa city night".split()
+    examples = [("a dog", "A dog runs."), ("city at night", "The city glows."), ("x", "y z")]
+    for _ in range(100):
+        prompt = build_prompt(examples, " ".join(rng.choice(words) for _ in range(rng.randint(20, 80))))
+        max_seq_len = rng.randint(40, 120)
+        tokens, text, truncated = fit_prompt(prompt, tok, max_seq_len)
+        original = tok.decode(tok.encode(prompt, True, False)[1:max_seq_len - 10]) + " =>"
+        assert truncated == (len(tok.encode(prompt, True, False)) > max_seq_len - 5)
+        assert text == (original if truncated else prompt)
 
 
 def test_cut_rewrite_at_newline_and_arrow():

@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import random
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
 
 from train_fixtures import make_train_data
-from training.data import (CaptionImageDataset, EpochSampler, check_root, read_caption_csv, sample_seed,
-                           train_transform)
+from training.captions import read_caption_csv
+from training.data import CaptionImageDataset, EpochSampler, check_root, sample_seed, train_transform
 
 
 def fake_tokenizer(text: str) -> torch.Tensor:
@@ -29,7 +30,8 @@ def test_csv_rows_header_quotes_and_extensions(tmp_path):
                     'notes.txt,not a sample\n'
                     '\n'
                     'a/3.jpeg,unquoted, comma\n')
-    paths, captions = read_caption_csv(str(path))
+    table = read_caption_csv(str(path))
+    paths, captions = table.paths, table.captions
     assert [paths[i] for i in range(len(paths))] == ["a/1.jpg", "a/2.PNG", "a/3.jpeg"]
     assert captions[0] == 'a cat, sitting "on" a mat'
     assert captions[1] == "plain caption"
@@ -129,3 +131,54 @@ def test_check_root_needs_one_existing_image(tmp_path):
     data["root"] = str(tmp_path)  # one level too high: no path resolves
     with pytest.raises(ValueError, match=r"--root .*none of 6 image paths.*sub/img_0\.JPG"):
         check_root(dataset(data))
+
+
+def rows(path) -> list[tuple[str, str]]:
+    table = read_caption_csv(str(path))
+    return [(table.paths[i], table.captions[i]) for i in range(len(table.paths))]
+
+
+def test_unclosed_quote_stops_naming_the_csv_and_line(tmp_path):
+    """24 rows, one caption opening a quote it never closes: csv would read 3 samples."""
+    data = make_train_data(tmp_path, n=24)
+    csv_path = tmp_path / "train.csv"
+    lines = csv_path.read_text().splitlines(keepends=True)
+    lines[3] = 'sub/img_2.png,"a caption that opens a quote\n'
+    csv_path.write_text("".join(lines))
+    with pytest.raises(ValueError) as err:  # with rewrite files: the CSV is to blame, not them
+        dataset(data)
+    message = str(err.value)
+    assert message.startswith(f"--train-data {str(csv_path)!r}: the row at line 4 runs over") and "quote" in message
+
+
+def test_bom_latin1_spaces_and_other_extensions(tmp_path):
+    """A byte-order mark, Windows-1252 bytes, spaces around a path and a .webp image are all
+    read as meant, and counted in the report."""
+    path = tmp_path / "c.csv"
+    path.write_bytes(b"\xef\xbb\xbfa/1.jpg,first\r\n"
+                     b"a/2.jpg ,caf\xe9 au lait \x96 \x93quoted\x94\r\n"
+                     b"  a/3.webp,\xc3\xa9t\xc3\xa9 in UTF-8\r\n"
+                     b"a/4.png,mixed \xc3\xa9 and \xe9\r\n")
+    assert rows(path) == [("a/1.jpg", "first"), ("a/2.jpg", "caf\u00e9 au lait \u2013 \u201cquoted\u201d"),
+                          ("a/3.webp", "\u00e9t\u00e9 in UTF-8"), ("a/4.png", "mixed \u00e9 and \u00e9")]
+    report = " ".join(read_caption_csv(str(path)).report)
+    assert "2 captions not UTF-8, read as Windows-1252 (line 2, line 4)" in report
+    assert "2 image paths with surrounding spaces, removed (line 2, line 3)" in report
+
+
+def test_dropped_rows_are_counted_with_the_reason(tmp_path):
+    path = tmp_path / "c.csv"
+    path.write_text("filepath,title\na/1.jpg,ok\nnotes.txt,not an image\n\na/2.gifv,odd\na/3.png,ok\n")
+    assert [p for p, _ in rows(path)] == ["a/1.jpg", "a/3.png"]
+    report = " ".join(read_caption_csv(str(path)).report)
+    assert "1 header row skipped (line 1: 'filepath')" in report
+    assert "2 rows skipped: the first field is not an image file name (line 3: 'notes.txt', line 5: 'a/2.gifv')" in report
+    assert "1 blank line skipped" in report
+
+
+def test_latin1_rewrite_file_is_read_and_counted(tmp_path):
+    data = make_train_data(tmp_path, n=2)
+    Path(data["rewrites"][0]).write_bytes(b"a caf\xe9 scene\nsecond rewrite\n")
+    ds = dataset(data)
+    assert ds.rewrites[0][0] == "a caf\u00e9 scene"
+    assert any("1 line not UTF-8, read as Windows-1252 (line 1)" in note for note in ds.report)

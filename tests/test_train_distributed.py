@@ -96,3 +96,22 @@ def test_torchrun_two_processes_match_one(tmp_path):
     assert two["skipped_images"] == one["skipped_images"] == 2
     ckpt = torch.load(double / "checkpoint.pt", weights_only=True)
     assert all(k.startswith("module.") for k in ckpt["state_dict"])
+
+
+@pytest.mark.slow
+def test_torchrun_on_a_locked_output_dir_stops_every_rank(tmp_path):
+    """Rank 0 holds --output-dir's lock; when it is taken, rank 1 learns of the refusal too
+    (through the process group) instead of waiting for rank 0 at the first collective."""
+    from common.locking import FileLock
+    from training.output_dir import lock_target
+    data = make_train_data(tmp_path, n=8)
+    out = tmp_path / "out"
+    out.mkdir()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "train.py", *train_argv(data, out, "--batch-size", "2")]
+    with FileLock(lock_target(str(out)), "a first run"):
+        proc = subprocess.run(cmd, cwd=REPO, env=clean_dist_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    refusals = [line for line in proc.stderr.splitlines() if line.startswith("error: --output-dir")]
+    assert len(refusals) == 2 and all(f"in use by process {os.getpid()}" in line for line in refusals), proc.stderr
+    assert os.listdir(out) == []

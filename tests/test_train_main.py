@@ -260,8 +260,8 @@ def test_optimizer_state_in_another_parameter_order_is_an_error(tmp_path):
     state[a], state[b] = state[b], state[a]  # what another script's registration order looks like
     foreign = tmp_path / "foreign.pt"
     torch.save(ckpt, foreign)
-    with pytest.raises(ValueError, match="--resume.*parameter order"):
-        train.main(train_argv(data, tmp_path / "out2", "--resume", str(foreign)))
+    with pytest.raises(ValueError, match="--resume.*parameter order"):  # same flags as the file's run
+        train.main(train_argv(data, tmp_path / "out2", "--epochs", "1", "--resume", str(foreign)))
 
 
 @pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="fork is the Linux choice")

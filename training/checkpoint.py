@@ -2,15 +2,21 @@
 
 `<output-dir>/checkpoint.pt` holds `epoch` (epochs completed), `state_dict` (keys with
 the DDP `module.` prefix, as in the released LaCLIP files), `optimizer`, `scaler`,
-`best_acc1` (zero-shot top-1 in percent, None when no --imagenet-root) and `args` (a
-plain dict, so the file also loads with torch.load(weights_only=True)).
+`best_acc1` (zero-shot top-1 in percent, None when no --imagenet-root), `args` (a
+plain dict, so the file also loads with torch.load(weights_only=True)) and `world_size`.
+
+A resume compares this run's flags with the checkpoint's `args`: a difference in what
+decides the training trajectory (RESUME_MUST_MATCH) is refused unless --resume-override
+is given; other differences (RESUME_FREE: where and how the run is watched) are listed.
 `checkpoint_best.pt` is a copy (a hard link where possible) made when the epoch's zero-shot top-1 is the best so
 far; without --imagenet-root every epoch counts as best, so it equals the latest.
 """
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -18,9 +24,19 @@ from torch import nn
 
 import models
 from common.fileio import atomic_write
+from training.output_dir import save_failed
 
 LATEST = "checkpoint.pt"
 BEST = "checkpoint_best.pt"
+# Flags that decide what a run computes: an exact resume needs the checkpoint's values.
+RESUME_MUST_MATCH = ("model", "train_data", "root", "aug_text", "augmented_caption_filelist", "epochs",
+                     "warmup_epochs", "batch_size", "update_freq", "lr", "lr_start", "lr_end", "wd", "betas",
+                     "eps", "seed", "disable_amp", "amp_dtype", "max_steps_per_epoch", "world_size")
+# Flags that change where and how the run is watched, not the weights it computes.
+RESUME_FREE = ("output_dir", "resume", "start_epoch", "imagenet_root", "workers", "print_freq",
+               "eval_batch_size", "device", "dist_timeout", "trust_checkpoint", "resume_override",
+               "eval_benchmark", "eval_tasks", "eval_every")
+LABELS = {"world_size": "processes", "augmented_caption_filelist": "--augmented_caption_filelist"}
 
 
 def atomic_save(obj: Any, path: str) -> None:
@@ -29,7 +45,7 @@ def atomic_save(obj: Any, path: str) -> None:
 
 
 def make_checkpoint(epoch: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    scaler: torch.amp.GradScaler, best_acc1: float | None, args: Any) -> dict:
+                    scaler: torch.amp.GradScaler, best_acc1: float | None, args: Any, world_size: int = 1) -> dict:
     """`model` is the bare CLIP (not DDP); its keys get the `module.` prefix here."""
     state = {f"module.{k}": v for k, v in model.state_dict().items()}
     return {
@@ -39,15 +55,23 @@ def make_checkpoint(epoch: int, model: nn.Module, optimizer: torch.optim.Optimiz
         "scaler": scaler.state_dict(),
         "best_acc1": best_acc1,
         "args": dict(vars(args)),
+        "world_size": world_size,
     }
 
 
 def save_checkpoint(ckpt: dict, output_dir: str, is_best: bool) -> str:
-    """Write checkpoint.pt (and checkpoint_best.pt if is_best); call on the main process only."""
+    """Write checkpoint.pt (and checkpoint_best.pt if is_best); call on the main process only.
+    A failed write (full disk, read-only mount) is one line naming the folder and its free space."""
     latest = os.path.join(output_dir, LATEST)
-    atomic_save(ckpt, latest)
+    try:
+        atomic_save(ckpt, latest)
+    except (OSError, RuntimeError) as err:  # torch.save reports a failed write as a RuntimeError
+        raise save_failed(output_dir, LATEST, err) from None
     if is_best:
-        atomic_write(os.path.join(output_dir, BEST), lambda tmp: _link_or_copy(latest, tmp))
+        try:
+            atomic_write(os.path.join(output_dir, BEST), lambda tmp: _link_or_copy(latest, tmp))
+        except OSError as err:
+            raise save_failed(output_dir, BEST, err) from None
     return latest
 
 
@@ -73,15 +97,61 @@ def resume_path(resume: str | None, output_dir: str) -> str | None:
     return latest if os.path.isfile(latest) else None
 
 
+def _comparable(value: Any) -> Any:
+    return list(value) if isinstance(value, (list, tuple)) else value
+
+
+def _shown(value: Any) -> str:
+    return repr(value) if isinstance(value, str) else str(_comparable(value))
+
+
+def saved_settings(ckpt: Mapping) -> dict:
+    """The checkpoint's flags (a dict here, a Namespace in released files; none in a bare state dict)."""
+    saved = ckpt.get("args")
+    saved = vars(saved) if isinstance(saved, argparse.Namespace) else saved
+    saved = dict(saved) if isinstance(saved, Mapping) else {}
+    if "world_size" in ckpt:
+        saved["world_size"] = ckpt["world_size"]
+    return saved
+
+
+def resume_differences(saved: Mapping, current: Mapping) -> tuple[list[str], list[str]]:
+    """(differences that break an exact resume, harmless ones), as '--flag OLD (now NEW)'.
+    A flag the checkpoint does not record (another script's file) cannot be compared."""
+    breaking, harmless = [], []
+    for key in RESUME_MUST_MATCH + RESUME_FREE:
+        if key in saved and key in current and _comparable(saved[key]) != _comparable(current[key]):
+            label = LABELS.get(key, "--" + key.replace("_", "-"))
+            text = f"{label} {_shown(saved[key])} (now {_shown(current[key])})"
+            (breaking if key in RESUME_MUST_MATCH else harmless).append(text)
+    return breaking, harmless
+
+
+def check_resume_settings(ckpt: Mapping, args: argparse.Namespace, world_size: int, path: str) -> list[str]:
+    """Refuse a resume whose trajectory-deciding flags differ (unless --resume-override);
+    returns the notes to print: overridden and harmless differences."""
+    breaking, harmless = resume_differences(saved_settings(ckpt), {**vars(args), "world_size": world_size})
+    if breaking and not args.resume_override:
+        raise ValueError(f"--resume {path!r}: this run's settings differ from the checkpoint's, which breaks an "
+                         f"exact resume: {', '.join(breaking)}; rerun with the checkpoint's settings, or pass "
+                         "--resume-override to continue with the new ones")
+    notes = [f"--resume-override: continuing {path!r} with {', '.join(breaking)}"] if breaking else []
+    return notes + ([f"resuming {path!r} with {', '.join(harmless)}"] if harmless else [])
+
+
 def load_training_state(path: str, model: nn.Module, model_name: str,
                         optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-                        flag: str = "--resume") -> tuple[int, float | None]:
+                        flag: str = "--resume", trust: bool = False,
+                        check: Callable[[Mapping], None] | None = None) -> tuple[int, float | None]:
     """Restore model (strict), optimizer and scaler; returns (epochs completed, best_acc1).
 
     Also accepts a released checkpoint (args pickled as a Namespace) or a bare state
     dict: missing optimizer/scaler/epoch entries are left at their fresh values.
+    trust: --trust-checkpoint (full unpickling); check(ckpt) runs before anything is restored.
     """
-    ckpt = models.read_checkpoint(path, flag)
+    ckpt = models.read_checkpoint(path, flag, trust=trust)
+    if check is not None:
+        check(ckpt)
     state = models.extract_state_dict(ckpt, path, flag)
     models.load_into(model, state, model_name, path, flag)
     if "optimizer" in ckpt:

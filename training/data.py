@@ -1,8 +1,5 @@
-"""Training data: the released caption CSV, its aligned rewrite files, image augmentation.
-
-Format (FORMATS.md section 5): `*_original.csv` rows `image_path,caption`; rows whose
-first field is not a .png/.jpg/.jpeg file (a header, say) are not samples. Each
-rewrite file holds one caption per line, line k belonging to sample k.
+"""Training data: samples of the caption CSV and its rewrite files (training/captions.py),
+image augmentation, and the sampler.
 
 Randomness is keyed, not drawn from global state: the crop and the caption picked for
 sample i in epoch e come from a generator seeded with (seed, e, i). The sampler hands
@@ -11,11 +8,9 @@ number of workers and ranks, and across a resume.
 """
 from __future__ import annotations
 
-import csv
 import logging
 import os
 import random
-from array import array
 from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
@@ -24,79 +19,15 @@ from PIL import Image
 from torch.utils.data import Dataset, DistributedSampler, Sampler
 from torchvision import transforms
 
-from common.images import open_rgb
 import models
+from common.images import open_rgb
+from training.captions import read_caption_csv, read_rewrites
 
 log = logging.getLogger(__name__)
-# The released CSVs' rule: a row is a sample when its first field ends in one of these.
-SAMPLE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 # Give up on a run of this many unreadable images in a row: the --root is wrong, not a file.
 MAX_LOAD_ATTEMPTS = 50
 # Per worker process and epoch, so one broken shard cannot flood the console.
 MAX_LOGGED_FAILURES = 10
-
-
-class StringTable:
-    """Many strings in one utf-8 byte buffer plus end offsets, filled by `append`.
-
-    CC12M has 12M rows x (1 + 4 rewrites) captions; as Python str objects that is
-    several GB per process, and DataLoader workers would copy it page by page as
-    reference counts change. A bytearray and an int64 array are compact, are filled
-    without an intermediate list, and stay shared after fork.
-    """
-
-    def __init__(self) -> None:
-        self._data = bytearray()
-        self._ends = array("q")
-
-    def append(self, s: str) -> None:
-        self._data += s.encode("utf-8", errors="replace")
-        self._ends.append(len(self._data))
-
-    def __len__(self) -> int:
-        return len(self._ends)
-
-    def __getitem__(self, i: int) -> str:
-        start = self._ends[i - 1] if i > 0 else 0
-        return self._data[start:self._ends[i]].decode("utf-8")
-
-
-def read_caption_csv(path: str) -> tuple[StringTable, StringTable]:
-    """(image paths, captions) of the sample rows of a caption CSV."""
-    paths, captions = StringTable(), StringTable()
-    with open(path, newline="", encoding="utf-8", errors="replace") as f:
-        reader = csv.reader(f)
-        try:
-            for row in reader:
-                if not row or not row[0].lower().endswith(SAMPLE_EXTENSIONS):
-                    continue  # header or blank line
-                if len(row) < 2:
-                    raise ValueError(f"--train-data {path!r}: line {reader.line_num} has an image "
-                                     f"path but no caption: {row!r}")
-                paths.append(row[0])
-                # An unquoted comma splits a caption into several fields; rejoin them.
-                captions.append(",".join(row[1:]))
-        except csv.Error as err:
-            raise ValueError(f"--train-data {path!r}: line {reader.line_num}: {err}") from err
-    if not len(paths):
-        raise ValueError(f"--train-data {path!r}: no rows whose first field ends in "
-                         f"{'/'.join(SAMPLE_EXTENSIONS)}")
-    return paths, captions
-
-
-def read_rewrites(path: str, expected: int, csv_path: str) -> StringTable:
-    """One rewrite per line, aligned with the CSV's samples; a count mismatch is an error."""
-    table = StringTable()
-    # newline="\n": only a line feed ends a line, so a stray carriage return inside a
-    # rewrite cannot shift every later line out of alignment.
-    with open(path, encoding="utf-8", errors="replace", newline="\n") as f:
-        for line in f:
-            table.append(line.rstrip("\r\n"))
-    if len(table) != expected:
-        raise ValueError(
-            f"--augmented_caption_filelist: {path!r} has {len(table)} lines but "
-            f"--train-data {csv_path!r} has {expected} samples; line k must be the rewrite of sample k")
-    return table
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -120,12 +51,19 @@ class CaptionImageDataset(Dataset):
 
     `failed_loads` counts the unreadable images skipped to produce this item; it
     travels with the batch so the count survives worker processes and ranks.
+    `report`: one line per kind of CSV row or rewrite line not read as written.
     """
 
     def __init__(self, csv_path: str, root: str, transform: Callable, tokenizer: Callable,
                  rewrite_files: Sequence[str] = (), seed: int = 0):
-        self.paths, self.captions = read_caption_csv(csv_path)
-        self.rewrites = [read_rewrites(p, len(self.paths), csv_path) for p in rewrite_files]
+        table = read_caption_csv(csv_path)
+        self.paths, self.captions = table.paths, table.captions
+        self.report = [f"--train-data {csv_path!r}: {line}" for line in table.report]
+        self.rewrites = []
+        for path in rewrite_files:
+            rewrites, notes = read_rewrites(path, len(self.paths), csv_path)
+            self.rewrites.append(rewrites)
+            self.report += notes
         self.root = root
         self.transform = transform
         self.tokenizer = tokenizer

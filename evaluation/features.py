@@ -1,0 +1,127 @@
+"""Image features of a split, computed once and cached on disk, so zero-shot classification,
+the linear probe and every few-shot k of a sweep read the same features.
+
+The cache key is the model (name, checkpoint path, size and modification time), the
+preprocessing, the precision, and the split's samples (paths and labels, or the array files'
+size and time). Files are safetensors (tensors and a JSON header, nothing unpickled) written
+atomically, so an interrupted run never leaves a half file that a later run would trust.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from evaluation.readers import SplitData
+from common.fileio import atomic_write
+from zeroshot import autocast, make_loader
+
+CACHE_VERSION = 1
+
+
+@dataclass
+class RunOptions:
+    """How images are read and encoded (the flags shared by every task)."""
+    batch_size: int = 64
+    workers: int = 4
+    device: torch.device = torch.device("cpu")
+    amp: bool = True  # fp16 autocast on CUDA; the CPU always computes in float32
+    skip_bad_images: bool = False
+    progress: bool = True
+
+    @property
+    def effective_amp(self) -> bool:
+        return self.amp and self.device.type == "cuda"
+
+
+@dataclass
+class Features:
+    features: torch.Tensor  # [N, E] float32, as the image tower returns them (not normalised)
+    labels: torch.Tensor    # [N] int64
+    skipped: list[str]      # unreadable images left out (only with --skip_bad_images)
+    cached: bool = False    # read from the cache instead of computed
+
+
+@torch.no_grad()
+def encode_images(model: torch.nn.Module, dataset, opts: RunOptions, desc: str = "features") -> Features:
+    """Run the image tower over a dataset of (image, label) or BadImage items."""
+    loader = make_loader(dataset, opts.batch_size, opts.workers, opts.device)
+    feats, labels, skipped = [], [], []
+    for images, batch_labels, bad in tqdm(loader, desc=desc, disable=not opts.progress, unit="batch"):
+        if bad and not opts.skip_bad_images:
+            raise OSError(f"cannot read image {bad[0].path!r} ({bad[0].reason}); fix or remove it, "
+                          f"or pass --skip_bad_images to leave such files out (they are counted)")
+        skipped.extend(b.path for b in bad)
+        if batch_labels.numel() == 0:
+            continue
+        with autocast(opts.device, opts.effective_amp):
+            feats.append(model.encode_image(images.to(opts.device, non_blocking=True)).float().cpu())
+        labels.append(batch_labels)
+    if not feats:
+        raise ValueError("no image could be read (all were skipped as unreadable)")
+    return Features(torch.cat(feats), torch.cat(labels).long(), skipped)
+
+
+def normalized(features: torch.Tensor) -> torch.Tensor:
+    return F.normalize(features, dim=-1)
+
+
+class FeatureCache:
+    """``<root>/<dataset>_<split>_<key>.safetensors``; ``root=None`` keeps nothing on disk."""
+
+    def __init__(self, root: str | None):
+        self.root = root or None
+        self.notes: list[str] = []
+        self._memory: dict[str, Features] = {}  # this run's features, whether or not on disk
+        self._memory_dataset: str | None = None
+
+    def key(self, model_identity: dict, split: SplitData, transform, opts: RunOptions) -> str:
+        # repr() of open_clip's transform names functions with their address; drop it (it moves every run)
+        transform_text = re.sub(r" at 0x[0-9a-fA-F]+", "", repr(transform))
+        spec = {"version": CACHE_VERSION, "model": model_identity, "transform": transform_text,
+                "amp": opts.effective_amp, "device": opts.device.type, "dataset": split.dataset,
+                "split": split.split, "samples": split.fingerprint()}
+        return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:32]
+
+    def path(self, split: SplitData, key: str) -> str:
+        return os.path.join(self.root, f"{split.dataset}_{split.split}_{key}.safetensors")
+
+    def load(self, path: str) -> Features | None:
+        if not os.path.isfile(path):
+            return None
+        try:
+            with safe_open(path, framework="pt") as f:
+                skipped = json.loads(f.metadata()["skipped"])
+                return Features(f.get_tensor("features"), f.get_tensor("labels"), skipped, cached=True)
+        except (SafetensorError, OSError, KeyError, ValueError) as err:
+            self.notes.append(f"feature cache {path!r} was unreadable ({err}); recomputed")
+            return None
+
+    def save(self, path: str, feats: Features) -> None:
+        os.makedirs(self.root, exist_ok=True)
+        tensors = {"features": feats.features.contiguous(), "labels": feats.labels.contiguous()}
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"skipped": json.dumps(feats.skipped)}))
+
+    def features(self, model, model_identity: dict, transform, split: SplitData, opts: RunOptions) -> Features:
+        """The split's features from the cache, or computed (and cached)."""
+        if split.dataset != self._memory_dataset:  # hold one dataset's splits at a time (ImageNet's train is GBs)
+            self._memory, self._memory_dataset = {}, split.dataset
+        key = self.key(model_identity, split, transform, opts)
+        if key in self._memory:
+            return self._memory[key]
+        path = self.path(split, key) if self.root else None
+        feats = self.load(path) if path else None
+        if feats is None:
+            feats = encode_images(model, split.torch_dataset(transform), opts, desc=f"{split.dataset} {split.split}")
+            if path:
+                self.save(path, feats)
+        self._memory[key] = feats
+        return feats

@@ -1,0 +1,225 @@
+"""llama_rewrite.py refuses, in one line and before the model loads, what used to run silently:
+mistyped flags, a second run on a locked output, an output changed since its record, a
+damaged record, an unwritable folder; Ctrl-C is one line and keeps the committed work."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from common.locking import FileLock
+from conftest import REWRITE_PAIRS as PAIRS, make_tiny_rewrite_setup, unwritable_dir
+from rewrite import cli_args, llama_rewrite, runner
+from rewrite.output import record_path
+from rewrite.prompts import load_pool
+
+CAPTIONS = ["person rides a bike", "a bowl of soup", "boats in the harbour", "snow on the hills",
+            "tea and cake", "a cat on a mat", "the old bridge", "kids play football", "a lamp"]
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_tiny_rewrite_setup(tmp_path_factory.mktemp("rewrite_refusals"), CAPTIONS, PAIRS)
+
+
+@pytest.fixture
+def src(tmp_path) -> Path:
+    path = tmp_path / "src.txt"
+    path.write_text("".join(f"{c}\n" for c in CAPTIONS * 3), encoding="utf-8")
+    return path
+
+
+def argv(tiny, src: Path, out: Path, **extra) -> list[str]:
+    flags = dict(tiny, prompt_filename=str(src), output_filename=str(out), max_seq_len=256, max_gen_len=4,
+                 max_batch_size=2)
+    flags.update(extra)
+    return [f"--{k}={v}" for k, v in flags.items()]
+
+
+def one_line_error(capsys) -> str:
+    """The one line written besides the progress bar (tqdm's updates end in '\r' or '\n')."""
+    err = capsys.readouterr().err
+    lines = [part for part in re.split(r"[\r\n]", err) if part.strip() and not re.search(r"\d+%\|", part)]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def forbid_model(monkeypatch) -> None:
+    """Any refusal here must come before the weights are read."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(runner, "load_generator", refuse)
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    forbid_model(monkeypatch)
+
+
+# ---------------------------------------------------------------- flags
+@pytest.mark.parametrize("typo, suggestion", [
+    (["--temprature", "0.5"], "did you mean --temperature?"),
+    (["--max_batchsize", "8"], "did you mean --max_batch_size?"),
+    (["--max-batchsize=8"], "did you mean --max_batch_size?"),
+    (["--dryrun"], "did you mean --dry_run?"),
+    (["stray"], "unexpected argument 'stray'"),
+    (["--overwrite", "stray"], "--overwrite is a switch"),  # fire hands 'stray' over as its value
+])
+def test_unknown_flag_stops_before_any_work(tiny, src, tmp_path, capsys, monkeypatch, typo, suggestion):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the run started")
+
+    monkeypatch.setattr(runner, "prepare", refuse)
+    out = tmp_path / "out.txt"
+    assert llama_rewrite.cli(argv(tiny, src, out) + typo) == 2
+    err = one_line_error(capsys)
+    assert err.startswith("llama_rewrite.py: error: ") and suggestion in err and typo[0].split("=")[0] in err
+    assert not out.exists() and not record_path(out).exists()
+
+
+def test_every_spelling_fire_accepts_passes_the_check(tiny, src, tmp_path):
+    accepted = [["--max-batch-size=3"], ["--max_batch_size", "3"], ["--dry-run"], ["--nodry_run"],
+                ["--temperature", "-0.5"], ["---top_p=0.5"], ["-p", "x.txt"], ["--help"], ["--", "--trace"],
+                ["--dry_run", "--overwrite"]]
+    for args in accepted:
+        cli_args.check_argv(args)
+    out = tmp_path / "out.txt"
+    assert llama_rewrite.cli([f"--prompt-filename={src}", "--output-filename", str(out), "--dry-run",
+                              "--examples", tiny["examples"]]) == 0
+    assert (tmp_path / "out.txt.prompts.jsonl").is_file()
+
+
+# ---------------------------------------------------------------- locks
+def test_second_run_on_a_locked_output_stops_at_once(tiny, src, tmp_path, capsys, monkeypatch, no_model):
+    out = tmp_path / "out.txt"
+    with FileLock(out, "a first run"):  # the lock another live run would hold
+        assert llama_rewrite.cli(argv(tiny, src, out)) == 2
+        err = one_line_error(capsys)
+    assert f"--output_filename {out} is in use by process {os.getpid()}" in err
+    assert not out.exists() and not record_path(out).exists()
+
+
+def test_lock_of_a_killed_run_does_not_block(tiny, src, tmp_path, capsys):
+    out = tmp_path / "out.txt"
+    taker = ("import os, signal, sys; from common.locking import FileLock; "
+             "FileLock(__import__('pathlib').Path(sys.argv[1]), 'x').acquire(); os.kill(os.getpid(), signal.SIGKILL)")
+    done = subprocess.run([sys.executable, "-c", taker, str(out)], cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == -signal.SIGKILL and (tmp_path / "out.txt.lock").exists()
+    assert llama_rewrite.cli(argv(tiny, src, out)) == 0
+    assert len(out.read_text().splitlines()) == 3 * len(CAPTIONS)
+    assert not (tmp_path / "out.txt.lock").exists()  # released at the end of the run
+
+
+def test_data_parallel_part_is_locked_by_its_writer(tiny, src, tmp_path, monkeypatch):
+    """Rank 0 locks OUT; each data-parallel group's writer locks its part (here: the group of
+    this process, as rank 2 of 4 one-process groups would see it)."""
+    from rewrite.llama import ParallelInfo
+    from rewrite.output import part_path
+    cfg = cli_args.validate(dict(tiny, prompt_filename=str(src), output_filename=str(tmp_path / "out.txt"),
+                                 max_seq_len=256))
+    layout = ParallelInfo(rank=2, world_size=4, local_rank=2, mp_size=1, mp_rank=0, dp_size=4, dp_rank=2,
+                          device=__import__("torch").device("cpu"))
+    monkeypatch.setattr(runner, "setup_parallel", lambda *a, **k: layout)
+    monkeypatch.setattr(runner, "on_every_rank", lambda fn, world_size: [fn()])
+    monkeypatch.setattr(runner, "on_rank0", lambda fn, rank: fn())
+    prep = runner.prepare(cfg, load_pool(cfg.sample_mode, cfg.examples))
+    try:
+        part = part_path(cfg.output_filename, 2, 4)
+        with FileLock(part, "another writer"):
+            with pytest.raises(ValueError, match=f"--output_filename part {part} is in use by process"):
+                runner.open_share(cfg, prep)
+    finally:
+        runner.release(prep)
+    assert not (tmp_path / "out.txt.lock").exists()
+
+
+# ---------------------------------------------------------------- the record
+def run_once(tiny, src, out, **extra) -> bytes:
+    assert llama_rewrite.cli(argv(tiny, src, out, **extra)) == 0
+    return out.read_bytes()
+
+
+@pytest.mark.parametrize("change", ["cut", "same_size", "appended"])
+def test_finished_output_changed_since_is_refused(tiny, src, tmp_path, capsys, monkeypatch, change):
+    out = tmp_path / "out.txt"
+    data = run_once(tiny, src, out)
+    forbid_model(monkeypatch)
+    if change == "cut":
+        out.write_bytes(b"".join(data.splitlines(keepends=True)[:9]))
+    elif change == "same_size":
+        out.write_bytes(data[:5] + bytes([data[5] ^ 1]) + data[6:])
+    else:
+        out.write_bytes(data + b"more\n")
+    capsys.readouterr()
+    assert llama_rewrite.cli(argv(tiny, src, out)) == 2
+    err = one_line_error(capsys)
+    assert "--output_filename" in err and str(out) in err and "changed" in err and "--overwrite" in err
+
+
+def test_partial_output_changed_in_its_committed_bytes_is_refused(tiny, src, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out.txt"
+    interrupt_at_window(monkeypatch, 2)
+    assert llama_rewrite.cli(argv(tiny, src, out)) == 130
+    data = out.read_bytes()
+    out.write_bytes(bytes([data[0] ^ 1]) + data[1:])  # same size, one committed byte changed
+    capsys.readouterr()
+    assert llama_rewrite.cli(argv(tiny, src, out)) == 2
+    err = one_line_error(capsys)
+    assert "checksum" in err and str(out) in err and "--overwrite" in err
+
+
+def test_record_with_incomplete_state_is_one_line(tiny, src, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out.txt"
+    interrupt_at_window(monkeypatch, 1)
+    assert llama_rewrite.cli(argv(tiny, src, out)) == 130
+    record = json.loads(record_path(out).read_text())
+    del record["state"]["in_offset"]
+    record_path(out).write_text(json.dumps(record))
+    capsys.readouterr()
+    assert llama_rewrite.cli(argv(tiny, src, out)) == 2
+    err = one_line_error(capsys)
+    assert f"progress record {record_path(out)}" in err and "in_offset" in err and "--overwrite" in err
+
+
+# ---------------------------------------------------------------- Ctrl-C and folders
+def interrupt_at_window(monkeypatch, windows: int) -> None:
+    real, calls = runner.rewrite_window, {"n": 0}
+
+    def wrapped(*args, **kwargs):
+        if calls["n"] == windows:
+            raise KeyboardInterrupt
+        calls["n"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "rewrite_window", wrapped)
+
+
+def test_ctrl_c_is_one_line_and_keeps_committed_work(tiny, src, tmp_path, capsys, monkeypatch):
+    reference = run_once(tiny, src, tmp_path / "ref.txt")
+    out = tmp_path / "out.txt"
+    with monkeypatch.context() as m:
+        interrupt_at_window(m, 2)
+        capsys.readouterr()
+        assert llama_rewrite.cli(argv(tiny, src, out)) == 130
+    err = one_line_error(capsys)
+    window = runner.WINDOW_BATCHES * 2  # lines per window at --max_batch_size 2
+    assert f"interrupted; {2 * window} of {3 * len(CAPTIONS)} lines of {out} committed" in err
+    assert "rerun the same command to resume" in err
+    assert not [p.name for p in tmp_path.iterdir() if ".tmp" in p.name or p.name.endswith(".lock")]
+    assert run_once(tiny, src, out) == reference
+
+
+def test_unwritable_output_folder_names_the_flag(tiny, src, tmp_path, capsys, no_model):
+    folder = unwritable_dir(tmp_path)
+    assert llama_rewrite.cli(argv(tiny, src, folder / "out.txt")) == 2
+    err = one_line_error(capsys)
+    assert f"--output_filename {folder / 'out.txt'}: cannot write in {folder}" in err
