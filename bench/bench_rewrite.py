@@ -1,12 +1,13 @@
 """Caption-rewriting throughput: our LLaMA engine vs the LLaMA-v1 example schedule, and our
 engine with prefix sharing on vs off.
 
-    python -m bench.bench_rewrite                 # 256 captions, batch 16, 1 torch thread; sharing at batch 100
-    python -m bench.bench_rewrite --n 128 --max_batch_size 8 --part schedule
-    python -m bench.bench_rewrite --part sharing --sharing_n 400 --modes chatgpt,mscoco
+    python -m bench.bench_rewrite                 # 256 captions, batch 16, 1 torch thread
+    python -m bench.bench_rewrite --n 128 --max_batch_size 8
+    python -m bench.bench_rewrite --ablation      # our schedule with parts switched off
+    python -m bench.bench_rewrite --sharing       # prefix sharing on vs off, the shipped pools, batch 100
 
 Both engines run the same tiny model (float32, CPU) on the same in-context
-prompts (3 example pairs + caption, FORMATS.md section 4, built with
+prompts (3 example pairs + caption, docs/formats.md "The rewriting prompt", built with
 rewrite/prompts.py) of seeded synthetic alt-text captions. The baseline follows
 Meta's v1 `generate`: batches in file order, one KV cache of
 max_batch_size x max_seq_len, decoding from the shortest prompt's length while
@@ -25,12 +26,23 @@ Time is this process's CPU time (one thread: shared cores skew it less than
 wall time); wall time is printed too. A greedy run on the trained model checks
 that both engines write the same rewrites.
 
-Prefix sharing (--part sharing): the trained model rewrites --sharing_n synthetic captions
-at batch 100 with LaCLIP's prompts built as the CLI builds them (rewrite/prompts.py: the
-shipped pools of --modes, examples and sampling seed per line from --seed 1), one engine
-call per 4 batches as the CLI's commit window does, sharing off then on: prompt columns
-actually prefilled (rows x columns, padding included), prefill and total CPU time,
-captions/s, and how many rewrites are identical (float32: equal up to rounding).
+--ablation runs only the trained setting, at batch sizes 16 and 100 (LaCLIP's),
+on 8 batches' worth of captions each, our engine against itself with parts of
+its schedule switched off (ABLATION: today the compaction of finished rows; a
+straggler hand-off measured here earlier did not pay and was removed, see
+bench/README.md); every variant must write the same texts. Each variant runs
+--repeats times, in rounds of one run per variant; captions/s is from a
+variant's fastest run (other processes on the shared cores only add time), the
+ratio against the full engine is the median over rounds of the two runs' time
+ratio (paired: robust to load that drifts), with its lowest and highest round.
+
+--sharing trains the tiny model with the shipped pools (rewrite/pools/) added to its data
+(so their text tokenizes well) and rewrites --sharing_n synthetic captions per pool of
+--modes at batch 100 with LaCLIP's prompts built as the CLI builds them (rewrite/prompts.py:
+examples and sampling seed of each line from --seed 1), one engine call per 4 batches as
+the CLI's commit window does, sharing off then on (bench/sharing.py): rows x columns
+actually prefilled (padding included), prefill and total CPU time, captions/s, and how many
+rewrites are identical (float32: equal up to rounding).
 """
 from __future__ import annotations
 
@@ -42,11 +54,12 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-from rewrite.llama import Generator, ParallelInfo, load_generator
+from rewrite.llama import Generator, ParallelInfo, generation, load_generator
 from rewrite.llama.generation import sample
-from rewrite.prompts import SAMPLE_MODES, build_prompt, choose_examples, cut_rewrite, load_pool, sampling_seed
+from rewrite.prompts import SAMPLE_MODES, build_prompt, cut_rewrite
 from testkit.tiny_llama import make_tiny_llama, train_tiny_llama
+
+from bench.sharing import compare_sharing, pool_pairs
 
 ADJ = ("red old small vintage wooden bright quiet snowy golden modern tiny rusty colorful empty busy "
        "ancient white dark sunny misty").split()
@@ -112,14 +125,17 @@ def cut_at(ids: list[int], stops: set[int]) -> list[int]:
 
 
 def count_forwards(model: torch.nn.Module) -> list[int]:
-    """Wrap model.forward; the returned list counts [calls, multi-column calls, rows x columns fed]."""
-    counts = [0, 0, 0]
+    """Wrap model.forward; the returned list counts [calls, multi-column calls, rows x columns fed,
+    rows x key columns attended by 1-column calls (the K/V a decode step reads)]."""
+    counts = [0, 0, 0, 0]
     forward = model.forward
 
     def counted(tokens, *a, **k):
         counts[0] += 1
         counts[1] += tokens.shape[1] > 1
         counts[2] += tokens.numel()
+        if tokens.shape[1] == 1:
+            counts[3] += tokens.shape[0] * (k.get("start", a[3] if len(a) > 3 else 0) + 1)
         return forward(tokens, *a, **k)
 
     model.forward = counted
@@ -140,7 +156,7 @@ def compare(name: str, gen: Generator, prompts: list[list[int]], max_gen_len: in
     torch.manual_seed(1)
     calls = count_forwards(gen.model)
     base, base_cpu, base_wall = timed(lambda: meta_schedule(gen, prompts, max_gen_len, 0.9, 0.95, cache))
-    base_calls, calls[:] = list(calls), [0, 0, 0]
+    base_calls, calls[:] = list(calls), [0, 0, 0, 0]
     ours, ours_cpu, ours_wall = timed(lambda: gen.generate(prompts, max_gen_len, temperature, 0.95, seeds, stop))
     ours_calls = list(calls)
     del gen.model.forward  # back to the class's method
@@ -160,122 +176,113 @@ def compare(name: str, gen: Generator, prompts: list[list[int]], max_gen_len: in
     return [cut_rewrite(tok.decode(o)) for o in ours]
 
 
-def pool_pairs(mode: str) -> list[tuple[str, str]]:
-    """A shipped pool as (source, target) pairs (an MSCOCO group gives its consecutive captions)."""
-    pool = load_pool(mode)
-    return list(pool.pairs) or [(g[i], g[i + 1]) for g in pool.groups for i in range(len(g) - 1)]
+# (name, generation.COMPACT_BELOW): 0 is never reached, so finished rows are never dropped.
+ABLATION = (("full engine", generation.COMPACT_BELOW),
+            ("no compaction", 0.0))
 
 
-def timed_prefill(gen: Generator) -> list[float]:
-    """Wrap gen._prefill; the returned list accumulates its seconds: process CPU time on the CPU,
-    CUDA-synchronised wall time on a GPU."""
-    spent = [0.0]
-    prefill = gen._prefill
-    cuda = gen.device.type == "cuda"
-    clock = time.perf_counter if cuda else time.process_time
-
-    def timed(*args, **kwargs):
-        if cuda:
-            torch.cuda.synchronize(gen.device)
-        t0 = clock()
-        out = prefill(*args, **kwargs)
-        if cuda:
-            torch.cuda.synchronize(gen.device)
-        spent[0] += clock() - t0
-        return out
-
-    gen._prefill = timed
-    return spent
+def percentiles(xs: list[int], qs=(0, 10, 25, 50, 75, 90, 99, 100)) -> str:
+    xs = sorted(xs)
+    return ", ".join(f"p{q} {xs[min(len(xs) - 1, q * len(xs) // 100)]}" for q in qs)
 
 
-def sharing_run(gen: Generator, prompts: list[list[int]], seeds: list[int], share: bool, max_gen_len: int,
-                window: int) -> dict:
-    """One pass over the prompts in windows of `window` (one engine call each), sharing on or off."""
-    gen.share_prefixes = share
-    spent = timed_prefill(gen)
-    before = gen.stats
-    out, cpu0, wall0 = [], time.process_time(), time.perf_counter()
-    for a in range(0, len(prompts), window):
-        out += gen.generate(prompts[a:a + window], max_gen_len, 0.9, 0.95, seeds[a:a + window])
-    cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
-    del gen._prefill
-    after = gen.stats
-    return {"out": out, "cpu": cpu, "wall": wall, "prefill": spent[0],
-            "fed": after["prefill_tokens"] - before["prefill_tokens"]}
+def ablation(gen: Generator, prompts: list[list[int]], max_gen_len: int, batch_sizes: list[int],
+             repeats: int) -> None:
+    """Time ABLATION's variants on the same prompts; check they write the same texts."""
+    try:
+        for bs in batch_sizes:
+            gen.max_batch_size = bs
+            batch = prompts[:8 * bs]
+            n, seeds = len(batch), list(range(len(batch)))
+            texts, work, cpu = {}, {}, {name: [] for name, _ in ABLATION}
+            for name, compact in ABLATION:  # an untimed run per variant: texts, forward passes
+                generation.COMPACT_BELOW = compact
+                calls = count_forwards(gen.model)
+                texts[name] = gen.generate(batch, max_gen_len, 0.9, 0.95, seeds)
+                del gen.model.forward
+                work[name] = calls[0] - calls[1], calls[3]
+            for _ in range(repeats):
+                for name, compact in ABLATION:
+                    generation.COMPACT_BELOW = compact
+                    cpu[name].append(timed(lambda: gen.generate(batch, max_gen_len, 0.9, 0.95, seeds))[1])
+            lens = [len(o) for o in texts[ABLATION[0][0]]]
+            print(f"[ablation, trained, batch {bs}] {n} captions, prompts {min(map(len, batch))}-"
+                  f"{max(map(len, batch))} tokens; completion tokens {percentiles(lens)}, "
+                  f"{sum(x == max_gen_len for x in lens)} reach --max_gen_len {max_gen_len}")
+            full = ABLATION[0][0]
+            for name, _ in ABLATION:
+                ratios = sorted(t / f for t, f in zip(cpu[name], cpu[full]))  # paired: rounds ran back to back
+                same = sum(a == b for a, b in zip(texts[name], texts[full]))
+                print(f"  {name:15s}: {n / min(cpu[name]):6.1f} captions/s CPU; "
+                      f"full/this {ratios[repeats // 2]:.3f}x (rounds {ratios[0]:.2f}-{ratios[-1]:.2f}); "
+                      f"{work[name][0]} decode steps reading {work[name][1]} row x key columns; "
+                      f"texts as the full engine's: {same}/{n}")
+    finally:
+        generation.COMPACT_BELOW = ABLATION[0][1]
 
 
-def compare_sharing(gen: Generator, mode: str, captions: list[str], max_gen_len: int) -> None:
-    pool = load_pool(mode)
-    prompts = [gen.tokenizer.encode(build_prompt(choose_examples(pool, 1, mode, i), c), bos=True, eos=False)
-               for i, c in enumerate(captions)]
-    seeds = [sampling_seed(1, mode, i) for i in range(len(captions))]
-    window = 4 * gen.max_batch_size  # rewrite/runner.py's WINDOW_BATCHES
-    off = sharing_run(gen, prompts, seeds, False, max_gen_len, window)
-    on = sharing_run(gen, prompts, seeds, True, max_gen_len, window)
-    n, total = len(prompts), sum(map(len, prompts))
-    same = sum(a == b for a, b in zip(off["out"], on["out"]))
-    print(f"[sharing, {mode} pool ({len(pool)} entries)] {n} captions at batch {gen.max_batch_size}, "
-          f"{total} prompt tokens ({total / n:.0f} per caption)")
-    for name, r in (("off", off), ("on ", on)):
-        print(f"  sharing {name}: prefilled {r['fed']:7d} rows x columns; prefill {r['prefill']:5.2f} s of {r['cpu']:5.2f} s "
-              f"CPU ({100 * r['prefill'] / r['cpu']:.0f}%); {n / r['cpu']:6.1f} captions/s CPU ({n / r['wall']:.1f} wall)")
-    print(f"  ratio on/off: prefilled columns {on['fed'] / off['fed']:.3f}, prefill CPU time "
-          f"{on['prefill'] / off['prefill']:.3f}, captions/s {off['cpu'] / on['cpu']:.2f}x CPU "
-          f"({off['wall'] / on['wall']:.2f}x wall); "
-          f"rewrites identical {same}/{n}")
-
-
-def run_schedule(a, tmp: Path, trained: Path, pool: list, captions: list[str]) -> None:
-    texts = [build_prompt(random.Random(i).sample(pool, 3), c) for i, c in enumerate(captions)]
-    rand = make_tiny_llama(tmp / "random", texts[:64], dim=64, n_layers=2, n_heads=4)
-    for name, d in (("random", rand), ("trained", trained)):
-        gen = load_generator(str(d), None, a.max_seq_len, a.max_batch_size, ParallelInfo.single(torch.device("cpu")))
-        prompts = [gen.tokenizer.encode(t, bos=True, eos=False) for t in texts]
-        if name == "random":
-            gen.tokenizer.eos_ids = frozenset()  # never stop: both engines generate max_gen_len tokens
-            compare("random weights, stop disabled", gen, prompts, a.max_gen_len, 0.9, stop=False)
-        else:
-            ours = compare("trained, stop at newline", gen, prompts, a.max_gen_len, 0.9, stop=True)
-            print("  e.g.", captions[0], "=>", ours[0])
-    k = min(32, a.n)  # greedy: both engines must write the same rewrites
-    stops = gen.tokenizer.newline_ids | gen.tokenizer.eos_ids
-    base = meta_schedule(gen, prompts[:k], a.max_gen_len, 0.0, 0.95, gen.model.new_cache(
-        a.max_batch_size, a.max_seq_len, gen.device, gen.dtype))
-    ours = gen.generate(prompts[:k], a.max_gen_len, 0.0, 0.95, list(range(k)))
-    same = sum(cut_at(b, stops) == o for b, o in zip(base, ours))
-    print(f"greedy check: {same}/{k} rewrites identical between the two engines")
+def sharing(a: argparse.Namespace, pool: list[tuple[str, str]], captions: list[str]) -> None:
+    captions = captions + [synthetic_pair(random.Random(i))[0] for i in range(len(captions), a.sharing_n)]
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        trained = train_tiny_llama(Path(tmp) / "trained", pool + [p for m in SAMPLE_MODES for p in pool_pairs(m)],
+                                   build_prompt, steps=a.train_steps)
+        print(f"trained the tiny model (dim 64, 2 layers; synthetic and shipped pairs) in "
+              f"{time.perf_counter() - t0:.0f} s")
+        gen = load_generator(str(trained), None, a.max_seq_len, 100, ParallelInfo.single(torch.device("cpu")))
+        for mode in (m for m in a.modes.split(",") if m):
+            compare_sharing(gen, mode, captions[:a.sharing_n], a.max_gen_len)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--n", type=int, default=256, help="captions to rewrite (schedule comparison)")
-    ap.add_argument("--max_batch_size", type=int, default=16, help="batch of the schedule comparison")
+    ap.add_argument("--n", type=int, default=256, help="captions to rewrite")
+    ap.add_argument("--max_batch_size", type=int, default=16)
     ap.add_argument("--max_seq_len", type=int, default=400)
     ap.add_argument("--max_gen_len", type=int, default=77)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: steady figures on shared cores)")
     ap.add_argument("--train_steps", type=int, default=300)
-    ap.add_argument("--part", choices=("all", "schedule", "sharing"), default="all")
-    ap.add_argument("--sharing_n", type=int, default=400, help="captions per pool (sharing comparison)")
-    ap.add_argument("--sharing_batch", type=int, default=100, help="batch of the sharing comparison")
-    ap.add_argument("--modes", default=",".join(SAMPLE_MODES), help="shipped pools for the sharing comparison")
+    ap.add_argument("--ablation", action="store_true", help="only the schedule ablation (trained model)")
+    ap.add_argument("--repeats", type=int, default=7, help="timed runs per ablation variant")
+    ap.add_argument("--sharing", action="store_true", help="only prefix sharing on vs off (shipped pools)")
+    ap.add_argument("--sharing_n", type=int, default=400, help="captions per pool (--sharing)")
+    ap.add_argument("--modes", default=",".join(SAMPLE_MODES), help="shipped pools (--sharing)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     rng = random.Random(0)
     pool = [synthetic_pair(rng) for _ in range(400)]
-    captions = [synthetic_pair(rng)[0] for _ in range(max(a.n, a.sharing_n))]
-    modes = [m for m in a.modes.split(",") if m]
+    captions = [synthetic_pair(rng)[0] for _ in range(800 if a.ablation else a.n)]
+    texts = [build_prompt(random.Random(i).sample(pool, 3), c) for i, c in enumerate(captions)]
+    if a.sharing:
+        return sharing(a, pool, captions)
     with tempfile.TemporaryDirectory() as tmp:
-        t0 = time.perf_counter()  # the shipped pools' text is in its training set, so it tokenizes well
-        trained = train_tiny_llama(Path(tmp) / "trained", pool + [p for m in SAMPLE_MODES for p in pool_pairs(m)],
-                                   build_prompt, steps=a.train_steps)
+        t0 = time.perf_counter()
+        trained = train_tiny_llama(Path(tmp) / "trained", pool, build_prompt, steps=a.train_steps)
         print(f"trained the tiny model (dim 64, 2 layers) in {time.perf_counter() - t0:.0f} s")
-        if a.part in ("all", "schedule"):
-            run_schedule(a, Path(tmp), trained, pool, captions[:a.n])
-        if a.part in ("all", "sharing"):
-            gen = load_generator(str(trained), None, a.max_seq_len, a.sharing_batch,
+        if a.ablation:
+            gen = load_generator(str(trained), str(trained / "tokenizer.model"), a.max_seq_len, 100,
                                  ParallelInfo.single(torch.device("cpu")))
-            for mode in modes:
-                compare_sharing(gen, mode, captions[:a.sharing_n], a.max_gen_len)
+            prompts = [gen.tokenizer.encode(t, bos=True, eos=False) for t in texts]
+            ablation(gen, prompts, a.max_gen_len, [16, 100], a.repeats)
+            return
+        rand = make_tiny_llama(Path(tmp) / "random", texts[:64], dim=64, n_layers=2, n_heads=4)
+        for name, d in (("random", rand), ("trained", trained)):
+            gen = load_generator(str(d), str(d / "tokenizer.model"), a.max_seq_len, a.max_batch_size,
+                                 ParallelInfo.single(torch.device("cpu")))
+            prompts = [gen.tokenizer.encode(t, bos=True, eos=False) for t in texts]
+            if name == "random":
+                gen.tokenizer.eos_ids = frozenset()  # never stop: both engines generate max_gen_len tokens
+                compare("random weights, stop disabled", gen, prompts, a.max_gen_len, 0.9, stop=False)
+            else:
+                ours = compare("trained, stop at newline", gen, prompts, a.max_gen_len, 0.9, stop=True)
+                print("  e.g.", captions[0], "=>", ours[0])
+        k = min(32, a.n)  # greedy: both engines must write the same rewrites
+        stops = gen.tokenizer.newline_ids | gen.tokenizer.eos_ids
+        base = meta_schedule(gen, prompts[:k], a.max_gen_len, 0.0, 0.95, gen.model.new_cache(
+            a.max_batch_size, a.max_seq_len, gen.device, gen.dtype))
+        ours = gen.generate(prompts[:k], a.max_gen_len, 0.0, 0.95, list(range(k)))
+        same = sum(cut_at(b, stops) == o for b, o in zip(base, ours))
+        print(f"greedy check: {same}/{k} rewrites identical between the two engines")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import random
 import time
-from pathlib import Path
 from typing import Callable
 
 import torch

@@ -31,7 +31,7 @@ from typing import Optional
 
 import torch
 
-from bench.bench_rewrite import timed_prefill
+from bench.sharing import timed_prefill
 from rewrite.llama import Generator, ModelArgs, ParallelInfo, Transformer, TokenizerBase
 from rewrite.llama import generation
 from rewrite.prompts import choose_examples, make_pool

@@ -1,4 +1,4 @@
-"""Generator: batched prefill + early stop + sorting vs a plain reference; seeded sampling."""
+"""Generator: batched prefill + early stop + compaction + sorting vs a plain reference; seeded sampling."""
 from __future__ import annotations
 
 import random
@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from rewrite.llama import Generator, ParallelInfo, load_generator
+from rewrite.llama import Generator, ParallelInfo, generation, load_generator
 from rewrite.llama.generation import sample
 from testkit.tiny_llama import TINY_TEXTS, make_tiny_llama
 
@@ -53,6 +53,25 @@ def frequent_tokens(outputs: list[list[int]], n: int) -> list[int]:
     return sorted(counts, key=lambda t: (-counts[t], t))[:n]
 
 
+def generate_counting_compactions(gen: Generator, *args, **kwargs) -> tuple[list[list[int]], int]:
+    """gen.generate(...), and how many decode steps fed fewer rows than their micro-batch's prefill
+    (finished rows dropped from the cache)."""
+    prefill_rows, shrunk = [0], [0]
+
+    def see(module, args):
+        rows, cols = args[0].shape
+        if cols > 1:
+            prefill_rows[0] = rows
+        else:
+            shrunk[0] += rows < prefill_rows[0]
+
+    hook = gen.model.register_forward_pre_hook(see)
+    try:
+        return gen.generate(*args, **kwargs), shrunk[0]
+    finally:
+        hook.remove()
+
+
 @pytest.fixture
 def stops(gen):
     """Lets a test make ordinary tokens play newline and EOS; restored afterwards."""
@@ -67,24 +86,27 @@ def stops(gen):
     tok.newline_ids, tok.newline_kept, tok.eos_ids, gen.max_batch_size = old
 
 
-def test_greedy_batched_matches_reference_with_early_stop(gen, stops):
+def test_greedy_batched_matches_reference_with_early_stop(gen, stops, monkeypatch):
     prompts = prompts_of(gen)
     free = [reference_greedy(gen, p, 14, set()) for p in prompts]
     # Two tokens the model really emits mid-sequence play newline and EOS, so rows
-    # stop at different steps: finished rows are dropped, stragglers handed off.
+    # stop at different steps and finished rows are dropped from the cache.
     nl, eos = frequent_tokens(free, 2)
     stops(nl, eos)
-    hand_offs = gen.stats["hand_offs"]
+    compactions, default = 0, generation.COMPACT_BELOW
     for stop_at_newline in (True, False):
         stop = {nl, eos} if stop_at_newline else {eos}
         want = [reference_greedy(gen, p, 14, stop) for p in prompts]
         assert any(len(w) < 14 for w in want) and any(len(w) == 14 for w in want)
-        for bs in (3, 4, 16):
+        for bs, compact in ((3, default), (4, default), (16, default), (16, 0.0)):  # 0: finished rows stay
+            monkeypatch.setattr(generation, "COMPACT_BELOW", compact)
             gen.max_batch_size = bs
-            got = gen.generate(prompts, 14, 0.0, 0.95, seeds=list(range(len(prompts))),
-                               stop_at_newline=stop_at_newline)
-            assert got == want, (stop_at_newline, bs)
-    assert gen.stats["hand_offs"] > hand_offs
+            got, shrunk = generate_counting_compactions(gen, prompts, 14, 0.0, 0.95, list(range(len(prompts))),
+                                                        stop_at_newline=stop_at_newline)
+            assert got == want, (stop_at_newline, bs, compact)
+            assert compact or not shrunk
+            compactions += shrunk
+    assert compactions
 
 
 def test_a_newline_merged_after_text_ends_the_row_and_stays_in_it(gen, stops):
@@ -121,17 +143,18 @@ def test_sampling_depends_only_on_seed_and_step(gen, stops):
     seeds = [1000 + i for i in range(len(prompts))]
     first = gen.generate(prompts, 12, 0.9, 0.95, seeds, stop_at_newline=False)
     stops(*frequent_tokens(first, 2))  # rows end at different steps
-    hand_offs = gen.stats["hand_offs"]
-    results = []
+    results, compactions = [], 0
     for bs in (1, 3, 8):
         gen.max_batch_size = bs
-        results.append(gen.generate(prompts, 12, 0.9, 0.95, seeds))
+        out, shrunk = generate_counting_compactions(gen, prompts, 12, 0.9, 0.95, seeds)
+        results.append(out)
         perm = list(range(len(prompts)))
         random.Random(bs).shuffle(perm)
         shuffled = gen.generate([prompts[i] for i in perm], 12, 0.9, 0.95, [seeds[i] for i in perm])
         results.append([shuffled[perm.index(i)] for i in range(len(prompts))])
+        compactions += shrunk
     assert all(r == results[0] for r in results)
-    assert gen.stats["hand_offs"] > hand_offs
+    assert compactions  # rows' draws followed them when finished rows were dropped
     assert len({len(r) for r in results[0]}) > 2
     n = len(prompts) // 2
     assert results[0][:n] != results[0][n:]  # a different seed gives a different text

@@ -1,6 +1,6 @@
 """Prefix sharing in the prefill (rewrite/llama/prefix.py): the prefix tree, and texts identical
 with sharing on and off for LaCLIP's prompts (shipped pools), greedy and sampled, at every batch
-size, with rows handed on between micro-batches; fewer columns prefilled."""
+size, with finished rows dropped from the cache; fewer columns prefilled."""
 from __future__ import annotations
 
 import json
@@ -75,11 +75,10 @@ def test_texts_are_the_same_with_and_without_sharing(laclip, temperature):
     old = tok.newline_ids, tok.eos_ids, gen.max_batch_size
     free, _ = run(gen, prompts, False, 24, temperature, list(range(24)))
     often = sorted({t for o in free for t in o[2:8]}, key=lambda t: -sum(t in o[2:8] for o in free))[:2]
-    # tokens the model emits often, and one id in 12, end rows at different steps: rows are
-    # dropped and handed on to the next micro-batch
+    # tokens the model emits often, and one id in 12, end rows at different steps: finished rows
+    # are dropped from the cache
     tok.newline_ids = frozenset(range(5, tok.n_words, 12)) | frozenset(often)
     try:
-        hand_offs = gen.stats["hand_offs"]
         for seed in (0, 7):
             seeds = [seed * 100 + i for i in range(24)]
             for batch in (1, 3, 8, 24):
@@ -87,7 +86,7 @@ def test_texts_are_the_same_with_and_without_sharing(laclip, temperature):
                 on, fed_on = run(gen, prompts, True, batch, temperature, seeds)
                 assert on == off, (seed, batch)
                 assert fed_on < fed_off or batch < 24  # small batches: little to share; a pass costs 256 columns
-        assert gen.stats["hand_offs"] > hand_offs and len({len(o) for o in on}) > 2
+        assert len({len(o) for o in on}) > 2  # rows stopped at different steps: finished rows were dropped
     finally:
         tok.newline_ids, tok.eos_ids, gen.max_batch_size = old
         gen.share_prefixes = True

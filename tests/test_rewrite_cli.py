@@ -3,7 +3,6 @@ determinism, resume, refusal, dry run and bad-input messages."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest

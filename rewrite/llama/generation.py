@@ -2,17 +2,13 @@
 
 Schedule of one `generate` call: prompts are sorted (by token ids with prefix sharing,
 else by length) and taken in micro-batches of at most `max_batch_size`. A micro-batch is
-left-padded so all contexts end at the same cache column P (each row keeps its own RoPE
+left-padded so all prompts end at the same cache column P (each row keeps its own RoPE
 positions 0, 1, ...; pad keys are masked), prefilled in one forward pass (with prefix
 sharing: the prefixes rows share once, then the rest; prefix.py), then decoded
 one column per step into a cache of P + (tokens still allowed) columns. A row
 stops at its first stop token (EOS, and '\n' when asked) or its length limit;
 finished rows are dropped from the cache once a quarter of the live rows are
-done; when at most half of the batch is still going and prompts are waiting,
-those stragglers move into the next micro-batch with their cache rows and
-logits (K/V carry row-local RoPE positions, so they can move to other columns)
-and the new prompts fill the freed rows, instead of a few long completions
-stepping an almost empty batch.
+done (COMPACT_BELOW), so the long tail of a batch steps only its stragglers.
 
 Sampling draws one uniform number per (prompt, step) from a counter-based hash
 of (seed, step), so a prompt's text does not depend on the batch it lands in,
@@ -22,7 +18,6 @@ floating-point differences between batch shapes: exact in float64).
 from __future__ import annotations
 
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -36,6 +31,11 @@ from .tokenizer import TokenizerBase
 _M64 = (1 << 64) - 1
 Stops = tuple[set[int], set[int]]  # (ids that end a row, those of them that still belong to its text)
 
+# Finished rows leave the cache once the live rows fall to this fraction of its rows. A module
+# constant, not a Generator argument: no caller has a reason to tune it (0.5 to 0.9 time the same,
+# see bench/README.md); bench/bench_rewrite.py --ablation sets it to 0 (never compact) to time it.
+COMPACT_BELOW = 0.75
+
 
 def _splitmix64(x: int) -> int:
     x = (x + 0x9E3779B97F4A7C15) & _M64
@@ -44,10 +44,10 @@ def _splitmix64(x: int) -> int:
     return x ^ (x >> 31)
 
 
-def uniforms(seed: int, n: int, start: int = 0) -> list[float]:
-    """Uniform numbers in [0, 1) for steps start..start+n-1; step t's depends only on (seed, t)."""
+def uniforms(seed: int, n: int) -> list[float]:
+    """Uniform numbers in [0, 1) for steps 0..n-1; step t's depends only on (seed, t)."""
     base = _splitmix64(seed & _M64)
-    return [(_splitmix64(base ^ t) >> 11) / float(1 << 53) for t in range(start, start + n)]
+    return [(_splitmix64(base ^ t) >> 11) / float(1 << 53) for t in range(n)]
 
 
 def _sorted_probs(probs: torch.Tensor, top_p: float, k: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,27 +87,24 @@ class Generator:
     """Generates continuations with a loaded `Transformer` (see `checkpoint.load_generator`)."""
 
     def __init__(self, model: Transformer, tokenizer: TokenizerBase, max_seq_len: int, max_batch_size: int,
-                 parallel: Optional[ParallelInfo] = None, compact_below: float = 0.75,
-                 hand_off_below: float = 0.5, share_prefixes: bool = True, min_shared_gain: int = 16):
+                 parallel: Optional[ParallelInfo] = None, share_prefixes: bool = True, min_shared_gain: int = 16):
         self.model = model
         self.tokenizer = tokenizer
         self.max_seq_len = max_seq_len
         self.max_batch_size = max_batch_size
         self.parallel = parallel or ParallelInfo.single(model.tok_embeddings.weight.device)
-        self.compact_below = compact_below  # drop finished rows when active/rows falls to this
-        self.hand_off_below = hand_off_below  # move stragglers to the next batch below this fraction
         self.share_prefixes = share_prefixes  # compute prompt prefixes shared in a micro-batch once (prefix.py)
         self.min_shared_gain = min_shared_gain  # ... when that saves at least this many token computations
         self.device = model.tok_embeddings.weight.device
         self.dtype = model.tok_embeddings.weight.dtype
         self._stats = {"prompts": 0, "generated_tokens": 0, "prompt_tokens": 0, "prefill_tokens": 0,
-                       "seconds": 0.0, "batches": 0, "hand_offs": 0}
+                       "seconds": 0.0, "batches": 0}
 
     @property
     def stats(self) -> dict:
-        """Cumulative over all `generate` calls: prompts, generated_tokens, prompt_tokens, seconds;
-        prefill_tokens (rows x columns the prefills fed, padding included, shared prefixes once);
-        batches (micro-batches run), hand_offs (rows moved on to a next micro-batch)."""
+        """Cumulative over all `generate` calls: prompts, generated_tokens, prompt_tokens, seconds,
+        batches (micro-batches run), prefill_tokens (rows x columns the prefills fed, padding
+        included, shared prefixes once)."""
         return dict(self._stats)
 
     def _check(self, prompts: list[list[int]], seeds: list[int], max_gen_len: int) -> None:
@@ -143,14 +140,10 @@ class Generator:
         # By length, so a micro-batch pads little; with prefix sharing by token ids, so prompts that
         # start alike share a micro-batch (prefix.py feeds the unshared rests by length).
         order = (lambda r: r.prompt) if self.share_prefixes else (lambda r: len(r.prompt))
-        pending = deque(sorted((r for r in rows if r.limit > 0), key=order))
-        carry: Optional[_Carry] = None
-        while pending or carry:
-            n_new = min(len(pending), self.max_batch_size - (len(carry.rows) if carry else 0))
-            new = [pending.popleft() for _ in range(n_new)]
-            carry = self._batch(new, carry, temperature, top_p, (stop, keep), hand_off=bool(pending))
+        todo = sorted((r for r in rows if r.limit > 0), key=order)
+        for b in range(0, len(todo), self.max_batch_size):
+            self._batch(todo[b:b + self.max_batch_size], temperature, top_p, (stop, keep))
             self._stats["batches"] += 1
-            self._stats["hand_offs"] += len(carry.rows) if carry else 0
         out = [r.out for r in rows]
         self._check_agreement(out)
         if self.device.type == "cuda":
@@ -162,82 +155,60 @@ class Generator:
         s["seconds"] += time.perf_counter() - t0
         return out
 
-    def _batch(self, new: list["_Row"], carry: Optional["_Carry"], temperature: float, top_p: float,
-               stop: "Stops", hand_off: bool) -> Optional["_Carry"]:
-        """One micro-batch: stragglers carried in from the last one, then new prompts.
-
-        Every row's context (prompt + text so far) is right-aligned to end at
-        column P; the cache has P + (most tokens still allowed) columns.
-        """
-        share = self._plan(new)
+    def _batch(self, rows: list["_Row"], temperature: float, top_p: float, stop: Stops) -> None:
+        """One micro-batch: prompts right-aligned to end at column P, prefilled into a cache of
+        P + (most tokens allowed) columns, then decoded until every row stops."""
+        share = self._plan(rows)
         if share is not None:  # sorted by what is left to prefill, longest first (prefix.prefill_shared)
-            order = sorted(range(len(new)), key=lambda i: len(new[i].prompt) - share.shared(i), reverse=True)
-            new, share = [new[i] for i in order], share.permuted(order)
-        rows = (carry.rows if carry else []) + new
+            order = sorted(range(len(rows)), key=lambda i: len(rows[i].prompt) - share.shared(i), reverse=True)
+            rows, share = [rows[i] for i in order], share.permuted(order)
         dev = self.device
-        lens = [len(r.prompt) + len(r.out) for r in rows]
-        P, G = max(lens), max(r.limit - len(r.out) for r in rows)
+        lens = [len(r.prompt) for r in rows]
+        P, G = max(lens), max(r.limit for r in rows)
         positions, key_valid = _layout(lens, P + G, dev)
         cache = self.model.new_cache(len(rows), P + G, dev, self.dtype)
-        logits = self._prefill(cache, carry, new, P, positions, key_valid, share)
+        logits = self._prefill(rows, cache, P, positions, key_valid, share)
         u = None
         if temperature > 0:  # [B, G]: row i's draw for its k-th token depends on (seed_i, k) only
-            u = torch.tensor([uniforms(r.seed, G, start=len(r.out)) for r in rows], device=dev)
-        return self._decode(rows, cache, logits, positions, key_valid, u, P, G, temperature, top_p, stop, hand_off)
+            u = torch.tensor([uniforms(r.seed, G) for r in rows], device=dev)
+        self._decode(rows, cache, logits, positions, key_valid, u, P, G, temperature, top_p, stop)
 
-    def _plan(self, new: list["_Row"]) -> Optional[prefix.Plan]:
-        """Which prefixes the new prompts share (None: nothing worth sharing, or sharing is off)."""
-        if not self.share_prefixes or len(new) < 2:
+    def _plan(self, rows: list["_Row"]) -> Optional[prefix.Plan]:
+        """Which prefixes the prompts share (None: nothing worth sharing, or sharing is off)."""
+        if not self.share_prefixes or len(rows) < 2:
             return None
-        share = prefix.plan([r.prompt for r in new], self.min_shared_gain)
+        share = prefix.plan([r.prompt for r in rows], self.min_shared_gain)
         return share if share.levels else None
 
-    def _prefill(self, cache: KVCache, carry: Optional["_Carry"], new: list["_Row"], P: int,
-                 positions: torch.Tensor, key_valid: Optional[torch.Tensor],
-                 share: Optional[prefix.Plan]) -> torch.Tensor:
-        """Fill cache columns [0, P): copy the carried rows' K/V, run new prompts in one pass (or
-        their shared prefixes once and the rest in chunks). Returns next-token logits [B, V]
-        (carried rows first)."""
-        nc, parts = 0, []
-        if carry is not None:
-            nc, m = len(carry.rows), carry.cache[0][0].shape[2]
-            for (k, v), (ck, cv) in zip(cache, carry.cache):
-                k[:nc, :, P - m:P] = ck  # K already holds RoPE at row-local positions:
-                v[:nc, :, P - m:P] = cv  # moving it to other columns changes nothing
-            parts.append(carry.logits)
+    def _prefill(self, rows: list["_Row"], cache: KVCache, P: int, positions: torch.Tensor,
+                 key_valid: Optional[torch.Tensor], share: Optional[prefix.Plan]) -> torch.Tensor:
+        """Fill cache columns [0, P) and return next-token logits [B, V]: in one pass, or the
+        shared prefixes once and the rest in chunks."""
         if share is not None:
-            view = [(k[nc:], v[nc:]) for k, v in cache]
-            logits, fed = prefix.prefill_shared(self.model, view, [r.prompt for r in new], share, P, positions[nc:],
-                                                None if key_valid is None else key_valid[nc:])
-            parts.append(logits)
+            logits, fed = prefix.prefill_shared(self.model, cache, [r.prompt for r in rows], share, P, positions,
+                                                key_valid)
             self._stats["prefill_tokens"] += fed
-        elif new:  # only the columns new prompts occupy: carried rows may reach further left
-            n = max(len(r.prompt) for r in new)
-            self._stats["prefill_tokens"] += len(new) * n
-            tokens = torch.zeros(len(new), n, dtype=torch.long)
-            for i, r in enumerate(new):
-                tokens[i, n - len(r.prompt):] = torch.tensor(r.prompt)
-            masked = key_valid is not None and (nc > 0 or min(len(r.prompt) for r in new) < P)
-            view = [(k[nc:], v[nc:]) for k, v in cache]
-            parts.append(self.model(tokens.to(self.device), positions[nc:, P - n:P],
-                                    key_valid[nc:, :P] if masked else None, view, P - n, last_only=True))
-        return torch.cat(parts) if len(parts) > 1 else parts[0]
+            return logits
+        tokens = torch.zeros(len(rows), P, dtype=torch.long)
+        for i, r in enumerate(rows):
+            tokens[i, P - len(r.prompt):] = torch.tensor(r.prompt)
+        self._stats["prefill_tokens"] += len(rows) * P
+        return self.model(tokens.to(self.device), positions[:, :P], None if key_valid is None else key_valid[:, :P],
+                          cache, 0, last_only=True)
 
     def _decode(self, rows: list["_Row"], cache: KVCache, logits: torch.Tensor, positions: torch.Tensor,
                 key_valid: Optional[torch.Tensor], u: Optional[torch.Tensor], P: int, G: int,
-                temperature: float, top_p: float, stop: "Stops", hand_off: bool) -> Optional["_Carry"]:
-        """Sample and feed one column per step until every row stops, or hand stragglers off."""
-        B = len(rows)
-        live = list(range(B))  # batch row of each cache row; shrinks as finished rows are dropped
+                temperature: float, top_p: float, stop: Stops) -> None:
+        """Sample and feed one column per step until every row stops."""
+        live = list(range(len(rows)))  # batch row of each cache row; shrinks as finished rows are dropped
         for t in range(G):
             nxt = sample(logits, temperature, top_p, None if u is None else u[:, t])
             for i, tok in zip(live, nxt.tolist()):
                 rows[i].push(tok, stop)
             keep = [j for j, i in enumerate(live) if not rows[i].done]
             if not keep:
-                return None
-            handing_off = hand_off and len(keep) <= self.hand_off_below * B
-            if len(keep) < len(live) and (handing_off or len(keep) <= self.compact_below * len(live)):
+                return
+            if len(keep) < len(live) and len(keep) <= COMPACT_BELOW * len(live):
                 idx = torch.tensor(keep, device=self.device)
                 cache, nxt, positions = _take(cache, idx), nxt[idx], positions[idx]
                 key_valid = None if key_valid is None else key_valid[idx]
@@ -246,11 +217,6 @@ class Generator:
             c = P + t  # cache column of the token being fed
             logits = self.model(nxt[:, None], positions[:, c:c + 1],
                                 None if key_valid is None else key_valid[:, :c + 1], cache, c, last_only=True)
-            if handing_off:  # stragglers join the next micro-batch with their cache and logits
-                m = max(len(rows[i].prompt) + len(rows[i].out) for i in live)
-                return _Carry([rows[i] for i in live], [(k[:, :, c + 1 - m:c + 1], v[:, :, c + 1 - m:c + 1])
-                                                       for k, v in cache], logits)
-        return None
 
     def _check_agreement(self, out: list[list[int]]) -> None:
         """MP ranks sample independently from identical logits; fail loudly if they ever diverge."""
@@ -279,7 +245,7 @@ class _Row:
     out: list[int] = field(default_factory=list)
     done: bool = False
 
-    def push(self, tok: int, stops: "Stops") -> None:
+    def push(self, tok: int, stops: Stops) -> None:
         if self.done:
             return  # finished, still in the batch until it is compacted: ignore
         stop, keep = stops
@@ -292,16 +258,8 @@ class _Row:
             self.done = len(self.out) >= self.limit
 
 
-@dataclass
-class _Carry:
-    """Unfinished rows leaving a micro-batch, everything they have fed still cached."""
-    rows: list[_Row]
-    cache: KVCache  # per layer [n, H, m, D]: the last m columns, each row's context right-aligned
-    logits: torch.Tensor  # [n, V] next-token logits
-
-
 def _layout(lens: list[int], cols: int, dev: torch.device) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """For contexts right-aligned to end at column max(lens): row-local RoPE positions
+    """For prompts right-aligned to end at column max(lens): row-local RoPE positions
     [B, cols] and key validity [B, cols] (None when nothing is padded)."""
     P = max(lens)
     pad = torch.tensor([P - n for n in lens], device=dev)
