@@ -1,8 +1,10 @@
-"""Caption-rewriting throughput: our LLaMA engine vs the LLaMA-v1 example schedule.
+"""Caption-rewriting throughput: our LLaMA engine vs the LLaMA-v1 example schedule, and our
+engine with prefix sharing on vs off.
 
     python -m bench.bench_rewrite                 # 256 captions, batch 16, 1 torch thread
     python -m bench.bench_rewrite --n 128 --max_batch_size 8
     python -m bench.bench_rewrite --ablation      # our schedule with parts switched off
+    python -m bench.bench_rewrite --sharing       # prefix sharing on vs off, the shipped pools, batch 100
 
 Both engines run the same tiny model (float32, CPU) on the same in-context
 prompts (3 example pairs + caption, docs/formats.md "The rewriting prompt", built with
@@ -33,6 +35,14 @@ bench/README.md); every variant must write the same texts. Each variant runs
 variant's fastest run (other processes on the shared cores only add time), the
 ratio against the full engine is the median over rounds of the two runs' time
 ratio (paired: robust to load that drifts), with its lowest and highest round.
+
+--sharing trains the tiny model with the shipped pools (rewrite/pools/) added to its data
+(so their text tokenizes well) and rewrites --sharing_n synthetic captions per pool of
+--modes at batch 100 with LaCLIP's prompts built as the CLI builds them (rewrite/prompts.py:
+examples and sampling seed of each line from --seed 1), one engine call per 4 batches as
+the CLI's commit window does, sharing off then on (bench/sharing.py): rows x columns
+actually prefilled (padding included), prefill and total CPU time, captions/s, and how many
+rewrites are identical (float32: equal up to rounding).
 """
 from __future__ import annotations
 
@@ -46,8 +56,10 @@ import torch
 
 from rewrite.llama import Generator, ParallelInfo, generation, load_generator
 from rewrite.llama.generation import sample
-from rewrite.prompts import build_prompt, cut_rewrite
+from rewrite.prompts import SAMPLE_MODES, build_prompt, cut_rewrite
 from testkit.tiny_llama import make_tiny_llama, train_tiny_llama
+
+from bench.sharing import compare_sharing, pool_pairs
 
 ADJ = ("red old small vintage wooden bright quiet snowy golden modern tiny rusty colorful empty busy "
        "ancient white dark sunny misty").split()
@@ -159,7 +171,7 @@ def compare(name: str, gen: Generator, prompts: list[list[int]], max_gen_len: in
           f"ours {ours_calls[0]} ({ours_calls[1]} prefills); rows x columns fed: baseline {base_calls[2]}, "
           f"ours {ours_calls[2]}")
     if stop:
-        ended = sum(1 for b in base if tok.newline_id in b)
+        ended = sum(1 for b in base if tok.newline_ids & set(b))
         print(f"  baseline completions with a newline within {max_gen_len} tokens: {ended}/{n}")
     return [cut_rewrite(tok.decode(o)) for o in ours]
 
@@ -209,6 +221,19 @@ def ablation(gen: Generator, prompts: list[list[int]], max_gen_len: int, batch_s
         generation.COMPACT_BELOW = ABLATION[0][1]
 
 
+def sharing(a: argparse.Namespace, pool: list[tuple[str, str]], captions: list[str]) -> None:
+    captions = captions + [synthetic_pair(random.Random(i))[0] for i in range(len(captions), a.sharing_n)]
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        trained = train_tiny_llama(Path(tmp) / "trained", pool + [p for m in SAMPLE_MODES for p in pool_pairs(m)],
+                                   build_prompt, steps=a.train_steps)
+        print(f"trained the tiny model (dim 64, 2 layers; synthetic and shipped pairs) in "
+              f"{time.perf_counter() - t0:.0f} s")
+        gen = load_generator(str(trained), None, a.max_seq_len, 100, ParallelInfo.single(torch.device("cpu")))
+        for mode in (m for m in a.modes.split(",") if m):
+            compare_sharing(gen, mode, captions[:a.sharing_n], a.max_gen_len)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n", type=int, default=256, help="captions to rewrite")
@@ -219,12 +244,17 @@ def main() -> None:
     ap.add_argument("--train_steps", type=int, default=300)
     ap.add_argument("--ablation", action="store_true", help="only the schedule ablation (trained model)")
     ap.add_argument("--repeats", type=int, default=7, help="timed runs per ablation variant")
+    ap.add_argument("--sharing", action="store_true", help="only prefix sharing on vs off (shipped pools)")
+    ap.add_argument("--sharing_n", type=int, default=400, help="captions per pool (--sharing)")
+    ap.add_argument("--modes", default=",".join(SAMPLE_MODES), help="shipped pools (--sharing)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     rng = random.Random(0)
     pool = [synthetic_pair(rng) for _ in range(400)]
     captions = [synthetic_pair(rng)[0] for _ in range(800 if a.ablation else a.n)]
     texts = [build_prompt(random.Random(i).sample(pool, 3), c) for i, c in enumerate(captions)]
+    if a.sharing:
+        return sharing(a, pool, captions)
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         trained = train_tiny_llama(Path(tmp) / "trained", pool, build_prompt, steps=a.train_steps)
@@ -241,13 +271,13 @@ def main() -> None:
                                  ParallelInfo.single(torch.device("cpu")))
             prompts = [gen.tokenizer.encode(t, bos=True, eos=False) for t in texts]
             if name == "random":
-                gen.tokenizer.eos_id = -1  # never stop: both engines generate max_gen_len tokens
+                gen.tokenizer.eos_ids = frozenset()  # never stop: both engines generate max_gen_len tokens
                 compare("random weights, stop disabled", gen, prompts, a.max_gen_len, 0.9, stop=False)
             else:
                 ours = compare("trained, stop at newline", gen, prompts, a.max_gen_len, 0.9, stop=True)
                 print("  e.g.", captions[0], "=>", ours[0])
         k = min(32, a.n)  # greedy: both engines must write the same rewrites
-        stops = {gen.tokenizer.newline_id, gen.tokenizer.eos_id}
+        stops = gen.tokenizer.newline_ids | gen.tokenizer.eos_ids
         base = meta_schedule(gen, prompts[:k], a.max_gen_len, 0.0, 0.95, gen.model.new_cache(
             a.max_batch_size, a.max_seq_len, gen.device, gen.dtype))
         ours = gen.generate(prompts[:k], a.max_gen_len, 0.0, 0.95, list(range(k)))

@@ -14,6 +14,7 @@ from typing import Any, Optional
 
 from common.distributed import launched_as_rank0
 from common.fileio import cannot_write_in
+from rewrite.llama import find_tokenizer
 from rewrite.prompts import normalize_sample_modes
 from rewrite.shard_input import check_shard_flags, is_shard_input
 
@@ -30,8 +31,10 @@ def _flag(default: Any, help: str) -> Any:
 @dataclass(frozen=True)
 class Config:
     """Every flag, in the original script's order first; values as `validate` normalises them."""
-    ckpt_dir: Optional[str] = _flag(None, "LLaMA-v1 folder (params.json, consolidated.*.pth); required unless --dry_run.")
-    tokenizer_path: Optional[str] = _flag(None, "SentencePiece tokenizer.model; required unless --dry_run.")
+    ckpt_dir: Optional[str] = _flag(None, "LLaMA weights: Meta's folder (params.json, consolidated.*.pth) or "
+                                          "Hugging Face's (config.json, *.safetensors / *.bin); required unless --dry_run.")
+    tokenizer_path: Optional[str] = _flag(None, "tokenizer.model or tokenizer.json (default: the one in --ckpt_dir, "
+                                                "or in its parent for Meta's LLaMA-1/2 downloads).")
     temperature: float = _flag(0.9, "sampling temperature, >= 0 (0: greedy).")
     top_p: float = _flag(0.95, "nucleus sampling mass, in (0, 1].")
     max_seq_len: int = _flag(512, "context for prompt + rewrite, 16..2048; longer prompts are truncated.")
@@ -175,6 +178,26 @@ def _optional_str(value: object) -> Optional[str]:
     return None if value is None else str(value)
 
 
+def _given(value: object) -> bool:
+    return value is not None and value is not True and str(value) != ""
+
+
+def _tokenizer_path(c: Config, dry_run: bool) -> Optional[str]:
+    """--tokenizer_path as given, else (outside a dry run) the tokenizer --ckpt_dir comes with."""
+    for flag, value in (("ckpt_dir", c.ckpt_dir), ("tokenizer_path", c.tokenizer_path)):
+        if value is True or (value is not None and str(value) == ""):
+            raise ValueError(f"--{flag} needs a path")
+    if not dry_run and c.ckpt_dir is None:
+        raise ValueError("--ckpt_dir is required (the LLaMA weights folder), except with --dry_run")
+    if _given(c.tokenizer_path) or c.ckpt_dir is None:
+        return _optional_str(c.tokenizer_path)
+    found = find_tokenizer(str(c.ckpt_dir)) if Path(str(c.ckpt_dir)).is_dir() else None
+    if found is None and not dry_run:
+        raise ValueError(f"--tokenizer_path is required: --ckpt_dir {c.ckpt_dir} has no tokenizer.model or "
+                         "tokenizer.json (nor, for a Meta folder, its parent a tokenizer.model)")
+    return found
+
+
 def validate(raw: dict[str, Any]) -> Config:
     """The flags as typed (names of Config, as fire passes them) -> a checked Config."""
     unknown = sorted(set(raw) - set(FLAG_NAMES))
@@ -182,11 +205,8 @@ def validate(raw: dict[str, Any]) -> Config:
         raise ValueError(f"unknown flag --{unknown[0]}; the flags are --" + ", --".join(FLAG_NAMES))
     c = Config(**raw)
     modes = normalize_sample_modes(c.sample_mode)
-    if not c.dry_run:
-        for flag, value in (("ckpt_dir", c.ckpt_dir), ("tokenizer_path", c.tokenizer_path)):
-            if value is None or value is True or str(value) == "":
-                raise ValueError(f"--{flag} is required (the LLaMA weights folder and its tokenizer.model), "
-                                 "except with --dry_run")
+    dry_run = _switch("dry_run", c.dry_run)
+    tokenizer_path = _tokenizer_path(c, dry_run)
     temperature = _float("temperature", c.temperature)
     if temperature < 0:
         raise ValueError(f"--temperature must be >= 0 (0 = greedy), got {temperature}")
@@ -212,8 +232,8 @@ def validate(raw: dict[str, Any]) -> Config:
         prompt, text_key = _input_file(c.prompt_filename), None
         output = _output_file(c.output_filename, prompt)
     return Config(
-        ckpt_dir=_optional_str(c.ckpt_dir), tokenizer_path=_optional_str(c.tokenizer_path),
+        ckpt_dir=_optional_str(c.ckpt_dir), tokenizer_path=tokenizer_path,
         temperature=temperature, top_p=top_p, prompt_filename=prompt, output_filename=output,
-        sample_mode=",".join(modes), examples=_optional_str(c.examples), dry_run=_switch("dry_run", c.dry_run),
+        sample_mode=",".join(modes), examples=_optional_str(c.examples), dry_run=dry_run,
         overwrite=_switch("overwrite", c.overwrite), model_parallel_size=mp,
         dtype=None if c.dtype is None else DTYPES[str(c.dtype).lower()], text_key=text_key, **numbers)

@@ -13,8 +13,7 @@ import torch
 
 from common.distributed import cleanup_distributed, init_distributed_mode, is_dist_avail_and_initialized
 from rewrite.llama import (CheckpointError, ParallelError, ParallelInfo, TokenizerError, check_mapping,
-                           init_model_parallel, teardown_model_parallel)
-from rewrite.llama.checkpoint import shard_paths
+                           init_model_parallel, open_checkpoint, teardown_model_parallel)
 
 # Timeout of the default group's collectives. Besides the lock-step model-parallel
 # traffic (fairscale's own groups, default timeout), the default group carries the
@@ -42,7 +41,8 @@ def flag_names(ckpt_dir: Optional[str] = None, tokenizer_path: Optional[str] = N
 
 
 def choose_mp_size(n_shards: int, world_size: int, requested: Optional[int]) -> int:
-    """Default: one rank per shard, fewer if there are fewer processes. Raises ValueError if unmappable."""
+    """Default: one rank per shard of a Meta checkpoint, fewer if there are fewer processes (a Hugging
+    Face folder counts as one shard: model parallelism is asked for). Raises ValueError if unmappable."""
     mp = requested if requested is not None else min(n_shards, world_size)
     if mp < 1:
         raise ValueError(f"--model_parallel_size must be >= 1, got {mp}")
@@ -62,7 +62,7 @@ def setup_parallel(ckpt_dir: str, model_parallel_size: Optional[int] = None, see
     model-parallel groups, and the same seed on every rank. device: force 'cpu' or
     'cuda' (default: cuda when available)."""
     with flag_names(ckpt_dir):
-        n_shards = len(shard_paths(ckpt_dir))
+        n_shards = open_checkpoint(ckpt_dir).mp_shards  # Meta: its shard count; Hugging Face: 1
     if "RANK" not in os.environ and model_parallel_size not in (None, 1):
         raise ValueError(f"--model_parallel_size {model_parallel_size} needs that many processes: "
                          f"launch with torchrun --nproc_per_node {model_parallel_size}")

@@ -19,8 +19,8 @@ from common.fileio import atomic_write
 from common.locking import FileLock
 from rewrite.cli_args import Config
 from rewrite.input_lines import InputInfo, Line, offset_of_line, read_lines, scan_input, share_range
-from rewrite.llama import Generator, ParallelInfo, Tokenizer, load_generator
-from rewrite.llama.checkpoint import shard_paths
+from rewrite.llama import (Generator, ParallelInfo, TokenizerBase, default_dtype, load_generator, load_tokenizer,
+                           open_checkpoint)
 from rewrite.launch import setup_parallel
 from rewrite.output import STAT_KEYS, ShareWriter, add_stats, merge_parts, part_path, plan_run, record_path
 from rewrite.prompts import (Pool, TokenizerLike, build_prompt, choose_examples, finish_line, fit_prompt,
@@ -30,6 +30,7 @@ T = TypeVar("T")
 WINDOW_BATCHES = 4  # batches handed to the engine per call: it sorts them by length; one commit each
 MIN_ROOM = 16  # tokens a prompt needs beyond its examples: some caption (max_seq_len - 10 kept) + generation
 TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+DTYPE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
 
 
 def log(*args: object) -> None:
@@ -72,7 +73,7 @@ def write_dry_run(cfg: Config, pool: Pool) -> Path:
     """JSON Lines, one object per input line, so multi-line prompts stay unambiguous."""
     tokenizer = None
     if cfg.tokenizer_path:
-        tokenizer = Tokenizer(cfg.tokenizer_path)
+        tokenizer = load_tokenizer(cfg.tokenizer_path, cfg.ckpt_dir)
         check_context(cfg, pool, tokenizer)
     info = scan_input(cfg.prompt_filename)
     out = cfg.output_filename.with_name(cfg.output_filename.name + ".prompts.jsonl")
@@ -135,7 +136,7 @@ def rewrite_window(cfg: Config, pool: Pool, generator: Generator, window: list[L
 class Prepared:
     """Everything cheap that can fail, done before the model is loaded."""
     parallel: ParallelInfo
-    tokenizer: Tokenizer
+    tokenizer: TokenizerBase
     info: InputInfo  # the caption file's scan (rank 0's, sent to all)
     fingerprint: dict  # input + settings: what a resumed run must match
     complete: bool  # the output is already finished for this fingerprint
@@ -153,15 +154,24 @@ class Share:
     offset: int  # byte offset of next_line in the input
 
 
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
 def checkpoint_identity(cfg: Config) -> dict:
-    """What identifies the weights without reading them: params.json and tokenizer
-    content, shard names and sizes (moving the folder keeps a run resumable)."""
-    params = Path(cfg.ckpt_dir) / "params.json"
-    if not params.is_file():
-        raise ValueError(f"--ckpt_dir {cfg.ckpt_dir} has no params.json")
-    return {"params": hashlib.sha256(params.read_bytes()).hexdigest()[:16],
-            "shards": [[p.name, p.stat().st_size] for p in shard_paths(cfg.ckpt_dir)],
-            "tokenizer": hashlib.sha256(Path(cfg.tokenizer_path).read_bytes()).hexdigest()[:16]}
+    """What identifies the weights without reading them: the config's and tokenizer's content,
+    weight file names and sizes (moving the folder keeps a run resumable). A Meta folder keeps
+    the record runs before Hugging Face support wrote (params, shards), so those still resume."""
+    ckpt = open_checkpoint(cfg.ckpt_dir)
+    files = [[p.name, p.stat().st_size] for p in ckpt.weight_files]
+    if ckpt.kind == "meta":
+        identity = {"params": _digest(ckpt.config_file), "shards": files}
+    else:  # the files that can name BOS / EOS count too
+        extra = [ckpt.path / n for n in ("generation_config.json", "tokenizer_config.json")]
+        identity = {"config": _digest(ckpt.config_file), "weights": files,
+                    "specials": {p.name: _digest(p) for p in extra if p.is_file()}}
+    identity["tokenizer"] = _digest(Path(cfg.tokenizer_path))
+    return identity
 
 
 def settings_fingerprint(cfg: Config, pool: Pool, dtype: str) -> dict:
@@ -189,9 +199,9 @@ def prepare(cfg: Config, pool: Pool) -> Prepared:
     """Process groups, tokenizer and context check; on rank 0 the output's lock, the
     input scan and the plan (a second run on the same output stops there, on every rank)."""
     parallel = setup_parallel(cfg.ckpt_dir, cfg.model_parallel_size)
-    tokenizer = Tokenizer(cfg.tokenizer_path)
+    tokenizer = load_tokenizer(cfg.tokenizer_path, cfg.ckpt_dir)
     check_context(cfg, pool, tokenizer)
-    dtype = cfg.dtype or ("fp16" if parallel.device.type == "cuda" else "fp32")
+    dtype = cfg.dtype or DTYPE_NAMES[default_dtype(parallel.device, open_checkpoint(cfg.ckpt_dir).stored_dtype())]
     settings = settings_fingerprint(cfg, pool, dtype)
     locks: list[FileLock] = []
 

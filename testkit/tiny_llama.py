@@ -19,8 +19,9 @@ import sentencepiece as spm
 import torch
 import torch.nn.functional as F
 
-from rewrite.llama.checkpoint import split_state_dict
-from rewrite.llama.model import ModelArgs, Transformer, rope_frequencies
+from rewrite.llama.meta import split_state_dict
+from rewrite.llama.model import ModelArgs, Transformer
+from rewrite.llama.rope import rope_frequencies
 from rewrite.prompts import build_prompt
 
 PromptFn = Callable[[Sequence[tuple[str, str]], str], str]

@@ -43,8 +43,8 @@ def test_split_and_merge_give_each_rank_its_part(ckpts):
         want = torch.load(ckpts[2] / f"consolidated.{r:02d}.pth")
         for d in (ckpts[1], ckpts[4]):
             got = load_rank_state(str(d), 2, r)
-            assert got.keys() == want.keys()
-            for k in want:
+            assert got.keys() == want.keys() - {"rope.freqs"}  # present in the files, never loaded
+            for k in got:
                 assert torch.equal(got[k], want[k]), (d, r, k)
 
 
@@ -86,13 +86,13 @@ def test_directory_errors(ckpts, tmp_path):
 def test_params_with_unknown_keys(ckpts, tmp_path):
     d = copy(ckpts, tmp_path)
     params = json.loads((d / "params.json").read_text())
-    (d / "params.json").write_text(json.dumps({**params, "n_kv_heads": 2}))
-    with pytest.raises(ValueError, match="n_kv_heads"):
+    (d / "params.json").write_text(json.dumps({**params, "moe_experts": 2}))
+    with pytest.raises(ValueError, match="moe_experts"):
         load(d)
 
 
 def test_tokenizer_errors(ckpts, tmp_path):
-    with pytest.raises(TokenizerError, match="no SentencePiece model at .*missing.model"):
+    with pytest.raises(TokenizerError, match="no tokenizer at .*missing.model"):
         load(ckpts[1], tmp_path / "missing.model")
     other = make_tiny_llama(tmp_path / "other", TINY_TEXTS[:3], dim=32, n_heads=4, vocab_size=300)
     with pytest.raises(ValueError, match=r"has \d+ pieces but tok_embeddings.weight in .* has \d+ rows") as e:

@@ -35,7 +35,7 @@ def ckpt2(tmp_path_factory) -> Path:
 
 
 def gen_on(ckpt: Path, device: str, dtype: torch.dtype, batch: int = 3):
-    return load_generator(str(ckpt), str(ckpt / "tokenizer.model"), 48, batch,
+    return load_generator(str(ckpt), None, 48, batch,
                           ParallelInfo.single(torch.device(device)), dtype=dtype)
 
 
@@ -81,6 +81,36 @@ def test_half_precision_padded_prefill(ckpt2, device, dtype, atol):
     out = g.generate([g.tokenizer.encode(t, bos=True, eos=False) for t in TEXTS], 10, 0.9, 0.95,
                      list(range(len(TEXTS))))
     assert all(0 <= t < g.tokenizer.n_words for o in out for t in o)
+
+
+@pytest.fixture(scope="module")
+def hf_gqa(tmp_path_factory) -> Path:
+    """A LLaMA-3-style Hugging Face folder: grouped-query attention, rope_theta 500000, bf16 weights,
+    a byte-level BPE tokenizer.json."""
+    from rewrite.llama import load_tokenizer
+    from testkit.hf_llama import byte_bpe_tokenizer_json, llama_config, random_llama, write_hf
+    root = tmp_path_factory.mktemp("hf_gqa")
+    tok_file = byte_bpe_tokenizer_json(TINY_TEXTS * 4, 400, root / "tok")
+    tok = load_tokenizer(str(tok_file))
+    model = random_llama(llama_config("llama3", tok.n_words, tok.bos_id, tok.eos_id)).to(torch.bfloat16)
+    return write_hf(model, root / "hf", [tok_file])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_grouped_query_checkpoint_on_the_device(hf_gqa, device):
+    """SDPA with shared key/value heads on the device: float64 texts equal the CPU's; the default
+    dtype (bf16 weights: bf16 on a GPU that has it, float32 on the CPU) generates finite logits."""
+    from rewrite.llama import default_dtype
+    g, ref = gen_on(hf_gqa, device, torch.float64), gen_on(hf_gqa, "cpu", torch.float64, batch=1)
+    prompts = [g.tokenizer.encode(t, bos=True, eos=False) for t in TEXTS]
+    for temperature in (0.0, 0.9):
+        got = g.generate(prompts, 12, temperature, 0.95, list(range(len(prompts))), stop_at_newline=False)
+        assert got == ref.generate(prompts, 12, temperature, 0.95, list(range(len(prompts))), stop_at_newline=False)
+    dev = torch.device(device)
+    g = load_generator(str(hf_gqa), None, 48, 3, ParallelInfo.single(dev))
+    assert g.dtype == default_dtype(dev, torch.bfloat16)
+    with torch.inference_mode():
+        assert torch.isfinite(g.model(torch.tensor([prompts[0]], device=dev))).all()
 
 
 def torchrun_cli(tmp_path: Path, ckpt: Path, nproc: int, **flags) -> subprocess.CompletedProcess:

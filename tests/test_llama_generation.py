@@ -76,13 +76,14 @@ def generate_counting_compactions(gen: Generator, *args, **kwargs) -> tuple[list
 def stops(gen):
     """Lets a test make ordinary tokens play newline and EOS; restored afterwards."""
     tok = gen.tokenizer
-    old = tok.newline_id, tok.eos_id, gen.max_batch_size
+    old = tok.newline_ids, tok.newline_kept, tok.eos_ids, gen.max_batch_size
 
-    def set_stops(nl: int, eos: int) -> None:
-        tok.newline_id, tok.eos_id = nl, eos
+    def set_stops(nl: int, eos: int, kept: bool = False) -> None:
+        tok.newline_ids, tok.eos_ids = frozenset({nl}), frozenset({eos})
+        tok.newline_kept = frozenset({nl}) if kept else frozenset()
 
     yield set_stops
-    tok.newline_id, tok.eos_id, gen.max_batch_size = old
+    tok.newline_ids, tok.newline_kept, tok.eos_ids, gen.max_batch_size = old
 
 
 def test_greedy_batched_matches_reference_with_early_stop(gen, stops, monkeypatch):
@@ -106,6 +107,23 @@ def test_greedy_batched_matches_reference_with_early_stop(gen, stops, monkeypatc
             assert compact or not shrunk
             compactions += shrunk
     assert compactions
+
+
+def test_a_newline_merged_after_text_ends_the_row_and_stays_in_it(gen, stops):
+    """LLaMA-3's '.\\n' ends a rewrite like '\\n' does, but its '.' belongs to the text: the token
+    is the row's last output token; an EOS is not."""
+    prompts = prompts_of(gen)
+    free = [reference_greedy(gen, p, 14, set()) for p in prompts]
+    nl, eos = frequent_tokens(free, 2)
+    stops(nl, eos, kept=True)
+    want = []
+    for f in free:
+        end = next((j for j, t in enumerate(f) if t in (nl, eos)), len(f))
+        want.append(f[:end] + ([nl] if end < len(f) and f[end] == nl else []))
+    assert any(w and w[-1] == nl for w in want) and any(len(w) < 14 and nl not in w for w in want)
+    for bs in (3, 16):
+        gen.max_batch_size = bs
+        assert gen.generate(prompts, 14, 0.0, 0.95, seeds=list(range(len(prompts)))) == want
 
 
 def test_generation_is_cut_at_max_seq_len(gen):

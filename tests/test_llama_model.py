@@ -1,4 +1,4 @@
-"""LLaMA-v1 model: checkpoint shapes, RoPE / RMSNorm conventions, cache and padding paths."""
+"""LLaMA model: checkpoint shapes (LLaMA-1/2/3), RoPE / RMSNorm conventions, cache and padding paths."""
 from __future__ import annotations
 
 import math
@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from rewrite.llama.meta import args_from_params
 from rewrite.llama.model import ModelArgs, RMSNorm, Transformer, apply_rope, rope_table
 from testkit.tiny_llama import random_state_dict
 
@@ -21,8 +22,9 @@ def tiny_model(vocab: int = 97, dtype=torch.float64) -> Transformer:
 
 
 def test_7b_shapes_match_meta_keys():
-    args = ModelArgs.from_params({"dim": 4096, "multiple_of": 256, "n_heads": 32, "n_layers": 32,
-                                  "norm_eps": 1e-06, "vocab_size": -1}, vocab_size=32000)
+    args = args_from_params({"dim": 4096, "multiple_of": 256, "n_heads": 32, "n_layers": 32,
+                             "norm_eps": 1e-06, "vocab_size": -1}, "params.json")
+    args.vocab_size = 32000
     assert args.ffn_hidden == 11008
     with torch.device("meta"):  # no memory: shapes only
         sd = Transformer(args).state_dict()
@@ -35,6 +37,26 @@ def test_7b_shapes_match_meta_keys():
     assert sd["layers.0.ffn_norm.weight"].shape == (4096,)
     n = sum(t.numel() for t in sd.values())
     assert abs(n / 1e9 - 6.74) < 0.01
+
+
+@pytest.mark.parametrize("params, hidden, billions", [
+    # LLaMA-2 70B and LLaMA-3(.1) 8B, as Meta's params.json state them
+    ({"dim": 8192, "multiple_of": 4096, "ffn_dim_multiplier": 1.3, "n_heads": 64, "n_kv_heads": 8,
+      "n_layers": 80, "norm_eps": 1e-05, "vocab_size": 32000}, 28672, 68.98),
+    ({"dim": 4096, "n_layers": 32, "n_heads": 32, "n_kv_heads": 8, "vocab_size": 128256, "multiple_of": 1024,
+      "ffn_dim_multiplier": 1.3, "norm_eps": 1e-05, "rope_theta": 500000.0, "use_scaled_rope": True}, 14336, 8.03),
+])
+def test_grouped_query_shapes_from_meta_params(params, hidden, billions):
+    args = args_from_params(params, "params.json")
+    assert args.ffn_hidden == hidden and args.kv_heads == 8
+    with torch.device("meta"):
+        sd = Transformer(args).state_dict()
+    kv = 8 * args.head_dim
+    assert sd["layers.0.attention.wk.weight"].shape == sd["layers.0.attention.wv.weight"].shape == (kv, args.dim)
+    assert abs(sum(t.numel() for t in sd.values()) / 1e9 - billions) < 0.01
+    with torch.device("meta"):
+        half = Transformer(args, model_parallel_size=8).state_dict()  # one key/value head per rank
+    assert half["layers.0.attention.wk.weight"].shape == (args.head_dim, args.dim)
 
 
 def test_model_parallel_shapes_follow_fairscale_split():

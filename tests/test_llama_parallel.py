@@ -89,7 +89,7 @@ def worker(out_dir: str, ckpt_root: str) -> None:
                    info.is_writer)
     # Ranks that disagree on seeds must raise rather than silently diverge.
     g = load_generator(str(dirs["mp2"]), str(dirs["mp1"] / "tokenizer.model"), 40, 2, info)
-    g.tokenizer.eos_id = -1  # no stop token: both ranks run the same number of steps
+    g.tokenizer.eos_ids = frozenset()  # no stop token: both ranks run the same number of steps
     prompt = [g.tokenizer.encode(TEXTS[0], bos=True, eos=False)]
     try:
         g.generate(prompt, 6, 0.9, 0.95, [100 + info.rank], stop_at_newline=False)

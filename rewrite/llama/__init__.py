@@ -1,17 +1,21 @@
 """LLaMA inference engine for LaCLIP's caption rewriting.
 
-Depends on torch, fairscale and sentencepiece only, never on the rest of the project:
-errors name files, not flags (see errors.py), and process groups are the caller's.
+Depends on torch, fairscale, sentencepiece, tokenizers and safetensors only, never on the
+rest of the project: errors name files, not flags (see errors.py), and process groups
+are the caller's. Loads Meta's folders (LLaMA-1/2/3) and Hugging Face's (formats.py).
 """
-from .checkpoint import load_generator, load_model, merge_shards, split_state_dict
+from .checkpoint import load_generator, load_model, load_rank_state
 from .errors import CheckpointError, ParallelError, TokenizerError
+from .formats import default_dtype, find_tokenizer, load_tokenizer, open_checkpoint
 from .generation import Generator
+from .meta import split_state_dict
 from .model import ModelArgs, Transformer
 from .parallel import ParallelInfo, check_mapping, init_model_parallel, teardown_model_parallel
-from .tokenizer import Tokenizer
+from .tokenizer import Tokenizer, TokenizerBase
 
 __all__ = [
-    "ModelArgs", "Transformer", "Tokenizer", "Generator", "ParallelInfo", "check_mapping",
-    "init_model_parallel", "teardown_model_parallel", "load_generator", "load_model", "merge_shards",
-    "split_state_dict", "CheckpointError", "ParallelError", "TokenizerError",
+    "ModelArgs", "Transformer", "Tokenizer", "TokenizerBase", "load_tokenizer", "find_tokenizer", "Generator",
+    "ParallelInfo", "check_mapping", "init_model_parallel", "teardown_model_parallel", "load_generator",
+    "load_model", "load_rank_state", "open_checkpoint", "default_dtype", "split_state_dict",
+    "CheckpointError", "ParallelError", "TokenizerError",
 ]

@@ -1,9 +1,10 @@
 """Batched text generation with a KV cache: padded one-pass prefill, early stop, seeded sampling.
 
-Schedule of one `generate` call: prompts are sorted by length and taken in
-micro-batches of at most `max_batch_size`. A micro-batch is left-padded so all
-prompts end at the same cache column P (each row keeps its own RoPE positions
-0, 1, ...; pad keys are masked), prefilled in one forward pass, then decoded
+Schedule of one `generate` call: prompts are sorted (by token ids with prefix sharing,
+else by length) and taken in micro-batches of at most `max_batch_size`. A micro-batch is
+left-padded so all prompts end at the same cache column P (each row keeps its own RoPE
+positions 0, 1, ...; pad keys are masked), prefilled in one forward pass (with prefix
+sharing: the prefixes rows share once, then the rest; prefix.py), then decoded
 one column per step into a cache of P + (tokens still allowed) columns. A row
 stops at its first stop token (EOS, and '\n' when asked) or its length limit;
 finished rows are dropped from the cache once a quarter of the live rows are
@@ -22,11 +23,13 @@ from typing import Optional
 
 import torch
 
+from . import prefix
 from .model import KVCache, Transformer
 from .parallel import ParallelInfo
-from .tokenizer import Tokenizer
+from .tokenizer import TokenizerBase
 
 _M64 = (1 << 64) - 1
+Stops = tuple[set[int], set[int]]  # (ids that end a row, those of them that still belong to its text)
 
 # Finished rows leave the cache once the live rows fall to this fraction of its rows. A module
 # constant, not a Generator argument: no caller has a reason to tune it (0.5 to 0.9 time the same,
@@ -83,22 +86,25 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, u: Optional[t
 class Generator:
     """Generates continuations with a loaded `Transformer` (see `checkpoint.load_generator`)."""
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, max_seq_len: int, max_batch_size: int,
-                 parallel: Optional[ParallelInfo] = None):
+    def __init__(self, model: Transformer, tokenizer: TokenizerBase, max_seq_len: int, max_batch_size: int,
+                 parallel: Optional[ParallelInfo] = None, share_prefixes: bool = True, min_shared_gain: int = 16):
         self.model = model
         self.tokenizer = tokenizer
         self.max_seq_len = max_seq_len
         self.max_batch_size = max_batch_size
         self.parallel = parallel or ParallelInfo.single(model.tok_embeddings.weight.device)
+        self.share_prefixes = share_prefixes  # compute prompt prefixes shared in a micro-batch once (prefix.py)
+        self.min_shared_gain = min_shared_gain  # ... when that saves at least this many token computations
         self.device = model.tok_embeddings.weight.device
         self.dtype = model.tok_embeddings.weight.dtype
-        self._stats = {"prompts": 0, "generated_tokens": 0, "prompt_tokens": 0, "seconds": 0.0,
-                       "batches": 0}
+        self._stats = {"prompts": 0, "generated_tokens": 0, "prompt_tokens": 0, "prefill_tokens": 0,
+                       "seconds": 0.0, "batches": 0}
 
     @property
     def stats(self) -> dict:
         """Cumulative over all `generate` calls: prompts, generated_tokens, prompt_tokens, seconds,
-        batches (micro-batches run)."""
+        batches (micro-batches run), prefill_tokens (rows x columns the prefills fed, padding
+        included, shared prefixes once)."""
         return dict(self._stats)
 
     def _check(self, prompts: list[list[int]], seeds: list[int], max_gen_len: int) -> None:
@@ -117,22 +123,26 @@ class Generator:
     @torch.inference_mode()
     def generate(self, prompt_tokens: list[list[int]], max_gen_len: int, temperature: float, top_p: float,
                  seeds: list[int], stop_at_newline: bool = True) -> list[list[int]]:
-        """Generated ids per prompt, in input order, without the stop token.
+        """Generated ids per prompt, in input order, without the stop token (but with a
+        token that merges text and a newline, like LLaMA-3's '.\\n': its text is part of the output).
 
-        prompt_tokens include BOS. A row stops at EOS, at its first newline when
+        prompt_tokens include BOS. A row stops at any EOS id, at its first token holding a newline when
         stop_at_newline, after max_gen_len tokens, or when prompt + generation
         reaches max_seq_len (a prompt longer than max_seq_len - max_gen_len is
         cut short there, not rejected). temperature 0: greedy.
         """
         self._check(prompt_tokens, seeds, max_gen_len)
         t0 = time.perf_counter()
-        stop = {self.tokenizer.eos_id}
-        if stop_at_newline and self.tokenizer.newline_id is not None:
-            stop.add(self.tokenizer.newline_id)
+        tok = self.tokenizer
+        stop = set(tok.eos_ids) | (set(tok.newline_ids) if stop_at_newline else set())
+        keep = set(tok.newline_kept) if stop_at_newline else set()  # e.g. '.\n': its '.' is text
         rows = [_Row(p, s, min(max_gen_len, self.max_seq_len - len(p))) for p, s in zip(prompt_tokens, seeds)]
-        todo = sorted((r for r in rows if r.limit > 0), key=lambda r: len(r.prompt))
+        # By length, so a micro-batch pads little; with prefix sharing by token ids, so prompts that
+        # start alike share a micro-batch (prefix.py feeds the unshared rests by length).
+        order = (lambda r: r.prompt) if self.share_prefixes else (lambda r: len(r.prompt))
+        todo = sorted((r for r in rows if r.limit > 0), key=order)
         for b in range(0, len(todo), self.max_batch_size):
-            self._batch(todo[b:b + self.max_batch_size], temperature, top_p, stop)
+            self._batch(todo[b:b + self.max_batch_size], temperature, top_p, (stop, keep))
             self._stats["batches"] += 1
         out = [r.out for r in rows]
         self._check_agreement(out)
@@ -145,27 +155,50 @@ class Generator:
         s["seconds"] += time.perf_counter() - t0
         return out
 
-    def _batch(self, rows: list["_Row"], temperature: float, top_p: float, stop: set[int]) -> None:
-        """One micro-batch: prompts right-aligned to end at column P, prefilled in one pass into a
-        cache of P + (most tokens allowed) columns, then decoded until every row stops."""
+    def _batch(self, rows: list["_Row"], temperature: float, top_p: float, stop: Stops) -> None:
+        """One micro-batch: prompts right-aligned to end at column P, prefilled into a cache of
+        P + (most tokens allowed) columns, then decoded until every row stops."""
+        share = self._plan(rows)
+        if share is not None:  # sorted by what is left to prefill, longest first (prefix.prefill_shared)
+            order = sorted(range(len(rows)), key=lambda i: len(rows[i].prompt) - share.shared(i), reverse=True)
+            rows, share = [rows[i] for i in order], share.permuted(order)
         dev = self.device
         lens = [len(r.prompt) for r in rows]
         P, G = max(lens), max(r.limit for r in rows)
         positions, key_valid = _layout(lens, P + G, dev)
         cache = self.model.new_cache(len(rows), P + G, dev, self.dtype)
-        tokens = torch.zeros(len(rows), P, dtype=torch.long)
-        for i, r in enumerate(rows):
-            tokens[i, P - len(r.prompt):] = torch.tensor(r.prompt)
-        logits = self.model(tokens.to(dev), positions[:, :P], None if key_valid is None else key_valid[:, :P],
-                            cache, 0, last_only=True)
+        logits = self._prefill(rows, cache, P, positions, key_valid, share)
         u = None
         if temperature > 0:  # [B, G]: row i's draw for its k-th token depends on (seed_i, k) only
             u = torch.tensor([uniforms(r.seed, G) for r in rows], device=dev)
         self._decode(rows, cache, logits, positions, key_valid, u, P, G, temperature, top_p, stop)
 
+    def _plan(self, rows: list["_Row"]) -> Optional[prefix.Plan]:
+        """Which prefixes the prompts share (None: nothing worth sharing, or sharing is off)."""
+        if not self.share_prefixes or len(rows) < 2:
+            return None
+        share = prefix.plan([r.prompt for r in rows], self.min_shared_gain)
+        return share if share.levels else None
+
+    def _prefill(self, rows: list["_Row"], cache: KVCache, P: int, positions: torch.Tensor,
+                 key_valid: Optional[torch.Tensor], share: Optional[prefix.Plan]) -> torch.Tensor:
+        """Fill cache columns [0, P) and return next-token logits [B, V]: in one pass, or the
+        shared prefixes once and the rest in chunks."""
+        if share is not None:
+            logits, fed = prefix.prefill_shared(self.model, cache, [r.prompt for r in rows], share, P, positions,
+                                                key_valid)
+            self._stats["prefill_tokens"] += fed
+            return logits
+        tokens = torch.zeros(len(rows), P, dtype=torch.long)
+        for i, r in enumerate(rows):
+            tokens[i, P - len(r.prompt):] = torch.tensor(r.prompt)
+        self._stats["prefill_tokens"] += len(rows) * P
+        return self.model(tokens.to(self.device), positions[:, :P], None if key_valid is None else key_valid[:, :P],
+                          cache, 0, last_only=True)
+
     def _decode(self, rows: list["_Row"], cache: KVCache, logits: torch.Tensor, positions: torch.Tensor,
                 key_valid: Optional[torch.Tensor], u: Optional[torch.Tensor], P: int, G: int,
-                temperature: float, top_p: float, stop: set[int]) -> None:
+                temperature: float, top_p: float, stop: Stops) -> None:
         """Sample and feed one column per step until every row stops."""
         live = list(range(len(rows)))  # batch row of each cache row; shrinks as finished rows are dropped
         for t in range(G):
@@ -212,11 +245,14 @@ class _Row:
     out: list[int] = field(default_factory=list)
     done: bool = False
 
-    def push(self, tok: int, stop: set[int]) -> None:
+    def push(self, tok: int, stops: Stops) -> None:
         if self.done:
             return  # finished, still in the batch until it is compacted: ignore
+        stop, keep = stops
         if tok in stop:
             self.done = True
+            if tok in keep:  # a newline merged after text ('.\n'): the text is the rewrite's
+                self.out.append(tok)
         else:
             self.out.append(tok)
             self.done = len(self.out) >= self.limit

@@ -1,4 +1,4 @@
-"""LLaMA-v1 transformer for inference, with a batch KV cache and padded prefill.
+"""LLaMA transformer (1, 2 and 3) for inference, with a batch KV cache and padded prefill.
 
 Parameter names are the keys of Meta's `consolidated.*.pth` files, so a shard
 loads with `load_state_dict` as is. The module is pure: no device moves, no
@@ -8,18 +8,19 @@ layers and communicate over fairscale's model-parallel group, which
 `initialize_model_parallel` must have created before the first forward.
 
 Shapes: B batch rows, T new tokens this call, S cached key columns,
-H heads on this rank, D head dim, C model dim, V vocabulary.
+H heads on this rank (H_kv key/value heads), D head dim, C model dim, V vocabulary.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import CheckpointError, ParallelError
+from .errors import ParallelError
+from .rope import RopeScaling, apply_rope, rope_table
 
 # One (k, v) pair per layer, each [B, H, S_max, D].
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]
@@ -27,35 +28,54 @@ KVCache = list[tuple[torch.Tensor, torch.Tensor]]
 
 @dataclass
 class ModelArgs:
-    """Fields of Meta's params.json (LLaMA-7B values as defaults)."""
+    """A LLaMA architecture, in the names of Meta's params.json (LLaMA-7B values as defaults).
+
+    Meta's FFN width rule (2/3 of 4*dim, times ffn_dim_multiplier, rounded up to
+    multiple_of) applies unless hidden_dim gives the width outright (Hugging Face's
+    intermediate_size). n_kv_heads < n_heads: grouped-query attention (LLaMA-2 70B, LLaMA-3).
+    """
     dim: int = 4096
     n_layers: int = 32
     n_heads: int = 32
-    vocab_size: int = -1  # -1 in Meta's files: the tokenizer decides
-    multiple_of: int = 256  # SwiGLU hidden size is rounded up to a multiple of this
+    n_kv_heads: Optional[int] = None  # None: one key/value head per query head
+    vocab_size: int = -1  # -1 in Meta's LLaMA-1/2 files: the tokenizer decides
+    multiple_of: int = 256
+    ffn_dim_multiplier: Optional[float] = None
     norm_eps: float = 1e-6
-
-    @classmethod
-    def from_params(cls, params: dict, vocab_size: Optional[int] = None) -> "ModelArgs":
-        """Build from a params.json dict; raises CheckpointError on keys LLaMA-v1 lacks."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(params) - known)
-        if unknown:
-            raise CheckpointError(f"params.json has keys a LLaMA-v1 model does not use: {unknown}")
-        args = cls(**params)
-        if vocab_size is not None:
-            args.vocab_size = vocab_size
-        return args
+    rope_theta: float = 10000.0
+    rope_scaling: Optional[RopeScaling] = None
+    hidden_dim: Optional[int] = None
 
     @property
     def head_dim(self) -> int:
         return self.dim // self.n_heads
 
     @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
     def ffn_hidden(self) -> int:
-        # Meta's rule: 2/3 of 4*dim, rounded up to multiple_of (11008 for 7B).
-        hidden = int(2 * 4 * self.dim / 3)
+        if self.hidden_dim is not None:
+            return self.hidden_dim
+        hidden = int(2 * 4 * self.dim / 3)  # 11008 for 7B after rounding
+        if self.ffn_dim_multiplier is not None:
+            hidden = int(self.ffn_dim_multiplier * hidden)
         return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+
+
+COLUMN = {"wq", "wk", "wv", "w1", "w3", "output"}  # output rows split across ranks: dim 0
+ROW = {"wo", "w2", "tok_embeddings"}  # input / embedding dim split: dim 1
+
+
+def split_dim(key: str) -> Optional[int]:
+    """Dimension along which parameter `key` is split across model-parallel ranks; None if replicated."""
+    name = key.rsplit(".", 2)[-2] if "." in key else key
+    if name in COLUMN:
+        return 0
+    if name in ROW:
+        return 1
+    return None
 
 
 class ParallelLinear(nn.Module):
@@ -123,55 +143,41 @@ class RMSNorm(nn.Module):
         return xf.type_as(x) * self.weight
 
 
-def rope_frequencies(head_dim: int, device: Optional[torch.device] = None, theta: float = 10000.0) -> torch.Tensor:
-    """theta^(-2j/D) for j < D/2: float32 [D/2] (Meta's files store it as rope.freqs)."""
-    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device)[: head_dim // 2].float() / head_dim))
-
-
-def rope_table(n: int, head_dim: int, device: torch.device, theta: float = 10000.0) -> torch.Tensor:
-    """Rotations e^(i * pos * theta^(-2j/D)) for positions 0..n-1: complex64 [n, D/2] (Meta's freqs_cis)."""
-    inv_freq = rope_frequencies(head_dim, device, theta)
-    angles = torch.outer(torch.arange(n, device=device).float(), inv_freq)
-    return torch.polar(torch.ones_like(angles), angles)
-
-
-def apply_rope(x: torch.Tensor, cis: torch.Tensor) -> torch.Tensor:
-    """Rotate the interleaved pairs (0,1), (2,3), ... of x [B, T, H, D] as complex numbers
-    by cis [B, T, 1, D/2], in float32."""
-    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
-    return torch.view_as_real(xc * cis).flatten(-2).type_as(x)
-
-
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs, mp: int):
         super().__init__()
-        if args.n_heads % mp:
-            raise ParallelError(f"n_heads={args.n_heads} is not divisible by model-parallel size {mp}")
+        for what, n in (("n_heads", args.n_heads), ("n_kv_heads", args.kv_heads)):
+            if n % mp:  # each rank holds whole query heads and whole key/value heads
+                raise ParallelError(f"{what}={n} is not divisible by model-parallel size {mp}")
+        if args.n_heads % args.kv_heads:
+            raise ParallelError(f"n_heads={args.n_heads} is not a multiple of n_kv_heads={args.kv_heads}")
         self.n_local_heads = args.n_heads // mp
-        self.head_dim = args.head_dim
-        self.wq = _linear(args.dim, args.dim, mp, "col")
-        self.wk = _linear(args.dim, args.dim, mp, "col")
-        self.wv = _linear(args.dim, args.dim, mp, "col")
-        self.wo = _linear(args.dim, args.dim, mp, "row")
+        self.n_local_kv_heads = args.kv_heads // mp
+        self.head_dim = hd = args.head_dim
+        self.wq = _linear(args.dim, args.n_heads * hd, mp, "col")
+        self.wk = _linear(args.dim, args.kv_heads * hd, mp, "col")
+        self.wv = _linear(args.dim, args.kv_heads * hd, mp, "col")
+        self.wo = _linear(args.n_heads * hd, args.dim, mp, "row")
 
     def forward(self, x: torch.Tensor, cis: torch.Tensor,
                 mask: Optional[torch.Tensor], cache: Optional[tuple[torch.Tensor, torch.Tensor]],
                 start: int) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_local_heads, self.head_dim)
-        k = self.wk(x).view(B, T, self.n_local_heads, self.head_dim)
-        v = self.wv(x).view(B, T, self.n_local_heads, self.head_dim)
+        k = self.wk(x).view(B, T, self.n_local_kv_heads, self.head_dim)
+        v = self.wv(x).view(B, T, self.n_local_kv_heads, self.head_dim)
         q, k = apply_rope(q, cis), apply_rope(k, cis)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, T, D]
         if cache is not None:
-            ck, cv = cache  # [B, H, S_max, D]; columns [start, start+T) are this call's
+            ck, cv = cache  # [B, H_kv, S_max, D]; columns [start, start+T) are this call's
             ck[:, :, start:start + T] = k
             cv[:, :, start:start + T] = v
             k, v = ck[:, :, :start + T], cv[:, :, :start + T]
+        gqa = self.n_local_kv_heads != self.n_local_heads  # SDPA shares each K/V head among its queries
         if mask is None:  # no padding and no cached prefix: plain causal
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=(T > 1))
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=(T > 1), enable_gqa=gqa)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -201,7 +207,7 @@ class TransformerBlock(nn.Module):
 
 
 class Transformer(nn.Module):
-    """LLaMA-v1. Build under `torch.device('meta')` and load with `assign=True` to skip init cost."""
+    """LLaMA. Build under `torch.device('meta')` and load with `assign=True` to skip init cost."""
 
     def __init__(self, args: ModelArgs, model_parallel_size: int = 1):
         super().__init__()
@@ -216,8 +222,8 @@ class Transformer(nn.Module):
         self.output = _linear(args.dim, args.vocab_size, mp, "out")
 
     def new_cache(self, batch: int, length: int, device: torch.device, dtype: torch.dtype) -> KVCache:
-        """Zeroed K/V buffers for `batch` rows of `length` key columns, on this rank's heads."""
-        n_heads = self.args.n_heads // self.model_parallel_size
+        """Zeroed K/V buffers for `batch` rows of `length` key columns, on this rank's key/value heads."""
+        n_heads = self.args.kv_heads // self.model_parallel_size
         shape = (batch, n_heads, length, self.args.head_dim)
         return [(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
                 for _ in self.layers]
@@ -259,7 +265,8 @@ class Transformer(nn.Module):
         if table is None or table.shape[0] < need or table.device != positions.device:
             n = max(need, 2 * (0 if table is None else table.shape[0]), 256)
             with torch.inference_mode(False):  # a normal tensor: the same model may later train
-                table = rope_table(n, self.args.head_dim, positions.device)
+                table = rope_table(n, self.args.head_dim, positions.device, self.args.rope_theta,
+                                   self.args.rope_scaling)
             self._rope_table = table
         return table[positions]
 
