@@ -195,13 +195,18 @@ def release(prep: Prepared) -> None:
         prep.locks.pop().release()
 
 
+def run_dtype(cfg: Config, parallel: ParallelInfo) -> str:
+    """--dtype, else the device's default for the weights as stored (fp16 or bf16 on CUDA, fp32 on CPU)."""
+    return cfg.dtype or DTYPE_NAMES[default_dtype(parallel.device, open_checkpoint(cfg.ckpt_dir).stored_dtype())]
+
+
 def prepare(cfg: Config, pool: Pool) -> Prepared:
     """Process groups, tokenizer and context check; on rank 0 the output's lock, the
     input scan and the plan (a second run on the same output stops there, on every rank)."""
     parallel = setup_parallel(cfg.ckpt_dir, cfg.model_parallel_size)
     tokenizer = load_tokenizer(cfg.tokenizer_path, cfg.ckpt_dir)
     check_context(cfg, pool, tokenizer)
-    dtype = cfg.dtype or DTYPE_NAMES[default_dtype(parallel.device, open_checkpoint(cfg.ckpt_dir).stored_dtype())]
+    dtype = run_dtype(cfg, parallel)
     settings = settings_fingerprint(cfg, pool, dtype)
     locks: list[FileLock] = []
 

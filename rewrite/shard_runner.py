@@ -25,11 +25,11 @@ from common.fileio import atomic_write
 from common.locking import FileLock
 from rewrite.cli_args import Config
 from rewrite.launch import flag_names, setup_parallel, teardown_parallel
-from rewrite.llama import Generator, ParallelInfo, Tokenizer, load_generator
+from rewrite.llama import Generator, ParallelInfo, TokenizerBase, load_generator, load_tokenizer
 from rewrite.output import STAT_KEYS, ShareWriter, add_stats
 from rewrite.prompts import Pool, load_pool, normalize_sample_modes
 from rewrite.runner import (TORCH_DTYPES, WINDOW_BATCHES, _windows, check_context, line_request, log,
-                            rewrite_window, settings_fingerprint)
+                            rewrite_window, run_dtype, settings_fingerprint)
 from rewrite.shard_input import ShardLines, expand_shards, input_fingerprint, shard_stem
 from rewrite.shard_output import (check_run_record, claim, clear_for_overwrite, encode_row, output_path,
                                   part_path, remove_part, write_shard)
@@ -44,7 +44,7 @@ def mode_configs(cfg: Config) -> dict[str, Config]:
 class ShardRun:
     """Everything a group needs, made before the model is loaded."""
     parallel: ParallelInfo
-    tokenizer: Tokenizer
+    tokenizer: TokenizerBase
     shards: list[Path]
     configs: dict[str, Config]  # per mode
     pools: dict[str, Pool]  # per mode
@@ -54,12 +54,12 @@ class ShardRun:
 
 def prepare(cfg: Config) -> ShardRun:
     parallel = setup_parallel(cfg.ckpt_dir, cfg.model_parallel_size)
-    tokenizer = Tokenizer(cfg.tokenizer_path)
+    tokenizer = load_tokenizer(cfg.tokenizer_path, cfg.ckpt_dir)
     configs = mode_configs(cfg)
     pools = {m: load_pool(m, cfg.examples) for m in configs}
     for m in configs:
         check_context(configs[m], pools[m], tokenizer)
-    dtype = cfg.dtype or ("fp16" if parallel.device.type == "cuda" else "fp32")
+    dtype = run_dtype(cfg, parallel)
     first = next(iter(configs))
     settings = {**settings_fingerprint(configs[first], pools[first], dtype), "sample_mode": list(configs),
                 "examples": {m: pools[m].digest() for m in configs}, "text_key": cfg.text_key}
@@ -228,7 +228,7 @@ def run_shards(cfg: Config) -> None:
 
 def write_shard_dry_run(cfg: Config) -> None:
     """OUT/NNNNN.prompts.jsonl per shard: one object per sample and mode, no model loaded."""
-    tokenizer = Tokenizer(cfg.tokenizer_path) if cfg.tokenizer_path else None
+    tokenizer = load_tokenizer(cfg.tokenizer_path, cfg.ckpt_dir) if cfg.tokenizer_path else None
     configs = mode_configs(cfg)
     pools = {m: load_pool(m, cfg.examples) for m in configs}
     cfg.output_filename.mkdir(exist_ok=True)

@@ -157,3 +157,23 @@ def test_bad_shard_flags_name_the_flag(setup, tmp_path, capsys, flags, message):
     assert err.startswith("llama_rewrite.py: error: ") and "Traceback" not in err
     import re
     assert re.search(message, err), err
+
+
+def test_shards_with_a_hugging_face_checkpoint_and_tokenizer_json(setup, tmp_path):
+    """The shard path loads every format the engine does (here a LLaMA-3-style HF folder with a
+    byte-level tokenizer.json, found without --tokenizer_path), as the text-file path does."""
+    from rewrite.llama import load_tokenizer
+    from testkit.hf_llama import byte_bpe_tokenizer_json, llama_config, random_llama, write_hf
+    texts = [sf.caption_of(s, i) for s in range(4) for i in range(5)] + [p for pair in REWRITE_PAIRS for p in pair]
+    bpe = byte_bpe_tokenizer_json(texts + ["write image captions differently, =>"], 300, tmp_path / "bpe")
+    tok = load_tokenizer(str(bpe))
+    hf = write_hf(random_llama(llama_config("llama3", tok.n_words, tok.bos_id, tok.eos_id), seed=3), tmp_path / "hf",
+                  [bpe])
+    flags = {**FLAGS, "ckpt_dir": str(hf), "examples": setup["tiny"]["examples"], "temperature": 0,
+             "prompt_filename": setup["shards"].parquets}
+    llama_rewrite.main(**flags, output_filename=str(tmp_path / "a"))
+    llama_rewrite.main(**{**flags, "max_batch_size": 5}, output_filename=str(tmp_path / "b"))
+    a, b = tables(tmp_path / "a"), tables(tmp_path / "b")
+    assert a == b and len(a) == 4  # greedy: the same rows whatever the batch size
+    rows = [row for shard in a.values() for row in shard]
+    assert all(row["chatgpt"] and row["bard"] for row in rows)
