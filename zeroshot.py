@@ -1,6 +1,6 @@
 """The one zero-shot ImageNet routine, shared by both eval scripts and by train.py.
 
-Protocol (FORMATS.md section 1): per class, L2-normalise each template's text embedding,
+Protocol (docs/formats.md, "CLIP checkpoints"): per class, L2-normalise each template's text embedding,
 average, normalise again; normalise image embeddings; predict the argmax of cosine similarity.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""In-context rewriting prompts (FORMATS.md section 4): example pools, the per-line
+"""In-context rewriting prompts (docs/formats.md, "The rewriting prompt"): example pools, the per-line
 seeded choice of examples, the prompt text, its truncation, and how a rewrite is cut
 from a completion.
 
@@ -27,7 +27,7 @@ UTILS_PY_NAMES = {
     "mscoco": ("coco_caption_list",),
 }
 
-# The template of FORMATS.md section 4; the 12 spaces are part of the format (the
+# The template of docs/formats.md ("The rewriting prompt"); the 12 spaces are part of the format (the
 # original indented a triple-quoted string inside a function).
 PROMPT_INDENT = " " * 12
 PROMPT_HEAD = "write image captions differently,\n\n"

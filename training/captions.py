@@ -1,7 +1,7 @@
 """The caption CSV and its aligned rewrite files, read into compact tables, with a report
 of everything that was not read as written (nothing is dropped or altered silently).
 
-CSV (FORMATS.md section 5): rows `image_path,caption`. A row is a sample when its first
+CSV (docs/formats.md, "Caption files"): rows `image_path,caption`. A row is a sample when its first
 field names an image file (common.images: the released .jpg/.jpeg/.png and .webp, .bmp,
 .tif, ...); other rows (a header, say) are skipped and counted. Rewrite files hold one
 caption per line, line k belonging to sample k.
