@@ -51,8 +51,12 @@ class Config:
     dry_run: bool = _flag(False, "write OUTPUT.prompts.jsonl with the prompts; load no model.")
     overwrite: bool = _flag(False, "discard an earlier partial or finished output and start over.")
     model_parallel_size: Optional[int] = _flag(None, "ranks per model copy (default: the checkpoint's shard count).")
-    dtype: Optional[str] = _flag(None, "fp16, bf16 or fp32 (default: fp16 on CUDA, fp32 on CPU).")
+    dtype: Optional[str] = _flag(None, "fp16, bf16 or fp32 (default: on CUDA bf16 for weights stored in bf16, "
+                                       "else fp16; fp32 on CPU).")
     text_key: Optional[str] = _flag(None, "with shards: the caption field (default: caption for .parquet, txt for .tar).")
+    share_prefixes: bool = _flag(True, "compute the prompt prefixes (header, examples) shared in a batch once; "
+                                       "--noshare_prefixes computes every prompt whole (same texts up to "
+                                       "float rounding).")
 
 
 FLAG_NAMES = tuple(f.name for f in fields(Config))
@@ -236,4 +240,5 @@ def validate(raw: dict[str, Any]) -> Config:
         temperature=temperature, top_p=top_p, prompt_filename=prompt, output_filename=output,
         sample_mode=",".join(modes), examples=_optional_str(c.examples), dry_run=dry_run,
         overwrite=_switch("overwrite", c.overwrite), model_parallel_size=mp,
-        dtype=None if c.dtype is None else DTYPES[str(c.dtype).lower()], text_key=text_key, **numbers)
+        dtype=None if c.dtype is None else DTYPES[str(c.dtype).lower()], text_key=text_key,
+        share_prefixes=_switch("share_prefixes", c.share_prefixes), **numbers)

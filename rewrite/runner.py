@@ -175,10 +175,13 @@ def checkpoint_identity(cfg: Config) -> dict:
 
 
 def settings_fingerprint(cfg: Config, pool: Pool, dtype: str) -> dict:
-    """Every setting that changes the output lines (not batch size: it does not)."""
-    return {"seed": cfg.seed, "sample_mode": cfg.sample_mode, "examples": pool.digest(),
-            "temperature": cfg.temperature, "top_p": cfg.top_p, "max_seq_len": cfg.max_seq_len,
-            "max_gen_len": cfg.max_gen_len, "dtype": dtype, "checkpoint": checkpoint_identity(cfg)}
+    """Every setting that changes the output lines (not batch size: it does not). Prefix sharing
+    changes none in float64 and can flip a near-tied token in fp32/fp16; it is recorded only when
+    switched off, so records written before the switch existed still resume."""
+    settings = {"seed": cfg.seed, "sample_mode": cfg.sample_mode, "examples": pool.digest(),
+                "temperature": cfg.temperature, "top_p": cfg.top_p, "max_seq_len": cfg.max_seq_len,
+                "max_gen_len": cfg.max_gen_len, "dtype": dtype, "checkpoint": checkpoint_identity(cfg)}
+    return settings if cfg.share_prefixes else {**settings, "share_prefixes": False}
 
 
 def take_lock(path: Path, what: str, locks: list[FileLock]) -> None:
@@ -305,7 +308,7 @@ def rewrite_all(cfg: Config, pool: Pool, prep: Prepared) -> None:
     share = open_share(cfg, prep)
     try:
         generator = load_generator(cfg.ckpt_dir, cfg.tokenizer_path, cfg.max_seq_len, cfg.max_batch_size,
-                                   prep.parallel, prep.dtype, prep.tokenizer)
+                                   prep.parallel, prep.dtype, prep.tokenizer, cfg.share_prefixes)
         t0 = time.perf_counter()
         done = rewrite_share(cfg, pool, generator, share, prep.parallel.rank == 0)
     except KeyboardInterrupt:

@@ -217,7 +217,7 @@ def summary(run: ShardRun, cfg: Config, everyone: list, seconds: float, tokens: 
 def run_shards(cfg: Config) -> None:
     run = prepare(cfg)
     generator = load_generator(cfg.ckpt_dir, cfg.tokenizer_path, cfg.max_seq_len, cfg.max_batch_size,
-                               run.parallel, run.dtype, run.tokenizer)
+                               run.parallel, run.dtype, run.tokenizer, cfg.share_prefixes)
     t0 = time.perf_counter()
     mine = run_group(run, cfg, generator)
     seconds = time.perf_counter() - t0

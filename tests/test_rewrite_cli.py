@@ -140,6 +140,29 @@ def test_dtype_flag_reaches_the_engine_and_the_record(tiny, tmp_path, monkeypatc
         rewrite(tiny, src, out, dtype="fp32", temperature=0)
 
 
+def test_noshare_prefixes_reaches_the_engine_and_the_record(tiny, tmp_path, monkeypatch):
+    """--noshare_prefixes prefills every prompt whole; it is recorded (texts may differ from a
+    sharing run by float rounding), while the default leaves the record as before the flag."""
+    seen = []
+    real = runner.load_generator
+
+    def spy(*args, **kwargs):
+        gen = real(*args, **kwargs)
+        seen.append(gen.share_prefixes)
+        return gen
+
+    monkeypatch.setattr(runner, "load_generator", spy)
+    src = write_lines(tmp_path / "src.txt", CAPTIONS)
+    rewrite(tiny, src, tmp_path / "shared.txt")
+    rewrite(tiny, src, tmp_path / "whole.txt", share_prefixes=False)
+    assert seen == [True, False]
+    settings = [json.loads(record_path(tmp_path / f).read_text())["fingerprint"]["settings"]
+                for f in ("shared.txt", "whole.txt")]
+    assert "share_prefixes" not in settings[0] and settings[1]["share_prefixes"] is False
+    with pytest.raises(ValueError, match="settings.share_prefixes: False -> None"):
+        rewrite(tiny, src, tmp_path / "whole.txt")
+
+
 def test_existing_output_without_record_is_not_clobbered(tiny, tmp_path):
     src = write_lines(tmp_path / "src.txt", CAPTIONS[:3])
     out = tmp_path / "out.txt"

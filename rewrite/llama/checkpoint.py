@@ -110,10 +110,10 @@ def load_model(ckpt_dir: str, tokenizer: TokenizerBase, parallel: ParallelInfo,
 
 def load_generator(ckpt_dir: str, tokenizer_path: Optional[str], max_seq_len: int, max_batch_size: int,
                    parallel: ParallelInfo, dtype: Optional[torch.dtype] = None,
-                   tokenizer: Optional[TokenizerBase] = None) -> Generator:
+                   tokenizer: Optional[TokenizerBase] = None, share_prefixes: bool = True) -> Generator:
     """Tokenizer + this rank's model, ready to generate. tokenizer_path: tokenizer.model or
     tokenizer.json; None: the one the checkpoint folder comes with (find_tokenizer).
-    tokenizer: already loaded (the CLI has it from its prompt checks)."""
+    tokenizer: already loaded (the CLI has it from its prompt checks). share_prefixes: see Generator."""
     if max_seq_len < 2:
         raise ValueError(f"max_seq_len must be at least 2, got {max_seq_len}")
     if max_batch_size < 1:
@@ -122,7 +122,7 @@ def load_generator(ckpt_dir: str, tokenizer_path: Optional[str], max_seq_len: in
     if tokenizer is None:
         tokenizer = load_tokenizer(tokenizer_path or _found_tokenizer(ckpt_dir), ckpt_dir)
     model = load_model(ckpt_dir, tokenizer, parallel, dtype)
-    return Generator(model, tokenizer, max_seq_len, max_batch_size, parallel)
+    return Generator(model, tokenizer, max_seq_len, max_batch_size, parallel, share_prefixes=share_prefixes)
 
 
 def _found_tokenizer(ckpt_dir: str) -> str:
