@@ -29,17 +29,34 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 import models
-from common.distributed import (DistInfo, all_reduce_min_max, barrier, cleanup_distributed, init_distributed_mode,
-                                launched_as_rank0, on_rank0)
+from common.distributed import (
+    DistInfo,
+    all_reduce_min_max,
+    barrier,
+    cleanup_distributed,
+    init_distributed_mode,
+    launched_as_rank0,
+    on_rank0,
+)
 from common.locking import FileLock
 from evaluation.periodic import add_benchmark_args, check_benchmark_args, run_benchmarks
+from imagenet_data import imagenet_val, not_evaluated_note
+from imagenet_templates import SIMPLE_TEMPLATES
+from tokenizer import SimpleTokenizer
 from training import checkpoint as ckpt_io
-from training.output_dir import claim
 from training.data import CaptionImageDataset, EpochSampler, check_root, sample_seed, train_transform
 from training.engine import CosineSchedule, Trainer, build_optimizer, train_one_epoch
+from training.output_dir import claim
 from training.wds import ShardLoader
-from training.wds_loader import (build_webdataset_loader, check_not_webdataset_flags, check_webdataset_args,
-                                 data_state, dataset_type, restore_positions)
+from training.wds_loader import (
+    build_webdataset_loader,
+    check_not_webdataset_flags,
+    check_webdataset_args,
+    data_state,
+    dataset_type,
+    restore_positions,
+)
+from zeroshot import evaluate_imagenet
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -138,7 +155,6 @@ def validate_args(args: argparse.Namespace) -> None:
     if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
         raise ValueError(f"--output-dir {args.output_dir!r} exists and is not a folder")
     if args.imagenet_root:
-        from imagenet_data import imagenet_val, not_evaluated_note  # checks val/<wnid>/ now, not after an epoch
         note = not_evaluated_note(imagenet_val(args.imagenet_root, transform=None)[0])
         if note and launched_as_rank0():
             print(f"=> {note}")
@@ -213,8 +229,6 @@ def zero_shot(args, raw_model, tokenizer, info: DistInfo, amp: bool) -> dict | N
     """
     result = None
     if args.imagenet_root and info.rank == 0:
-        from imagenet_templates import SIMPLE_TEMPLATES
-        from zeroshot import evaluate_imagenet
         try:
             result = evaluate_imagenet(raw_model, tokenizer, args.imagenet_root, SIMPLE_TEMPLATES,
                                        args.eval_batch_size, args.workers, info.device, amp=amp,
@@ -318,7 +332,6 @@ def wrap_ddp(model: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
 
 
 def run(args: argparse.Namespace, info: DistInfo) -> list[dict]:
-    from tokenizer import SimpleTokenizer
     is_main = info.rank == 0
     torch.backends.cudnn.benchmark = True  # fixed 224x224 inputs: pick the fastest conv once
     tokenizer = SimpleTokenizer()

@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass
 from functools import cache
 
-from imagenet_templates import OPENAI_TEMPLATES, SIMPLE_TEMPLATES
+from imagenet_templates import IMAGENET_CLASSNAMES, OPENAI_TEMPLATES, SIMPLE_TEMPLATES
 
 TOP1 = "acc1"
 MEAN_PER_CLASS = "mean_per_class_recall"
@@ -112,7 +112,6 @@ def _published() -> dict:
 def published_classnames(name: str) -> list[str]:
     """CLIP's class names for ``name`` (label order of the dataset's own release)."""
     if name == "imagenet1k":
-        from imagenet_templates import IMAGENET_CLASSNAMES
         return list(IMAGENET_CLASSNAMES)
     return list(_published()[name]["classnames"])
 

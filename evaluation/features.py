@@ -20,8 +20,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from evaluation.readers import SplitData
 from common.fileio import atomic_write
+from evaluation.readers import SplitData
 from zeroshot import autocast, make_loader
 
 CACHE_VERSION = 1

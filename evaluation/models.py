@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 
 import models
+from tokenizer import SimpleTokenizer
+from zeroshot import eval_transform
 
 PRESET, OPEN_CLIP = "preset", "open_clip"
 
@@ -146,8 +148,6 @@ def load_for_eval(name: str, ckpt_path: str, quickgelu: bool, device: torch.devi
                   flag: str = "--pretrained", trust: bool = False) -> EvalModel:
     """A preset name loads this project's CLIP, anything else an open_clip model."""
     if name in models.PRESETS:
-        from tokenizer import SimpleTokenizer
-        from zeroshot import eval_transform
         if quickgelu:
             raise ValueError(f"--quickgelu is for open_clip models; {name} always uses QuickGELU")
         model = load_preset(name, ckpt_path, device, flag, trust)

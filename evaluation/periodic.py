@@ -12,6 +12,13 @@ from __future__ import annotations
 
 import argparse
 
+from evaluation.catalog import RETRIEVAL, get_spec
+from evaluation.features import FeatureCache, RunOptions
+from evaluation.models import PRESET, EvalModel
+from evaluation.runner import RETRIEVE, Settings, plan, run
+from evaluation.tasks import ClassifierCache
+from zeroshot import eval_transform
+
 
 def add_benchmark_args(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
@@ -35,9 +42,6 @@ def _pairs(args: argparse.Namespace) -> list[tuple[str, str]]:
 
 def plan_jobs(args: argparse.Namespace) -> list:
     """(dataset, task) jobs: every task on the datasets it applies to; layouts are checked here."""
-    from evaluation.catalog import RETRIEVAL, get_spec
-    from evaluation.models import PRESET
-    from evaluation.runner import RETRIEVE, Settings, plan
     jobs = []
     for name, root in _pairs(args):
         kind = get_spec(name).kind
@@ -65,11 +69,6 @@ def run_benchmarks(args: argparse.Namespace, model, tokenizer, rank: int, device
     due = (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs
     if not args.eval_benchmark or not due or rank != 0:
         return None
-    from evaluation.features import FeatureCache, RunOptions
-    from evaluation.models import PRESET, EvalModel
-    from evaluation.runner import Settings, run
-    from evaluation.tasks import ClassifierCache
-    from zeroshot import eval_transform
     em = EvalModel(model, tokenizer, eval_transform(), args.model, None, PRESET)
     opts = RunOptions(args.eval_batch_size, args.workers, device, amp, skip_bad_images=True, progress=False)
     cache, classifiers, out = FeatureCache(None), ClassifierCache(em, opts), {}

@@ -4,14 +4,16 @@ datasets, ImageNet apart) gathered from many result files.
 """
 from __future__ import annotations
 
+import csv
 import glob
+import io
 import json
 import os
 import string
 from dataclasses import dataclass
 
-from evaluation.catalog import CATALOG, DOWNSTREAM, MEAN_PER_CLASS
 from common.fileio import atomic_write
+from evaluation.catalog import CATALOG, DOWNSTREAM, MEAN_PER_CLASS
 
 OUTPUT_FIELDS = {"dataset", "pretrained", "pretrained_full_path", "model", "language", "task"}
 
@@ -157,8 +159,6 @@ def render_markdown(tables: dict) -> str:
 
 
 def render_csv(tables: dict) -> str:
-    import csv
-    import io
     buf = io.StringIO()
     writer = csv.writer(buf)
     for name, (header, _, body) in tables.items():

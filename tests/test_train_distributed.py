@@ -99,19 +99,26 @@ def test_torchrun_two_processes_match_one(tmp_path):
 
 
 @pytest.mark.slow
-def test_torchrun_on_a_locked_output_dir_stops_every_rank(tmp_path):
+def test_two_ranks_on_a_locked_output_dir_both_stop(tmp_path):
     """Rank 0 holds --output-dir's lock; when it is taken, rank 1 learns of the refusal too
-    (through the process group) instead of waiting for rank 0 at the first collective."""
+    (through the process group) instead of waiting for rank 0 at the first collective. The two
+    ranks are started by hand, not by torchrun, whose agent would kill rank 1 as soon as rank 0
+    exits and so hide whether rank 1 knew."""
     from common.locking import FileLock
+    from testkit.net import free_port
     from training.output_dir import lock_target
     data = make_train_data(tmp_path, n=8)
     out = tmp_path / "out"
     out.mkdir()
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "train.py", *train_argv(data, out, "--batch-size", "2")]
+    cmd = [sys.executable, "train.py", *train_argv(data, out, "--batch-size", "2")]
+    base = {**clean_dist_env(), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+            "OMP_NUM_THREADS": "1"}
     with FileLock(lock_target(str(out)), "a first run"):
-        proc = subprocess.run(cmd, cwd=REPO, env=clean_dist_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode != 0
-    refusals = [line for line in proc.stderr.splitlines() if line.startswith("error: --output-dir")]
-    assert len(refusals) == 2 and all(f"in use by process {os.getpid()}" in line for line in refusals), proc.stderr
+        procs = [subprocess.Popen(cmd, cwd=REPO, env={**base, "RANK": str(r), "LOCAL_RANK": str(r)},
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+        results = [p.communicate(timeout=300) for p in procs]
+    for rank, (p, (_, err)) in enumerate(zip(procs, results)):
+        assert p.returncode != 0, rank
+        refusals = [line for line in err.splitlines() if line.startswith("error: --output-dir")]
+        assert len(refusals) == 1 and f"in use by process {os.getpid()}" in refusals[0], (rank, err[-2000:])
     assert os.listdir(out) == []
