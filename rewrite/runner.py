@@ -96,7 +96,7 @@ def write_dry_run(cfg: Config, pool: Pool) -> Path:
 
 
 # ---------------------------------------------------------------- one window of lines
-def _windows(items: Iterable[T], size: int) -> Iterable[list[T]]:
+def windows(items: Iterable[T], size: int) -> Iterable[list[T]]:
     window: list[T] = []
     for item in items:
         window.append(item)
@@ -260,7 +260,7 @@ def rewrite_share(cfg: Config, pool: Pool, generator: Generator, share: Share, s
     warned = 0
     with tqdm(total=share.end - share.start, initial=share.next_line - share.start, unit="line",
               disable=not show_bar, dynamic_ncols=True) as bar:  # closed before any message of an error
-        for window in _windows(lines, WINDOW_BATCHES * cfg.max_batch_size):
+        for window in windows(lines, WINDOW_BATCHES * cfg.max_batch_size):
             out, stats = rewrite_window(cfg, pool, generator, window)
             if share.writer is not None:
                 for line in window:

@@ -28,7 +28,7 @@ from rewrite.launch import flag_names, setup_parallel, teardown_parallel
 from rewrite.llama import Generator, ParallelInfo, TokenizerBase, load_generator, load_tokenizer
 from rewrite.output import STAT_KEYS, ShareWriter, add_stats
 from rewrite.prompts import Pool, load_pool, normalize_sample_modes
-from rewrite.runner import (TORCH_DTYPES, WINDOW_BATCHES, _windows, check_context, line_request, log,
+from rewrite.runner import (TORCH_DTYPES, WINDOW_BATCHES, windows, check_context, line_request, log,
                             rewrite_window, run_dtype, settings_fingerprint)
 from rewrite.shard_input import ShardLines, expand_shards, input_fingerprint, shard_stem
 from rewrite.shard_output import (check_run_record, claim, clear_for_overwrite, encode_row, output_path,
@@ -128,7 +128,7 @@ def rewrite_shard(run: ShardRun, cfg: Config, generator: Generator, task: Task) 
     path = run.shards[task.index]
     reader = ShardLines(path, cfg.text_key)
     done = 0
-    for window in _windows(reader.read(task.start), WINDOW_BATCHES * cfg.max_batch_size):
+    for window in windows(reader.read(task.start), WINDOW_BATCHES * cfg.max_batch_size):
         per_mode, stats = {}, []
         for mode, mode_cfg in run.configs.items():
             per_mode[mode], st = rewrite_window(mode_cfg, run.pools[mode], generator, window)
