@@ -10,6 +10,7 @@ from __future__ import annotations
 import codecs
 import os
 import pickle
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -62,12 +63,20 @@ def _field(batch: dict, key: str, path: str):
     return batch[key]
 
 
+class ArraySplit(NamedTuple):
+    """A split whose images are arrays in the release's files (CIFAR, STL-10)."""
+    images: np.ndarray  # [N, H, W, 3] uint8
+    labels: list[int]
+    classes: list[str]  # the release's class keys, in label order
+    sources: list[str]  # the files read (the feature cache's key)
+
+
 def _names(values) -> list[str]:
     return [v.decode("latin1") if isinstance(v, bytes) else str(v) for v in values]
 
 
-def read_cifar(root: str, split: str, classes: int) -> tuple[np.ndarray, list[int], list[str], list[str]]:
-    """(images [N,32,32,3] uint8, labels, class keys, files read) as torchvision's CIFAR10/100."""
+def read_cifar(root: str, split: str, classes: int) -> ArraySplit:
+    """The split as torchvision's CIFAR10/100 reads it (images [N,32,32,3])."""
     if classes == 10:
         folder, meta, names_key, labels_key = "cifar-10-batches-py", "batches.meta", "label_names", "labels"
         files = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
@@ -85,10 +94,10 @@ def read_cifar(root: str, split: str, classes: int) -> tuple[np.ndarray, list[in
     images = np.ascontiguousarray(np.concatenate(data).transpose(0, 2, 3, 1))
     if len(images) != len(labels):
         raise ArrayFileError(f"{paths[0]!r}: {len(images)} images but {len(labels)} labels")
-    return images, labels, names, paths + [meta_path]
+    return ArraySplit(images, labels, names, paths + [meta_path])
 
 
-def read_stl10(root: str, split: str) -> tuple[np.ndarray, list[int], list[str], list[str]]:
+def read_stl10(root: str, split: str) -> ArraySplit:
     """STL-10's binary release as torchvision reads it: 96x96 images stored column-major, labels 1..10."""
     folder = os.path.join(root, "stl10_binary")
     x_path, y_path = os.path.join(folder, f"{split}_X.bin"), os.path.join(folder, f"{split}_y.bin")
@@ -105,7 +114,7 @@ def read_stl10(root: str, split: str) -> tuple[np.ndarray, list[int], list[str],
         raise ArrayFileError(f"{y_path!r} has {len(labels)} labels for {len(images)} images in {x_path!r}")
     with open(names_path, encoding="utf-8") as f:
         names = [line.strip() for line in f if line.strip()]
-    return images, labels, names, [x_path, y_path, names_path]
+    return ArraySplit(images, labels, names, [x_path, y_path, names_path])
 
 
 class ArrayImages(Dataset):

@@ -160,10 +160,10 @@ def _flowers(root: str, split: str) -> Listing:
 
 def _arrays(read: Callable, root: str, split: str) -> Listing:
     try:
-        images, labels, classes, sources = read(root, split)
+        got = read(root, split)
     except arrays.ArrayFileError as err:
         raise LayoutError(f"--dataset_root: {err}") from err
-    return Listing(labels, images=images, classes=classes, sources=sources)
+    return Listing(got.labels, images=got.images, classes=got.classes, sources=got.sources)
 
 
 def _pets(root: str, split: str) -> Listing:

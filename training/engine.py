@@ -5,13 +5,14 @@ import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
 from common.distributed import all_reduce_sum
+
 from .loss import LOGIT_SCALE_MAX, clip_loss, multi_text_loss
 
 
@@ -89,8 +90,15 @@ def batch_counts(counts) -> dict[str, int]:
     return {k: int(v.sum()) for k, v in counts.items()}
 
 
-def micro_step(tr: Trainer, batch, sync: bool, step: int) -> tuple[float, float, int, dict[str, int]]:
-    """Forward + backward of one micro-batch; returns (loss, acc, batch size, skipped-input counts).
+class MicroStep(NamedTuple):
+    loss: float
+    acc: float  # in-batch image->text accuracy, percent
+    samples: int  # rows of the micro-batch
+    skipped: dict[str, int]  # inputs skipped to make it, by kind (skipped_images, ...)
+
+
+def micro_step(tr: Trainer, batch, sync: bool, step: int) -> MicroStep:
+    """Forward + backward of one micro-batch.
     tokens [b, 77], or [b, T, 77] for LaCLIP-MT (each image with its T texts)."""
     images, tokens, counts = batch
     images = images.to(tr.device, non_blocking=True)  # [b, 3, 224, 224]
@@ -116,7 +124,7 @@ def micro_step(tr: Trainer, batch, sync: bool, step: int) -> tuple[float, float,
                 f"loss is {loss_value} at optimizer step {step}; stopping. Lower --lr, try "
                 f"--amp-dtype bf16 or --disable-amp, or resume from the last checkpoint.")
         tr.scaler.scale(loss / tr.update_freq).backward()
-    return loss_value, metrics["clip_acc"].item(), rows, batch_counts(counts)
+    return MicroStep(loss_value, metrics["clip_acc"].item(), rows, batch_counts(counts))
 
 
 def optimizer_step(tr: Trainer) -> None:
@@ -147,15 +155,15 @@ def train_one_epoch(tr: Trainer, epoch: int) -> dict[str, float]:
             for group in tr.optimizer.param_groups:
                 group["lr"] = tr.schedule(step)
         last = sub == tr.update_freq - 1
-        loss, acc, n, skipped = micro_step(tr, next(batches), last, step)
-        for key, value in (("loss", loss * n), ("acc", acc * n), ("samples", n)):
+        ms = micro_step(tr, next(batches), last, step)
+        for key, value in (("loss", ms.loss * ms.samples), ("acc", ms.acc * ms.samples), ("samples", ms.samples)):
             sums[key] += value
-        for key, value in skipped.items():
+        for key, value in ms.skipped.items():
             counts[key] = counts.get(key, 0) + value
         if not last:
             continue
         optimizer_step(tr)
-        _report(tr, bar, step, local_step, loss, acc, sums["samples"], start)
+        _report(tr, bar, step, local_step, ms.loss, ms.acc, sums["samples"], start)
     bar.close()
     return _epoch_stats(tr, sums, counts, time.time() - start)
 
