@@ -193,6 +193,8 @@ def _tokenizer_path(c: Config, dry_run: bool) -> Optional[str]:
             raise ValueError(f"--{flag} needs a path")
     if not dry_run and c.ckpt_dir is None:
         raise ValueError("--ckpt_dir is required (the LLaMA weights folder), except with --dry_run")
+    if not dry_run and not Path(str(c.ckpt_dir)).is_dir():
+        raise ValueError(f"--ckpt_dir: {c.ckpt_dir} is not a directory")
     if _given(c.tokenizer_path) or c.ckpt_dir is None:
         return _optional_str(c.tokenizer_path)
     found = find_tokenizer(str(c.ckpt_dir)) if Path(str(c.ckpt_dir)).is_dir() else None

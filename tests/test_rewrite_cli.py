@@ -214,6 +214,7 @@ def test_readme_paths_from_rewrite_dir_and_repo_root(tmp_path, monkeypatch):
     ({"sample_mode": "gpt4"}, "choose one of: chatgpt, bard, mscoco, human"),
     ({"ckpt_dir": None}, "--ckpt_dir is required"),
     ({"ckpt_dir": "/no/such/dir"}, "--ckpt_dir: /no/such/dir is not a directory"),
+    ({"ckpt_dir": "/no/such/dir", "tokenizer_path": None}, "--ckpt_dir: /no/such/dir is not a directory"),
     ({"tokenizer_path": "/no/tokenizer.model"}, "--tokenizer_path: no tokenizer at /no/tokenizer.model"),
     ({"prompt_filename": "/no/src.txt"}, "--prompt_filename /no/src.txt: file not found"),
     ({"prompt_filename": "EMPTY"}, "--prompt_filename .*empty.txt: the file is empty"),
