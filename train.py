@@ -296,6 +296,7 @@ class Setup:
     scaler: torch.amp.GradScaler
     start_epoch: int
     best_acc1: float | None
+    resumed: ckpt_io.Resumed | None  # None for a fresh run
 
 
 def setup(args: argparse.Namespace, info: DistInfo) -> Setup:
@@ -304,7 +305,7 @@ def setup(args: argparse.Namespace, info: DistInfo) -> Setup:
     model = models.get_model(args.model).to(info.device)
     optimizer = build_optimizer(model, args.lr, args.wd, tuple(args.betas), args.eps)
     amp_dtype, scaler = precision(args, info.device)
-    start_epoch, best_acc1 = args.start_epoch, None
+    start_epoch, best_acc1, resumed = args.start_epoch, None, None
     path = ckpt_io.resume_path(args.resume, args.output_dir)
     if info.rank == 0:
         warn_resume_over_latest(args.resume, args.output_dir)
@@ -315,14 +316,15 @@ def setup(args: argparse.Namespace, info: DistInfo) -> Setup:
                 print(f"=> note: {note}")
 
     if path:
-        start_epoch, best_acc1 = ckpt_io.load_training_state(path, model, args.model, optimizer, scaler,
-                                                             trust=args.trust_checkpoint, check=check)
+        resumed = ckpt_io.load_training_state(path, model, args.model, optimizer, scaler,
+                                              trust=args.trust_checkpoint, check=check)
+        start_epoch, best_acc1 = resumed.epoch, resumed.best_acc1
         print(f"=> rank {info.rank}: resumed from {path!r} after epoch {start_epoch} (best_acc1 {best_acc1})")
     low, high = all_reduce_min_max(start_epoch, info.device)
     if low != high:
         raise RuntimeError(f"ranks disagree on the start epoch ({low:g} vs {high:g}): --output-dir "
                            f"{args.output_dir!r} must be on a filesystem every node can read")
-    return Setup(model, optimizer, amp_dtype, scaler, start_epoch, best_acc1)
+    return Setup(model, optimizer, amp_dtype, scaler, start_epoch, best_acc1, resumed)
 
 
 def wrap_ddp(model: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
@@ -343,7 +345,7 @@ def run(args: argparse.Namespace, info: DistInfo) -> list[dict]:
     st = setup(args, info)
     shards = loader if isinstance(loader, ShardLoader) else None
     if shards is not None:
-        restore_positions(shards, ckpt_io.resume_path(args.resume, args.output_dir), info, args.trust_checkpoint)
+        restore_positions(shards, st.resumed, info)
     steps = steps_per_epoch(args, loader, info)
     schedule = CosineSchedule(args.lr, args.lr_end, args.lr_start, args.epochs * steps,
                               args.warmup_epochs * steps)

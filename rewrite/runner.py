@@ -48,6 +48,11 @@ class LineRequest:
     truncated: bool
     seed: int  # the line's sampling seed
 
+    def dry_run_fields(self) -> dict:
+        """The request as the dry run's JSON shows it (docs/formats.md, "Dry-run prompts")."""
+        return {"prompt": self.text, "truncated": self.truncated, "seed": self.seed, "examples": self.examples,
+                "prompt_tokens": None if self.tokens is None else len(self.tokens)}
+
 
 def line_request(cfg: Config, pool: Pool, tokenizer: Optional[TokenizerLike], i: int | str,
                  caption: str) -> LineRequest:
@@ -84,9 +89,7 @@ def write_dry_run(cfg: Config, pool: Pool) -> Path:
                 row = {"line": line.index, "caption": line.text, "undecodable": line.undecodable, "prompt": None,
                        "prompt_tokens": None, "truncated": False, "seed": None, "examples": None}
                 if line.text.strip():
-                    req = line_request(cfg, pool, tokenizer, line.index, line.text)
-                    row.update(prompt=req.text, truncated=req.truncated, seed=req.seed, examples=req.examples,
-                               prompt_tokens=None if req.tokens is None else len(req.tokens))
+                    row.update(line_request(cfg, pool, tokenizer, line.index, line.text).dry_run_fields())
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
     atomic_write(out, write)

@@ -242,8 +242,7 @@ def write_shard_dry_run(cfg: Config) -> None:
                         row = {"key": line.index, "caption": line.text, "mode": mode, "prompt": None}
                         if line.text.strip():
                             req = line_request(mode_cfg, pools[mode], tokenizer, line.index, line.text)
-                            row.update(prompt=req.text, truncated=req.truncated, seed=req.seed, examples=req.examples,
-                                       prompt_tokens=None if req.tokens is None else len(req.tokens))
+                            row.update(req.dry_run_fields())
                         f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
         atomic_write(out, write)

@@ -17,7 +17,7 @@ import argparse
 import os
 import shutil
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -141,11 +141,18 @@ def check_resume_settings(ckpt: Mapping, args: argparse.Namespace, world_size: i
     return notes + ([f"resuming {path!r} with {', '.join(harmless)}"] if harmless else [])
 
 
+class Resumed(NamedTuple):
+    """What a checkpoint gives a resumed run besides the weights and optimizer state."""
+    epoch: int  # epochs completed
+    best_acc1: float | None
+    data_state: dict | None  # where webdataset shard passes continue (training/wds.py), if saved
+
+
 def load_training_state(path: str, model: nn.Module, model_name: str,
                         optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                         flag: str = "--resume", trust: bool = False,
-                        check: Callable[[Mapping], None] | None = None) -> tuple[int, float | None]:
-    """Restore model (strict), optimizer and scaler; returns (epochs completed, best_acc1).
+                        check: Callable[[Mapping], None] | None = None) -> Resumed:
+    """Restore model (strict), optimizer and scaler; the file is read once.
 
     Also accepts a released checkpoint (args pickled as a Namespace) or a bare state
     dict: missing optimizer/scaler/epoch entries are left at their fresh values.
@@ -168,7 +175,7 @@ def load_training_state(path: str, model: nn.Module, model_name: str,
         scaler.load_state_dict(ckpt["scaler"])
     best = ckpt.get("best_acc1")
     # float(): another script may have stored a 0-d tensor, which json.dumps rejects.
-    return int(ckpt.get("epoch", 0)), None if best is None else float(best)
+    return Resumed(int(ckpt.get("epoch", 0)), None if best is None else float(best), ckpt.get("data_state"))
 
 
 def check_optimizer_state(optimizer: torch.optim.Optimizer, path: str, flag: str) -> None:

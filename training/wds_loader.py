@@ -11,8 +11,8 @@ from typing import Optional
 import braceexpand
 from torch.utils.data import DataLoader
 
-import models
 from common.distributed import DistInfo, on_every_rank
+from training.checkpoint import Resumed
 from training.data import train_transform
 from training.shard_rewrites import open_rewrite_source
 from training.wds import ShardLoader, ShardStream, StreamSpec
@@ -89,12 +89,10 @@ def data_state(loader: ShardLoader, info: DistInfo) -> dict:
     return loader.state(info.world_size, on_every_rank(loader.next_starts, info.world_size))
 
 
-def restore_positions(loader: ShardLoader, path: Optional[str], info: DistInfo, trust: bool = False) -> None:
-    """Continue the shard passes where the checkpoint at `path` stopped (weights are not read).
-    trust: --trust-checkpoint, as for the weights of the same file."""
-    if path is None:
+def restore_positions(loader: ShardLoader, resumed: Optional[Resumed], info: DistInfo) -> None:
+    """Continue the shard passes where the resumed checkpoint stopped (nothing for a fresh run)."""
+    if resumed is None:
         return
-    state = models.read_checkpoint(path, "--resume", mmap=True, trust=trust).get("data_state")
-    note = loader.restore(state, info.rank, info.world_size)
+    note = loader.restore(resumed.data_state, info.rank, info.world_size)
     if note and info.rank == 0:
         print(f"=> note: {note}")

@@ -19,6 +19,7 @@ from typing import Callable, Optional
 import torch
 
 from .errors import CheckpointError
+from .meta import load_shard
 from .model import ModelArgs
 from .rope import RopeScaling, interleave_heads
 
@@ -119,19 +120,6 @@ def weight_files(ckpt_dir: Path) -> tuple[list[Path], dict[str, Path]]:
                           "with model.safetensors.index.json, or pytorch_model*.bin)")
 
 
-def _open_bin(path: Path) -> dict[str, torch.Tensor]:
-    """A pytorch_model*.bin file: tensors only (weights_only), memory-mapped where the file is in
-    torch's zip format (every save since torch 1.6); older files are read whole."""
-    try:
-        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except Exception:  # noqa: BLE001  (the legacy format cannot be memory-mapped: read it whole)
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:
-            raise CheckpointError(f"cannot read {path} (not a torch.save file of tensors, or truncated by "
-                                  f"an interrupted copy): {err}") from err
-
-
 class HFWeights:
     """The tensors of a Hugging Face folder under the model's names, read as (slices of) full
     tensors; q/k rows come out in Meta's rotary layout."""
@@ -161,7 +149,7 @@ class HFWeights:
                     raise CheckpointError(f"cannot read {path} (not a safetensors file, or truncated): {err}") \
                         from err
             else:
-                self._handles[path] = _open_bin(path)
+                self._handles[path] = load_shard(path)
         return self._handles[path]
 
     def _tensor_shapes(self, path: Path) -> dict[str, torch.Size]:

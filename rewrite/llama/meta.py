@@ -74,14 +74,17 @@ def shard_paths(ckpt_dir: str) -> list[Path]:
 
 
 def load_shard(path: Path) -> dict[str, torch.Tensor]:
-    """A shard, memory-mapped: only the pages this rank touches are read. Tensors only
-    (weights_only): a shard is never allowed to run code. Every LLaMA file is in torch's
-    zip format (the default since torch 1.6, years before LLaMA), which mmap needs."""
+    """A torch.save file of weights (a Meta shard, a pytorch_model*.bin): tensors only
+    (weights_only, so a file is never allowed to run code), memory-mapped so only the pages this
+    rank touches are read. A file in torch's pre-1.6 format cannot be mapped and is read whole."""
     try:
         return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except Exception as err:
-        raise CheckpointError(f"cannot read shard {path} (not a torch.save file of tensors, or truncated "
-                              f"by an interrupted copy): {err}") from err
+    except Exception:  # noqa: BLE001  (the legacy format cannot be memory-mapped: read it whole)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:
+            raise CheckpointError(f"cannot read shard {path} (not a torch.save file of tensors, or "
+                                  f"truncated by an interrupted copy): {err}") from err
 
 
 class MetaWeights:
