@@ -44,8 +44,9 @@ from imagenet_data import imagenet_val, not_evaluated_note
 from imagenet_templates import SIMPLE_TEMPLATES
 from tokenizer import SimpleTokenizer
 from training import checkpoint as ckpt_io
-from training.data import CaptionImageDataset, EpochSampler, check_root, sample_seed, train_transform
-from training.engine import CosineSchedule, Trainer, build_optimizer, train_one_epoch
+from training import interop
+from training.data import CaptionImageDataset, EpochSampler, check_root, sample_seed
+from training.engine import CosineSchedule, Trainer, train_one_epoch
 from training.output_dir import claim
 from training.wds import ShardLoader
 from training.wds_loader import (
@@ -66,6 +67,9 @@ def get_args_parser() -> argparse.ArgumentParser:
         "webdataset shards as a brace pattern, 'laion/{00000..41407}.tar'")
     add("--root", default="./data/", help="folder the CSV's image paths are relative to")
     add("--aug-text", action="store_true", help="LaCLIP: pick among original + rewritten captions")
+    add("--aug-text-weights", type=float, nargs="+", default=None, metavar="W",
+        help="--aug-text: probability of the original caption, then of each rewrite source (normalised; "
+             "default uniform, as the paper)")
     add("--augmented_caption_filelist", "--augmented-caption-filelist", nargs="+", default=[],
         metavar="FILE", help="rewrite files, one caption per line aligned with the CSV's samples")
     # webdataset shards (open_clip's spelling) and LaCLIP-MT
@@ -81,7 +85,8 @@ def get_args_parser() -> argparse.ArgumentParser:
         "the loss averaged over the texts (needs --aug-text)")
     add("--imagenet-root", default=None, help="ImageNet folder with val/<wnid>/: zero-shot top-1 after each epoch")
     add("--output-dir", default="./output", help="checkpoints, log.txt and TensorBoard logs go here")
-    add("--model", default="CLIP_VITB16", help=f"one of {', '.join(models.PRESETS)}")
+    add("--model", default="CLIP_VITB16", help=f"a LaCLIP preset ({', '.join(models.PRESETS)}), an open_clip "
+        "model name (ViT-B-32, ViT-B-16, ViT-L-14, RN50, ...) or an open_clip model config JSON file")
     add("--resume", default="", help="checkpoint to resume from (default: <output-dir>/checkpoint.pt if present)")
     add("--resume-override", action="store_true",
         help="resume although flags that decide the training (batch size, lr schedule, epochs, seed, data, ...) "
@@ -90,13 +95,13 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="fully unpickle the --resume file (it can then run code); needed only for files that pickle "
              "objects beyond tensors, plain values and argparse.Namespace")
     add("--epochs", type=int, default=25)
-    add("--warmup-epochs", type=int, default=1)
+    add("--warmup-epochs", type=int, default=None, help="warmup in epochs (default 1; or --warmup STEPS)")
     add("--start-epoch", type=int, default=0, help="first epoch of a fresh run (a resume uses the checkpoint's)")
     add("--batch-size", type=int, default=64, help="samples per process per micro-batch")
     add("--lr", type=float, default=3e-3, help="peak learning rate")
     add("--lr-start", type=float, default=1e-6, help="learning rate at the first warmup step")
     add("--lr-end", type=float, default=1e-5, help="learning rate at the end of the cosine decay")
-    add("--update-freq", type=int, default=1, help="micro-batches per optimizer step (gradient accumulation)")
+    add("--update-freq", "--accum-freq", type=int, default=1, help="micro-batches per optimizer step (gradient accumulation)")
     add("--wd", type=float, default=0.1, help="AdamW weight decay (not on biases, norms, 1-D tensors)")
     add("--betas", type=float, nargs=2, default=(0.9, 0.98))
     add("--eps", type=float, default=1e-8)
@@ -113,6 +118,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--dist-timeout", type=float, default=60.0, help="minutes a collective may wait (zero-shot eval runs on rank 0 alone)")
     add("--local_rank", "--local-rank", type=int, default=0, help=argparse.SUPPRESS)  # torch.distributed.launch
     add_benchmark_args(p)  # --eval-benchmark DATASET=ROOT ... --eval-tasks --eval-every
+    interop.add_interop_args(p)  # open_clip models and open_clip_train's spellings
     return p
 
 
@@ -124,6 +130,7 @@ def _positive(args: argparse.Namespace, **minimums: int) -> None:
 
 
 def check_csv_args(args: argparse.Namespace) -> None:
+    interop.check_text_weights(args, len(args.augmented_caption_filelist) if args.aug_text else 0)
     if not args.train_data or not os.path.isfile(args.train_data):
         raise ValueError(f"--train-data: caption CSV {args.train_data!r} does not exist")
     check_not_webdataset_flags(args)
@@ -138,17 +145,18 @@ def check_csv_args(args: argparse.Namespace) -> None:
 
 def validate_args(args: argparse.Namespace) -> None:
     """Every check that needs no model: errors name the flag and the file."""
+    interop.check_interop_args(args)  # first: it resolves --precision and --warmup
     if dataset_type(args) == "webdataset":
-        check_webdataset_args(args)
+        spec = check_webdataset_args(args)
+        interop.check_text_weights(args, spec.rewrites.slots if spec.rewrites else 0)
     else:
         check_csv_args(args)
     if args.multi_text and not args.aug_text:
         raise ValueError("--multi-text (LaCLIP-MT) pairs each image with its original and rewritten texts: "
                          "it needs --aug-text and the rewrites")
-    models.check_preset(args.model)
     _positive(args, epochs=1, warmup_epochs=0, start_epoch=0, batch_size=1, update_freq=1,
               workers=0, print_freq=1, seed=0, eval_batch_size=1, max_steps_per_epoch=1)
-    if args.warmup_epochs > args.epochs:
+    if args.warmup_epochs is not None and args.warmup_epochs > args.epochs:
         raise ValueError(f"--warmup-epochs {args.warmup_epochs} exceeds --epochs {args.epochs}")
     if min(args.lr, args.lr_start, args.lr_end, args.wd, args.eps) < 0:
         raise ValueError("--lr, --lr-start, --lr-end, --wd and --eps must be >= 0")
@@ -162,15 +170,15 @@ def validate_args(args: argparse.Namespace) -> None:
     ckpt_io.resume_path(args.resume, args.output_dir)
 
 
-def build_loader(args: argparse.Namespace, info: DistInfo, tokenizer):
+def build_loader(args: argparse.Namespace, info: DistInfo, tokenizer, transform):
     """(loader, what set_epoch is called on): a DataLoader and its EpochSampler for a CSV; a
     ShardLoader (itself) for webdataset shards."""
     if dataset_type(args) == "webdataset":
-        loader = build_webdataset_loader(args, info, tokenizer)
+        loader = build_webdataset_loader(args, info, tokenizer, transform)
         return loader, loader
     rewrites = args.augmented_caption_filelist if args.aug_text else []
-    dataset = CaptionImageDataset(args.train_data, args.root, train_transform(), tokenizer,
-                                  rewrites, seed=args.seed, multi_text=args.multi_text)
+    dataset = CaptionImageDataset(args.train_data, args.root, transform, tokenizer, rewrites, seed=args.seed,
+                                  multi_text=args.multi_text, text_weights=args.aug_text_weights)
     check_root(dataset)
     sampler = EpochSampler(dataset, info.world_size, info.rank, args.seed)
     # Forked workers share the caption tables (GBs for CC12M) copy-on-write; a spawned or
@@ -221,7 +229,7 @@ def reseed(seed: int, epoch: int, rank: int) -> None:
     torch.manual_seed(sample_seed(seed, epoch, rank))
 
 
-def zero_shot(args, raw_model, tokenizer, info: DistInfo, amp: bool) -> dict | None:
+def zero_shot(args, raw_model, tokenizer, info: DistInfo, amp: bool, transform=None) -> dict | None:
     """Zero-shot ImageNet on the main process while the other ranks wait.
 
     A failure here (say, the ImageNet disk went away) is reported and the run goes on:
@@ -232,7 +240,7 @@ def zero_shot(args, raw_model, tokenizer, info: DistInfo, amp: bool) -> dict | N
         try:
             result = evaluate_imagenet(raw_model, tokenizer, args.imagenet_root, SIMPLE_TEMPLATES,
                                        args.eval_batch_size, args.workers, info.device, amp=amp,
-                                       skip_bad_images=True)
+                                       transform=transform, skip_bad_images=True)
         except (OSError, ValueError, RuntimeError) as err:
             print(f"=> zero-shot evaluation on --imagenet-root {args.imagenet_root!r} failed: {err}")
     barrier()
@@ -264,7 +272,8 @@ def end_of_epoch(args, epoch: int, stats: dict, zs: dict | None, best_acc1: floa
                                        info.world_size)
         if shard_positions is not None:
             ckpt["data_state"] = shard_positions
-        ckpt_io.save_checkpoint(ckpt, args.output_dir, is_best)
+        latest = ckpt_io.save_checkpoint(ckpt, args.output_dir, is_best)
+        interop.keep_epoch_file(latest, epoch + 1, args.epochs, args.save_frequency, args.delete_previous_checkpoint)
         with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
             f.write(json.dumps(record) + "\n")
         if tr.writer is not None:
@@ -299,11 +308,12 @@ class Setup:
     resumed: ckpt_io.Resumed | None  # None for a fresh run
 
 
-def setup(args: argparse.Namespace, info: DistInfo) -> Setup:
+def setup(args: argparse.Namespace, info: DistInfo, arch: interop.Architecture) -> Setup:
     """Model, optimizer, scaler and (if any) the resumed state."""
     torch.manual_seed(args.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
-    model = models.get_model(args.model).to(info.device)
-    optimizer = build_optimizer(model, args.lr, args.wd, tuple(args.betas), args.eps)
+    model = arch.build(args.grad_checkpointing).to(info.device)
+    optimizer = torch.optim.AdamW(arch.param_groups(model, args.wd), lr=args.lr, betas=tuple(args.betas),
+                                  eps=args.eps)
     amp_dtype, scaler = precision(args, info.device)
     start_epoch, best_acc1, resumed = args.start_epoch, None, None
     path = ckpt_io.resume_path(args.resume, args.output_dir)
@@ -311,13 +321,16 @@ def setup(args: argparse.Namespace, info: DistInfo) -> Setup:
         warn_resume_over_latest(args.resume, args.output_dir)
 
     def check(ckpt) -> None:  # every rank reads the same file, so every rank refuses alike
-        for note in ckpt_io.check_resume_settings(ckpt, args, info.world_size, path):
+        notes = ckpt_io.check_resume_settings(ckpt, args, info.world_size, path)
+        if interop.is_open_clip_train_checkpoint(ckpt):
+            notes.append(interop.open_clip_train_resume_note(path, ckpt))
+        for note in notes:
             if info.rank == 0:
                 print(f"=> note: {note}")
 
     if path:
         resumed = ckpt_io.load_training_state(path, model, args.model, optimizer, scaler,
-                                              trust=args.trust_checkpoint, check=check)
+                                              trust=args.trust_checkpoint, check=check, load=arch.load)
         start_epoch, best_acc1 = resumed.epoch, resumed.best_acc1
         print(f"=> rank {info.rank}: resumed from {path!r} after epoch {start_epoch} (best_acc1 {best_acc1})")
     low, high = all_reduce_min_max(start_epoch, info.device)
@@ -336,23 +349,25 @@ def wrap_ddp(model: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
 def run(args: argparse.Namespace, info: DistInfo) -> list[dict]:
     is_main = info.rank == 0
     torch.backends.cudnn.benchmark = True  # fixed 224x224 inputs: pick the fastest conv once
-    tokenizer = SimpleTokenizer()
+    arch = interop.architecture(args, SimpleTokenizer())
+    tokenizer = arch.tokenizer
     # Data first: a bad CSV, rewrite file or --root fails in seconds, before a large model
     # is built and a checkpoint read. (Neither touches the global RNG, so order is free.)
-    loader, sampler = build_loader(args, info, tokenizer)
+    loader, sampler = build_loader(args, info, tokenizer, arch.train_transform)
     for note in loader.dataset.report if is_main else []:
         print(f"=> note: {note}")
-    st = setup(args, info)
+    st = setup(args, info, arch)
     shards = loader if isinstance(loader, ShardLoader) else None
     if shards is not None:
         restore_positions(shards, st.resumed, info)
     steps = steps_per_epoch(args, loader, info)
-    schedule = CosineSchedule(args.lr, args.lr_end, args.lr_start, args.epochs * steps,
-                              args.warmup_epochs * steps)
+    warmup = args.warmup if args.warmup is not None else args.warmup_epochs * steps  # --warmup: steps
+    schedule = CosineSchedule(args.lr, args.lr_end, args.lr_start, args.epochs * steps, warmup)
     tr = Trainer(model=wrap_ddp(st.model, info), raw_model=st.model, optimizer=st.optimizer, scaler=st.scaler,
                  loader=loader, schedule=schedule, steps_per_epoch=steps, update_freq=args.update_freq,
                  device=info.device, amp_dtype=st.amp_dtype, print_freq=args.print_freq, is_main=is_main,
-                 world_size=info.world_size, writer=open_tensorboard(args.output_dir) if is_main else None)
+                 world_size=info.world_size, writer=open_tensorboard(args.output_dir) if is_main else None,
+                 logit_scale_max=arch.logit_scale_max)
     start_epoch, best_acc1 = st.start_epoch, st.best_acc1
     given = [f for f in ("augmented_caption_filelist", "rewrite_data", "rewrite_json_keys") if getattr(args, f)]
     if is_main and given and not args.aug_text:
@@ -369,7 +384,7 @@ def run(args: argparse.Namespace, info: DistInfo) -> list[dict]:
         sampler.set_epoch(epoch)
         reseed(args.seed, epoch, info.rank)
         stats = train_one_epoch(tr, epoch)
-        zs = zero_shot(args, st.model, tokenizer, info, amp=st.amp_dtype is not None)
+        zs = zero_shot(args, st.model, tokenizer, info, amp=st.amp_dtype is not None, transform=arch.eval_transform)
         bench = run_benchmarks(args, st.model, tokenizer, info.rank, info.device, epoch, amp=st.amp_dtype is not None)
         positions = data_state(shards, info) if shards is not None else None
         best_acc1 = end_of_epoch(args, epoch, stats, zs, best_acc1, tr, time.time() - start, info, bench, positions)
@@ -381,7 +396,11 @@ def run(args: argparse.Namespace, info: DistInfo) -> list[dict]:
 
 def main(argv: list[str] | argparse.Namespace | None = None) -> list[dict]:
     """Train; returns one stats dict per epoch run. Raises ValueError on bad flags or files."""
-    args = argv if isinstance(argv, argparse.Namespace) else get_args_parser().parse_args(argv)
+    if isinstance(argv, argparse.Namespace):
+        args = argv
+    else:
+        args, unknown = get_args_parser().parse_known_args(argv)
+        interop.refuse_unknown_flags(unknown)  # open_clip_train's flags are named as such
     validate_args(args)
     info = init_distributed_mode(args.device, timedelta(minutes=args.dist_timeout))
     locks: list[FileLock] = []

@@ -80,6 +80,7 @@ class Trainer:
     is_main: bool = True
     world_size: int = 1
     writer: Any = None  # TensorBoard SummaryWriter or None
+    logit_scale_max: float = LOGIT_SCALE_MAX  # the clamp of the logit-scale parameter after each step
 
 
 def batch_counts(counts) -> dict[str, int]:
@@ -111,7 +112,7 @@ def micro_step(tr: Trainer, batch, sync: bool, step: int) -> MicroStep:
         with torch.autocast(tr.device.type, dtype=tr.amp_dtype or torch.float32,
                             enabled=tr.amp_dtype is not None):
             # LaCLIP-MT: one forward encodes every text ([b*T, 77]); each image is encoded once.
-            out = tr.model(images, tokens.flatten(0, 1) if texts else tokens)
+            out = embeddings(tr.model(images, tokens.flatten(0, 1) if texts else tokens))
             if texts:
                 metrics = multi_text_loss(out["image_embed"], out["text_embed"].unflatten(0, (rows, texts)),
                                           out["logit_scale"])
@@ -127,12 +128,21 @@ def micro_step(tr: Trainer, batch, sync: bool, step: int) -> MicroStep:
     return MicroStep(loss_value, metrics["clip_acc"].item(), rows, batch_counts(counts))
 
 
+def embeddings(out: dict) -> dict:
+    """open_clip models name their outputs image_features/text_features (already normalised; the
+    loss normalises again, which leaves them as they are)."""
+    if "image_features" in out:
+        return {"image_embed": out["image_features"], "text_embed": out["text_features"],
+                "logit_scale": out["logit_scale"]}
+    return out
+
+
 def optimizer_step(tr: Trainer) -> None:
     tr.scaler.step(tr.optimizer)
     tr.scaler.update()
     tr.optimizer.zero_grad(set_to_none=True)
     with torch.no_grad():
-        tr.raw_model.logit_scale.clamp_(0, LOGIT_SCALE_MAX)
+        tr.raw_model.logit_scale.clamp_(0, tr.logit_scale_max)
 
 
 def train_one_epoch(tr: Trainer, epoch: int) -> dict[str, float]:

@@ -72,6 +72,7 @@ class StreamSpec:
     rewrites: Optional[RewriteSource]  # None: plain CLIP (no --aug-text)
     multi_text: bool
     seed: int
+    text_weights: Optional[tuple[float, ...]] = None  # --aug-text-weights; None: uniform pick
 
     def fingerprint(self) -> str:
         """Identifies the shard list, so saved positions are only reused for the same one."""
@@ -200,7 +201,7 @@ class ShardStream(IterableDataset):
                 rewrites = ("",) * self.spec.rewrites.slots
         if self.spec.multi_text:
             return pixels, self.tokenizer(all_captions(caption, rewrites))
-        return pixels, self.tokenizer(pick_caption(caption, rewrites, rng))
+        return pixels, self.tokenizer(pick_caption(caption, rewrites, rng, self.spec.text_weights))
 
 
 class ShardLoader:

@@ -58,8 +58,9 @@ def check_webdataset_args(args: argparse.Namespace) -> StreamSpec:
     if args.aug_text and not (args.rewrite_data or args.rewrite_json_keys):
         raise ValueError("--aug-text with shards needs --rewrite-data 'out/{...}.parquet' or --rewrite-json-keys KEY")
     rewrites = open_rewrite_source(args.rewrite_data, tuple(args.rewrite_json_keys)) if args.aug_text else None
+    weights = getattr(args, "aug_text_weights", None)
     return StreamSpec(tuple(urls), args.train_num_samples, args.dataset_resampled, rewrites, args.multi_text,
-                      args.seed)
+                      args.seed, tuple(weights) if weights else None)
 
 
 def check_shard_count(spec: StreamSpec, info: DistInfo, workers: int) -> None:
@@ -70,14 +71,15 @@ def check_shard_count(spec: StreamSpec, info: DistInfo, workers: int) -> None:
                          "--workers, more shards, or --dataset-resampled")
 
 
-def build_webdataset_loader(args: argparse.Namespace, info: DistInfo, tokenizer) -> ShardLoader:
+def build_webdataset_loader(args: argparse.Namespace, info: DistInfo, tokenizer, transform=None) -> ShardLoader:
+    """transform: the model's training transform (default: the presets')."""
     spec = check_webdataset_args(args)
     check_shard_count(spec, info, args.workers)
     missing = spec.rewrites.missing if spec.rewrites else ()
     if missing and info.rank == 0:
         print(f"=> note: {len(missing)} --rewrite-data files do not exist (e.g. {missing[0]}): the samples of "
               "their shards train on their original captions, counted as missing_rewrites in log.txt")
-    stream = ShardStream(spec, train_transform(), tokenizer, args.batch_size, info.world_size, args.workers)
+    stream = ShardStream(spec, transform or train_transform(), tokenizer, args.batch_size, info.world_size, args.workers)
     context = "fork" if args.workers > 0 and sys.platform.startswith("linux") else None
     loader = DataLoader(stream, batch_size=args.batch_size, num_workers=args.workers, drop_last=True,
                         pin_memory=info.device.type == "cuda", multiprocessing_context=context)
