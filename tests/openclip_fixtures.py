@@ -26,8 +26,12 @@ def write_tiny_config(folder: Path, name: str = "laclip-tiny-oc", **kwargs) -> s
 
 
 # open_clip_train knows only the configs it ships; this runs its main() after registering ours, as a
-# user with a custom config does (open_clip.add_model_config).
-OPEN_CLIP_TRAIN = ("import sys, open_clip; open_clip.add_model_config(sys.argv[1]); "
+# user with a custom config does (open_clip.add_model_config). open_clip_train 3.3.0's shard reader
+# (group_by_keys_nothrow) fails on the end-of-shard marker {} that webdataset 1.0 yields (KeyError
+# 'fname'); the marker is switched off for it, which is what the webdataset it was written for did.
+OPEN_CLIP_TRAIN = ("import sys, functools, open_clip, open_clip_train.data as d, webdataset.tariterators as t; "
+                   "d.tar_file_expander = functools.partial(t.tar_file_expander, eof_value=None); "
+                   "open_clip.add_model_config(sys.argv[1]); "
                    "from open_clip_train.main import main; main(sys.argv[2:])")
 
 
