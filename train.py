@@ -45,7 +45,7 @@ from imagenet_templates import SIMPLE_TEMPLATES
 from tokenizer import SimpleTokenizer
 from training import checkpoint as ckpt_io
 from training import interop
-from training.data import CaptionImageDataset, EpochSampler, check_root, sample_seed
+from training.data import CaptionImageDataset, EpochSampler, check_root, sample_seed, train_transform
 from training.engine import CosineSchedule, Trainer, train_one_epoch
 from training.output_dir import claim
 from training.wds import ShardLoader
@@ -170,14 +170,14 @@ def validate_args(args: argparse.Namespace) -> None:
     ckpt_io.resume_path(args.resume, args.output_dir)
 
 
-def build_loader(args: argparse.Namespace, info: DistInfo, tokenizer, transform):
+def build_loader(args: argparse.Namespace, info: DistInfo, tokenizer, transform=None):
     """(loader, what set_epoch is called on): a DataLoader and its EpochSampler for a CSV; a
     ShardLoader (itself) for webdataset shards."""
     if dataset_type(args) == "webdataset":
         loader = build_webdataset_loader(args, info, tokenizer, transform)
         return loader, loader
     rewrites = args.augmented_caption_filelist if args.aug_text else []
-    dataset = CaptionImageDataset(args.train_data, args.root, transform, tokenizer, rewrites, seed=args.seed,
+    dataset = CaptionImageDataset(args.train_data, args.root, transform or train_transform(), tokenizer, rewrites, seed=args.seed,
                                   multi_text=args.multi_text, text_weights=args.aug_text_weights)
     check_root(dataset)
     sampler = EpochSampler(dataset, info.world_size, info.rank, args.seed)
