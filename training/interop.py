@@ -81,6 +81,9 @@ def check_interop_args(args: argparse.Namespace) -> None:
                          "without it there are none (checkpoint.pt is always replaced)")
     if is_open_clip(args.model):
         open_clip_arch.resolve_name(args.model, "--model", tuple(models.PRESETS))
+        if getattr(args, "eval_benchmark", None):
+            raise ValueError(f"--eval-benchmark during training is implemented for the LaCLIP presets; for "
+                             f"--model {args.model} run eval_benchmark.py on the checkpoint")
         return
     if args.model.startswith("CLIP_"):
         models.check_preset(args.model)
