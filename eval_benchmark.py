@@ -24,7 +24,7 @@ from evaluation import results
 from evaluation.catalog import CATALOG
 from evaluation.features import FeatureCache, RunOptions
 from evaluation.models import check_model_name, load_for_eval
-from evaluation.runner import FEWSHOT_K, TASKS, Settings, plan, resolve_task, run
+from evaluation.jobs import FEWSHOT_K, TASKS, Settings, plan, resolve_task, run
 from evaluation.tasks import ClassifierCache
 
 

@@ -14,10 +14,9 @@ import argparse
 
 from evaluation.catalog import RETRIEVAL, get_spec
 from evaluation.features import FeatureCache, RunOptions
-from evaluation.models import PRESET, EvalModel
-from evaluation.runner import RETRIEVE, Settings, plan, run
+from evaluation.models import PRESET, EvalModel, eval_transform
+from evaluation.jobs import RETRIEVE, Settings, plan, run
 from evaluation.tasks import ClassifierCache
-from zeroshot import eval_transform
 
 
 def add_benchmark_args(parser: argparse.ArgumentParser) -> None:
@@ -30,7 +29,7 @@ def add_benchmark_args(parser: argparse.ArgumentParser) -> None:
     add("--eval-every", type=int, default=1, help="run --eval-benchmark after every N epochs and after the last")
 
 
-def _pairs(args: argparse.Namespace) -> list[tuple[str, str]]:
+def _dataset_roots(args: argparse.Namespace) -> list[tuple[str, str]]:
     pairs = []
     for item in args.eval_benchmark:
         name, sep, root = item.partition("=")
@@ -43,7 +42,7 @@ def _pairs(args: argparse.Namespace) -> list[tuple[str, str]]:
 def plan_jobs(args: argparse.Namespace) -> list:
     """(dataset, task) jobs: every task on the datasets it applies to; layouts are checked here."""
     jobs = []
-    for name, root in _pairs(args):
+    for name, root in _dataset_roots(args):
         kind = get_spec(name).kind
         for task in args.eval_tasks:
             if task != "auto" and (task == RETRIEVE) != (kind == RETRIEVAL):

@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass, field
 
 from evaluation import probe, tasks
-from evaluation.captions import CaptionSet, read_captions
+from evaluation.retrieval_captions import CaptionSet, read_captions
 from evaluation.catalog import RETRIEVAL, get_spec, templates_for
 from evaluation.features import FeatureCache, Features, RunOptions
 from evaluation.models import EvalModel
