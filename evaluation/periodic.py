@@ -15,7 +15,7 @@ import argparse
 from evaluation.catalog import RETRIEVAL, get_spec
 from evaluation.features import FeatureCache, RunOptions
 from evaluation.models import PRESET, EvalModel, eval_transform
-from evaluation.jobs import RETRIEVE, Settings, plan, run
+from evaluation.jobs import RETRIEVE, Settings, plan_job, run_job
 from evaluation.tasks import ClassifierCache
 
 
@@ -47,7 +47,7 @@ def plan_jobs(args: argparse.Namespace) -> list:
         for task in args.eval_tasks:
             if task != "auto" and (task == RETRIEVE) != (kind == RETRIEVAL):
                 continue
-            jobs.append(plan(name, task, root, PRESET, Settings()))
+            jobs.append(plan_job(name, task, root, PRESET, Settings()))
     applied = {job.task for job in jobs}
     unused = [t for t in args.eval_tasks if t != "auto" and t not in applied]
     if unused:
@@ -77,7 +77,7 @@ def run_benchmarks(args: argparse.Namespace, model, tokenizer, rank: int, device
         for job in plan_jobs(args):
             key = f"{job.dataset}/{job.task}"
             try:
-                record = run(job, em, cache, classifiers, opts, Settings())
+                record = run_job(job, em, cache, classifiers, opts, Settings())
                 out[key] = {**record["metrics"], "skipped_images": record["skipped_images"]}
             except (OSError, ValueError, RuntimeError) as err:
                 print(f"=> --eval-benchmark {key} failed: {err}")
