@@ -52,6 +52,7 @@ def evaluate_imagenet(model, tokenizer: Callable, imagenet_root: str, templates:
         feats = encode_images(model, dataset, opts, desc="zero-shot")
     finally:
         model.train(was_training)
+    # Scored on the CPU, as eval_benchmark.py's zero-shot task scores its (cached) features.
     results = percent_metrics(normalized(feats.features) @ classifier.cpu(), feats)
     results.update(not_evaluated=len(dataset.not_evaluated), not_evaluated_files=dataset.not_evaluated)
     return results
