@@ -8,6 +8,7 @@ number of workers and ranks, and across a resume.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import random
@@ -173,13 +174,15 @@ class EpochSampler(Sampler):
     def __init__(self, dataset: Dataset, num_replicas: int, rank: int, seed: int):
         self.inner = DistributedSampler(dataset, num_replicas=num_replicas, rank=rank,
                                         shuffle=True, seed=seed)
+        self.skip = 0  # this rank's indices already trained on in the epoch (a mid-epoch resume)
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
         self.inner.set_epoch(epoch)
+        self.skip = skip
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         epoch = self.inner.epoch  # fixed when iteration starts, as DistributedSampler's shuffle is
-        return ((i, epoch) for i in self.inner)
+        return ((i, epoch) for i in itertools.islice(self.inner, self.skip, None))
 
     def __len__(self) -> int:
         return len(self.inner)

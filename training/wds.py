@@ -93,6 +93,9 @@ class ShardStream(IterableDataset):
         self.worker_samples = self.worker_batches * batch_size
         self.epoch = 0
         self.starts: dict[int, tuple[int, int, int]] = {}  # worker -> (pass, shard, sample) to start from
+        # worker -> (draws, emitted): a mid-epoch resume replays the epoch's stream from `starts` up to
+        # `draws` samples out of the shuffle buffer, without decoding them (they were trained on)
+        self.replay: dict[int, tuple[int, int]] = {}
         self._logged = 0  # bad samples and shards logged by this worker (each worker has its own copy)
         self.report: list[str] = []  # start-up notes, as the CSV dataset's (none: shards are read as they stream)
 
@@ -109,14 +112,19 @@ class ShardStream(IterableDataset):
         rng = random.Random(stream_seed(self.spec.seed, self.epoch, rank, worker))
         size = max(1, min(SHUFFLE_BUFFER, self.worker_samples // 4))
         shuffled = wds.filters.shuffle(size, min(SHUFFLE_INITIAL, size), rng=rng)(raw)
-        emitted = 0
-        for sample in shuffled:
+        replayed, emitted = self.replay.get(worker, (0, 0))
+        for draws, sample in enumerate(shuffled, 1):
+            if draws <= replayed:  # a mid-epoch resume: drawn, decoded and trained on before the checkpoint
+                if draws == replayed:
+                    pending.clear()  # what the reads so far counted travelled with those samples
+                continue
             item = self._decode(sample, pending)
             if item is None:
                 continue
-            counts = {k: pending.pop(k, 0) for k in COUNT_KEYS}
-            yield (*item, {**counts, "position": torch.tensor([worker, *cursor[0]])})
             emitted += 1
+            counts = {k: pending.pop(k, 0) for k in COUNT_KEYS}
+            yield (*item, {**counts, "position": torch.tensor([worker, *cursor[0]]),
+                           "drawn": torch.tensor([worker, draws, emitted])})
             if emitted == self.worker_samples:
                 return
 
@@ -227,6 +235,7 @@ class ShardLoader:
         for images, tokens, info in self.loader:
             for worker, *position in info.pop("position").tolist():
                 self.seen[worker] = tuple(position)
+            info.pop("drawn")
             yield images, tokens, info
 
     def set_epoch(self, epoch: int) -> None:
