@@ -1,13 +1,12 @@
 """train.py next to open_clip_train on the same tiny open_clip model and the same webdataset shards.
 
-    python -m bench.bench_open_clip [--images 512] [--batch-size 32] [--epochs 3] [--workers 1] [--rounds 2]
+    python -m bench.bench_open_clip [--images 512] [--batch-size 32] [--epochs 3] [--workers 0] [--rounds 3]
 
-1. Throughput: one CPU thread per process (OMP_NUM_THREADS=1), float32, --workers loader processes,
-   no resampling, plain CLIP captions. Each trainer runs as its own process; the time of each
-   training epoch (the epoch function: loader start, data, forward, backward, step) is taken inside
-   it, train.py's from log.txt, open_clip_train's by timing its train_one_epoch. The first epoch is
-   left out (process warm-up); samples/s over the rest, median over --rounds alternating rounds, and
-   the ratio train.py / open_clip_train.
+1. Throughput: one CPU thread per process (OMP_NUM_THREADS=1), float32, no loader workers (so the
+   process's CPU time covers decoding too), no resampling, plain CLIP captions. Each trainer runs as
+   its own process, and its epoch function (loader start, data, forward, backward, step) is timed
+   inside it: CPU time and wall time. The first epoch is left out (process warm-up); samples/s per
+   epoch, median over --rounds alternating rounds, and the ratio train.py / open_clip_train.
 2. Loss parity: the project's clip_loss against open_clip.loss.ClipLoss(local_loss=True,
    gather_with_grad=True) on the same features, 1 and 2 gloo processes: largest difference of the
    loss and of its gradients.
@@ -33,25 +32,33 @@ from bench.bench_wds import write_shards
 TINY = {"embed_dim": 64,
         "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "head_width": 32, "patch_size": 16},
         "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}}
-# open_clip_train 3.3.0 under webdataset 1.0: its shard reader fails on the end-of-shard marker {} that
-# webdataset 1.0 yields (KeyError 'fname'), so the marker is switched off for it; each epoch is timed.
-OPEN_CLIP_TRAIN = """
+# Each trainer runs in its own process under this wrapper, which times its epoch function: wall time and
+# the process's CPU time (with --workers 0 the data loading is in that process too; CPU time is what a
+# shared machine's load does not change). open_clip_train 3.3.0 under webdataset 1.0: its shard reader
+# fails on the end-of-shard marker {} that webdataset 1.0 yields (KeyError 'fname'), so the marker is
+# switched off for it.
+WRAPPER = """
 import functools, json, sys, time
-import open_clip, open_clip_train.data as d, open_clip_train.main as m, webdataset.tariterators as t
-d.tar_file_expander = functools.partial(t.tar_file_expander, eof_value=None)
-open_clip.add_model_config(sys.argv[1])
-inner = m.train_one_epoch
-def timed(model, data, loss, epoch, *rest, **kw):
-    start = time.perf_counter()
-    inner(model, data, loss, epoch, *rest, **kw)
-    loader = data["train"].dataloader
-    print("BENCH " + json.dumps({"epoch": epoch, "seconds": time.perf_counter() - start,
-                                 "samples": loader.num_batches * rest[4].batch_size}), flush=True)
-m.train_one_epoch = timed
-m.main(sys.argv[2:])
+which, config, argv = sys.argv[1], sys.argv[2], sys.argv[3:]
+def timed(inner, samples):
+    def run(*args, **kw):
+        wall, cpu = time.perf_counter(), time.process_time()
+        out = inner(*args, **kw)
+        print("BENCH " + json.dumps({"wall": time.perf_counter() - wall, "cpu": time.process_time() - cpu,
+                                     "samples": samples(args, out)}), flush=True)
+        return out
+    return run
+if which == "open_clip_train":
+    import open_clip, open_clip_train.data as d, open_clip_train.main as m, webdataset.tariterators as t
+    d.tar_file_expander = functools.partial(t.tar_file_expander, eof_value=None)
+    open_clip.add_model_config(config)
+    m.train_one_epoch = timed(m.train_one_epoch, lambda a, out: a[1]["train"].dataloader.num_batches * a[8].batch_size)
+    m.main(argv)
+else:
+    import train
+    train.train_one_epoch = timed(train.train_one_epoch, lambda a, out: out["samples"])
+    train.main(argv)
 """
-
-
 def run(argv: list[str]) -> str:
     done = subprocess.run(argv, env=env(), capture_output=True, text=True)
     if done.returncode:
@@ -64,24 +71,25 @@ def env() -> dict:
     return {**keep, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
-def run_train_py(a, tars: str, config: str, out: Path) -> list[float]:
-    argv = [sys.executable, "train.py", "--train-data", tars, "--train-num-samples", str(a.images), "--model",
-            config, "--batch-size", str(a.batch_size), "--workers", str(a.workers), "--epochs", str(a.epochs),
-            "--lr", "5e-4", "--wd", "0.2", "--warmup", "2", "--precision", "fp32", "--device", "cpu",
-            "--output-dir", str(out), "--print-freq", "1000"]
-    run(argv)
-    log = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
-    return [r["train_samples_per_s"] for r in log[1:]]
+def timed_epochs(which: str, config: str, argv: list[str]) -> list[dict]:
+    """Per epoch {wall, cpu, samples}, the first (process warm-up) left out."""
+    out = run([sys.executable, "-c", WRAPPER, which, config, *argv])
+    return [json.loads(line[6:]) for line in out.splitlines() if line.startswith("BENCH ")][1:]
 
 
-def run_open_clip_train(a, tars: str, config: str, out: Path) -> list[float]:
-    argv = [sys.executable, "-c", OPEN_CLIP_TRAIN, config, "--train-data", tars, "--dataset-type", "webdataset",
-            "--train-num-samples", str(a.images), "--model", Path(config).stem, "--batch-size", str(a.batch_size),
-            "--workers", str(a.workers), "--epochs", str(a.epochs), "--lr", "5e-4", "--wd", "0.2", "--warmup", "2",
-            "--precision", "fp32", "--logs", str(out), "--name", "bench", "--report-to", "",
-            "--log-every-n-steps", "1000", "--save-frequency", "0"]
-    epochs = [json.loads(line[6:]) for line in run(argv).splitlines() if line.startswith("BENCH ")]
-    return [e["samples"] / e["seconds"] for e in epochs[1:]]
+def run_train_py(a, tars: str, config: str, out: Path) -> list[dict]:
+    return timed_epochs("train.py", config, [
+        "--train-data", tars, "--train-num-samples", str(a.images), "--model", config, "--batch-size",
+        str(a.batch_size), "--workers", str(a.workers), "--epochs", str(a.epochs), "--lr", "5e-4", "--wd", "0.2",
+        "--warmup", "2", "--precision", "fp32", "--device", "cpu", "--output-dir", str(out), "--print-freq", "1000"])
+
+
+def run_open_clip_train(a, tars: str, config: str, out: Path) -> list[dict]:
+    return timed_epochs("open_clip_train", config, [
+        "--train-data", tars, "--dataset-type", "webdataset", "--train-num-samples", str(a.images), "--model",
+        Path(config).stem, "--batch-size", str(a.batch_size), "--workers", str(a.workers), "--epochs",
+        str(a.epochs), "--lr", "5e-4", "--wd", "0.2", "--warmup", "2", "--precision", "fp32", "--logs", str(out),
+        "--name", "bench", "--report-to", "", "--log-every-n-steps", "1000", "--save-frequency", "0"])
 
 
 def throughput(a) -> dict:
@@ -94,8 +102,12 @@ def throughput(a) -> dict:
         for r in range(a.rounds):  # alternate, so a change of load hits both
             ours += run_train_py(a, tars, str(config), Path(tmp) / f"ours{r}")
             theirs += run_open_clip_train(a, tars, str(config), Path(tmp) / f"theirs{r}")
-    return {"train_py": statistics.median(ours), "open_clip_train": statistics.median(theirs),
-            "ratio": statistics.median(ours) / statistics.median(theirs), "epochs_ours": ours, "epochs_theirs": theirs}
+
+    def rate(epochs: list[dict], clock: str) -> float:
+        return statistics.median(e["samples"] / e[clock] for e in epochs)
+
+    return {clock: {"train_py": rate(ours, clock), "open_clip_train": rate(theirs, clock),
+                    "ratio": rate(ours, clock) / rate(theirs, clock)} for clock in ("cpu", "wall")}
 
 
 def _parity(rank: int, store: str, out: str) -> None:
@@ -121,16 +133,16 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--images", type=int, default=512, help="samples per epoch (8 shards)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--epochs", type=int, default=3, help="per run; the first is not counted")
-    p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--workers", type=int, default=0, help="loader processes (0: CPU time covers the data too)")
+    p.add_argument("--rounds", type=int, default=3)
     a = p.parse_args(argv)
     parity = loss_parity()
     for name, d in parity.items():
         print(f"loss parity, {name}: |loss - ClipLoss| {d['loss']:.2e}, largest gradient difference {d['grad']:.2e}")
     speed = throughput(a)
-    print(f"train.py {speed['train_py']:.1f} samples/s, open_clip_train {speed['open_clip_train']:.1f} "
-          f"samples/s: ratio {speed['ratio']:.2f}x (epochs: ours {[round(x, 1) for x in speed['epochs_ours']]}, "
-          f"theirs {[round(x, 1) for x in speed['epochs_theirs']]})")
+    for clock, d in speed.items():
+        print(f"samples/s of {clock} time: train.py {d['train_py']:.1f}, open_clip_train {d['open_clip_train']:.1f}: "
+              f"ratio {d['ratio']:.2f}x")
     return {"parity": parity, "throughput": speed}
 
 
