@@ -194,8 +194,7 @@ def zero_shot(args, raw_model, tokenizer, info: DistInfo, amp: bool) -> dict | N
 
 
 def end_of_epoch(args, epoch: int, stats: dict, zs: dict | None, best_acc1: float | None,
-                 tr: Trainer, seconds: float, info: DistInfo, benchmark: dict | None = None,
-                 data_state: dict | None = None) -> float | None:
+                 tr: Trainer, seconds: float, info: DistInfo, benchmark: dict | None, data_state: dict) -> float | None:
     """Checkpoint and log.txt line (main process); returns the new best_acc1. A failed save
     stops every rank with the main process's one line (none waits for it forever).
     data_state: the loader's position (training/loaders.py), saved in the checkpoint."""
@@ -214,9 +213,7 @@ def end_of_epoch(args, epoch: int, stats: dict, zs: dict | None, best_acc1: floa
 
     def save_and_log() -> None:
         ckpt = ckpt_io.make_checkpoint(epoch + 1, tr.raw_model, tr.optimizer, tr.scaler, best_acc1, args,
-                                       info.world_size)
-        if data_state is not None:
-            ckpt["data_state"] = data_state
+                                       info.world_size, data_state)
         ckpt_io.save_checkpoint(ckpt, args.output_dir, is_best)
         with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
             f.write(json.dumps(record) + "\n")
@@ -293,11 +290,9 @@ def run(args: argparse.Namespace, info: DistInfo) -> list[dict]:
     # Data first: a bad CSV, rewrite file or --root fails in seconds, before a large model
     # is built and a checkpoint read. (Neither touches the global RNG, so order is free.)
     loader = build_loader(args, info, tokenizer)
-    for note in loader.notes if is_main else []:
-        print(f"=> note: {note}")
     st = setup(args, info)
-    note = loader.restore(st.resumed.data_state) if st.resumed else None
-    if note and is_main:
+    notes = loader.notes + [loader.restore(st.resumed.data_state) if st.resumed else None]
+    for note in filter(None, notes) if is_main else []:
         print(f"=> note: {note}")
     steps = steps_per_epoch(args, loader, info)
     schedule = CosineSchedule(args.lr, args.lr_end, args.lr_start, args.epochs * steps,
@@ -307,12 +302,8 @@ def run(args: argparse.Namespace, info: DistInfo) -> list[dict]:
                  device=info.device, amp_dtype=st.amp_dtype, print_freq=args.print_freq, is_main=is_main,
                  world_size=info.world_size, writer=open_tensorboard(args.output_dir) if is_main else None)
     start_epoch, best_acc1 = st.start_epoch, st.best_acc1
-    given = [f for f in ("augmented_caption_filelist", "rewrite_data", "rewrite_json_keys") if getattr(args, f)]
-    if is_main and given and not args.aug_text:
-        print(f"=> note: --{given[0].replace('_', '-')} without --aug-text: the rewrites are not used (CLIP)")
     if is_main:
-        print(f"=> {args.model}: {loader.samples} samples, "
-              f"{steps} steps/epoch of "
+        print(f"=> {args.model}: {loader.samples} samples, {steps} steps/epoch of "
               f"{args.batch_size}x{info.world_size}x{args.update_freq}, epochs {start_epoch}..{args.epochs - 1}")
     if is_main and start_epoch >= args.epochs:
         print(f"=> nothing to train: {start_epoch} epochs done, --epochs is {args.epochs}")

@@ -15,7 +15,8 @@ import training.wds as wds_mod
 from conftest import DIST_ENV_KEYS
 from training.loss import clip_loss, multi_text_loss
 from training.shard_rewrites import open_rewrite_source
-from training.wds import ShardLoader, ShardStream, StreamSpec
+from training.loaders import ShardLoader
+from training.wds import ShardStream, StreamSpec
 from torch.utils.data import DataLoader
 
 pytestmark = pytest.mark.usefixtures("one_thread")

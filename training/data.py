@@ -156,14 +156,6 @@ def check_root(dataset: CaptionImageDataset, probes: int = 100) -> None:
                      f"image paths are relative to")
 
 
-def check_epoch_end(state: dict | None, epoch: int) -> None:
-    """Refuse to start `epoch` from a data position inside it (training/loaders.py): this
-    version resumes at epoch ends only, and never silently retrains or skips batches."""
-    if state and state.get("epoch") == epoch and state.get("batches"):
-        raise ValueError(f"the checkpoint's data position is inside epoch {epoch} (after {state['batches']} "
-                         "batches); this version resumes at epoch ends only")
-
-
 class EpochSampler(Sampler):
     """DistributedSampler (also for one process) that yields (index, epoch) keys.
 

@@ -1,88 +1,138 @@
-"""One training-loader interface for both data paths: a caption CSV with aligned rewrite
-files (CsvLoader, over training/data.py) and webdataset shards with rewrites joined by key
-(training/wds.py's ShardLoader). train.py builds one with build_loader and never asks which.
-
-The data position, state(), is what was handed out: {"epoch": e, "batches": k} (the loader
-handed out k batches of epoch e) plus, for shards, each rank's and worker's read position
-after them. It is saved as the checkpoint's `data_state`; restore(state) before the first
-set_epoch continues from it. At an epoch end the next epoch starts fresh (CSV: a new
-shuffle) or where the shard passes stopped. A state whose epoch is then run again is a
-mid-epoch position: its first k batches were trained on already. The checks of the data
-flags are here too (errors name the flag and the file).
-"""
+"""One training-loader interface (TrainLoader) for both data paths: a caption CSV with aligned
+rewrite files (CsvLoader) and webdataset shards with rewrites joined by key (ShardLoader, over
+training/wds.py); train.py builds one with build_loader and never asks which. state() is what
+was handed out, {"epoch": e, "batches": k}, plus, for shards, each rank's and worker's read
+position after those batches: the checkpoint's `data_state`. After restore(state), an epoch
+after e starts fresh (CSV) or where the shard passes stopped; running epoch e itself again
+would be a mid-epoch resume (its first k batches are done). Also: the data flags' checks."""
 from __future__ import annotations
 
 import argparse
 import os
 import sys
-from typing import Iterator, Optional, Protocol
+from collections import Counter
+from typing import Iterator, Optional, Protocol, runtime_checkable
 
 import braceexpand
 import torch
 from torch.utils.data import DataLoader
 
-from common.distributed import DistInfo
-from training.data import CaptionImageDataset, EpochSampler, check_epoch_end, check_root, train_transform
+from common.distributed import DistInfo, on_every_rank
+from training.data import CaptionImageDataset, EpochSampler, check_root, train_transform
 from training.shard_rewrites import open_rewrite_source
-from training.wds import ShardLoader, ShardStream, StreamSpec
+from training.wds import COUNT_KEYS, ShardStream, StreamSpec
 
 REMOTE_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://")  # webdataset opens these itself
 WDS_ONLY = ("train_num_samples", "dataset_resampled", "rewrite_data", "rewrite_json_keys")
 
 
+@runtime_checkable
 class TrainLoader(Protocol):
     """What train.py and training/engine.py use of a loader."""
     notes: list[str]  # start-up lines for the user: inputs not read as written
     samples: int  # samples per epoch, all processes together
 
     def __len__(self) -> int: ...  # batches per epoch on this process
-
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...  # (images, tokens)
-
     def set_epoch(self, epoch: int) -> None: ...  # before each epoch
-
-    def report(self) -> dict[str, int]: ...  # inputs skipped or missing in this epoch's batches so far, by kind
-
-    def state(self) -> dict: ...  # the data position (every rank must call it: shards gather)
-
+    def report(self) -> dict[str, int]: ...  # inputs skipped or missing in this epoch's batches, by kind
+    def state(self) -> dict: ...  # the data position (every rank calls it: shards gather)
     def restore(self, state: Optional[dict]) -> Optional[str]: ...  # a note when the position does not apply
 
 
-class CsvLoader:
-    """A DataLoader over the CSV's samples with an EpochSampler; each item carries the
-    failed image loads it skipped, counted here as skipped_images."""
+class EpochBatches:
+    """What both loaders keep: the epoch, the batches handed out in it and their counts."""
+    count_keys: tuple[str, ...]
 
-    def __init__(self, dataset: CaptionImageDataset, loader: DataLoader, sampler: EpochSampler):
-        self.loader, self.sampler, self.notes, self.samples = loader, sampler, dataset.notes, len(dataset)
-        self.epoch, self.batches, self.skipped, self.resume_from = 0, 0, 0, None
+    def __init__(self, loader: DataLoader, notes: list[str], samples: int, batches: int) -> None:
+        self.loader, self.notes, self.samples, self.length = loader, notes, samples, batches
+        self.epoch, self.batches, self.counts, self.resume_from = 0, 0, Counter(), None
 
     def __len__(self) -> int:
-        return len(self.loader)
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for images, tokens, failed in self.loader:
-            self.batches += 1
-            self.skipped += int(failed.sum())
-            yield images, tokens
+        return self.length
 
     def set_epoch(self, epoch: int) -> None:
-        check_epoch_end(self.resume_from, epoch)
-        self.sampler.set_epoch(epoch)
-        self.epoch, self.batches, self.skipped = epoch, 0, 0
+        # This version resumes at epoch ends only: it never silently retrains or skips batches.
+        if self.resume_from and self.resume_from.get("epoch") == epoch and self.resume_from.get("batches"):
+            raise ValueError(f"the checkpoint's data position is inside epoch {epoch} (after "
+                             f"{self.resume_from['batches']} batches); this version resumes at epoch ends only")
+        self.epoch, self.batches, self.counts = epoch, 0, Counter(dict.fromkeys(self.count_keys, 0))
+
+    def handed_out(self, images: torch.Tensor, tokens: torch.Tensor, counts: dict) -> tuple:
+        self.batches += 1
+        self.counts.update({k: int(v.sum()) for k, v in counts.items()})
+        return images, tokens
 
     def report(self) -> dict[str, int]:
-        return {"skipped_images": self.skipped}
+        return dict(self.counts)
 
     def state(self) -> dict:
         return {"epoch": self.epoch, "batches": self.batches}
 
     def restore(self, state: Optional[dict]) -> Optional[str]:
-        self.resume_from = state  # the sampler's order is fixed by (seed, epoch): nothing else to set
+        self.resume_from = state  # the CSV sampler's order is fixed by (seed, epoch): nothing else to set
         return None
 
 
-def flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
+class CsvLoader(EpochBatches):
+    """A DataLoader over the CSV's samples with an EpochSampler, whose order is fixed by
+    (seed, epoch); each item carries the failed image loads it skipped (skipped_images)."""
+    count_keys = ("skipped_images",)
+
+    def __init__(self, dataset: CaptionImageDataset, loader: DataLoader, sampler: EpochSampler) -> None:
+        super().__init__(loader, dataset.notes, len(dataset), len(loader))
+        self.sampler = sampler
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return (self.handed_out(images, tokens, {"skipped_images": failed}) for images, tokens, failed in self.loader)
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        self.sampler.set_epoch(epoch)
+
+
+class ShardLoader(EpochBatches):
+    """The DataLoader over a ShardStream plus the read positions of the batches it handed
+    out: what the next epoch, or a resumed run, starts from."""
+    count_keys = COUNT_KEYS
+
+    def __init__(self, stream: ShardStream, loader: DataLoader, rank: int = 0, world_size: int = 1) -> None:
+        super().__init__(loader, [], stream.batches * stream.batch_size * world_size, stream.batches)
+        self.stream, self.rank, self.world_size = stream, rank, world_size
+        self.seen: dict[int, tuple[int, int, int]] = {}  # worker -> (pass, shard, sample) read so far
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for images, tokens, info in self.loader:
+            for worker, *position in info.pop("position").tolist():
+                self.seen[worker] = tuple(position)
+            yield self.handed_out(images, tokens, info)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Before each epoch: it starts where the batches of the previous one stopped."""
+        super().set_epoch(epoch)
+        self.stream.starts, self.stream.epoch, self.seen = {**self.stream.starts, **self.seen}, epoch, {}
+
+    def state(self) -> dict:
+        """Also every rank's next start positions, rank order (a collective)."""
+        gathered = on_every_rank(lambda: {**self.stream.starts, **self.seen}, self.world_size)
+        return {**super().state(), "layout": [self.world_size, self.stream.workers],
+                "shards": self.stream.spec.fingerprint(),
+                "starts": [[list(g.get(w, (0, 0, 0))) for w in range(self.stream.workers)] for g in gathered]}
+
+    def restore(self, state: Optional[dict]) -> Optional[str]:
+        """Start positions from a checkpoint's data_state; a note when they do not apply.
+        (A data_state without epoch and batches, written before they were, is an epoch end.)"""
+        super().restore(state)
+        if self.stream.spec.resampled or not state:
+            return None
+        layout = [self.world_size, self.stream.workers]
+        if state.get("layout") != layout or state.get("shards") != self.stream.spec.fingerprint():
+            first = min(tuple(s) for rank_starts in state.get("starts", [[[0, 0, 0]]]) for s in rank_starts)
+            self.stream.starts = {w: (first[0], 0, 0) for w in range(self.stream.workers)}
+            return (f"the checkpoint's data positions are for {state.get('layout')} ranks x workers or another "
+                    f"shard list; this run has {layout}: its workers start pass {first[0]} from the beginning")
+        self.stream.starts = {w: tuple(s) for w, s in enumerate(state["starts"][self.rank])}
+        return None
 
 
 def dataset_type(args: argparse.Namespace) -> str:
@@ -98,7 +148,7 @@ def check_csv_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--train-data: caption CSV {args.train_data!r} does not exist")
     for name in WDS_ONLY:  # the CSV path refuses the flags it would ignore
         if getattr(args, name):
-            raise ValueError(f"{flag(name)} is for --dataset-type webdataset (tar shards); --train-data "
+            raise ValueError(f"--{name.replace('_', '-')} is for --dataset-type webdataset (tar shards); --train-data "
                              f"{args.train_data!r} is a caption CSV")
     if not os.path.isdir(args.root):
         raise ValueError(f"--root: image folder {args.root!r} does not exist")
@@ -162,13 +212,20 @@ def build_shard_loader(args: argparse.Namespace, info: DistInfo, tokenizer) -> S
     return loader
 
 
-def build_loader(args: argparse.Namespace, info: DistInfo, tokenizer) -> TrainLoader:
-    """The loader of --train-data, CSV or shards; bad files fail here, before a model is built."""
-    if dataset_type(args) == "webdataset":
-        return build_shard_loader(args, info, tokenizer)
+def build_csv_loader(args: argparse.Namespace, info: DistInfo, tokenizer) -> CsvLoader:
     rewrites = args.augmented_caption_filelist if args.aug_text else []
     dataset = CaptionImageDataset(args.train_data, args.root, train_transform(), tokenizer,
                                   rewrites, seed=args.seed, multi_text=args.multi_text)
     check_root(dataset)
     sampler = EpochSampler(dataset, info.world_size, info.rank, args.seed)
     return CsvLoader(dataset, _data_loader(dataset, args, info, sampler=sampler), sampler)
+
+
+def build_loader(args: argparse.Namespace, info: DistInfo, tokenizer) -> TrainLoader:
+    """The loader of --train-data, CSV or shards; bad files fail here, before a model is built."""
+    loader = build_shard_loader(args, info, tokenizer) if dataset_type(args) == "webdataset" \
+        else build_csv_loader(args, info, tokenizer)
+    given = [f for f in ("augmented_caption_filelist", "rewrite_data", "rewrite_json_keys") if getattr(args, f)]
+    if given and not args.aug_text:
+        loader.notes.append(f"--{given[0].replace('_', '-')} without --aug-text: the rewrites are not used (CLIP)")
+    return loader

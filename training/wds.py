@@ -39,11 +39,10 @@ import numpy as np
 import torch
 import webdataset as wds
 from PIL import Image
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset, get_worker_info
 
-from common.distributed import on_every_rank
 from common.images import IMAGE_EXTENSIONS
-from training.data import MAX_LOGGED_FAILURES, all_captions, check_epoch_end, keyed_transform, pick_caption, sample_seed
+from training.data import MAX_LOGGED_FAILURES, all_captions, keyed_transform, pick_caption, sample_seed
 from training.shard_rewrites import RewriteSource, load_shard_rewrites, sample_rewrites
 
 log = logging.getLogger(__name__)
@@ -198,61 +197,3 @@ class ShardStream(IterableDataset):
         if self.spec.multi_text:
             return pixels, self.tokenizer(all_captions(caption, rewrites))
         return pixels, self.tokenizer(pick_caption(caption, rewrites, rng))
-
-
-class ShardLoader:
-    """The DataLoader over a ShardStream (a training/loaders.py TrainLoader) plus the read
-    positions of the batches it handed out: what the next epoch, or a resumed run, starts from."""
-
-    def __init__(self, stream: ShardStream, loader: DataLoader, rank: int = 0, world_size: int = 1) -> None:
-        self.stream, self.loader, self.rank, self.world_size = stream, loader, rank, world_size
-        self.samples = stream.batches * stream.batch_size * world_size
-        self.notes: list[str] = []
-        self.seen: dict[int, tuple[int, int, int]] = {}
-        self.epoch, self.batches, self.counts, self.resume_from = 0, 0, Counter(), None
-
-    def __len__(self) -> int:
-        return self.stream.batches
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for images, tokens, info in self.loader:
-            for worker, *position in info.pop("position").tolist():
-                self.seen[worker] = tuple(position)
-            self.batches += 1
-            self.counts.update({k: int(v.sum()) for k, v in info.items()})
-            yield images, tokens
-
-    def set_epoch(self, epoch: int) -> None:
-        """Before each epoch: it starts where the batches of the previous one stopped."""
-        check_epoch_end(self.resume_from, epoch)
-        self.stream.starts = self.next_starts()
-        self.stream.epoch = epoch
-        self.seen, self.epoch, self.batches, self.counts = {}, epoch, 0, Counter(dict.fromkeys(COUNT_KEYS, 0))
-
-    def report(self) -> dict[str, int]:
-        return dict(self.counts)
-
-    def next_starts(self) -> dict[int, tuple[int, int, int]]:
-        return {**self.stream.starts, **self.seen}
-
-    def state(self) -> dict:
-        """Every rank's next start positions, rank order (a collective: call on every rank)."""
-        gathered = on_every_rank(self.next_starts, self.world_size)
-        return {"epoch": self.epoch, "batches": self.batches, "layout": [self.world_size, self.stream.workers],
-                "shards": self.stream.spec.fingerprint(),
-                "starts": [[list(g.get(w, (0, 0, 0))) for w in range(self.stream.workers)] for g in gathered]}
-
-    def restore(self, state: Optional[dict]) -> Optional[str]:
-        """Start positions from a checkpoint's data_state; returns a note when they do not apply.
-        (A data_state without epoch and batches, from before they were recorded, is an epoch end.)"""
-        self.resume_from = state
-        if self.stream.spec.resampled or not state:
-            return None
-        layout = [self.world_size, self.stream.workers]
-        if state.get("layout") != layout or state.get("shards") != self.stream.spec.fingerprint():
-            first = min(tuple(s) for rank_starts in state.get("starts", [[[0, 0, 0]]]) for s in rank_starts)
-            self.stream.starts = {w: (first[0], 0, 0) for w in range(self.stream.workers)}
-            return (f"the checkpoint's data positions are for {state.get('layout')} ranks x workers or another "
-                    f"shard list; this run has {layout}: its workers start pass {first[0]} from the beginning")
-        self.stream.starts = {w: tuple(s) for w, s in enumerate(state["starts"][self.rank])}
-        return None
