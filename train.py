@@ -213,8 +213,8 @@ def end_of_epoch(args, epoch: int, stats: dict, zs: dict | None, best_acc1: floa
 
     def save_and_log() -> None:
         ckpt = ckpt_io.make_checkpoint(epoch + 1, tr.raw_model, tr.optimizer, tr.scaler, best_acc1, args,
-                                       info.world_size, data_state)
-        ckpt_io.save_checkpoint(ckpt, args.output_dir, is_best)
+                                       info.world_size)
+        ckpt_io.save_checkpoint({**ckpt, "data_state": data_state}, args.output_dir, is_best)
         with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
             f.write(json.dumps(record) + "\n")
         if tr.writer is not None:

@@ -47,10 +47,8 @@ def atomic_save(obj: Any, path: str) -> None:
 
 
 def make_checkpoint(epoch: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    scaler: torch.amp.GradScaler, best_acc1: float | None, args: Any, world_size: int = 1,
-                    data_state: dict | None = None) -> dict:
-    """`model` is the bare CLIP (not DDP); its keys get the `module.` prefix here.
-    data_state: the loader's position (training/loaders.py), if any."""
+                    scaler: torch.amp.GradScaler, best_acc1: float | None, args: Any, world_size: int = 1) -> dict:
+    """`model` is the bare CLIP (not DDP); its keys get the `module.` prefix here."""
     state = {f"module.{k}": v for k, v in model.state_dict().items()}
     return {
         "epoch": epoch,
@@ -60,7 +58,6 @@ def make_checkpoint(epoch: int, model: nn.Module, optimizer: torch.optim.Optimiz
         "best_acc1": best_acc1,
         "args": dict(vars(args)),
         "world_size": world_size,
-        **({"data_state": data_state} if data_state is not None else {}),
     }
 
 
