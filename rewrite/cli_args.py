@@ -229,9 +229,6 @@ def validate(raw: dict[str, Any]) -> Config:
     if is_shard_input(c.prompt_filename) or isinstance(c.prompt_filename, (list, tuple)):
         prompt, output, text_key = check_shard_flags(c.prompt_filename, c.output_filename, c.text_key)
     else:
-        if len(modes) > 1:
-            raise ValueError(f"--sample_mode {','.join(modes)}: a caption text file is rewritten in one mode "
-                             "(one output file); give shards (.parquet / .tar) to rewrite in several at once")
         if c.text_key is not None:
             raise ValueError("--text_key names the caption field of .parquet / .tar shards; "
                              f"--prompt_filename {c.prompt_filename} is a text file")
