@@ -293,7 +293,8 @@ def run_group(job: Job, generator: Generator) -> RunTotals:
         from fairscale.nn.model_parallel import initialize as fs
         group = fs.get_model_parallel_group()
     order, totals, warned = iter(walk_order(job.units.count, p.dp_rank, p.dp_size)), RunTotals(), [0]
-    with tqdm(unit="line", disable=p.rank != 0, dynamic_ncols=True) as bar:  # closed before any error's message
+    with tqdm(total=job.units.total_lines, unit="line", disable=p.rank != 0 or not job.units.total_lines,
+              dynamic_ncols=True) as bar:  # closed before any error's message; shards print a line each
         while True:
             claimed: list[Optional[Claim]] = [None]
 

@@ -136,7 +136,7 @@ class ShardUnits:
 
     def __init__(self, shards: list[Path], out_dir: Path, text_key: str, modes: tuple[str, ...], settings: dict):
         self.shards, self.out_dir, self.text_key, self.modes, self.settings = shards, out_dir, text_key, modes, settings
-        self.count = len(shards)
+        self.count, self.total_lines = len(shards), None  # lines are counted as shards are read
 
     def output(self, unit: int) -> Path:
         return shard_output_path(self.out_dir, shard_stem(self.shards[unit]))

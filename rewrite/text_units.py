@@ -95,6 +95,7 @@ class TextUnits:
         self.outputs = {m: mode_output(output, m, modes) for m in modes}
         self.pending: tuple[str, ...] = modes  # modes not yet complete (set by plan)
         self.count = 1
+        self.total_lines = info.lines
 
     def plan_lock(self) -> FileLock:
         first = next(iter(self.outputs.values()))
