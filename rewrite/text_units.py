@@ -200,7 +200,7 @@ class TextUnits:
         for m, stats in self.merge_finished().items():
             if stats is None:
                 done.append(f"done: {self.outputs[m]} is not finished: some of its {self.count} units are held by "
-                            "another run or unfinished (rerun the same command to complete them)")
+                            "another run or unfinished (rerun the same command to complete them).")
                 continue
             done.append(f"done: {self.outputs[m]} has {stats['lines']} lines: {stats['rewritten']} rewritten, "
                         f"{stats['fallbacks']} fell back to the original caption, {stats['empty']} empty; "
