@@ -1,5 +1,5 @@
 """The fire entry point of llama_rewrite.py: flags (rewrite/cli_args.py) -> a checked
-Config -> the dry run or the run (rewrite/runner.py), with engine errors naming flags."""
+Config -> the dry run or the run (rewrite/runner.py)."""
 from __future__ import annotations
 
 import sys
@@ -7,7 +7,7 @@ import sys
 import fire
 
 from rewrite.cli_args import check_argv, flags_help, signature, validate
-from rewrite.runner import Interrupted, run_cli
+from rewrite.runner import run_cli
 
 
 def main(**flags) -> None:
@@ -33,11 +33,8 @@ def cli(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as e:
         print(f"llama_rewrite.py: error: {e}", file=sys.stderr)
         return 2
-    except Interrupted as e:
-        print(f"llama_rewrite.py: {e}", file=sys.stderr)
-        return 130
-    except KeyboardInterrupt:
-        print("llama_rewrite.py: interrupted; committed lines are kept, rerun the same command to resume",
+    except KeyboardInterrupt as e:  # runner.Interrupted says what was committed
+        print(f"llama_rewrite.py: {e or 'interrupted; committed lines are kept, rerun the same command to resume'}",
               file=sys.stderr)
         return 130
     return 0

@@ -27,6 +27,7 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable
 
 from common.fileio import write_json_atomic
 from common.locking import FileLock
@@ -121,6 +122,13 @@ def describe_changes(old: dict, new: dict) -> str:
 
 def add_stats(total: dict, delta: dict) -> dict:
     return {k: total.get(k, 0) + delta.get(k, 0) for k in STAT_KEYS}
+
+
+def sum_stats(items: Iterable[dict]) -> dict:
+    total = dict.fromkeys(STAT_KEYS, 0)
+    for s in items:
+        total = add_stats(total, s)
+    return total
 
 
 @dataclass
@@ -279,9 +287,6 @@ class RunTotals:
 
     @staticmethod
     def sum(everyone: list["RunTotals"]) -> "RunTotals":
-        total = RunTotals()
-        for t in everyone:
-            total.units, total.lines, total.tokens = total.units + t.units, total.lines + t.lines, total.tokens + t.tokens
-            total.stats = add_stats(total.stats, t.stats)
-            total.skipped.update(t.skipped)
-        return total
+        return RunTotals(sum(t.units for t in everyone), sum(t.lines for t in everyone),
+                         sum_stats(t.stats for t in everyone), sum((t.skipped for t in everyone), Counter()),
+                         sum(t.tokens for t in everyone))

@@ -1,15 +1,10 @@
-"""A rewriting run over units of work: the line ranges of a caption file
-(rewrite/text_units.py) or the shards of a pattern (rewrite/shard_output.py). Every
-data-parallel group walks the units from its own starting point: claim the next one
-nobody has finished or holds, rewrite it window by window in every sample mode, commit
-each window, finish it, move on. Flags arrive checked, as a `Config`.
-
-The group's writer (model-parallel rank 0) decides (unit, resume point) and sends it to
-the group's other ranks, which read and generate the same lines in lock step; groups never
-wait for each other until the final summary. Each caption's rewrite depends on (seed,
-mode, line or key, caption) only (rewrite/prompts.py), so the output is the same whatever
-the number of groups, jobs, kills and resumes.
-"""
+"""A rewriting run over units of work: the line ranges of a caption file (rewrite/text_units.py)
+or the shards of a pattern (rewrite/shard_output.py). Each data-parallel group's writer
+(model-parallel rank 0) claims the next unit nobody has finished or holds and sends (unit, resume
+point) to its group; the group rewrites it window by window in every sample mode, the writer
+commits each window and finishes the unit. A caption's rewrite depends on (seed, mode, line or
+key, caption) only (rewrite/prompts.py), so the output is the same whatever the number of groups,
+jobs, kills and resumes. Flags arrive checked, as a `Config`. Details: docs/rewriting.md."""
 from __future__ import annotations
 
 import dataclasses
@@ -17,7 +12,6 @@ import hashlib
 import json
 import sys
 import time
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional, TypeVar, Union
@@ -32,7 +26,7 @@ from rewrite.input_lines import Line, read_lines, scan_input
 from rewrite.launch import engine_errors_name_flags, setup_parallel, teardown_parallel
 from rewrite.llama import (Generator, ParallelInfo, TokenizerBase, default_dtype, load_generator, load_tokenizer,
                            open_checkpoint)
-from rewrite.output import STAT_KEYS, Claim, RunTotals, add_stats
+from rewrite.output import Claim, RunTotals
 from rewrite.prompts import (Pool, TokenizerLike, build_prompt, choose_examples, finish_line, fit_prompt, load_pool,
                              longest_prefix_tokens, normalize_sample_modes, one_line, sampling_seed)
 from rewrite.shard_input import ShardLines, expand_shards, is_shard_input, shard_stem
@@ -104,24 +98,20 @@ def write_dry_run(cfg: Config, tokenizer: Optional[TokenizerBase]) -> None:
     if is_shard_input(cfg.prompt_filename):
         cfg.output_filename.mkdir(exist_ok=True)
         files = [(cfg.output_filename / f"{shard_stem(p)}.prompts.jsonl", tuple(configs),
-                  ShardLines(p, cfg.text_key).read, "key") for p in expand_shards(cfg.prompt_filename)]
+                  ShardLines(p, cfg.text_key).read, True) for p in expand_shards(cfg.prompt_filename)]
     else:
         n = scan_input(cfg.prompt_filename).lines
         outs = {m: mode_output(cfg.output_filename, m, tuple(configs)) for m in configs}
         files = [(o.with_name(o.name + ".prompts.jsonl"), (m,), lambda: read_lines(cfg.prompt_filename, 0, 0, n),
-                  "line") for m, o in outs.items()]
-    for out, modes, lines, key in files:
+                  False) for m, o in outs.items()]
+    for out, modes, lines, keyed in files:
         def write(tmp: str) -> None:
             with open(tmp, "w", encoding="utf-8") as f:
                 for line in lines():
-                    for m in modes:
-                        row = {key: line.index, "caption": line.text, "mode": m, "undecodable": line.undecodable,
-                               "prompt": None, "prompt_tokens": None, "truncated": False, "seed": None,
-                               "examples": None}
-                        if key == "key":  # a shard's row names its mode; a caption file's its line's bytes
-                            row = {k: row[k] for k in ("key", "caption", "mode", "prompt")}
-                        else:
-                            del row["mode"]
+                    for m in modes:  # a shard's row names its mode; a caption file's its line's bytes
+                        row = {"key": line.index, "caption": line.text, "mode": m, "prompt": None} if keyed else {
+                            "line": line.index, "caption": line.text, "undecodable": line.undecodable, "prompt": None,
+                            "prompt_tokens": None, "truncated": False, "seed": None, "examples": None}
                         if line.text.strip():
                             row.update(line_request(configs[m], pools[m], tokenizer, line.index, line.text)
                                        .dry_run_fields())
@@ -239,8 +229,7 @@ def plan_units(cfg: Config, settings: dict[str, dict], dp_size: int) -> tuple[Un
 def prepare(cfg: Config) -> Job:
     """The checkpoint folder and tokenizer (opened once), process groups, context checks, and
     on rank 0 the plan of the units (sent to every rank)."""
-    with engine_errors_name_flags(cfg.ckpt_dir):
-        ckpt = open_checkpoint(cfg.ckpt_dir)
+    ckpt = open_checkpoint(cfg.ckpt_dir)  # its errors get the flag's name in run_cli
     parallel = setup_parallel(ckpt, cfg.model_parallel_size)
     tokenizer = load_tokenizer(cfg.tokenizer_path, cfg.ckpt_dir)
     configs = mode_configs(cfg)
@@ -260,7 +249,7 @@ def walk_order(n: int, dp_rank: int, dp_size: int) -> list[int]:
     return list(range(start, n)) + list(range(start))
 
 
-class Interrupted(Exception):
+class Interrupted(KeyboardInterrupt):
     """Ctrl-C during the run, with what was kept (the committed lines stay; rerun to resume)."""
 
 

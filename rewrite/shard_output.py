@@ -26,7 +26,8 @@ from typing import Iterator, Optional, Sequence
 from common.fileio import atomic_write, write_json_atomic
 from common.locking import FileLock, describe_holder, lock_path
 from rewrite.input_lines import Line
-from rewrite.output import STAT_KEYS, Claim, RunTotals, ResumeError, ShareWriter, add_stats, describe_changes, record_path
+from rewrite.output import (Claim, ResumeError, RunTotals, ShareWriter, add_stats, describe_changes,
+                            record_path, sum_stats)
 from rewrite.shard_input import ShardLines, input_fingerprint, shard_stem
 
 RUN_RECORD = "rewrite.json"
@@ -124,11 +125,8 @@ def read_metadata(out: Path) -> dict:
 
 def combine_mode_stats(per_mode: list[list[dict]]) -> dict:
     """A window's counts over its modes: lines, empty and undecodable once; rewrites per mode."""
-    total = dict.fromkeys(STAT_KEYS, 0)
-    for k, per_line in enumerate(per_mode):
-        for s in per_line:
-            total = add_stats(total, s if k == 0 else {c: s.get(c, 0) for c in ("rewritten", "fallbacks", "truncated")})
-    return total
+    rest = sum_stats(s for per_line in per_mode[1:] for s in per_line)
+    return add_stats(sum_stats(per_mode[0]), {k: rest[k] for k in ("rewritten", "fallbacks", "truncated")})
 
 
 class ShardUnits:

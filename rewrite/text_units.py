@@ -1,19 +1,14 @@
 """A caption text file as units of work: N contiguous line ranges, each written by whoever
-claims it (rewrite/runner.py walks them), then concatenated in order into the output.
+claims it (rewrite/runner.py), then concatenated in order into the output.
 
-Files for --output_filename OUT (one per --sample_mode: OUT itself for one mode, else
-OUT's name with the mode before its suffix, target.txt -> target.bard.txt):
-  one unit:  OUT itself, record OUT.progress.json
-  N units:   OUT.part-UUUUU-of-NNNNN (+ .progress.json each; record layout
-             {"dp_size": N, "share": [start, end]}); when all are complete, the job that
-             sees it concatenates them into OUT (atomically), writes OUT.progress.json
-             and removes the parts.
-These are the names and records the data-parallel groups of earlier versions wrote, so
-their partial runs resume. A fresh plan has one unit per data-parallel group (at least one
-per UNIT_LINES lines); the units, once on disk, stay what they are: a resume with another
-number of processes, or a second job on the same file, claims the units that are left.
-A unit is claimed with an flock on its file in every mode (common.locking), so two live
-processes never write the same unit. Commits and records: rewrite/output.py.
+Files for --output_filename OUT, per --sample_mode (OUT itself for one mode, else the mode
+before its suffix, target.txt -> target.bard.txt): one unit writes OUT itself (record
+OUT.progress.json); N units write OUT.part-UUUUU-of-NNNNN (+ .progress.json each, layout
+{"dp_size": N, "share": [start, end]}), merged into OUT when all are complete. These are
+the files the data-parallel groups of earlier versions wrote, so their partial runs resume.
+A fresh plan has one unit per data-parallel group (at least one per UNIT_LINES lines); once
+on disk the units stay, and any number of processes or jobs claim those left (an flock on
+the unit's file in every mode). Commits and records: rewrite/output.py.
 """
 from __future__ import annotations
 
@@ -25,9 +20,9 @@ from typing import Iterator, Optional
 from common.fileio import atomic_write, write_json_atomic
 from common.locking import FileLock
 from rewrite.input_lines import InputInfo, Line, offset_of_line, read_lines, share_range
-from rewrite.output import (COMMITTED_TYPES, READ_CHUNK, RECORD_VERSION, STAT_KEYS, Claim, ResumeError, ShareWriter,
-                            add_stats, check_committed, check_fits, describe_changes, new_checksum, read_record, record_path,
-                            RunTotals, typed_state)
+from rewrite.output import (COMMITTED_TYPES, READ_CHUNK, RECORD_VERSION, Claim, ResumeError, RunTotals,
+                            ShareWriter, check_committed, check_fits, describe_changes, new_checksum,
+                            read_record, record_path, sum_stats, typed_state)
 
 UNIT_LINES = 1 << 20  # a fresh plan has at least one unit per this many lines
 _PART_RE = re.compile(r"\.part-(\d{5})-of-(\d{5})$")
@@ -173,10 +168,8 @@ class TextUnits:
             skip = max(0, writer.state.next_line - first)
             if skip < len(window):
                 out, per_line = per_mode[m]
-                stats = dict.fromkeys(STAT_KEYS, 0)
-                for s in per_line[skip:]:
-                    stats = add_stats(stats, s)
-                writer.commit(out[skip:], next_line=window[-1].index + 1, in_offset=window[-1].end, stats=stats)
+                writer.commit(out[skip:], next_line=window[-1].index + 1, in_offset=window[-1].end,
+                              stats=sum_stats(per_line[skip:]))
 
     def finish(self, claim: Claim) -> None:
         for writer in claim.writers.values():
@@ -250,9 +243,7 @@ def merge_parts(output: Path, parts: list[Path], records: list[dict], fingerprin
     then remove the parts. A crash anywhere here is redone by rerunning: the parts stay
     until OUT and its record are in place."""
     checksum: list = []
-    stats = dict.fromkeys(STAT_KEYS, 0)
-    for record in records:
-        stats = add_stats(stats, record["state"].get("stats", {}))
+    stats = sum_stats(record["state"].get("stats", {}) for record in records)
 
     def concatenate(tmp: str) -> None:
         with open(tmp, "wb") as out:

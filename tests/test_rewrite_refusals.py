@@ -4,7 +4,6 @@ damaged record, an unwritable folder; Ctrl-C is one line and keeps the committed
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import subprocess
@@ -17,7 +16,6 @@ from common.locking import FileLock
 from conftest import REWRITE_PAIRS as PAIRS, make_tiny_rewrite_setup, unwritable_dir
 from rewrite import cli_args, llama_rewrite, runner
 from rewrite.output import record_path
-from rewrite.prompts import load_pool
 
 CAPTIONS = ["person rides a bike", "a bowl of soup", "boats in the harbour", "snow on the hills",
             "tea and cake", "a cat on a mat", "the old bridge", "kids play football", "a lamp"]

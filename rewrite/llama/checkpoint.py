@@ -18,7 +18,7 @@ from .formats import (Checkpoint, WeightSource, default_dtype, find_tokenizer, l
 from .generation import Generator
 from .model import ModelArgs, Transformer, split_dim
 from .parallel import ParallelInfo
-from .tokenizer import TokenizerBase
+from .sentencepiece_tokenizer import TokenizerBase
 
 
 def read_rank_state(source: WeightSource, mp_size: int, mp_rank: int,
