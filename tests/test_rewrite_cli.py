@@ -135,6 +135,16 @@ def test_more_units_than_processes_resume_to_the_same_file(tiny, tmp_path, monke
     assert sorted(p.name for p in tmp_path.glob("out.txt*")) == ["out.txt", "out.txt.progress.json"]
 
 
+def test_checkpoint_folder_and_tokenizer_are_opened_once(tiny, tmp_path, monkeypatch):
+    from rewrite.llama import meta
+    opened = []
+    real_init, real_tokenizer = meta.MetaCheckpoint.__init__, runner.load_tokenizer
+    monkeypatch.setattr(meta.MetaCheckpoint, "__init__", lambda self, *a: opened.append("ckpt") or real_init(self, *a))
+    monkeypatch.setattr(runner, "load_tokenizer", lambda *a: opened.append("tokenizer") or real_tokenizer(*a))
+    rewrite(tiny, write_lines(tmp_path / "src.txt", CAPTIONS[:3]), tmp_path / "out.txt")
+    assert sorted(opened) == ["ckpt", "tokenizer"]
+
+
 def test_finished_run_reports_complete(tiny, tmp_path, capsys):
     src = write_lines(tmp_path / "src.txt", CAPTIONS[:4])
     first = rewrite(tiny, src, tmp_path / "out.txt")
