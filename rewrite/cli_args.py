@@ -43,8 +43,8 @@ class Config:
                                   "img2dataset .parquet files or webdataset .tar files ('laion/{00000..00099}.tar').")
     output_filename: Path = _flag(Path("text/target.txt"), "rewrites, one per line, aligned with the captions; with "
                                   "shards a folder: one NNNNN.parquet per shard (key, caption, one column per mode).")
-    sample_mode: str = _flag("chatgpt", "example pool: chatgpt, bard, mscoco (or coco), human; with shards a comma "
-                             "list (chatgpt,bard,mscoco,human) rewrites in every mode in one pass.")
+    sample_mode: str = _flag("chatgpt", "example pool: chatgpt, bard, mscoco (or coco), human; a comma list "
+                             "(chatgpt,bard) rewrites in every mode in one pass (a text file: OUT.<mode>.txt each).")
     max_gen_len: int = _flag(77, "most new tokens per rewrite.")
     seed: int = _flag(1, "fixes the examples and the sampling of every line.")
     examples: Optional[str] = _flag(None, 'own pool: JSON {"pairs": ...} / {"groups": ...}, or the original utils.py.')
