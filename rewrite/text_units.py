@@ -99,11 +99,10 @@ class TextUnits:
     def plan(self, dp_size: int, overwrite: bool) -> tuple[int, tuple[str, ...]]:
         """On global rank 0, under the plan lock: (N, modes left to do); every missing unit is
         created (record first), so a second job sees this plan."""
-        if overwrite:
-            for out in self.outputs.values():
-                for part, _ in existing_parts(out):
-                    _remove(part)
-                _remove(out)
+        for out in self.outputs.values() if overwrite else ():
+            for path in [out, *(p for p, _ in existing_parts(out))]:
+                with FileLock(path, f"--overwrite: {path}"):  # a live run's unit is not pulled away
+                    _remove(path)
         self.pending = tuple(m for m, out in self.outputs.items() if not _finished(out, self.fingerprints[m]))
         counts = {units_on_disk(self.outputs[m]) for m in self.pending} - {0}
         if len(counts) > 1:

@@ -137,6 +137,8 @@ def test_text_units_are_claimed_one_holder_each(tmp_path):
         assert (claim.start, claim.offset) == (2, len("caption 0\ncaption 1\n"))
         assert units.claim(1) is None  # held by this claim now
         claim.close()
+        with pytest.raises(ValueError, match=r"--overwrite: .*part-00002-of-00004 is in use by process"):
+            units.plan(dp_size=4, overwrite=True)  # a live run's unit is never pulled away
 
 
 # ---------------------------------------------------------------- the record
