@@ -5,7 +5,7 @@ import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import torch
 from torch import nn
@@ -70,7 +70,7 @@ class Trainer:
     raw_model: nn.Module
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
-    loader: Any
+    loader: Any  # a training/loaders.py TrainLoader: batches (images, tokens), report()
     schedule: CosineSchedule
     steps_per_epoch: int
     update_freq: int
@@ -81,27 +81,29 @@ class Trainer:
     world_size: int = 1
     writer: Any = None  # TensorBoard SummaryWriter or None
     logit_scale_max: float = LOGIT_SCALE_MAX  # the clamp of the logit-scale parameter after each step
+    save_every: int = 0  # --save-every-steps: call on_save after every N optimizer steps inside an epoch
+    on_save: Callable[[int, "EpochProgress"], None] | None = None  # (epoch, progress so far); on every rank
 
 
-def batch_counts(counts) -> dict[str, int]:
-    """The batch's counts of skipped inputs by kind: a dict of [b] tensors (webdataset path) or
-    the CSV dataset's failed image loads per item."""
-    if not isinstance(counts, dict):
-        counts = {"skipped_images": counts}
-    return {k: int(v.sum()) for k, v in counts.items()}
+@dataclass
+class EpochProgress:
+    """An epoch part-way: optimizer steps done, this rank's running sums and the seconds spent
+    (saved by a mid-epoch checkpoint, so the resumed epoch's log line is the uninterrupted one's)."""
+    steps: int
+    sums: dict[str, float]  # loss, acc (weighted by samples) and samples
+    seconds: float
 
 
 class MicroStep(NamedTuple):
     loss: float
     acc: float  # in-batch image->text accuracy, percent
     samples: int  # rows of the micro-batch
-    skipped: dict[str, int]  # inputs skipped to make it, by kind (skipped_images, ...)
 
 
 def micro_step(tr: Trainer, batch, sync: bool, step: int) -> MicroStep:
     """Forward + backward of one micro-batch.
     tokens [b, 77], or [b, T, 77] for LaCLIP-MT (each image with its T texts)."""
-    images, tokens, counts = batch
+    images, tokens = batch
     images = images.to(tr.device, non_blocking=True)  # [b, 3, 224, 224]
     tokens = tokens.to(tr.device, non_blocking=True)  # [b, 77] or [b, T, 77]
     rows, texts = images.shape[0], tokens.shape[1] if tokens.ndim == 3 else 0
@@ -125,7 +127,7 @@ def micro_step(tr: Trainer, batch, sync: bool, step: int) -> MicroStep:
                 f"loss is {loss_value} at optimizer step {step}; stopping. Lower --lr, try "
                 f"--amp-dtype bf16 or --disable-amp, or resume from the last checkpoint.")
         tr.scaler.scale(loss / tr.update_freq).backward()
-    return MicroStep(loss_value, metrics["clip_acc"].item(), rows, batch_counts(counts))
+    return MicroStep(loss_value, metrics["clip_acc"].item(), rows)
 
 
 def embeddings(out: dict) -> dict:
@@ -145,20 +147,22 @@ def optimizer_step(tr: Trainer) -> None:
         tr.raw_model.logit_scale.clamp_(0, tr.logit_scale_max)
 
 
-def train_one_epoch(tr: Trainer, epoch: int) -> dict[str, float]:
-    """Run `steps_per_epoch` optimizer steps of `update_freq` micro-batches each.
+def train_one_epoch(tr: Trainer, epoch: int, resumed: EpochProgress | None = None) -> dict[str, float]:
+    """Run `steps_per_epoch` optimizer steps of `update_freq` micro-batches each (from
+    `resumed.steps` on for a mid-epoch resume, whose loader skips the batches already used).
 
     Batches past steps_per_epoch * update_freq are not used, so no gradient leaks
-    into the next epoch. Returns the epoch's statistics, summed over all ranks.
+    into the next epoch. Returns the epoch's statistics, summed over all ranks, with the
+    loader's counts of skipped inputs (tr.loader: a training/loaders.py TrainLoader).
     """
     tr.model.train()
-    sums = {"loss": 0.0, "acc": 0.0, "samples": 0.0}
-    counts: dict[str, int] = {}
-    start = time.time()
-    bar = tqdm(total=tr.steps_per_epoch, desc=f"epoch {epoch}", disable=not tr.is_main,
+    first = resumed.steps if resumed else 0
+    sums = dict(resumed.sums) if resumed else {"loss": 0.0, "acc": 0.0, "samples": 0.0}
+    start = time.time() - (resumed.seconds if resumed else 0.0)
+    bar = tqdm(total=tr.steps_per_epoch, initial=first, desc=f"epoch {epoch}", disable=not tr.is_main,
                dynamic_ncols=True)
     batches = iter(tr.loader)
-    for micro in range(tr.steps_per_epoch * tr.update_freq):
+    for micro in range(first * tr.update_freq, tr.steps_per_epoch * tr.update_freq):
         local_step, sub = divmod(micro, tr.update_freq)
         step = epoch * tr.steps_per_epoch + local_step  # global optimizer step
         if sub == 0:
@@ -168,17 +172,18 @@ def train_one_epoch(tr: Trainer, epoch: int) -> dict[str, float]:
         ms = micro_step(tr, next(batches), last, step)
         for key, value in (("loss", ms.loss * ms.samples), ("acc", ms.acc * ms.samples), ("samples", ms.samples)):
             sums[key] += value
-        for key, value in ms.skipped.items():
-            counts[key] = counts.get(key, 0) + value
         if not last:
             continue
         optimizer_step(tr)
-        _report(tr, bar, step, local_step, ms.loss, ms.acc, sums["samples"], start)
+        _show_progress(tr, bar, step, local_step, ms.loss, ms.acc, sums["samples"], start)
+        done = local_step + 1
+        if tr.save_every and tr.on_save and done % tr.save_every == 0 and done < tr.steps_per_epoch:
+            tr.on_save(epoch, EpochProgress(done, dict(sums), time.time() - start))
     bar.close()
-    return _epoch_stats(tr, sums, counts, time.time() - start)
+    return _epoch_stats(tr, sums, tr.loader.report(), time.time() - start)
 
 
-def _report(tr: Trainer, bar, step: int, local_step: int, loss: float, acc: float,
+def _show_progress(tr: Trainer, bar, step: int, local_step: int, loss: float, acc: float,
             samples: float, start: float) -> None:
     lr = tr.optimizer.param_groups[0]["lr"]
     bar.update(1)

@@ -23,6 +23,7 @@ from common.fileio import atomic_write
 from models import open_clip_arch
 from training.data import train_transform
 from training.engine import param_groups as engine_param_groups
+from training.loaders import check_webdataset_args, dataset_type
 from training.loss import LOGIT_SCALE_MAX as LOSS_SCALE_MAX
 
 # open_clip_train spellings accepted here (the same meaning), for the README and the refusal message.
@@ -249,6 +250,16 @@ def architecture(args: argparse.Namespace, preset_tokenizer: Callable) -> Archit
     parts = open_clip_arch.create(args.model, args.quickgelu, device="meta")
     return Architecture(args.model, True, args.quickgelu, parts.tokenizer, parts.train_transform,
                         parts.eval_transform, LOGIT_SCALE_MAX)
+
+
+def rewrite_sources(args: argparse.Namespace) -> int:
+    """The caption pick's rewrite sources: the rewrite files, or the shards' columns + JSON keys."""
+    if not args.aug_text:
+        return 0
+    if dataset_type(args) == "webdataset":
+        spec = check_webdataset_args(args)
+        return spec.rewrites.slots if spec.rewrites else 0
+    return len(args.augmented_caption_filelist)
 
 
 def check_text_weights(args: argparse.Namespace, sources: int) -> None:

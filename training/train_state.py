@@ -36,7 +36,8 @@ RESUME_MUST_MATCH = ("model", "train_data", "root", "aug_text", "augmented_capti
 # Flags that change where and how the run is watched, not the weights it computes.
 RESUME_FREE = ("output_dir", "resume", "start_epoch", "imagenet_root", "workers", "print_freq",
                "eval_batch_size", "device", "dist_timeout", "trust_checkpoint", "resume_override",
-               "eval_benchmark", "eval_tasks", "eval_every")
+               "eval_benchmark", "eval_tasks", "eval_every", "save_every_steps", "save_frequency",
+               "delete_previous_checkpoint", "grad_checkpointing", "precision", "local_loss", "gather_with_grad")
 LABELS = {"world_size": "processes", "augmented_caption_filelist": "--augmented_caption_filelist"}
 
 
@@ -159,7 +160,10 @@ class Resumed(NamedTuple):
     """What a checkpoint gives a resumed run besides the weights and optimizer state."""
     epoch: int  # epochs completed
     best_acc1: float | None
-    data_state: dict | None  # where webdataset shard passes continue (training/wds.py), if saved
+    data_state: dict | None  # the loader's position (training/loaders.py), if saved
+    # a mid-epoch checkpoint's (--save-every-steps): steps done in epoch `epoch`, every rank's running
+    # sums, seconds and torch RNG state (train.py's save_mid_epoch); None at an epoch end
+    progress: dict | None = None
 
 
 def load_training_state(path: str, model: nn.Module, model_name: str,
@@ -194,7 +198,8 @@ def load_training_state(path: str, model: nn.Module, model_name: str,
         scaler.load_state_dict(ckpt["scaler"])
     best = ckpt.get("best_acc1")
     # float(): another script may have stored a 0-d tensor, which json.dumps rejects.
-    return Resumed(int(ckpt.get("epoch", 0)), None if best is None else float(best), ckpt.get("data_state"))
+    return Resumed(int(ckpt.get("epoch", 0)), None if best is None else float(best), ckpt.get("data_state"),
+                   ckpt.get("epoch_progress"))
 
 
 def check_optimizer_state(optimizer: torch.optim.Optimizer, path: str, flag: str) -> None:
