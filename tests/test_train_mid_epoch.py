@@ -89,7 +89,8 @@ def test_a_crash_mid_epoch_on_shards_equals_an_uninterrupted_run(tmp_path, monke
     extra = ["--dataset-resampled"] if resampled else []
     train.main(shard_argv(shards, tmp_path / "whole", *extra, model=config))
     argv = shard_argv(shards, tmp_path / "cut", "--save-every-steps", "5", *extra, model=config)
-    crash_after(monkeypatch, 2)  # epoch 0, after 10 of its 12 steps
+    crash_after(monkeypatch, 3)  # epoch 1, after 5 of its 12 steps: an odd batch count, so the
+    # resumed DataLoader's first process must continue the stream of loader worker 1
     with pytest.raises(Crash):
         train.main(argv)
     monkeypatch.undo()

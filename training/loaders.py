@@ -124,8 +124,10 @@ class ShardLoader(EpochBatches):
         super().set_epoch(epoch)
         saved = self.resume_from
         self.stream.starts, self.stream.epoch, self.stream.replay = {**self.stream.starts, **self.seen}, epoch, {}
-        self.seen, self.drawn = {}, {}
+        self.seen, self.drawn, self.stream.worker_offset = {}, {}, 0
         if self.resumed_batches(epoch):
+            # batch k comes from stream worker k % workers, and the DataLoader starts with its process 0
+            self.stream.worker_offset = self.batches % self.stream.workers
             layout = [self.world_size, self.stream.workers]
             if saved.get("layout") != layout or saved.get("shards") != self.stream.spec.fingerprint():
                 raise ValueError(f"the checkpoint is inside epoch {epoch} with data positions for {saved.get('layout')} "

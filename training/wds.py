@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import logging
 import math
 import random
@@ -96,15 +97,18 @@ class ShardStream(IterableDataset):
         # worker -> (draws, emitted): a mid-epoch resume replays the epoch's stream from `starts` up to
         # `draws` samples out of the shuffle buffer, without decoding them (they were trained on)
         self.replay: dict[int, tuple[int, int]] = {}
+        self.worker_offset = 0  # the stream worker of loader process 0 (not 0 after a mid-epoch resume)
         self._logged = 0  # bad samples and shards logged by this worker (each worker has its own copy)
 
     def __iter__(self) -> Iterator[tuple]:
         info = get_worker_info()
-        worker = 0 if info is None else info.id
+        # The stream's worker: the loader process's id, rotated after a mid-epoch resume so that the
+        # DataLoader's round robin (batch i from process i % workers) continues with the right stream.
+        worker = ((0 if info is None else info.id) + self.worker_offset) % self.workers
         rank = wds.utils.pytorch_worker_info()[0]
         pending: Counter = Counter()  # counts waiting to travel with the next good sample
         cursor = [self.starts.get(worker, (0, 0, 0))]
-        raw = self._resampled(pending) if self.spec.resampled else self._passes(worker, cursor, pending)
+        raw = self._resampled(rank, worker, pending) if self.spec.resampled else self._passes(worker, cursor, pending)
         rng = random.Random(stream_seed(self.spec.seed, self.epoch, rank, worker))
         size = max(1, min(SHUFFLE_BUFFER, self.worker_samples // 4))
         shuffled = wds.filters.shuffle(size, min(SHUFFLE_INITIAL, size), rng=rng)(raw)
@@ -149,15 +153,17 @@ class ShardStream(IterableDataset):
                                                          sample.get("json"))
             yield sample
 
-    def _pass_shards(self, p: int) -> list[str]:
+    def _pass_shards(self, p: int, worker: int) -> list[str]:
+        """Pass p's shards of this rank (webdataset's split_by_node) and stream worker (as its
+        split_by_worker, by the stream's worker id)."""
         order = [d["url"] for d in wds.SimpleShardList(list(self.spec.urls), seed=stream_seed(self.spec.seed, p))]
-        return list(wds.split_by_worker(wds.split_by_node(order)))
+        return list(itertools.islice(wds.split_by_node(order), worker, None, self.workers))
 
     def _passes(self, worker: int, cursor: list, pending: Counter) -> Iterator[dict]:
         """This worker's shards, pass after pass, from cursor[0]; cursor[0] follows the reading."""
         p, first_shard, skip = cursor[0]
         while True:
-            shards, read = self._pass_shards(p), 0
+            shards, read = self._pass_shards(p, worker), 0
             for s in range(first_shard, len(shards)):
                 for j, sample in enumerate(self._read_shard(shards[s], pending)):
                     if j < skip:
@@ -172,9 +178,10 @@ class ShardStream(IterableDataset):
                                    f"sample (e.g. {shards[0] if shards else '-'})")
             p, first_shard = p + 1, 0
 
-    def _resampled(self, pending: Counter) -> Iterator[dict]:
+    def _resampled(self, rank: int, worker: int, pending: Counter) -> Iterator[dict]:
+        # worker_seed: webdataset's default (rank * 1000 + worker), by the stream's worker id
         for shard in wds.ResampledShards(list(self.spec.urls), seed=stream_seed(self.spec.seed, self.epoch),
-                                         deterministic=True):
+                                         deterministic=True, worker_seed=lambda: rank * 1000 + worker):
             yield from self._read_shard(shard["url"], pending)
 
     # ------------------------------------------------------------ one sample
