@@ -9,9 +9,11 @@ or on webdataset shards (img2dataset output, training/wds.py).
     # LAION-style shards, rewrites joined by sample key
     torchrun --nproc-per-node 8 train.py --train-data 'laion/{00000..41407}.tar' --dataset-type webdataset \
         --train-num-samples 400000000 --aug-text --rewrite-data 'rewrites/{00000..41407}.parquet' ...
+    # an open_clip model (LaCLIP's LAION rows), checkpointed every 2000 steps
+    ... train.py --model ViT-B-32 --warmup 2000 --save-every-steps 2000 ...
 
-Setup lives here; the pieces are in `training/` (loaders, data, loss, engine, train_state;
-process groups in common/distributed.py). `python train.py --help` lists every flag.
+Setup lives here; the pieces are in `training/` (loaders, data, loss, engine, train_state; open_clip
+models and open_clip_train's flags in interop; process groups in common/distributed.py). `python train.py --help` lists every flag.
 """
 from __future__ import annotations
 
