@@ -61,9 +61,6 @@ def get_args_parser() -> argparse.ArgumentParser:
         "webdataset shards as a brace pattern, 'laion/{00000..41407}.tar'")
     add("--root", default="./data/", help="folder the CSV's image paths are relative to")
     add("--aug-text", action="store_true", help="LaCLIP: pick among original + rewritten captions")
-    add("--aug-text-weights", type=float, nargs="+", default=None, metavar="W",
-        help="--aug-text: probability of the original caption, then of each rewrite source (normalised; "
-             "default uniform, as the paper)")
     add("--augmented_caption_filelist", "--augmented-caption-filelist", nargs="+", default=[],
         metavar="FILE", help="rewrite files, one caption per line aligned with the CSV's samples")
     # webdataset shards (open_clip's spelling) and LaCLIP-MT

@@ -41,6 +41,9 @@ LOGIT_SCALE_MAX = math.log(100)  # open_clip_train's clamp (the project's preset
 
 def add_interop_args(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
+    add("--aug-text-weights", type=float, nargs="+", default=None, metavar="W",
+        help="--aug-text: probability of the original caption, then of each rewrite source (normalised; "
+             "default uniform, as the paper; Recap-style mixes such as 0.8 0.2)")
     add("--quickgelu", action="store_true", help="open_clip models: QuickGELU activations (LaCLIP's released "
         "ViT-L/14 was trained with them); refused for the presets, which always use QuickGELU")
     add("--grad-checkpointing", action="store_true", help="open_clip models: recompute activations in the "
