@@ -239,3 +239,11 @@ def test_save_frequency_keeps_open_clip_train_epoch_files(tmp_path):
     assert sorted(p.name for p in out.glob("epoch_*.pt")) == ["epoch_3.pt"]
     train.main(train_argv(data, tmp_path / "o2", "--epochs", "3", "--save-frequency", "2"))
     assert sorted(p.name for p in (tmp_path / "o2").glob("epoch_*.pt")) == ["epoch_2.pt", "epoch_3.pt"]
+
+
+def test_multi_text_trains_an_open_clip_model_on_the_csv(tmp_path):
+    """LaCLIP-MT: every text of an image through open_clip's tokenizer ([T, 77] per sample)."""
+    data = make_train_data(tmp_path, n=8)
+    config = write_tiny_config(tmp_path / "cfg")
+    stats = train.main(oc_argv(data, tmp_path / "out", config, "--epochs", "1", "--multi-text"))
+    assert stats[0]["samples"] == 8 and torch.isfinite(torch.tensor(stats[0]["loss"]))
