@@ -311,7 +311,7 @@ def rewrite_all(cfg: Config, pool: Pool, prep: Prepared) -> None:
     share = open_share(cfg, prep)
     try:
         generator = load_generator(cfg.ckpt_dir, cfg.tokenizer_path, cfg.max_seq_len, cfg.max_batch_size,
-                                   prep.parallel, prep.dtype, prep.tokenizer, cfg.share_prefixes)
+                                   prep.parallel, prep.dtype, prep.tokenizer, cfg.share_prefixes, cfg.compile)
         t0 = time.perf_counter()
         done = rewrite_share(cfg, pool, generator, share, prep.parallel.rank == 0)
     except KeyboardInterrupt:
@@ -325,7 +325,7 @@ def rewrite_all(cfg: Config, pool: Pool, prep: Prepared) -> None:
     totals = gather_totals(prep.parallel, share.writer, done, generator)
     if prep.parallel.dp_size > 1 and prep.parallel.rank == 0:  # every writer has finished: gather_totals synced
         merge_parts(cfg.output_filename, prep.parallel.dp_size, prep.fingerprint, totals.stats)
-    log(summary(cfg, totals, seconds))
+    log(summary(cfg, totals, seconds) + generator.compile_note())
 
 
 def run(cfg: Config, pool: Pool) -> None:

@@ -217,13 +217,13 @@ def summary(run: ShardRun, cfg: Config, everyone: list, seconds: float, tokens: 
 def run_shards(cfg: Config) -> None:
     run = prepare(cfg)
     generator = load_generator(cfg.ckpt_dir, cfg.tokenizer_path, cfg.max_seq_len, cfg.max_batch_size,
-                               run.parallel, run.dtype, run.tokenizer, cfg.share_prefixes)
+                               run.parallel, run.dtype, run.tokenizer, cfg.share_prefixes, cfg.compile)
     t0 = time.perf_counter()
     mine = run_group(run, cfg, generator)
     seconds = time.perf_counter() - t0
     tokens = generator.stats["generated_tokens"] if run.parallel.is_writer else 0
     everyone = on_every_rank(lambda: (mine if run.parallel.is_writer else None, tokens), run.parallel.world_size)
-    log(summary(run, cfg, [t for t, _ in everyone], seconds, sum(n for _, n in everyone)))
+    log(summary(run, cfg, [t for t, _ in everyone], seconds, sum(n for _, n in everyone)) + generator.compile_note())
 
 
 def write_shard_dry_run(cfg: Config) -> None:

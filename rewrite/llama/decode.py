@@ -65,7 +65,7 @@ class Decoder:
         self.device, self.dtype = w.device, w.dtype
         self.sync_every = 4 if compile and self.device.type == "cuda" else 1
         self._step: Optional[Callable] = None
-        self._views: dict[tuple[int, int], tuple] = {}
+        self._views: dict[tuple[int, int, bool], tuple] = {}
         self.compiles, self.compile_seconds, self.steps = 0, 0.0, 0
         self.cache: KVCache = []
 
@@ -121,9 +121,9 @@ class Decoder:
         else:
             B = batch_bucket(n, self.max_batch)
             L = min(-(-length // LENGTH_BUCKET) * LENGTH_BUCKET, self.max_len)
-            if (B, L) not in self._views:
-                self._views[(B, L)] = self._take(B, L, sampled)
-            self._compiled(self._views[(B, L)], temperature, top_p)
+            if (B, L, sampled) not in self._views:
+                self._views[(B, L, sampled)] = self._take(B, L, sampled)
+            self._compiled(self._views[(B, L, sampled)], temperature, top_p)
         self.steps += 1
 
     def _compiled(self, views: tuple, temperature: float, top_p: float) -> None:

@@ -127,6 +127,17 @@ class Generator:
         extra = {"compiles": d.compiles, "compile_seconds": d.compile_seconds} if d.compile else {}
         return {**self._stats, "decode_steps": d.steps, **extra}
 
+    def compile_note(self) -> str:
+        """For a run's log line: '' without compile, else the graphs compiled and their time, and
+        whether the run was too short to repay them."""
+        d = self.decoder
+        if not d.compile:
+            return ""
+        note = f"; decode step compiled: {d.compiles} graphs (first and recompiles) in {d.compile_seconds:.1f} s"
+        if d.compile_seconds > 0.5 * self._stats["seconds"]:
+            note += ", more than half of this run: too short to repay compiling (leave --compile off)"
+        return note
+
     def _check(self, prompts: list[list[int]], seeds: list[int], max_gen_len: int) -> None:
         if len(seeds) != len(prompts):
             raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds")
