@@ -10,7 +10,7 @@ changes from step to step. The host reads the generated tokens back every `sync_
 (rows stop and finished rows are compacted there; generation.py).
 
 Eager, each step sees exactly the rows still running and the columns written so far, as
-before. Compiled (`torch.compile(dynamic=True)`; on CUDA mode="reduce-overhead", CUDA graphs),
+before. Compiled (`torch.compile`, rows and key columns marked dynamic; on CUDA mode="reduce-overhead", CUDA graphs),
 a step sees the rows rounded up to a batch bucket and the columns rounded up to a multiple of
 LENGTH_BUCKET, columns past the current one masked: shapes change only when a bucket does, so
 compaction and prompts of any length reuse one compiled graph (recompiles are counted).
@@ -66,7 +66,7 @@ class Decoder:
         self.sync_every = 4 if compile and self.device.type == "cuda" else 1
         self._step: Optional[Callable] = None
         self._views: dict[tuple[int, int, bool], tuple] = {}
-        self.compiles, self.compile_seconds, self.steps = 0, 0.0, 0
+        self.compiles, self.compile_seconds, self.steps, self.compactions = 0, 0.0, 0, 0
         self.cache: KVCache = []
 
     def _allocate(self) -> None:
@@ -83,7 +83,7 @@ class Decoder:
         self.model.reserve_rope(S, d)
         if self.compile and self._step is None:
             mode = "reduce-overhead" if d.type == "cuda" else None  # CUDA graphs; inductor on the CPU
-            self._step = torch.compile(decode_step, dynamic=True, mode=mode)
+            self._step = torch.compile(decode_step, mode=mode)  # rows and columns dynamic: _take
         if self.compile and d.type == "cuda":  # CUDA graphs may then write these in place instead of copying them
             for x in [self.tok, self.col, self.t, self.positions, self.key_valid, self.u, self.out,
                       *(z for kv in self.cache for z in kv)]:
@@ -138,11 +138,14 @@ class Decoder:
     def _take(self, B: int, L: int, sampled: bool) -> tuple:
         views = (self.tok[:B], self.col, self.t, self.positions[:B], self.key_valid[:B, :L],
                  self.u[:B] if sampled else None, self.out[:B], [(k[:B, :, :L], v[:B, :, :L]) for k, v in self.cache])
-        if self.compile and self.device.type == "cuda":
-            for x in [views[0], views[3], views[4], views[6], *(z for kv in views[7] for z in kv)]:
-                torch._dynamo.mark_static_address(x)
-            if sampled:
-                torch._dynamo.mark_static_address(views[5])
+        if self.compile:  # one graph for every bucket: rows (dim 0) and key columns symbolic, weights static
+            kv = [z for pair in views[7] for z in pair]
+            for x in [views[0], views[3], views[4], views[6], *kv] + ([views[5]] if sampled else []):
+                torch._dynamo.maybe_mark_dynamic(x, 0)
+                if self.device.type == "cuda":  # CUDA graphs write these in place instead of copying them
+                    torch._dynamo.mark_static_address(x)
+            for x in [views[4], *kv]:
+                torch._dynamo.maybe_mark_dynamic(x, x.dim() - 2 if x.dim() == 4 else 1)
         return views
 
     def tokens(self, n: int, t0: int, t1: int) -> list[list[int]]:
@@ -153,6 +156,7 @@ class Decoder:
         """Move rows `keep` (ascending) to the front of every buffer, over the micro-batch's C columns."""
         idx = torch.tensor(keep, device=self.device)
         n = len(keep)
+        self.compactions += 1
         for x in [self.tok, self.positions, self.key_valid, self.u, self.out]:
             x[:n] = x.index_select(0, idx)
         for k, v in self.cache:
