@@ -31,20 +31,25 @@ def make_case(root: Path) -> tuple[Path, list[str]]:
     blocks = [" ".join(f"{caption()} => {caption()}." for _ in range(3)) for _ in range(4)]
     prompts = [f"{HEADER}{rng.choice(blocks)} {caption()} =>" for _ in range(400)]
     from testkit.tiny_llama import make_tiny_llama
-    return make_tiny_llama(root / "m", prompts[:60], dim=32, n_layers=2, n_heads=4, vocab_size=300), prompts
+    return make_tiny_llama(root / "m", prompts[:60], dim=32, n_layers=1, n_heads=4, vocab_size=300), prompts
 
 
 def with_stops(gen, prompts: list[list[int]]) -> None:
-    """Two tokens the model emits often play EOS and newline, so rows stop at different steps and
-    finished rows are compacted."""
+    """Tokens the model emits often play newline and EOS, enough of them that about two rows in
+    three stop early, at different steps: finished rows are compacted."""
     gen.tokenizer.eos_ids, gen.tokenizer.newline_ids, gen.tokenizer.newline_kept = frozenset(), frozenset(), frozenset()
     free = gen.generate(prompts[:50], 12, 0.9, 0.95, list(range(len(prompts[:50]))))
     counts: dict[int, int] = {}
     for seq in free:
         for t in set(seq[2:]):
             counts[t] = counts.get(t, 0) + 1
-    eos, nl = sorted(counts, key=lambda t: (-counts[t], t))[:2]
-    gen.tokenizer.eos_ids, gen.tokenizer.newline_ids = frozenset({eos}), frozenset({nl})
+    stops: set[int] = set()
+    for t in sorted(counts, key=lambda t: (-counts[t], t)):
+        if sum(bool(stops & set(seq[2:])) for seq in free) >= 2 * len(free) // 3:
+            break
+        stops.add(t)
+    nl = min(stops)
+    gen.tokenizer.eos_ids, gen.tokenizer.newline_ids = frozenset(stops - {nl}), frozenset({nl})
 
 
 def test_fused_projections_keep_the_checkpoint(tmp_path):
@@ -82,16 +87,16 @@ def test_reading_tokens_every_few_steps_changes_nothing(tmp_path):
 
 
 def run_both(gen, prompts: list[list[int]]) -> dict:
-    """Eager, then compiled with the same weights: texts greedy and sampled, over two calls of
-    200 captions (batch 100), and the graphs compiled after each call."""
+    """Eager, then compiled with the same weights: texts sampled over two calls of 200 captions
+    (batch 100), then greedy over 100, and the graphs compiled after each call."""
     from rewrite.llama import Generator
     compiled = Generator(gen.model, gen.tokenizer, gen.max_seq_len, 100, gen.parallel, compile=True)
     out: dict = {"compiles": []}
-    for temperature in (0.9, 0.0):
+    for temperature, calls in ((0.9, (prompts[:200], prompts[200:])), (0.0, (prompts[:100],))):
         for name, g in (("eager", gen), ("compiled", compiled)):
             texts = []
-            for half in (prompts[:200], prompts[200:]):
-                texts += g.generate(half, 12, temperature, 0.95, list(range(len(texts), len(texts) + 200)))
+            for half in calls:
+                texts += g.generate(half, 12, temperature, 0.95, list(range(len(texts), len(texts) + len(half))))
                 if name == "compiled":
                     out["compiles"].append(g.stats["compiles"])
             out[name, temperature] = texts
@@ -103,7 +108,7 @@ def check(out: dict) -> None:
     assert out["eager", 0.9] == out["compiled", 0.9]
     assert out["eager", 0.0] == out["compiled", 0.0]
     # one graph per sampling mode: compaction, prefix sharing and new prompt lengths recompile nothing
-    assert out["compiles"] == [1, 1, 2, 2], out["compiles"]
+    assert out["compiles"] == [1, 1, 2], out["compiles"]
     assert out["compactions"] > 0 and out["stats"]["prefill_tokens"] < out["stats"]["prompt_tokens"]
     assert any(len(t) < 12 for t in out["compiled", 0.9]) and any(len(t) == 12 for t in out["compiled", 0.9])
 
@@ -137,7 +142,7 @@ def test_compiled_step_matches_eager_two_processes(tmp_path):
     from testkit.tiny_llama import make_tiny_llama
     d, texts = make_case(tmp_path)
     state = {k: v.float() for k, v in torch.load(d / "consolidated.00.pth").items() if k != "rope.freqs"}
-    make_tiny_llama(tmp_path / "mp2", texts[:60], dim=32, n_layers=2, n_heads=4, vocab_size=300, mp=2,
+    make_tiny_llama(tmp_path / "mp2", texts[:60], dim=32, n_layers=1, n_heads=4, vocab_size=300, mp=2,
                     state_dict=state)
     (tmp_path / "prompts.txt").write_text("\n".join(texts))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
