@@ -315,6 +315,8 @@ def fuse_projections(model: Transformer) -> Transformer:
     and values stay those of the checkpoint. Call on a loaded model; returns it."""
     for layer in model.layers:
         att, ffn = layer.attention, layer.feed_forward
+        if att.wqkv is not None:  # already fused
+            continue
         att.wqkv = _fuse(att.wq, att.wk, att.wv)
         ffn.w13 = _fuse(ffn.w1, ffn.w3)
     return model
