@@ -98,13 +98,31 @@ class ParallelLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(shape))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from fairscale.nn.model_parallel import mappings
         y = F.linear(x, self.weight)
         if self.kind == "row":
-            return mappings.reduce_from_model_parallel_region(y)
+            return _all_reduce(y)
         if self.kind == "out":
-            return mappings.gather_from_model_parallel_region(y)
+            return _gather_last(y)
         return y
+
+
+def _all_reduce(y: torch.Tensor) -> torch.Tensor:
+    """Sum over the model-parallel group: fairscale's mapping, or inside torch.compile the same
+    collective in its traceable form, so a compiled step stays one graph."""
+    from fairscale.nn.model_parallel import initialize, mappings
+    if torch.compiler.is_compiling():
+        import torch.distributed._functional_collectives as funcol
+        return funcol.all_reduce(y, "sum", initialize.get_model_parallel_group())
+    return mappings.reduce_from_model_parallel_region(y)
+
+
+def _gather_last(y: torch.Tensor) -> torch.Tensor:
+    """The ranks' parts concatenated along the last dim (as `_all_reduce`, fairscale's or traceable)."""
+    from fairscale.nn.model_parallel import initialize, mappings
+    if torch.compiler.is_compiling():
+        import torch.distributed._functional_collectives as funcol
+        return funcol.all_gather_tensor(y, y.dim() - 1, initialize.get_model_parallel_group())
+    return mappings.gather_from_model_parallel_region(y)
 
 
 class ParallelEmbedding(nn.Module):
@@ -117,8 +135,7 @@ class ParallelEmbedding(nn.Module):
         self.weight = nn.Parameter(torch.empty(n_vocab, dim // mp))
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        from fairscale.nn.model_parallel import mappings
-        return mappings.gather_from_model_parallel_region(F.embedding(tokens, self.weight))
+        return _gather_last(F.embedding(tokens, self.weight))
 
 
 def _linear(n_in: int, n_out: int, mp: int, kind: str) -> nn.Module:
