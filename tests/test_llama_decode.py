@@ -86,6 +86,26 @@ def test_reading_tokens_every_few_steps_changes_nothing(tmp_path):
     assert [batch_bucket(n, 100) for n in (1, 3, 5, 8, 9, 17, 99, 100)] == [1, 4, 8, 8, 16, 24, 100, 100]
 
 
+def test_the_compile_flag_reaches_the_decode_step(tmp_path, monkeypatch, capsys):
+    """--compile through the CLI: the step goes through torch.compile (a spy that returns it as is,
+    so no compile time here) and the texts are the uncompiled run's."""
+    from conftest import REWRITE_PAIRS, make_tiny_rewrite_setup
+    from rewrite import llama_rewrite
+    setup = make_tiny_rewrite_setup(tmp_path, ["a dog on a boat", "two red cars"], REWRITE_PAIRS)
+    src = tmp_path / "src.txt"
+    src.write_text("a dog on a boat\ntwo red cars\nold bridge\n")
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiled.append(kw) or fn)
+    outs = []
+    for flag in (False, True):
+        out = tmp_path / f"out{flag}.txt"
+        llama_rewrite.main(**setup, prompt_filename=str(src), output_filename=str(out), max_seq_len=256,
+                           max_gen_len=6, max_batch_size=2, compile=flag)
+        outs.append(out.read_bytes())
+    assert outs[0] == outs[1] and compiled == [{"mode": None}]
+    assert "decode step compiled: 0 graphs" in capsys.readouterr().out
+
+
 def run_both(gen, prompts: list[list[int]]) -> dict:
     """Eager, then compiled with the same weights: texts sampled over two calls of 200 captions
     (batch 100), then greedy over 100, and the graphs compiled after each call."""
