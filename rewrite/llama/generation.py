@@ -4,11 +4,12 @@ Schedule of one `generate` call: prompts are sorted (by token ids with prefix sh
 else by length) and taken in micro-batches of at most `max_batch_size`. A micro-batch is
 left-padded so all prompts end at the same cache column P (each row keeps its own RoPE
 positions 0, 1, ...; pad keys are masked), prefilled in one forward pass (with prefix
-sharing: the prefixes rows share once, then the rest; prefix.py), then decoded
-one column per step into a cache of P + (tokens still allowed) columns. A row
-stops at its first stop token (EOS, and '\n' when asked) or its length limit;
-finished rows are dropped from the cache once a quarter of the live rows are
-done (COMPACT_BELOW), so the long tail of a batch steps only its stragglers.
+sharing: the prefixes rows share once, then the rest; prefix.py) into the decoder's static
+cache (decode.py), then decoded one column per step by `decode.decode_step`, eager or
+compiled. A row stops at its first stop token (EOS, and '\n' when asked) or its length limit;
+the host checks that when it reads the tokens back, and drops finished rows from the batch
+once a quarter of the live rows are done (COMPACT_BELOW), so the long tail of a batch steps
+only its stragglers.
 
 Sampling draws one uniform number per (prompt, step) from a counter-based hash
 of (seed, step), so a prompt's text does not depend on the batch it lands in,
