@@ -63,12 +63,17 @@ def test_fused_projections_keep_the_checkpoint(tmp_path):
     assert set(state) == set(stored) - {"rope.freqs"}  # the checkpoint's names, nothing derived
     for k, v in state.items():
         assert torch.equal(v, stored[k].double()), k
-    att = model.layers[1].attention
+    att = model.layers[0].attention
     assert att.wqkv is not None and att.wk.weight.untyped_storage().data_ptr() == att.wqkv.untyped_storage().data_ptr()
     tokens = torch.tensor([tok.encode(p, bos=True, eos=False)[:20] for p in prompts[:3]])
+
+    def step(m):  # a prefill, then a decode step: the fused weights serve one-token calls
+        cache = m.new_cache(3, 20, torch.device("cpu"), torch.float64)
+        m(tokens[:, :19], cache=cache)
+        return m(tokens[:, 19:], cache=cache, start=19)
     with torch.inference_mode():
-        fused = model(tokens)
-        plain = unfuse_projections(model)(tokens)
+        fused = step(model)
+        plain = step(unfuse_projections(model))
     torch.testing.assert_close(fused, plain)
 
 
