@@ -177,7 +177,7 @@ def compiled_vs_eager(gen: Generator, prompts: list[list[int]], window: int, eag
     comp = Generator(gen.model, gen.tokenizer, gen.max_seq_len, gen.max_batch_size, gen.parallel, compile=True)
     with forced_lengths():
         t0 = time.perf_counter()
-        measure(comp, prompts[:window], True, window)
+        measure(comp, prompts[:gen.max_batch_size], True, window)  # compiles; later buckets only record graphs
         first = time.perf_counter() - t0
         res = measure(comp, prompts, True, window)
     same = sum(x == y for x, y in zip(res.pop("out"), eager_out))
@@ -186,7 +186,8 @@ def compiled_vs_eager(gen: Generator, prompts: list[list[int]], window: int, eag
     print(f"compiled: {res['captions_per_s']:8.1f} captions/s vs eager {eager['captions_per_s']:.1f}: "
           f"{res['speedup']:.2f}x; {res['compiles']} graphs compiled in {res['compile_s']:.1f} s (first call "
           f"{first:.1f} s); texts as eager's {same}/{len(prompts)}")
-    print(f"| `gpu_check` | decode step compiled (CUDA graphs) vs eager, {summary['shape']} shapes, {summary['dtype']}, "
+    how = "CUDA graphs" if gen.device.type == "cuda" else "inductor"
+    print(f"| `gpu_check` | decode step compiled ({how}) vs eager, {summary['shape']} shapes, {summary['dtype']}, "
           f"batch {summary['batch']}, {summary['n']} LaCLIP-shaped prompts, sharing on | eager "
           f"{eager['captions_per_s']:.1f}, compiled {res['captions_per_s']:.1f} captions/s: **{res['speedup']:.2f}x**; "
           f"compile {res['compile_s']:.0f} s ({res['compiles']} graphs); texts identical {same}/{summary['n']} | "
