@@ -152,7 +152,7 @@ if GPU_PROCS:  # defined only where there is a GPU to launch on
 if torch.cuda.is_available():  # CUDA graphs: defined only where there is a GPU
     def test_compiled_decode_step_with_cuda_graphs(ckpt2):
         """--compile on CUDA (mode="reduce-overhead"): float64 texts equal the eager ones, greedy and
-        sampled, with rows compacted as they stop; one graph per sampling mode; fp16 runs too."""
+        sampled (host reads every 4 steps); one graph per sampling mode; fp16 runs too."""
         device = "cuda"
         from rewrite.llama import Generator
         g = gen_on(ckpt2, device, torch.float64, batch=4)
