@@ -38,18 +38,19 @@ def batch_bucket(n: int, max_batch: int) -> int:
 
 def decode_step(model: Transformer, tok: torch.Tensor, col: torch.Tensor, t: torch.Tensor,
                 positions: torch.Tensor, key_valid: torch.Tensor, u: Optional[torch.Tensor],
-                out: torch.Tensor, cache: KVCache, temperature: float, top_p: float) -> None:
+                out: torch.Tensor, cache: KVCache, temperature, top_p) -> None:
     """Feed tok [B] at cache column col [1], sample token t [1] of every row into out[:, t] and
     tok, advance col and t. positions [B, S>col] (RoPE position per column), key_valid [B, L]
     (pad columns False), u [B, S] (the sampler's uniforms by step; None: greedy), cache views
-    [B, H, L, D]. Everything in place, on the device."""
+    [B, H, L, D]; temperature and top_p floats, or 0-d tensors (compiled: one graph for greedy
+    and sampled runs, see generation.sample). Everything in place, on the device."""
     from .generation import sample  # generation imports this module
     B, L = key_valid.shape
     pos = positions.gather(1, col.expand(B, 1))
     valid = key_valid & (torch.arange(L, device=col.device) <= col)
     logits = model(tok[:, None], pos, valid, cache, col, last_only=True)
     draw = None if u is None else u.gather(1, t.expand(B, 1))[:, 0]
-    nxt = sample(logits, temperature, top_p, draw, static=True)
+    nxt = sample(logits, temperature, top_p, draw)
     tok.copy_(nxt)
     out.index_copy_(1, t, nxt[:, None])
     col.add_(1)
@@ -65,7 +66,7 @@ class Decoder:
         self.device, self.dtype = w.device, w.dtype
         self.sync_every = 4 if compile and self.device.type == "cuda" else 1
         self._step: Optional[Callable] = None
-        self._views: dict[tuple[int, int, bool], tuple] = {}
+        self._views: dict[tuple[int, int], tuple] = {}
         self.compiles, self.compile_seconds, self.steps, self.compactions = 0, 0.0, 0, 0
         self.cache: KVCache = []
 
@@ -80,13 +81,15 @@ class Decoder:
         self.key_valid = torch.ones(m, S, dtype=torch.bool, device=d)
         self.u = torch.zeros(m, S, device=d)
         self.out = torch.zeros(m, S, dtype=torch.long, device=d)
+        self.temperature = torch.zeros((), device=d)  # the compiled step's sampling settings
+        self.top_p = torch.ones((), device=d)
         self.model.reserve_rope(S, d)
         if self.compile and self._step is None:
             mode = "reduce-overhead" if d.type == "cuda" else None  # CUDA graphs; inductor on the CPU
             self._step = torch.compile(decode_step, mode=mode)  # rows and columns dynamic: _take
         if self.compile and d.type == "cuda":  # CUDA graphs may then write these in place instead of copying them
             for x in [self.tok, self.col, self.t, self.positions, self.key_valid, self.u, self.out,
-                      *(z for kv in self.cache for z in kv)]:
+                      self.temperature, self.top_p, *(z for kv in self.cache for z in kv)]:
                 torch._dynamo.mark_static_address(x)
 
     def begin(self, positions: torch.Tensor, key_valid: Optional[torch.Tensor],
@@ -118,15 +121,17 @@ class Decoder:
             B, L = n, length
             views = self._take(B, L, sampled)
             decode_step(self.model, *views, temperature, top_p)
-        else:
+        else:  # greedy runs draw too (u is zeros there): one graph for both
             B = batch_bucket(n, self.max_batch)
             L = min(-(-length // LENGTH_BUCKET) * LENGTH_BUCKET, self.max_len)
-            if (B, L, sampled) not in self._views:
-                self._views[(B, L, sampled)] = self._take(B, L, sampled)
-            self._compiled(self._views[(B, L, sampled)], temperature, top_p)
+            if (B, L) not in self._views:
+                self._views[(B, L)] = self._take(B, L, True)
+            self.temperature.fill_(temperature)
+            self.top_p.fill_(top_p)
+            self._compiled(self._views[(B, L)], self.temperature, self.top_p)
         self.steps += 1
 
-    def _compiled(self, views: tuple, temperature: float, top_p: float) -> None:
+    def _compiled(self, views: tuple, temperature: torch.Tensor, top_p: torch.Tensor) -> None:
         from torch._dynamo.utils import counters
         before, t0 = counters["stats"]["unique_graphs"], time.perf_counter()
         self._step(self.model, *views, temperature, top_p)

@@ -69,23 +69,29 @@ def _sorted_probs(probs: torch.Tensor, top_p: float, k: int = 64) -> tuple[torch
     return probs.sort(dim=-1, descending=True, stable=True)
 
 
-def sample(logits: torch.Tensor, temperature: float, top_p: float, u: Optional[torch.Tensor],
-           static: bool = False) -> torch.Tensor:
+def sample(logits: torch.Tensor, temperature, top_p, u: Optional[torch.Tensor]) -> torch.Tensor:
     """Next token per row from logits [b, V] (float32): greedy if temperature <= 0, else nucleus.
 
     Nucleus: the smallest set of most likely tokens whose mass reaches top_p
     (Meta's rule), renormalised, sampled by inverting its CDF at u [b].
-    static: always the full sort (no data-dependent branch, for a compiled step; the same tokens).
+    temperature and top_p as 0-d float32 tensors (a compiled step): no branch on their values,
+    both rules computed and one chosen, with a full sort (the same tokens as the floats give).
     """
-    if temperature <= 0:
+    static = isinstance(temperature, torch.Tensor)
+    if not static and temperature <= 0:
         return logits.argmax(-1)
-    probs = torch.softmax(logits / temperature, dim=-1)
-    p, idx = probs.sort(dim=-1, descending=True, stable=True) if static else _sorted_probs(probs, top_p)
+    if static:
+        hot = temperature > 0
+        probs = torch.softmax(logits / torch.where(hot, temperature, 1.0), dim=-1)
+        p, idx = probs.sort(dim=-1, descending=True, stable=True)
+    else:
+        p, idx = _sorted_probs(torch.softmax(logits / temperature, dim=-1), top_p)
     p = p.masked_fill(p.cumsum(-1) - p > top_p, 0.0)
     cdf = p.cumsum(-1)
     k = (cdf <= u[:, None] * cdf[:, -1:]).sum(-1)
     k = torch.minimum(k, (p > 0).sum(-1) - 1)  # rounding must not pick a dropped token
-    return idx.gather(-1, k[:, None])[:, 0]
+    token = idx.gather(-1, k[:, None])[:, 0]
+    return torch.where(hot, token, logits.argmax(-1)) if static else token
 
 
 class Generator:
