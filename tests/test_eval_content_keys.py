@@ -112,3 +112,39 @@ def test_skip_existing_skips_only_a_result_of_the_same_checkpoint(tmp_path, one_
     (tmp_path / "dtd_checkpoint_best.pt.json").write_text(json.dumps(saved))
     with pytest.raises(ValueError, match="no checkpoint hash"):
         run(tmp_path, tmp_path / "run1" / "checkpoint_best.pt", "dtd", root, "--skip_existing", output=out)
+
+
+def test_retrieval_leaves_out_images_without_captions_and_blank_captions(tmp_path, one_thread, capsys):
+    root = bf.make("mscoco_captions", tmp_path)
+    ckpt = bf.tiny_checkpoint(tmp_path / "tiny.pt")
+    [clean] = run(tmp_path, ckpt, "mscoco_captions", root, "--feature_root", "")
+    assert clean["notes"] == []
+    annotations = os.path.join(root, "coco_test_karpathy.json")
+    with open(annotations) as f:
+        coco = json.load(f)
+    for i in range(2):  # two images nobody captioned, and blank captions of a captioned one
+        name = f"COCO_val2014_{100 + i:012d}.jpg"
+        bf.image(os.path.join(root, "val2014", name), i, 900 + i)
+        coco["images"].append({"id": 100 + i, "file_name": name})
+    coco["annotations"] += [{"id": 1000 + i, "image_id": 10, "caption": c} for i, c in enumerate(["", "  "])]
+    with open(annotations, "w") as f:
+        json.dump(coco, f)
+    capsys.readouterr()
+    [record] = run(tmp_path, ckpt, "mscoco_captions", root, "--feature_root", "", "--recall_k", "1", "5", "10")
+    assert record["images"] == 5
+    assert {k: record["metrics"][k] for k in clean["metrics"]} == clean["metrics"]
+    assert record["metrics"]["text_retrieval_recall@10"] == 1.0
+    assert record["notes"] == ["2 images without captions left out of retrieval: COCO_val2014_000000000100.jpg, "
+                               "COCO_val2014_000000000101.jpg",
+                               "2 blank captions left out of retrieval (not used as queries)"]
+    out = capsys.readouterr().out
+    assert "note: 2 images without captions left out" in out and "note: 2 blank captions" in out
+
+
+def test_a_probe_split_too_small_to_hold_out_names_val_proportion(tmp_path, one_thread):
+    root = bf.make("pets", tmp_path)  # 2 images per class in trainval: 0.2 of 2 rounds to none
+    ckpt = bf.tiny_checkpoint(tmp_path / "tiny.pt")
+    with pytest.raises(ValueError, match=r"^--val_proportion 0.2: no image of trainval is held out for validation "
+                                         r"\(per class: 2 images in 3 classes\); pass --val_proportion above 0.25 "
+                                         r"or a --val_split$"):
+        run(tmp_path, ckpt, "pets", root, task=("linear_probe",))
