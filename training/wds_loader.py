@@ -4,6 +4,8 @@ and come out of checkpoints. The stream itself is training/wds.py."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import os
 import sys
 from typing import Optional
@@ -12,13 +14,16 @@ import braceexpand
 from torch.utils.data import DataLoader
 
 from common.distributed import DistInfo, on_every_rank
+from common.tar_keys import holds_no_member
 from training.checkpoint import Resumed
 from training.data import train_transform
+from training.rewrite_join import DEFAULT_MISMATCH_LIMIT
 from training.shard_rewrites import open_rewrite_source
 from training.wds import ShardLoader, ShardStream, StreamSpec
 
 REMOTE_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://")  # webdataset opens these itself
-WDS_ONLY = ("train_num_samples", "dataset_resampled", "rewrite_data", "rewrite_json_keys")
+WDS_ONLY = ("train_num_samples", "dataset_resampled", "rewrite_data", "rewrite_json_keys", "rewrite_columns",
+           "rewrite_mismatch_limit")
 
 
 def flag(name: str) -> str:
@@ -57,7 +62,13 @@ def check_webdataset_args(args: argparse.Namespace) -> StreamSpec:
                          "--rewrite-data 'out/{00000..NNNNN}.parquet' (the rewriter's output) or --rewrite-json-keys")
     if args.aug_text and not (args.rewrite_data or args.rewrite_json_keys):
         raise ValueError("--aug-text with shards needs --rewrite-data 'out/{...}.parquet' or --rewrite-json-keys KEY")
-    rewrites = open_rewrite_source(args.rewrite_data, tuple(args.rewrite_json_keys)) if args.aug_text else None
+    limit = DEFAULT_MISMATCH_LIMIT if args.rewrite_mismatch_limit is None else args.rewrite_mismatch_limit
+    if not 0 <= limit <= 1:
+        raise ValueError(f"--rewrite-mismatch-limit is a share of an epoch's samples, 0 to 1; got {limit}")
+    if args.rewrite_columns and not args.rewrite_data:
+        raise ValueError("--rewrite-columns names columns of the --rewrite-data files; give --rewrite-data")
+    rewrites = open_rewrite_source(args.rewrite_data, tuple(args.rewrite_json_keys), tuple(args.rewrite_columns),
+                                   tuple(urls), limit) if args.aug_text else None
     return StreamSpec(tuple(urls), args.train_num_samples, args.dataset_resampled, rewrites, args.multi_text,
                       args.seed)
 
@@ -70,13 +81,67 @@ def check_shard_count(spec: StreamSpec, info: DistInfo, workers: int) -> None:
                          "--workers, more shards, or --dataset-resampled")
 
 
-def build_webdataset_loader(args: argparse.Namespace, info: DistInfo, tokenizer) -> ShardLoader:
-    spec = check_webdataset_args(args)
-    check_shard_count(spec, info, args.workers)
+def without_empty_tars(spec: StreamSpec) -> tuple[StreamSpec, list[str]]:
+    """Local tars that hold no member are left out at start (a reader with only those would fail)."""
+    empty = [u for u in spec.urls if not u.startswith(REMOTE_PREFIXES) and holds_no_member(u)]
+    if not empty:
+        return spec, []
+    if len(empty) == len(spec.urls):
+        raise ValueError(f"--train-data: all {len(empty)} shards are empty tars (e.g. {empty[0]})")
+    kept = tuple(u for u in spec.urls if u not in set(empty))
+    return dataclasses.replace(spec, urls=kept), [f"{len(empty)} --train-data shards are empty tars (e.g. "
+                                                  f"{empty[0]}): left out"]
+
+
+def _read_json(path: str):
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def known_sample_count(urls: tuple[str, ...]) -> tuple[int, str] | None:
+    """(samples, where from) when every shard's count is known: img2dataset's NNNNN_stats.json
+    ("successes") beside each tar, or a sizes.json ({"NNNNN.tar": n}) in its folder."""
+    total, sources, sizes = 0, set(), {}
+    for url in urls:
+        if url.startswith(REMOTE_PREFIXES):
+            return None
+        folder, name = os.path.split(url)
+        stats = os.path.join(folder, name[: -len(".tar")] + "_stats.json")
+        try:
+            if os.path.isfile(stats):
+                total += int(_read_json(stats)["successes"])
+                sources.add("_stats.json")
+                continue
+            if folder not in sizes:
+                path = os.path.join(folder, "sizes.json")
+                sizes[folder] = _read_json(path) if os.path.isfile(path) else {}
+            total += int(sizes[folder][name])
+            sources.add("sizes.json")
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+    return total, " and ".join(sorted(sources))
+
+
+def start_notes(spec: StreamSpec) -> list[str]:
+    notes = []
     missing = spec.rewrites.missing if spec.rewrites else ()
-    if missing and info.rank == 0:
-        print(f"=> note: {len(missing)} --rewrite-data files do not exist (e.g. {missing[0]}): the samples of "
-              "their shards train on their original captions, counted as missing_rewrites in log.txt")
+    if missing:
+        notes.append(f"{len(missing)} --rewrite-data files do not exist (e.g. {missing[0]}): the samples of "
+                     "their shards train on their original captions, counted as missing_rewrites in log.txt")
+    notes += spec.rewrites.notes if spec.rewrites else ()
+    known = known_sample_count(spec.urls)
+    if known and not spec.resampled and spec.num_samples > known[0]:
+        notes.append(f"--train-num-samples {spec.num_samples} is above the {known[0]} samples the shards hold "
+                     f"({known[1]}): each epoch reads them {spec.num_samples / max(known[0], 1):.1f} times")
+    return notes
+
+
+def build_webdataset_loader(args: argparse.Namespace, info: DistInfo, tokenizer) -> ShardLoader:
+    spec, notes = without_empty_tars(check_webdataset_args(args))
+    check_shard_count(spec, info, args.workers)
+    if info.rank == 0:
+        for note in notes + start_notes(spec):
+            print(f"=> note: {note}")
     stream = ShardStream(spec, train_transform(), tokenizer, args.batch_size, info.world_size, args.workers)
     context = "fork" if args.workers > 0 and sys.platform.startswith("linux") else None
     loader = DataLoader(stream, batch_size=args.batch_size, num_workers=args.workers, drop_last=True,
