@@ -138,10 +138,10 @@ def start_notes(spec: StreamSpec) -> list[str]:
 
 def build_webdataset_loader(args: argparse.Namespace, info: DistInfo, tokenizer) -> ShardLoader:
     spec, notes = without_empty_tars(check_webdataset_args(args))
-    check_shard_count(spec, info, args.workers)
     if info.rank == 0:
         for note in notes + start_notes(spec):
             print(f"=> note: {note}")
+    check_shard_count(spec, info, args.workers)
     stream = ShardStream(spec, train_transform(), tokenizer, args.batch_size, info.world_size, args.workers)
     context = "fork" if args.workers > 0 and sys.platform.startswith("linux") else None
     loader = DataLoader(stream, batch_size=args.batch_size, num_workers=args.workers, drop_last=True,
