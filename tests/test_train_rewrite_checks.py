@@ -178,3 +178,10 @@ def test_empty_tars_are_left_out_at_start_and_sample_counts_noted(shards, tmp_pa
     spec = StreamSpec(urls, 35, False, None, False, 0)
     assert start_notes(spec) == ["--train-num-samples 35 is above the 10 samples the shards hold (_stats.json "
                                  "and sizes.json): each epoch reads them 3.5 times"]
+
+
+def test_the_join_reads_text_as_the_rewriter_does():
+    from rewrite.input_lines import decode_line
+    from training.rewrite_join import rewriter_text
+    for raw in (b"a cat\n", b"a cat\r\n", b"caf\xe9 au lait", b"two\n\n", b"", b"\r", "東京".encode()):
+        assert rewriter_text(raw) == decode_line(raw)[0]
