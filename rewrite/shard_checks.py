@@ -108,11 +108,3 @@ def check_overwrite_keeps_one_setting(out_dir: Path, run_outputs: Iterable[Path]
             raise ResumeError(f"--overwrite: {out} is not among this run's shards and keeps other settings "
                               f"({describe_changes(held, settings)}); one folder holds shards of one setting: "
                               f"redo all of its shards, or write to another --output_filename")
-
-
-def check_parquet_inputs(shards: Iterable[Path], check_columns) -> None:
-    """Every parquet input's footer (its columns) at start, not when its turn comes hours later."""
-    for shard in shards:
-        if shard.suffix == ".parquet":
-            check_columns(shard)
-    return None

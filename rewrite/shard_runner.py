@@ -30,7 +30,8 @@ from rewrite.output import STAT_KEYS, ShareWriter, add_stats
 from rewrite.prompts import Pool, load_pool, normalize_sample_modes
 from rewrite.runner import (TORCH_DTYPES, WINDOW_BATCHES, windows, check_context, line_request, log,
                             rewrite_window, run_dtype, settings_fingerprint)
-from rewrite.shard_input import ShardLines, expand_shards, input_fingerprint, shard_stem
+from rewrite.shard_checks import check_finished, check_overwrite_keeps_one_setting, remembered_fingerprint
+from rewrite.shard_input import ShardLines, expand_shards, shard_stem
 from rewrite.shard_output import (check_run_record, claim, clear_for_overwrite, encode_row, output_path,
                                   part_path, remove_part, write_shard)
 
@@ -68,10 +69,13 @@ def prepare(cfg: Config) -> ShardRun:
 
     def plan() -> None:
         out_dir.mkdir(exist_ok=True)
+        pairs = [(p, output_path(out_dir, shard_stem(p))) for p in shards]
         if cfg.overwrite:
+            check_overwrite_keeps_one_setting(out_dir, [out for _, out in pairs], settings)
             removed = clear_for_overwrite(out_dir, [shard_stem(p) for p in shards])
             log(f"--overwrite: removed {removed} finished shards of this input from {out_dir}")
         check_run_record(out_dir, settings, cfg.overwrite)
+        check_finished(out_dir, pairs, settings)  # finished only for this input and these settings
 
     on_rank0(plan, parallel.rank)
     return ShardRun(parallel, tokenizer, shards, configs, pools, settings, TORCH_DTYPES[dtype])
@@ -105,7 +109,8 @@ def claim_next(run: ShardRun, cfg: Config, order: Iterator[int]) -> Optional[Tas
             lock.release()
             continue
         try:
-            fingerprint = {"input": input_fingerprint(run.shards[i]), "settings": run.settings}
+            fingerprint = {"input": remembered_fingerprint(cfg.output_filename, run.shards[i]),
+                           "settings": run.settings}
             writer = ShareWriter(part_path(out), fingerprint, {"shard": out.stem}, overwrite=False)
             state = writer.open(0, 0)
         except BaseException:
