@@ -16,7 +16,7 @@ import webdataset as wds
 
 import shard_fixtures as sf
 from conftest import REWRITE_PAIRS, make_tiny_rewrite_setup
-from rewrite import llama_rewrite
+from rewrite import llama_rewrite, shard_checks
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 FLAGS = {"max_seq_len": 256, "max_gen_len": 4, "max_batch_size": 4, "sample_mode": "chatgpt"}
@@ -40,14 +40,20 @@ def outputs(out: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(out.glob("*.parquet"))}
 
 
-def test_outputs_of_another_input_are_refused_not_counted_finished(setup, tmp_path):
+def test_outputs_of_another_input_are_refused_not_counted_finished(setup, tmp_path, monkeypatch):
     inputs = tmp_path / "in"
     shutil.copytree(setup["shards"].folder, inputs)
     out = tmp_path / "out"
     rewrite(setup, out, prompt=str(inputs / "{00000..00002}.parquet"))
     before = outputs(out)
+    hashed = []
+    real = shard_checks.input_fingerprint
+    monkeypatch.setattr(shard_checks, "input_fingerprint", lambda p: hashed.append(p) or real(p))
     rewrite(setup, out, prompt=str(inputs / "{00000..00002}.parquet"))  # same input: every shard is finished
-    assert outputs(out) == before
+    assert outputs(out) == before and hashed == []  # checked against the hashes remembered when claimed
+    (inputs / "00000.parquet").touch()  # touched, not changed: hashed again, and still the same input
+    rewrite(setup, out, prompt=str(inputs / "{00000..00002}.parquet"))
+    assert outputs(out) == before and [p.name for p in hashed] == ["00000.parquet"]
     table = pq.read_table(inputs / "00001.parquet").to_pydict()  # downloaded again: other captions
     table["caption"] = [c.replace("near", "by") for c in table["caption"]]
     pq.write_table(pa.table(table), inputs / "00001.parquet")
