@@ -185,3 +185,28 @@ def test_the_join_reads_text_as_the_rewriter_does():
     from training.rewrite_join import rewriter_text
     for raw in (b"a cat\n", b"a cat\r\n", b"caf\xe9 au lait", b"two\n\n", b"", b"\r", "東京".encode()):
         assert rewriter_text(raw) == decode_line(raw)[0]
+
+
+@pytest.mark.parametrize("fmt", ["pax", "gnu", "ustar"])
+def test_member_names_read_from_headers_equal_tarfiles(tmp_path, fmt):
+    import io
+    import tarfile
+
+    from common.tar_keys import duplicated_keys, member_names
+    kind = {"pax": tarfile.PAX_FORMAT, "gnu": tarfile.GNU_FORMAT, "ustar": tarfile.USTAR_FORMAT}[fmt]
+    long = "d" * (90 if fmt == "ustar" else 150)
+    names = [f"a/{long}/k1.jpg", f"a/{long}/k1.txt", "k2.jpg", "k2.txt", f"a/{long}/k1.json"]
+    path = tmp_path / "t.tar"
+    with tarfile.open(path, "w", format=kind) as tar:
+        for i, name in enumerate(names):
+            info = tarfile.TarInfo(name)
+            info.size = 300 * i + 1
+            tar.addfile(info, io.BytesIO(b"x" * info.size))
+        folder = tarfile.TarInfo("folder")
+        folder.type = tarfile.DIRTYPE
+        tar.addfile(folder)  # not a regular file: not a member name
+    with tarfile.open(path) as tar:
+        assert list(member_names(str(path))) == [m.name for m in tar if m.isreg()] == names
+    assert duplicated_keys(str(path)) == {f"a/{long}/k1"}  # k1 comes back after k2
+    path.write_bytes(path.read_bytes()[:2100])  # cut: no error, what was read is kept
+    assert list(member_names(str(path)))[:1] == names[:1]
