@@ -7,10 +7,9 @@ which a reader's error handler counts as a damaged tar. Both are the same fault,
 key, and a join by key cannot tell such samples apart: readers here count them as
 ``duplicate_key`` and never join them.
 
-- `duplicated_keys(path)` lists a local tar's member names (headers only, the data seeked over:
-  0.15 s for 15000 members of a 130 MB tar where reading it takes 2 s, measured on this project's
-  2-core machine with the file cached) and returns the keys that name more than one sample, so
-  even the first one is known before it is read;
+- `duplicated_keys(path)` lists a local tar's member names (headers only, the data seeked over)
+  and returns the keys that name more than one sample, so even the first one is known before it
+  is read;
 - `keyed_samples(url, handler)` yields samples as webdataset does, except that a member whose
   field the current sample already has starts a new sample with the same key.
 """
@@ -52,7 +51,7 @@ def _meta(name: str) -> bool:
 def member_names(path: str) -> Iterator[str]:
     """Names of a local tar's regular files, read from the headers alone (the data is seeked
     over): ustar, GNU long names and pax `path` records, which is what tarfile and webdataset's
-    TarWriter write. About 20x faster than tarfile's own listing, which parses each header fully."""
+    TarWriter write; tarfile's own listing parses every header field and is much slower."""
     with open(path, "rb") as f:
         long_name = None
         while True:
