@@ -158,7 +158,7 @@ class FeatureCache:
     def features(self, model, model_identity: dict, transform, split: SplitData, opts: RunOptions) -> Features:
         """The split's features from the cache, or computed (and cached)."""
         if split.dataset != self._memory_dataset:  # hold one dataset's splits at a time (ImageNet's train is GBs)
-            self._memory, self._memory_dataset = {}, split.dataset
+            self._memory, self._memory_dataset, self._split_digests = {}, split.dataset, {}
         key = self.key(model_identity, split, transform, opts)
         if key in self._memory:
             return self._memory[key]
