@@ -20,7 +20,7 @@ import training.wds as wds_mod
 from conftest import DIST_ENV_KEYS
 from training.shard_rewrites import open_rewrite_source
 from training.wds import ShardLoader, ShardStream, StreamSpec
-from training.wds_loader import known_sample_count, start_notes
+from training.shard_startup import known_sample_count, start_notes
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 META = {b"laclip_rewrite": b"{}"}
