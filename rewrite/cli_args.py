@@ -43,8 +43,8 @@ class Config:
                                   "img2dataset .parquet files or webdataset .tar files ('laion/{00000..00099}.tar').")
     output_filename: Path = _flag(Path("text/target.txt"), "rewrites, one per line, aligned with the captions; with "
                                   "shards a folder: one NNNNN.parquet per shard (key, caption, one column per mode).")
-    sample_mode: str = _flag("chatgpt", "example pool: chatgpt, bard, mscoco (or coco), human; with shards a comma "
-                             "list (chatgpt,bard,mscoco,human) rewrites in every mode in one pass.")
+    sample_mode: str = _flag("chatgpt", "example pool: chatgpt, bard, mscoco (or coco), human; a comma list "
+                             "(chatgpt,bard) rewrites in every mode in one pass (a text file: OUT.<mode>.txt each).")
     max_gen_len: int = _flag(77, "most new tokens per rewrite.")
     seed: int = _flag(1, "fixes the examples and the sampling of every line.")
     examples: Optional[str] = _flag(None, 'own pool: JSON {"pairs": ...} / {"groups": ...}, or the original utils.py.')
@@ -232,9 +232,6 @@ def validate(raw: dict[str, Any]) -> Config:
     if is_shard_input(c.prompt_filename) or isinstance(c.prompt_filename, (list, tuple)):
         prompt, output, text_key = check_shard_flags(c.prompt_filename, c.output_filename, c.text_key)
     else:
-        if len(modes) > 1:
-            raise ValueError(f"--sample_mode {','.join(modes)}: a caption text file is rewritten in one mode "
-                             "(one output file); give shards (.parquet / .tar) to rewrite in several at once")
         if c.text_key is not None:
             raise ValueError("--text_key names the caption field of .parquet / .tar shards; "
                              f"--prompt_filename {c.prompt_filename} is a text file")

@@ -21,11 +21,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 from common.fileio import atomic_write, write_json_atomic
 from common.locking import FileLock, describe_holder, lock_path
-from rewrite.output import ResumeError, describe_changes, record_path
+from rewrite.input_lines import Line
+from rewrite.output import (Claim, ResumeError, RunTotals, ShareWriter, add_stats, describe_changes,
+                            record_path, sum_stats)
+from rewrite.shard_checks import remembered_fingerprint
+from rewrite.shard_input import ShardLines, shard_stem
 
 RUN_RECORD = "rewrite.json"
 RUN_RECORD_VERSION = 1
@@ -33,22 +37,22 @@ PART_SUFFIX = ".part"
 METADATA_KEY = b"laclip_rewrite"  # parquet schema metadata: settings, input fingerprint, counts
 
 
-def output_path(out_dir: Path, stem: str) -> Path:
+def shard_output_path(out_dir: Path, stem: str) -> Path:
     return out_dir / f"{stem}.parquet"
 
 
-def part_path(out: Path) -> Path:
+def shard_part_path(out: Path) -> Path:
     return out.with_name(out.name + PART_SUFFIX)
 
 
-def claim(out: Path) -> Optional[FileLock]:
+def claim_shard(out: Path) -> Optional[FileLock]:
     """The shard's lock if it was free, else None (a live process is writing it)."""
     lock = FileLock(out, f"--output_filename shard {out.name}")
     return lock if lock.try_acquire() else None
 
 
 def remove_part(out: Path) -> None:
-    part = part_path(out)
+    part = shard_part_path(out)
     for p in (part, record_path(part)):
         p.unlink(missing_ok=True)
 
@@ -76,8 +80,8 @@ def clear_for_overwrite(out_dir: Path, stems: Sequence[str]) -> int:
     live run's shard is never pulled away; returns how many outputs were removed."""
     removed = 0
     for stem in stems:
-        out = output_path(out_dir, stem)
-        lock = claim(out)
+        out = shard_output_path(out_dir, stem)
+        lock = claim_shard(out)
         if lock is None:
             raise ResumeError(f"--overwrite: shard {out} is being written by {describe_holder(lock_path(out))}; "
                               "stop that run first")
@@ -101,7 +105,7 @@ def write_shard(out: Path, modes: Sequence[str], metadata: dict) -> int:
     import pyarrow.parquet as pq
     columns = ["key", "caption", *modes]
     values: dict[str, list] = {c: [] for c in columns}
-    with open(part_path(out), encoding="utf-8") as f:
+    with open(shard_part_path(out), encoding="utf-8") as f:
         for line in f:
             row = json.loads(line)
             for c in columns:
@@ -118,3 +122,85 @@ def read_metadata(out: Path) -> dict:
     import pyarrow.parquet as pq
     meta = pq.read_schema(out).metadata or {}
     return json.loads(meta.get(METADATA_KEY, b"{}"))
+
+
+def combine_mode_stats(per_mode: list[list[dict]]) -> dict:
+    """A window's counts over its modes: lines, empty and undecodable once; rewrites per mode."""
+    rest = sum_stats(s for per_line in per_mode[1:] for s in per_line)
+    return add_stats(sum_stats(per_mode[0]), {k: rest[k] for k in ("rewritten", "fallbacks", "truncated")})
+
+
+class ShardUnits:
+    """The shards of a run as units of work: shard i is claimed with the lock of its output."""
+
+    def __init__(self, shards: list[Path], out_dir: Path, text_key: str, modes: tuple[str, ...], settings: dict):
+        self.shards, self.out_dir, self.text_key, self.modes, self.settings = shards, out_dir, text_key, modes, settings
+        self.count, self.total_lines = len(shards), None  # lines are counted as shards are read
+
+    def output(self, unit: int) -> Path:
+        return shard_output_path(self.out_dir, shard_stem(self.shards[unit]))
+
+    def claim(self, unit: int) -> Optional[Claim]:
+        """The shard's writer, if it is neither finished nor held."""
+        out = self.output(unit)
+        if out.exists() and not shard_part_path(out).exists():
+            return None  # finished
+        lock = claim_shard(out)
+        if lock is None:
+            return None  # a live process holds it: it will finish it
+        claim = Claim(unit, 0, 0, locks=[lock])
+        if out.exists():  # finished by another run after all, or a part left by a crash after the finish
+            remove_part(out)
+            claim.close()
+            return None
+        try:
+            fingerprint = {"input": remembered_fingerprint(self.out_dir, self.shards[unit]), "settings": self.settings}
+            writer = ShareWriter(shard_part_path(out), fingerprint, {"shard": out.stem}, overwrite=False)
+            claim.writers[""] = writer
+            claim.start = writer.open(0, 0).next_line
+        except BaseException:
+            claim.close()
+            raise
+        return claim
+
+    def lines(self, claim: Claim) -> Iterator[Line]:
+        reader = ShardLines(self.shards[claim.unit], self.text_key)
+        claim.skipped = reader.skipped  # counted as it reads
+        return reader.read(claim.start)
+
+    def commit(self, claim: Claim, window: list[Line], per_mode: dict[str, tuple[list[str], list[dict]]]) -> None:
+        rows = [encode_row(line.index, line.text, {m: per_mode[m][0][k] for m in per_mode})
+                for k, line in enumerate(window)]
+        claim.writers[""].commit(rows, next_line=window[-1].end, in_offset=window[-1].end,
+                                 stats=combine_mode_stats([per_line for _, per_line in per_mode.values()]))
+
+    def finish(self, claim: Claim) -> None:
+        """The finished part -> OUT/NNNNN.parquet, with what shaped it in its metadata."""
+        writer, path, out = claim.writers[""], self.shards[claim.unit], self.output(claim.unit)
+        writer.finish()
+        metadata = {"settings": self.settings, "input": writer.fingerprint["input"], "stats": writer.state.stats,
+                    "skipped": dict(claim.skipped)}
+        rows = write_shard(out, list(self.modes), metadata)
+        claim.close()
+        print(f"shard {path} -> {out}: {rows} rows" + (f", skipped {dict(claim.skipped)}" if claim.skipped
+                                                         else ""), flush=True)
+
+    def progress(self, claim: Claim) -> str:
+        return f"{claim.writers[''].state.next_line} rows of shard {self.shards[claim.unit]} committed"
+
+    def where(self, claim: Claim, line: Line) -> str:
+        return f"{self.shards[claim.unit]} sample {line.index}"
+
+    def conclude(self, totals: RunTotals, seconds: float) -> str:
+        lines, stats, skipped = totals.lines, totals.stats, totals.skipped
+        rate = f"{lines / seconds:.2f} samples/s, {totals.tokens / seconds:.1f} generated tokens/s" \
+            if lines and seconds else ""
+        finished = sum(self.output(u).exists() for u in range(self.count))
+        left = self.count - finished
+        return (f"done: {finished} of {self.count} shards finished in {self.out_dir}"
+                + (f" ({left} still held by another run or unfinished: rerun the same command to complete them)"
+                   if left else "")
+                + f". This run: {totals.units} shards, {lines} samples x {len(self.modes)} modes: {stats['rewritten']} "
+                  f"rewritten, {stats['fallbacks']} fell back to the caption, {stats['empty']} empty captions, "
+                  f"{stats['truncated']} prompts truncated, {stats['undecodable']} with undecodable bytes; skipped "
+                  f"{dict(skipped) or 'none'}; {seconds:.1f} s{', ' + rate if rate else ''}")

@@ -15,15 +15,19 @@ REMOTE_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://")  # webdatas
 
 
 def without_empty_tars(spec: StreamSpec) -> tuple[StreamSpec, list[str]]:
-    """Local tars that hold no member are left out at start (a reader with only those would fail)."""
+    """(the spec without the local tars that hold no member, those tars): a loader worker with
+    only empty shards would fail with a worker traceback."""
     empty = [u for u in spec.urls if not u.startswith(REMOTE_PREFIXES) and holds_no_member(u)]
     if not empty:
         return spec, []
     if len(empty) == len(spec.urls):
         raise ValueError(f"--train-data: all {len(empty)} shards are empty tars (e.g. {empty[0]})")
     kept = tuple(u for u in spec.urls if u not in set(empty))
-    return dataclasses.replace(spec, urls=kept), [f"{len(empty)} --train-data shards are empty tars (e.g. "
-                                                  f"{empty[0]}): left out"]
+    return dataclasses.replace(spec, urls=kept), empty
+
+
+def empty_note(empty: list[str]) -> list[str]:
+    return [f"{len(empty)} --train-data shards are empty tars (e.g. {empty[0]}): left out"] if empty else []
 
 
 def _read_json(path: str):

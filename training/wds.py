@@ -40,13 +40,13 @@ import numpy as np
 import torch
 import webdataset as wds
 from PIL import Image
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset, get_worker_info
 
 from common.images import IMAGE_EXTENSIONS
 from common.tar_keys import duplicated_keys, keyed_samples
 from training.captions import ESCAPED, as_windows_1252
 from training.data import MAX_LOGGED_FAILURES, all_captions, keyed_transform, pick_caption, sample_seed
-from training.rewrite_join import MISMATCH, NEW_COUNTS, NON_UTF8, MismatchGuard, mismatch_note
+from training.rewrite_join import MISMATCH, NEW_COUNTS, NON_UTF8, mismatch_note
 from training.shard_rewrites import RewriteSource, load_shard_rewrites, sample_rewrites
 
 log = logging.getLogger(__name__)
@@ -97,10 +97,6 @@ class ShardStream(IterableDataset):
         self.epoch = 0
         self.starts: dict[int, tuple[int, int, int]] = {}  # worker -> (pass, shard, sample) to start from
         self._logged = 0  # bad samples and shards logged by this worker (each worker has its own copy)
-        self.report: list[str] = []  # start-up notes, as the CSV dataset's (none: shards are read as they stream)
-
-    def __len__(self) -> int:
-        return self.batches * self.batch_size  # samples per rank and epoch
 
     def __iter__(self) -> Iterator[tuple]:
         info = get_worker_info()
@@ -224,62 +220,3 @@ class ShardStream(IterableDataset):
             caption = as_windows_1252(caption)
         return caption
 
-
-class ShardLoader:
-    """The DataLoader over a ShardStream plus the read positions of the batches it handed
-    out: what the next epoch, or a resumed run, starts from."""
-
-    def __init__(self, stream: ShardStream, loader: DataLoader) -> None:
-        self.stream, self.loader = stream, loader
-        self.seen: dict[int, tuple[int, int, int]] = {}
-        rewrites = stream.spec.rewrites
-        self.guard = MismatchGuard(rewrites.mismatch_limit, len(stream)) if rewrites is not None else None
-
-    @property
-    def dataset(self) -> ShardStream:
-        return self.stream
-
-    @property
-    def batch_size(self) -> int:
-        return self.loader.batch_size
-
-    def __len__(self) -> int:
-        return self.stream.batches
-
-    def __iter__(self):
-        for images, tokens, info in self.loader:
-            for worker, *position in info.pop("position").tolist():
-                self.seen[worker] = tuple(position)
-            notes = info.pop("mismatch")
-            if self.guard is not None:  # too many rewrites of other captions: stop with one line
-                self.guard.add(int(info[MISMATCH].sum()), notes)
-            yield images, tokens, info
-
-    def set_epoch(self, epoch: int) -> None:
-        """Before each epoch: it starts where the batches of the previous one stopped."""
-        self.stream.starts = self.next_starts()
-        self.stream.epoch = epoch
-        self.seen = {}
-        if self.guard is not None:
-            self.guard.new_epoch()
-
-    def next_starts(self) -> dict[int, tuple[int, int, int]]:
-        return {**self.stream.starts, **self.seen}
-
-    def state(self, world_size: int, gathered: list) -> dict:
-        """The checkpoint's data_state from every rank's next_starts() (rank order)."""
-        return {"layout": [world_size, self.stream.workers], "shards": self.stream.spec.fingerprint(),
-                "starts": [[list(g.get(w, (0, 0, 0))) for w in range(self.stream.workers)] for g in gathered]}
-
-    def restore(self, state: Optional[dict], rank: int, world_size: int) -> Optional[str]:
-        """Start positions from a checkpoint's data_state; returns a note when they do not apply."""
-        if self.stream.spec.resampled or not state:
-            return None
-        layout = [world_size, self.stream.workers]
-        if state.get("layout") != layout or state.get("shards") != self.stream.spec.fingerprint():
-            first = min(tuple(s) for rank_starts in state.get("starts", [[[0, 0, 0]]]) for s in rank_starts)
-            self.stream.starts = {w: (first[0], 0, 0) for w in range(self.stream.workers)}
-            return (f"the checkpoint's data positions are for {state.get('layout')} ranks x workers or another "
-                    f"shard list; this run has {layout}: its workers start pass {first[0]} from the beginning")
-        self.stream.starts = {w: tuple(s) for w, s in enumerate(state["starts"][rank])}
-        return None

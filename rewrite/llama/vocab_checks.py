@@ -25,7 +25,7 @@ from typing import Callable, Optional
 import torch
 
 from .errors import CheckpointError, TokenizerError
-from .tokenizer import TokenizerBase
+from .sentencepiece_tokenizer import TokenizerBase
 
 # ASCII words, case, digits, punctuation, runs of spaces, a newline, the caption arrow, accents,
 # CJK and an emoji: byte fallback, normalisation and merges all show here if two files differ.
