@@ -53,7 +53,8 @@ class RewriteSource:
 
 
 def open_rewrite_source(pattern: Optional[str], json_keys: tuple[str, ...] = (), columns: tuple[str, ...] = (),
-                        tar_urls: tuple[str, ...] = (), mismatch_limit: float = DEFAULT_MISMATCH_LIMIT) -> RewriteSource:
+                        tar_urls: tuple[str, ...] = (),
+                        mismatch_limit: float = DEFAULT_MISMATCH_LIMIT) -> RewriteSource:
     """Check --rewrite-data at start-up: some files exist (a few missing ones, say shards the
     rewriter has not finished, are reported and their samples counted), names are unique, every
     file's footer passes check_rewrite_files (--rewrite-columns: the columns to use)."""
