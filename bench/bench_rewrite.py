@@ -61,7 +61,7 @@ from pathlib import Path
 import torch
 
 from rewrite.llama import Generator, ParallelInfo, generation, load_generator
-from rewrite.llama.generation import sample
+from rewrite.llama.sampling import sample
 from rewrite.prompts import SAMPLE_MODES, build_prompt, cut_rewrite
 from testkit.tiny_llama import make_tiny_llama, train_tiny_llama
 

@@ -26,6 +26,7 @@ from typing import Callable, Optional
 import torch
 
 from .model import KVCache, Transformer
+from .sampling import sample
 
 LENGTH_BUCKET = 64  # key columns a compiled step attends to, rounded up to this
 
@@ -44,7 +45,6 @@ def decode_step(model: Transformer, tok: torch.Tensor, col: torch.Tensor, t: tor
     (pad columns False), u [B, S] (the sampler's uniforms by step; None: greedy), cache views
     [B, H, L, D]; temperature and top_p floats, or 0-d tensors (compiled: one graph for greedy
     and sampled runs, see generation.sample). Everything in place, on the device."""
-    from .generation import sample  # generation imports this module
     B, L = key_valid.shape
     pos = positions.gather(1, col.expand(B, 1))
     valid = key_valid & (torch.arange(L, device=col.device) <= col)
