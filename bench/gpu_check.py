@@ -211,7 +211,7 @@ def vllm_side_by_side(a, prompts: list[list[int]], summary: dict) -> dict:
         Path(tmp, "config.json").write_text(json.dumps(config))
         t0 = time.perf_counter()
         llm = LLM(model=tmp, load_format="dummy", skip_tokenizer_init=True, enable_prefix_caching=True,
-                  dtype="float16", max_model_len=512, max_num_seqs=a.batch, gpu_memory_utilization=0.85, seed=0)
+                  dtype="float16", max_model_len=512, max_num_seqs=a.batch, gpu_memory_utilization=0.8, seed=0)
         startup = time.perf_counter() - t0
         params = [SamplingParams(temperature=0.9, top_p=0.95, max_tokens=forced_length(i) + 1, stop_token_ids=[13],
                                  detokenize=False, seed=i) for i in range(len(prompts))]
@@ -261,9 +261,14 @@ def main(argv: Optional[list[str]] = None) -> int:
             summary["vllm"] = "not importable"
         else:
             import gc
+            torch._dynamo.reset()  # compiled graphs hold the model's weights and CUDA graph pools
             gc.collect()
-            torch.cuda.empty_cache()  # our model is gone with throughput's frame: vLLM takes 85% of the GPU
-            summary["vllm"] = vllm_side_by_side(a, prompts, summary)
+            torch.cuda.empty_cache()  # our model is gone with throughput's frame: vLLM takes 80% of the GPU
+            try:
+                summary["vllm"] = vllm_side_by_side(a, prompts, summary)
+            except Exception as e:  # noqa: BLE001 (the figures above still reach the JSON)
+                summary["vllm"] = f"failed: {type(e).__name__}: {e}"
+                print(f"vLLM: {summary['vllm']}", file=sys.stderr)
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], "gpu_check.json").write_text(json.dumps({**summary, "tests_rc": rc}, indent=2))
     return rc
