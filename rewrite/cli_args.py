@@ -57,6 +57,8 @@ class Config:
     share_prefixes: bool = _flag(True, "compute the prompt prefixes (header, examples) shared in a batch once; "
                                        "--noshare_prefixes computes every prompt whole (same texts up to "
                                        "float rounding).")
+    compile: bool = _flag(False, "torch.compile the one-token decode step (CUDA graphs on a GPU, inductor on the "
+                                 "CPU): pays once a run outlasts its compile time (see bench/README.md).")
 
 
 FLAG_NAMES = tuple(f.name for f in fields(Config))
@@ -243,4 +245,5 @@ def validate(raw: dict[str, Any]) -> Config:
         sample_mode=",".join(modes), examples=_optional_str(c.examples), dry_run=dry_run,
         overwrite=_switch("overwrite", c.overwrite), model_parallel_size=mp,
         dtype=None if c.dtype is None else DTYPES[str(c.dtype).lower()], text_key=text_key,
-        share_prefixes=_switch("share_prefixes", c.share_prefixes), **numbers)
+        share_prefixes=_switch("share_prefixes", c.share_prefixes), compile=_switch("compile", c.compile),
+        **numbers)
