@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 from common.distributed import launched_as_rank0
 from common.fileio import cannot_write_in
-from rewrite.llama import find_tokenizer
+from rewrite.llama import TokenizerError, find_tokenizer
 from rewrite.prompts import normalize_sample_modes
 from rewrite.shard_input import check_shard_flags, is_shard_input
 
@@ -57,6 +57,8 @@ class Config:
     share_prefixes: bool = _flag(True, "compute the prompt prefixes (header, examples) shared in a batch once; "
                                        "--noshare_prefixes computes every prompt whole (same texts up to "
                                        "float rounding).")
+    compile: bool = _flag(False, "torch.compile the one-token decode step (CUDA graphs on a GPU, inductor on the "
+                                 "CPU): pays once a run outlasts its compile time (see bench/README.md).")
 
 
 FLAG_NAMES = tuple(f.name for f in fields(Config))
@@ -197,7 +199,10 @@ def _tokenizer_path(c: Config, dry_run: bool) -> Optional[str]:
         raise ValueError(f"--ckpt_dir: {c.ckpt_dir} is not a directory")
     if _given(c.tokenizer_path) or c.ckpt_dir is None:
         return _optional_str(c.tokenizer_path)
-    found = find_tokenizer(str(c.ckpt_dir)) if Path(str(c.ckpt_dir)).is_dir() else None
+    try:
+        found = find_tokenizer(str(c.ckpt_dir)) if Path(str(c.ckpt_dir)).is_dir() else None
+    except TokenizerError as e:  # both tokenizer files, disagreeing
+        raise ValueError(f"--ckpt_dir: {e} (--tokenizer_path)") from None
     if found is None and not dry_run:
         raise ValueError(f"--tokenizer_path is required: --ckpt_dir {c.ckpt_dir} has no tokenizer.model or "
                          "tokenizer.json (nor, for a Meta folder, its parent a tokenizer.model)")
@@ -240,4 +245,5 @@ def validate(raw: dict[str, Any]) -> Config:
         sample_mode=",".join(modes), examples=_optional_str(c.examples), dry_run=dry_run,
         overwrite=_switch("overwrite", c.overwrite), model_parallel_size=mp,
         dtype=None if c.dtype is None else DTYPES[str(c.dtype).lower()], text_key=text_key,
-        share_prefixes=_switch("share_prefixes", c.share_prefixes), **numbers)
+        share_prefixes=_switch("share_prefixes", c.share_prefixes), compile=_switch("compile", c.compile),
+        **numbers)

@@ -30,7 +30,8 @@ from rewrite.output import Claim, RunTotals
 from rewrite.prompts import (Pool, TokenizerLike, build_prompt, choose_examples, finish_line, fit_prompt, load_pool,
                              longest_prefix_tokens, normalize_sample_modes, one_line, sampling_seed)
 from rewrite.shard_input import ShardLines, expand_shards, is_shard_input, shard_stem
-from rewrite.shard_output import ShardUnits, check_run_record, clear_for_overwrite
+from rewrite.shard_checks import check_finished, check_overwrite_keeps_one_setting
+from rewrite.shard_output import ShardUnits, check_run_record, clear_for_overwrite, shard_output_path
 from rewrite.text_units import TextUnits, mode_output
 
 T = TypeVar("T")
@@ -194,11 +195,16 @@ def checkpoint_identity(ckpt, tokenizer_path: str) -> dict:
 def settings_fingerprint(cfg: Config, pool: Pool, dtype: str, identity: dict) -> dict:
     """Every setting that changes the output lines (not batch size: it does not). Prefix sharing
     changes none in float64 and can flip a near-tied token in fp32/fp16; it is recorded only when
-    switched off, so records written before the switch existed still resume."""
+    switched off, so records written before the switch existed still resume. --compile likewise,
+    recorded only when on."""
     settings = {"seed": cfg.seed, "sample_mode": cfg.sample_mode, "examples": pool.digest(),
                 "temperature": cfg.temperature, "top_p": cfg.top_p, "max_seq_len": cfg.max_seq_len,
                 "max_gen_len": cfg.max_gen_len, "dtype": dtype, "checkpoint": identity}
-    return settings if cfg.share_prefixes else {**settings, "share_prefixes": False}
+    if not cfg.share_prefixes:
+        settings["share_prefixes"] = False
+    if cfg.compile:
+        settings["compile"] = True
+    return settings
 
 
 def plan_units(cfg: Config, settings: dict[str, dict], dp_size: int) -> tuple[Units, bool]:
@@ -210,10 +216,13 @@ def plan_units(cfg: Config, settings: dict[str, dict], dp_size: int) -> tuple[Un
                     "text_key": cfg.text_key}
         shards = expand_shards(cfg.prompt_filename)
         cfg.output_filename.mkdir(exist_ok=True)
+        pairs = [(p, shard_output_path(cfg.output_filename, shard_stem(p))) for p in shards]
         if cfg.overwrite:
+            check_overwrite_keeps_one_setting(cfg.output_filename, [out for _, out in pairs], combined)
             removed = clear_for_overwrite(cfg.output_filename, [shard_stem(p) for p in shards])
             log(f"--overwrite: removed {removed} finished shards of this input from {cfg.output_filename}")
         check_run_record(cfg.output_filename, combined, cfg.overwrite)
+        check_finished(cfg.output_filename, pairs, combined)  # finished only for this input and these settings
         return ShardUnits(shards, cfg.output_filename, cfg.text_key, tuple(settings), combined), True
     info = scan_input(cfg.prompt_filename)
     units = TextUnits(cfg.prompt_filename, cfg.output_filename, info,
@@ -311,14 +320,14 @@ def run(cfg: Config) -> None:
     if not job.todo:
         return
     generator = load_generator(job.checkpoint, cfg.tokenizer_path, cfg.max_seq_len, cfg.max_batch_size,
-                               job.parallel, job.dtype, job.tokenizer, cfg.share_prefixes)
+                               job.parallel, job.dtype, job.tokenizer, cfg.share_prefixes, cfg.compile)
     t0 = time.perf_counter()
     mine = run_group(job, generator)
     seconds = time.perf_counter() - t0
     mine.tokens = generator.stats["generated_tokens"] if job.parallel.is_writer else 0
     everyone = on_every_rank(lambda: mine, job.parallel.world_size)  # every group has finished
     if job.parallel.rank == 0:
-        print(job.units.conclude(RunTotals.sum(everyone), seconds), flush=True)
+        print(job.units.conclude(RunTotals.sum(everyone), seconds) + generator.compile_note(), flush=True)
 
 
 def run_cli(cfg: Config) -> None:

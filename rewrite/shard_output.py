@@ -28,7 +28,8 @@ from common.locking import FileLock, describe_holder, lock_path
 from rewrite.input_lines import Line
 from rewrite.output import (Claim, ResumeError, RunTotals, ShareWriter, add_stats, describe_changes,
                             record_path, sum_stats)
-from rewrite.shard_input import ShardLines, input_fingerprint, shard_stem
+from rewrite.shard_checks import remembered_fingerprint
+from rewrite.shard_input import ShardLines, shard_stem
 
 RUN_RECORD = "rewrite.json"
 RUN_RECORD_VERSION = 1
@@ -153,7 +154,7 @@ class ShardUnits:
             claim.close()
             return None
         try:
-            fingerprint = {"input": input_fingerprint(self.shards[unit]), "settings": self.settings}
+            fingerprint = {"input": remembered_fingerprint(self.out_dir, self.shards[unit]), "settings": self.settings}
             writer = ShareWriter(shard_part_path(out), fingerprint, {"shard": out.stem}, overwrite=False)
             claim.writers[""] = writer
             claim.start = writer.open(0, 0).next_line

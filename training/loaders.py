@@ -19,11 +19,13 @@ from torch.utils.data import DataLoader
 
 from common.distributed import DistInfo, on_every_rank
 from training.data import CaptionImageDataset, EpochSampler, check_root, train_transform
+from training.rewrite_join import DEFAULT_MISMATCH_LIMIT, MISMATCH, MismatchGuard
 from training.shard_rewrites import open_rewrite_source
+from training.shard_startup import REMOTE_PREFIXES, empty_note, start_notes, without_empty_tars
 from training.wds import COUNT_KEYS, ShardStream, StreamSpec
 
-REMOTE_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://")  # webdataset opens these itself
-WDS_ONLY = ("train_num_samples", "dataset_resampled", "rewrite_data", "rewrite_json_keys")
+WDS_ONLY = ("train_num_samples", "dataset_resampled", "rewrite_data", "rewrite_json_keys", "rewrite_columns",
+            "rewrite_mismatch_limit")
 
 
 @runtime_checkable
@@ -109,6 +111,9 @@ class ShardLoader(EpochBatches):
         self.stream, self.rank, self.world_size = stream, rank, world_size
         self.seen: dict[int, tuple[int, int, int]] = {}  # worker -> (pass, shard, sample) read so far
         self.drawn: dict[int, tuple[int, int]] = {}  # worker -> (samples drawn from its shuffle buffer, emitted)
+        rewrites = stream.spec.rewrites
+        per_epoch = stream.batches * stream.batch_size  # this rank's samples
+        self.guard = MismatchGuard(rewrites.mismatch_limit, per_epoch) if rewrites is not None else None
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for images, tokens, info in self.loader:
@@ -116,6 +121,9 @@ class ShardLoader(EpochBatches):
                 self.seen[worker] = tuple(position)
             for worker, draws, emitted in info.pop("drawn").tolist():
                 self.drawn[worker] = (draws, emitted)
+            notes = info.pop("mismatch")
+            if self.guard is not None:  # too many rewrites of other captions: stop with one line
+                self.guard.add(int(info[MISMATCH].sum()), notes)
             yield self.handed_out(images, tokens, info)
 
     def set_epoch(self, epoch: int) -> None:
@@ -125,6 +133,8 @@ class ShardLoader(EpochBatches):
         saved = self.resume_from
         self.stream.starts, self.stream.epoch, self.stream.replay = {**self.stream.starts, **self.seen}, epoch, {}
         self.seen, self.drawn, self.stream.worker_offset = {}, {}, 0
+        if self.guard is not None:
+            self.guard.new_epoch()  # (a mid-epoch resume counts the epoch's mismatches from there)
         if self.resumed_batches(epoch):
             # batch k comes from stream worker k % workers, and the DataLoader starts with its process 0
             self.stream.worker_offset = self.batches % self.stream.workers
@@ -207,7 +217,13 @@ def check_webdataset_args(args: argparse.Namespace) -> StreamSpec:
                          "--rewrite-data 'out/{00000..NNNNN}.parquet' (the rewriter's output) or --rewrite-json-keys")
     if args.aug_text and not (args.rewrite_data or args.rewrite_json_keys):
         raise ValueError("--aug-text with shards needs --rewrite-data 'out/{...}.parquet' or --rewrite-json-keys KEY")
-    rewrites = open_rewrite_source(args.rewrite_data, tuple(args.rewrite_json_keys)) if args.aug_text else None
+    limit = DEFAULT_MISMATCH_LIMIT if args.rewrite_mismatch_limit is None else args.rewrite_mismatch_limit
+    if not 0 <= limit <= 1:
+        raise ValueError(f"--rewrite-mismatch-limit is a share of an epoch's samples, 0 to 1; got {limit}")
+    if args.rewrite_columns and not args.rewrite_data:
+        raise ValueError("--rewrite-columns names columns of the --rewrite-data files; give --rewrite-data")
+    rewrites = open_rewrite_source(args.rewrite_data, tuple(args.rewrite_json_keys), tuple(args.rewrite_columns),
+                                   tuple(urls), limit) if args.aug_text else None
     weights = getattr(args, "aug_text_weights", None)
     return StreamSpec(tuple(urls), args.train_num_samples, args.dataset_resampled, rewrites, args.multi_text,
                       args.seed, tuple(weights) if weights else None)
@@ -230,18 +246,16 @@ def _data_loader(dataset, args: argparse.Namespace, info: DistInfo, **kw) -> Dat
 
 
 def build_shard_loader(args: argparse.Namespace, info: DistInfo, tokenizer, transform=None) -> ShardLoader:
-    spec = check_webdataset_args(args)
+    spec, empty = without_empty_tars(check_webdataset_args(args))
     readers = info.world_size * max(1, args.workers)
     if not spec.resampled and len(spec.urls) < readers:
-        raise ValueError(f"--train-data has {len(spec.urls)} shards, fewer than processes x --workers "
+        left = f" once {len(empty)} empty tars are left out (e.g. {empty[0]})" if empty else ""
+        raise ValueError(f"--train-data has {len(spec.urls)} shards{left}, fewer than processes x --workers "
                          f"({info.world_size} x {max(1, args.workers)}): some readers would have none. Use fewer "
                          "--workers, more shards, or --dataset-resampled")
     stream = ShardStream(spec, transform or train_transform(), tokenizer, args.batch_size, info.world_size, args.workers)
     loader = ShardLoader(stream, _data_loader(stream, args, info), info.rank, info.world_size)
-    missing = spec.rewrites.missing if spec.rewrites else ()
-    if missing:
-        loader.notes.append(f"{len(missing)} --rewrite-data files do not exist (e.g. {missing[0]}): the samples of "
-                            "their shards train on their original captions, counted as missing_rewrites in log.txt")
+    loader.notes += empty_note(empty) + start_notes(spec)  # empty tars, rewrite coverage, passes per epoch
     return loader
 
 

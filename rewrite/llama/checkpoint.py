@@ -16,9 +16,10 @@ from .errors import CheckpointError, TokenizerError
 from .formats import (Checkpoint, WeightSource, default_dtype, find_tokenizer, load_tokenizer,
                       open_checkpoint)
 from .generation import Generator
-from .model import ModelArgs, Transformer, split_dim
+from .model import ModelArgs, Transformer, fuse_projections, split_dim
 from .parallel import ParallelInfo
 from .sentencepiece_tokenizer import TokenizerBase
+from .vocab_checks import check_vocab_rows, mask_padded_rows
 
 
 def read_rank_state(source: WeightSource, mp_size: int, mp_rank: int,
@@ -57,9 +58,7 @@ def model_args(ckpt: Checkpoint, tokenizer: TokenizerBase) -> tuple[ModelArgs, b
     """(the architecture with its vocabulary size, whether the tokenizer gave that size)."""
     args = ckpt.model_args()
     if args.vocab_size > 0:
-        if tokenizer.n_words > args.vocab_size:
-            raise CheckpointError(f"tokenizer {tokenizer.model_path} has {tokenizer.n_words} ids but "
-                                  f"{ckpt.config_file} gives vocab_size {args.vocab_size}")
+        check_vocab_rows(tokenizer, args.vocab_size, str(ckpt.config_file), str(ckpt.path))
         return args, False
     args.vocab_size = tokenizer.n_words
     return args, True
@@ -110,15 +109,17 @@ def load_model(ckpt_dir: str | Checkpoint, tokenizer: TokenizerBase, parallel: P
     state = read_rank_state(source, parallel.mp_size, parallel.mp_rank, _placer(parallel.device, dtype))
     # assign: the parameters become the loaded tensors, already on the device and in dtype
     model.load_state_dict(state, strict=True, assign=True)
-    return model.eval().requires_grad_(False)
+    mask_padded_rows(model, tokenizer.n_words)  # known padded rows are never generated (vocab_checks.py)
+    return fuse_projections(model.eval().requires_grad_(False))  # one QKV, one gate/up matmul per layer
 
 
 def load_generator(ckpt_dir: str | Checkpoint, tokenizer_path: Optional[str], max_seq_len: int, max_batch_size: int,
                    parallel: ParallelInfo, dtype: Optional[torch.dtype] = None,
-                   tokenizer: Optional[TokenizerBase] = None, share_prefixes: bool = True) -> Generator:
+                   tokenizer: Optional[TokenizerBase] = None, share_prefixes: bool = True,
+                   compile: bool = False) -> Generator:
     """Tokenizer + this rank's model, ready to generate. tokenizer_path: tokenizer.model or
     tokenizer.json; None: the one the checkpoint folder comes with (find_tokenizer).
-    tokenizer: already loaded (the CLI has it from its prompt checks). share_prefixes: see Generator."""
+    tokenizer: already loaded (the CLI has it from its prompt checks). share_prefixes, compile: see Generator."""
     if max_seq_len < 2:
         raise ValueError(f"max_seq_len must be at least 2, got {max_seq_len}")
     if max_batch_size < 1:
@@ -127,7 +128,8 @@ def load_generator(ckpt_dir: str | Checkpoint, tokenizer_path: Optional[str], ma
     if tokenizer is None:
         tokenizer = load_tokenizer(tokenizer_path or _found_tokenizer(str(ckpt.path)), str(ckpt.path))
     model = load_model(ckpt, tokenizer, parallel, dtype)
-    return Generator(model, tokenizer, max_seq_len, max_batch_size, parallel, share_prefixes=share_prefixes)
+    return Generator(model, tokenizer, max_seq_len, max_batch_size, parallel, share_prefixes=share_prefixes,
+                     compile=compile)
 
 
 def _found_tokenizer(ckpt_dir: str) -> str:

@@ -1,0 +1,110 @@
+"""A finished shard output is kept only if it belongs to this run's input and settings.
+
+OUT/NNNNN.parquet records in its metadata (rewrite/shard_output.py) the settings that shaped
+it (modes, seed, example pools, model, sampling) and its input shard's fingerprint (name,
+size, BLAKE2b of the bytes read). Before any group starts, every finished output of the run's
+shards is compared with both: a shard of another data set or a re-downloaded one, or an output
+written with other settings, is refused with one line naming the shard and the difference
+(--overwrite redoes it), instead of being counted as finished.
+
+Hashing every input again on each rerun would read the whole data set (terabytes at LAION
+scale), so each input's hash is remembered in OUT/input_fingerprints.jsonl under its path,
+size, modification time, inode and status-change time (one JSON line appended when a shard
+is claimed or checked; the last line of a path wins): an unchanged file is not read again.
+
+--overwrite on some of a folder's shards with other settings would leave the others with the
+old ones while OUT/rewrite.json names the new: refused, so the folder's record always
+describes every shard in it.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable, Optional
+
+from rewrite.output import ResumeError, describe_changes
+from rewrite.shard_input import input_fingerprint
+
+MEMO = "input_fingerprints.jsonl"
+METADATA_KEY = b"laclip_rewrite"  # rewrite/shard_output.py
+
+
+def _stat(path: Path) -> dict:
+    st = path.stat()
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino, "ctime_ns": st.st_ctime_ns}
+
+
+def read_memo(out_dir: Path) -> dict[str, dict]:
+    memo: dict[str, dict] = {}
+    try:
+        with open(out_dir / MEMO, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    entry = json.loads(line)
+                    memo[entry["path"]] = entry
+                except (ValueError, KeyError, TypeError):
+                    continue  # a line cut by a crash: that input is hashed again
+    except OSError:
+        pass
+    return memo
+
+
+def remembered_fingerprint(out_dir: Path, shard: Path, memo: Optional[dict] = None) -> dict:
+    """The shard's fingerprint: from `memo` when its stat matches, else hashed and remembered."""
+    where, stat = str(shard.resolve()), _stat(shard)
+    entry = (memo or {}).get(where)
+    if entry is not None and all(entry.get(k) == v for k, v in stat.items()):
+        return entry["fingerprint"]
+    fingerprint = input_fingerprint(shard)
+    line = json.dumps({"path": where, **stat, "fingerprint": fingerprint}) + "\n"
+    with open(out_dir / MEMO, "a", encoding="utf-8") as f:  # one short line: appends do not interleave
+        f.write(line)
+    return fingerprint
+
+
+def read_output_metadata(out: Path) -> dict:
+    import pyarrow.parquet as pq
+    try:
+        meta = pq.read_schema(out).metadata or {}
+        return json.loads(meta.get(METADATA_KEY, b"{}"))
+    except Exception as e:  # pyarrow's own errors: a damaged output is not finished work
+        raise ResumeError(f"--output_filename: {out} is not a readable parquet file ({e}); pass --overwrite to "
+                          "redo that shard") from None
+
+
+def check_finished(out_dir: Path, pairs: Iterable[tuple[Path, Path]], settings: dict) -> int:
+    """(input shard, output) pairs whose output exists must match; returns how many were checked."""
+    memo, checked = read_memo(out_dir), 0
+    for shard, out in pairs:
+        if not out.exists():
+            continue
+        meta = read_output_metadata(out)
+        if meta.get("settings") != settings:
+            raise ResumeError(f"--output_filename: shard {out} was rewritten with other settings: "
+                              f"{describe_changes(meta.get('settings') or {}, settings)}; pass --overwrite to "
+                              f"redo it with these")
+        recorded = meta.get("input") or {}
+        size = shard.stat().st_size
+        now = {"name": shard.name, "size": size} if recorded.get("size") != size else \
+            remembered_fingerprint(out_dir, shard, memo)
+        if any(recorded.get(k) != now[k] for k in now):
+            what = (f"size {recorded.get('size')} then, {size} now" if recorded.get("size") != size
+                    else f"content hash {recorded.get('blake2b')} then, {now['blake2b']} now"
+                    if recorded.get("name") == shard.name else f"input {recorded.get('name')} then, {shard.name} now")
+            raise ResumeError(f"--output_filename: shard {out} was rewritten from another {shard.name} ({what}): "
+                              "another data set, or a shard downloaded again? Pass --overwrite to redo it")
+        checked += 1
+    return checked
+
+
+def check_overwrite_keeps_one_setting(out_dir: Path, run_outputs: Iterable[Path], settings: dict) -> None:
+    """--overwrite of a subset with new settings must not leave other shards with the old ones."""
+    mine = {p.resolve() for p in run_outputs}
+    for out in sorted(out_dir.glob("*.parquet")):
+        if out.resolve() in mine:
+            continue
+        held = read_output_metadata(out).get("settings")
+        if held is not None and held != settings:
+            raise ResumeError(f"--overwrite: {out} is not among this run's shards and keeps other settings "
+                              f"({describe_changes(held, settings)}); one folder holds shards of one setting: "
+                              f"redo all of its shards, or write to another --output_filename")
