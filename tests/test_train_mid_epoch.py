@@ -59,7 +59,7 @@ def csv_argv(data, out, *extra):
 def shard_argv(shards, out, *extra, model="CLIP_TINY"):
     return ["--train-data", shards.tars, "--train-num-samples", "24", "--batch-size", "2", "--workers", "2",
             "--epochs", "2", "--model", model, "--output-dir", str(out), "--device", "cpu", "--lr", "1e-3",
-            "--aug-text", "--rewrite-data", shards.parquets, *extra]
+            "--aug-text", "--rewrite-json-keys", "re_caption", *extra]
 
 
 def test_a_crash_mid_epoch_then_the_same_command_equals_an_uninterrupted_run_csv(tmp_path, monkeypatch, capsys):
@@ -149,3 +149,22 @@ def test_kill_9_mid_epoch_then_rerun_equals_an_uninterrupted_run(tmp_path, kind)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "inside epoch 0 after 3 of" in done.stdout
     assert_same_run(tmp_path / "whole", tmp_path / "cut")
+
+
+def test_a_lock_goes_with_its_process_though_a_forked_child_lives_on(tmp_path):
+    """A DataLoader worker is a fork of train.py: it must not keep --output-dir locked after train.py
+    is killed (a rerun at once would be refused while the orphaned worker notices)."""
+    from common.locking import FileLock
+    script = ("import os, signal, sys, time\nfrom common.locking import FileLock\n"
+              "FileLock(sys.argv[1], 'out').acquire()\nchild = os.fork()\n"
+              "if child == 0:\n    os.close(1)\n    os.close(2)\n    time.sleep(30)\n    os._exit(0)\n"
+              "print(child, flush=True)\nos.kill(os.getpid(), signal.SIGKILL)\n")
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "out")], cwd=REPO, capture_output=True,
+                          text=True, env=clean_dist_env())
+    child = int(done.stdout.split()[0])
+    try:
+        lock = FileLock(tmp_path / "out", "out")
+        assert lock.try_acquire()  # the parent died; its child lives but holds nothing
+        lock.release()
+    finally:
+        os.kill(child, signal.SIGKILL)
