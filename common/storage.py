@@ -28,6 +28,7 @@ from common.fileio import atomic_write
 
 RETRIES = 3  # tries of one operation at this layer; the backend retries each request too
 BACKOFF_S = 0.5  # first wait between tries, doubled each time
+READ_BLOCK = 8 << 20  # bytes per ranged GET when streaming a URL
 T = TypeVar("T")
 
 
@@ -131,8 +132,8 @@ def call(what: str, url: str, fn: Callable[[], T]) -> T:
 
 
 # ---------------------------------------------------------------- reading
-def open_read(location: str, block_size: int = 8 << 20) -> IO[bytes]:
-    """A binary file object for sequential reading: a URL is streamed in block_size ranges
+def open_read(location: str) -> IO[bytes]:
+    """A binary file object for sequential reading: a URL is streamed in READ_BLOCK ranges
     (the backend retries each range), never downloaded whole first."""
     if not is_url(location):
         try:
@@ -141,7 +142,7 @@ def open_read(location: str, block_size: int = 8 << 20) -> IO[bytes]:
             raise (NotFound if isinstance(err, FileNotFoundError) else StorageError)(
                 f"open: {location}: {err.strerror or err}") from err
     fs, path = filesystem(location)
-    return call("open", location, lambda: fs.open(path, "rb", block_size=block_size, cache_type="readahead"))
+    return call("open", location, lambda: fs.open(path, "rb", block_size=READ_BLOCK, cache_type="readahead"))
 
 
 def read_bytes(location: str) -> bytes:

@@ -65,6 +65,19 @@ class S3Server:
         return {"AWS_ACCESS_KEY_ID": key["AccessKeyId"], "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"]}
 
 
+def upload_folder(folder: str, url: str) -> list[str]:
+    """Copy every file of a local folder to the prefix `url` (one object each); returns the URLs."""
+    from common import storage
+    urls = []
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            with open(path, "rb") as f:
+                storage.write_bytes(storage.join(url, name), f.read())
+            urls.append(storage.join(url, name))
+    return urls
+
+
 def forget_filesystems() -> None:
     """fsspec caches filesystem objects (with their endpoint): drop them when the env changes."""
     try:

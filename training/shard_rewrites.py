@@ -16,10 +16,9 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
-import braceexpand
+from common import storage
 
 log = logging.getLogger(__name__)
 NOT_REWRITES = ("key", "caption")  # the rewriter's own columns; every other one is a sample mode
@@ -53,19 +52,22 @@ def open_rewrite_source(pattern: Optional[str], json_keys: tuple[str, ...] = ())
     first has rewrite columns."""
     if not pattern:
         return RewriteSource({}, (), tuple(json_keys))
-    import pyarrow.parquet as pq
-    every = list(braceexpand.braceexpand(pattern))
-    paths = [p for p in every if Path(p).is_file()]
-    missing = tuple(p for p in every if p not in set(paths))
+    try:
+        paths, missing_list = storage.expand(pattern)  # local files, or one listing per s3:// prefix
+    except storage.StorageError as e:
+        raise ValueError(f"--rewrite-data: {e}") from None
+    missing = tuple(missing_list)
     if not paths:
-        raise ValueError(f"--rewrite-data {pattern}: {len(missing)} of {len(every)} files not found, e.g. "
+        raise ValueError(f"--rewrite-data {pattern}: {len(missing)} of {len(missing)} files not found, e.g. "
                          f"{missing[0]}")
     files = {shard_name(p): p for p in paths}
     if len(files) != len(paths):
         raise ValueError(f"--rewrite-data {pattern}: two files share a shard name; each tar finds its rewrites "
                          "by name (laion/00012.tar <-> out/00012.parquet)")
     try:
-        names = pq.read_schema(paths[0]).names
+        names = parquet_file(paths[0]).schema_arrow.names
+    except storage.StorageError as e:
+        raise ValueError(f"--rewrite-data: {e}") from None
     except Exception as e:  # pyarrow's own errors
         raise ValueError(f"--rewrite-data: cannot read {paths[0]} as parquet: {e}") from None
     columns = tuple(c for c in names if c not in NOT_REWRITES)
@@ -75,17 +77,26 @@ def open_rewrite_source(pattern: Optional[str], json_keys: tuple[str, ...] = ())
     return RewriteSource(files, columns, tuple(json_keys), missing)
 
 
+def parquet_file(location: str):
+    """A rewrite file as a pyarrow ParquetFile: a local path directly, a URL (s3://...) fetched
+    whole first through common.storage (a shard's rewrites are a few MB)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    return pq.ParquetFile(pa.BufferReader(storage.read_bytes(location)) if storage.is_url(location) else location)
+
+
 def load_shard_rewrites(source: RewriteSource, url: str) -> Optional[dict[str, tuple[str, ...]]]:
     """key -> rewrites (in source.columns order) for the tar at `url`; None when the shard has no
     rewrite file or it cannot be read (its samples then train on their originals, counted)."""
     path = source.files.get(shard_name(url))
     if path is None:  # reported once at start-up (train.py), counted per sample
         return None
-    import pyarrow.parquet as pq
     try:
-        names = set(pq.read_schema(path).names)
-        present = [c for c in source.columns if c in names]
-        table = pq.read_table(path, columns=["key", *present]).to_pydict()
+        pf = parquet_file(path)
+        present = [c for c in source.columns if c in pf.schema_arrow.names]
+        table = pf.read(columns=["key", *present]).to_pydict()
+    except storage.StorageError:
+        raise  # a storage failure (after retries) stops the run: it is not a damaged file
     except Exception as e:  # a damaged file must not stop a long run: counted per sample instead
         log.warning("cannot read rewrites %s (%s): its samples train on their original captions", path, e)
         return None

@@ -4,20 +4,20 @@ and come out of checkpoints. The stream itself is training/wds.py."""
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import Optional
 
 import braceexpand
 from torch.utils.data import DataLoader
 
+from common import storage
 from common.distributed import DistInfo, on_every_rank
 from training.checkpoint import Resumed
 from training.data import train_transform
 from training.shard_rewrites import open_rewrite_source
 from training.wds import ShardLoader, ShardStream, StreamSpec
 
-REMOTE_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://")  # webdataset opens these itself
+UNCHECKED = ("pipe:", "http://", "https://")  # webdataset opens these itself (s3:// etc. go through fsspec)
 WDS_ONLY = ("train_num_samples", "dataset_resampled", "rewrite_data", "rewrite_json_keys")
 
 
@@ -44,8 +44,7 @@ def check_not_webdataset_flags(args: argparse.Namespace) -> None:
 def check_webdataset_args(args: argparse.Namespace) -> StreamSpec:
     """The shard list, epoch size and rewrite sources of a webdataset run."""
     urls = list(braceexpand.braceexpand(args.train_data or ""))
-    local = [u for u in urls if not u.startswith(REMOTE_PREFIXES)]
-    missing = [u for u in local if not os.path.isfile(u)]
+    missing = missing_shards(args.train_data, urls)
     if not urls or missing:
         raise ValueError(f"--train-data {args.train_data!r}: {len(missing)} of {len(urls)} shards not found, "
                          f"e.g. {missing[0] if missing else '(none given)'}")
@@ -60,6 +59,17 @@ def check_webdataset_args(args: argparse.Namespace) -> StreamSpec:
     rewrites = open_rewrite_source(args.rewrite_data, tuple(args.rewrite_json_keys)) if args.aug_text else None
     return StreamSpec(tuple(urls), args.train_num_samples, args.dataset_resampled, rewrites, args.multi_text,
                       args.seed)
+
+
+def missing_shards(pattern: str, urls: list[str]) -> list[str]:
+    """Shards of --train-data that do not exist: local files and fsspec URLs (s3://, gs://: one
+    listing per prefix) are checked; pipe: and http(s):// are webdataset's to open."""
+    if any(u.startswith(UNCHECKED) for u in urls):
+        return []
+    try:
+        return storage.expand(pattern)[1]
+    except storage.StorageError as e:
+        raise ValueError(f"--train-data: {e}") from None
 
 
 def check_shard_count(spec: StreamSpec, info: DistInfo, workers: int) -> None:
