@@ -125,3 +125,33 @@ def test_storage_failure_mid_shard_stops_not_skips(data, s3_server, monkeypatch)
                                                    "failed mid-shard"):
         list(samples)
     assert pending["shard_errors"] == 0
+
+
+def test_remote_sync_uploads_changes_claims_the_url_and_restores(s3_bucket, tmp_path):
+    from training import remote_sync
+    url = f"s3://{s3_bucket}/runs/laclip"
+    out = tmp_path / "out"
+    (out / "tb_logs").mkdir(parents=True)
+    (out / "checkpoint.pt").write_bytes(b"epoch 0 weights")
+    (out / "log.txt").write_text('{"epoch": 0}\n')
+    (out / "tb_logs" / "events.1").write_bytes(b"tb")
+    (out / "train.lock").write_text("local only")
+    (out / "checkpoint.pt.tmp-123").write_bytes(b"unfinished")
+    sync = remote_sync.start(url, str(out), claim_timeout=60)
+    assert sync.push() == ["checkpoint.pt", "tb_logs/events.1", "log.txt"]  # checkpoint before the log line
+    assert storage.list_names(url) == ["checkpoint.pt", "log.txt", "tb_logs", "train.claim"]
+    with pytest.raises(ValueError, match=f"--remote-sync {url} is in use by process {__import__('os').getpid()}"):
+        remote_sync.start(url, str(tmp_path / "other"), claim_timeout=60)
+    assert sync.push() == []  # nothing changed
+    (out / "log.txt").write_text('{"epoch": 0}\n{"epoch": 1}\n')
+    sync.close()  # uploads the changed log, releases the claim
+    assert storage.read_bytes(url + "/log.txt") == (out / "log.txt").read_bytes()
+    fresh = tmp_path / "fresh"  # a new node: empty local folder, resumes from the remote copy
+    fresh.mkdir()
+    again = remote_sync.start(url, str(fresh), claim_timeout=60)
+    assert (fresh / "checkpoint.pt").read_bytes() == b"epoch 0 weights"
+    assert (fresh / "log.txt").read_text() == (out / "log.txt").read_text()
+    assert again.push() == []  # what was fetched is not sent back
+    again.close()
+    with pytest.raises(ValueError, match="--remote-sync '/tmp/x': needs an object-storage URL"):
+        remote_sync.start("/tmp/x", str(fresh), claim_timeout=60)
