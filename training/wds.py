@@ -31,7 +31,6 @@ import io
 import logging
 import math
 import random
-import tarfile
 from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
@@ -42,9 +41,9 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from common import storage
 from common.images import IMAGE_EXTENSIONS
 from common.storage import StorageError
+from common.tar_stream import is_storage_failure, tar_samples
 from training.data import MAX_LOGGED_FAILURES, all_captions, keyed_transform, pick_caption, sample_seed
 from training.shard_rewrites import RewriteSource, load_shard_rewrites, sample_rewrites
 
@@ -53,7 +52,6 @@ log = logging.getLogger(__name__)
 # worker's epoch: what sits in it when an epoch ends is not trained on in that pass.
 SHUFFLE_BUFFER, SHUFFLE_INITIAL = 2000, 500
 COUNT_KEYS = ("skipped_images", "skipped_no_text", "shard_errors", "missing_rewrites")
-WDS_OPENS = ("pipe:", "http://", "https://")  # URLs webdataset's own gopen handles
 IMAGE_FIELDS = tuple(ext[1:] for ext in IMAGE_EXTENSIONS)  # webdataset's lower-cased member extensions
 
 
@@ -80,29 +78,6 @@ class StreamSpec:
     def fingerprint(self) -> str:
         """Identifies the shard list, so saved positions are only reused for the same one."""
         return hashlib.blake2b("\n".join(self.urls).encode(), digest_size=8).hexdigest()
-
-
-def opened_by_fsspec(url: str) -> bool:
-    """s3://, gs:// and other fsspec URLs; webdataset keeps pipe:, http(s):// and local paths."""
-    return storage.is_url(url) and not url.startswith(WDS_OPENS)
-
-
-def shard_samples(url: str, handler: Callable[[Exception], bool]) -> Iterator[dict]:
-    """webdataset's samples of one tar; an fsspec URL is streamed through common.storage (a
-    failure to open it stops the run with one line naming it, as a failure mid-shard does)."""
-    if not opened_by_fsspec(url):
-        return wds.tarfile_samples([{"url": url}], handler=handler)
-    stream = storage.open_read(url)
-    files = wds.tariterators.tar_file_expander([{"url": url, "stream": stream}], handler=handler)
-    return wds.tariterators.group_by_keys(files, handler=handler)
-
-
-def is_storage_failure(url: str, exn: Exception) -> bool:
-    """For an fsspec URL, an error that is not damage in the tar's bytes (a dropped connection
-    after the backend's retries, a 403): such a shard must not be counted as broken and skipped."""
-    if not opened_by_fsspec(url):
-        return False
-    return not isinstance(exn, (tarfile.TarError, EOFError, ValueError, KeyError))  # what damaged bytes raise
 
 
 class ShardStream(IterableDataset):
@@ -166,7 +141,7 @@ class ShardStream(IterableDataset):
             broken.append(exn)
             return True
 
-        for sample in shard_samples(url, count_and_continue):
+        for sample in tar_samples(url, count_and_continue):
             if self.spec.rewrites is not None:
                 sample["__rewrites__"] = sample_rewrites(self.spec.rewrites, table, sample["__key__"],
                                                          sample.get("json"))
