@@ -88,14 +88,12 @@ def forget_filesystems() -> None:
 
 
 @contextmanager
-def running_s3_server() -> Iterator[S3Server]:
+def running_s3_server(own_process: bool = False) -> Iterator[S3Server]:
     """Start moto's server on a free loopback port, point the environment at it, and undo
-    both on exit."""
-    from moto.server import ThreadedMotoServer
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
+    both on exit. own_process: run it as a child process (benchmarks: the server then does not
+    share this process's interpreter lock with the code being measured)."""
     port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
+    stop = _start_thread(port) if not own_process else _start_process(port)
     s3 = S3Server(f"http://127.0.0.1:{port}")
     saved = {k: os.environ.get(k) for k in (*s3.env(), *CLEARED)}
     for k in CLEARED:
@@ -105,10 +103,43 @@ def running_s3_server() -> Iterator[S3Server]:
     try:
         yield s3
     finally:
-        server.stop()
+        stop()
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
         forget_filesystems()
+
+
+def _start_thread(port: int):
+    from moto.server import ThreadedMotoServer
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    return server.stop
+
+
+def _start_process(port: int):
+    import socket
+    import subprocess
+    import sys
+    import time
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                raise RuntimeError(f"moto's server did not start on 127.0.0.1:{port}")
+            time.sleep(0.1)
+
+    def stop() -> None:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+    return stop
