@@ -138,10 +138,18 @@ class S3Claim:
             record = {}  # a damaged claim is stale at once: nobody refreshes it
         return record, etag
 
-    def try_acquire(self) -> bool:
-        if self._put(IfNoneMatch="*"):
-            self._start_heartbeat()
+    def _ours(self) -> bool:
+        """After a failed condition: is the stored claim ours after all? (A retried PUT whose
+        first try succeeded but whose answer was lost gets 412 from its own first write.)"""
+        record, etag = self.read()
+        if record is not None and record.get("token") == self.token:
+            self.etag = etag
             return True
+        return False
+
+    def try_acquire(self) -> bool:
+        if self._put(IfNoneMatch="*") or self._ours():
+            return self._start_heartbeat()
         record, etag = self.read()
         if etag is None:  # released meanwhile: try the create once more
             return self._put(IfNoneMatch="*") and self._start_heartbeat()
@@ -172,7 +180,7 @@ class S3Claim:
         with self._mutex:
             if self.lost or self.etag is None:
                 raise ClaimLost(f"{self.url}: this run no longer holds the claim")
-            if not self._put(IfMatch=self.etag):
+            if not self._put(IfMatch=self.etag) and not self._ours():
                 self.lost = True
                 raise ClaimLost(f"{self.url}: another run took this claim over (this run's heartbeat was older "
                                 f"than its --claim_timeout); stopping before writing more")

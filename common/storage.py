@@ -106,7 +106,7 @@ def describe(err: BaseException, url: str) -> str:
     if isinstance(err, FileNotFoundError) and "bucket" in text.lower():
         bucket = url.split("://", 1)[-1].split("/", 1)[0]
         return f"{url}: the bucket {bucket!r} does not exist ({text})"
-    if isinstance(err, PermissionError) or "AccessDenied" in text or "403" in text:
+    if isinstance(err, PermissionError) or http_status(err) == 403 or "AccessDenied" in text:
         return f"{url}: access denied (403: {text}); check the credentials' permissions on this bucket and prefix"
     if isinstance(err, FileNotFoundError):
         return f"{url}: not found"

@@ -244,3 +244,16 @@ def test_unreachable_server_stops_with_url(monkeypatch, s3_bucket):
             storage.read_bytes(f"s3://{s3_bucket}/laion/00000.tar")
     finally:
         forget_filesystems()
+
+
+def test_a_retried_create_that_already_landed_is_ours(s3_bucket):
+    """A PUT that succeeded but whose answer was lost is retried and gets 412 from its own
+    write: the claim's token says it is ours, so the shard is not left waiting for a timeout."""
+    c = claims.claim_for(f"s3://{s3_bucket}/out/00003.parquet", "shard", timeout=60)
+    assert c._put(IfNoneMatch="*")  # the first try, landed
+    other = claims.claim_for(f"s3://{s3_bucket}/out/00003.parquet", "shard", timeout=60)
+    assert not other.try_acquire()
+    assert c.try_acquire()  # the retry: 412, but the token is c's
+    c.check()
+    c.release()
+    assert not storage.exists(f"s3://{s3_bucket}/out/00003.parquet.claim")
