@@ -24,7 +24,7 @@ from evaluation import results
 from evaluation.catalog import CATALOG
 from evaluation.features import FeatureCache, RunOptions
 from evaluation.models import check_model_name, load_for_eval
-from evaluation.runner import FEWSHOT_K, TASKS, Settings, plan, resolve_task, run
+from evaluation.jobs import FEWSHOT_K, TASKS, Settings, plan_job, resolve_task, run_job
 from evaluation.tasks import ClassifierCache
 
 
@@ -125,7 +125,7 @@ def plan_all(args: argparse.Namespace, settings: Settings, model_kind: str) -> l
     for dataset in args.dataset:
         root = args.dataset_root.replace("{dataset}", dataset)
         for task in dict.fromkeys(resolve_task(dataset, t) for t in args.task):
-            out = results.output_path(args.output, dataset, args.model, args.pretrained, task)
+            out = results.result_path(args.output, dataset, args.model, args.pretrained, task)
             if out in outputs:
                 raise ValueError(f"--output {args.output!r}: {outputs[out]} and {dataset}/{task} would both "
                                  f"write {out!r}; add {{dataset}} and {{task}} to it")
@@ -135,7 +135,7 @@ def plan_all(args: argparse.Namespace, settings: Settings, model_kind: str) -> l
             if args.skip_existing and os.path.exists(out):
                 print(f"=> {out} exists: skipped (--skip_existing)")
                 continue
-            job = plan(dataset, task, root, model_kind, settings)
+            job = plan_job(dataset, task, root, model_kind, settings)
             job.output = out
             jobs.append(job)
     return jobs
@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> list[dict] | str:
         opts = RunOptions(args.batch_size, args.num_workers, device, args.amp, args.skip_bad_images, args.verbose)
         cache, classifiers, records = FeatureCache(args.feature_root), ClassifierCache(em, opts), []
         for job in jobs:
-            record = run(job, em, cache, classifiers, opts, settings)
+            record = run_job(job, em, cache, classifiers, opts, settings)
             results.write_result(job.output, record)
             report(record, job.output)
             records.append(record)

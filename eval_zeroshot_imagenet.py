@@ -10,9 +10,9 @@ import sys
 import torch
 
 import models
-from evaluation.models import load_preset
+from evaluation.models import eval_transform, load_preset
 from tokenizer import SimpleTokenizer
-from zeroshot import add_eval_args, check_eval_args, eval_transform, run_eval_cli
+from zeroshot import add_eval_args, check_eval_args, run_eval_cli
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -39,8 +39,8 @@ from common.distributed import (
     on_rank0,
 )
 from common.locking import FileLock
+from evaluation.imagenet_folders import imagenet_val, not_evaluated_note
 from evaluation.periodic import add_benchmark_args, check_benchmark_args, run_benchmarks
-from imagenet_data import imagenet_val, not_evaluated_note
 from imagenet_templates import SIMPLE_TEMPLATES
 from tokenizer import SimpleTokenizer
 from training import checkpoint as ckpt_io

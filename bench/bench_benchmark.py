@@ -23,11 +23,10 @@ from PIL import Image
 import models
 from evaluation.catalog import published_classnames, templates_for
 from evaluation.features import FeatureCache, RunOptions
-from evaluation.models import PRESET, EvalModel
+from evaluation.models import PRESET, EvalModel, eval_transform
 from evaluation.readers import read_split
-from evaluation.tasks import ClassifierCache
+from evaluation.tasks import ClassifierCache, build_classifier
 from tokenizer import SimpleTokenizer
-from zeroshot import build_classifier, eval_transform
 
 
 def cpu_name() -> str:

@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 
 import models
+from evaluation.tasks import build_classifier
 from imagenet_templates import IMAGENET_CLASSNAMES, SIMPLE_TEMPLATES
 from tokenizer import SimpleTokenizer
-from zeroshot import build_classifier
 
 
 def encode_text_all_positions(model, tokens: torch.Tensor) -> torch.Tensor:

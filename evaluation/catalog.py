@@ -2,7 +2,7 @@
 each is reported with, the on-disk layout, and the class names and prompts CLIP published.
 
 Class names and templates are data (evaluation/data/zeroshot_classification.json, from OpenAI's
-CLIP `data/prompts.md`; ImageNet's from imagenet_templates.py). The metric follows the CLIP paper
+CLIP `data/prompts.md`; ImageNet's from evaluation/imagenet_classes.py). The metric follows the CLIP paper
 (Table 9) and SLIP's evaluation, which LaCLIP's tables use: mean per-class accuracy for FGVC
 Aircraft, Oxford-IIIT Pets, Caltech-101 and Flowers-102, top-1 accuracy for the others.
 """
@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass
 from functools import cache
 
-from imagenet_templates import IMAGENET_CLASSNAMES, OPENAI_TEMPLATES, SIMPLE_TEMPLATES
+from evaluation.imagenet_classes import IMAGENET_CLASSNAMES, OPENAI_TEMPLATES, SIMPLE_TEMPLATES
 
 TOP1 = "acc1"
 MEAN_PER_CLASS = "mean_per_class_recall"

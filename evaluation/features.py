@@ -8,6 +8,7 @@ atomically, so an interrupted run never leaves a half file that a later run woul
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -18,11 +19,12 @@ import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from common.fileio import atomic_write
+from evaluation.imagenet_folders import collate_with_bad
 from evaluation.readers import SplitData
-from zeroshot import autocast, make_loader
 
 CACHE_VERSION = 1
 
@@ -36,6 +38,7 @@ class RunOptions:
     amp: bool = True  # fp16 autocast on CUDA; the CPU always computes in float32
     skip_bad_images: bool = False
     progress: bool = True
+    skip_flag: str = "--skip_bad_images"  # as the caller's CLI spells it, for the refusal
 
     @property
     def effective_amp(self) -> bool:
@@ -50,6 +53,18 @@ class Features:
     cached: bool = False    # read from the cache instead of computed
 
 
+def autocast(device: torch.device, enabled: bool):
+    """fp16 autocast on CUDA when enabled; the CPU always computes in float32."""
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.float16)
+    return contextlib.nullcontext()
+
+
+def make_loader(dataset, batch_size: int, workers: int, device: torch.device) -> DataLoader:
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
+                      pin_memory=device.type == "cuda", collate_fn=collate_with_bad, persistent_workers=False)
+
+
 @torch.no_grad()
 def encode_images(model: torch.nn.Module, dataset, opts: RunOptions, desc: str = "features") -> Features:
     """Run the image tower over a dataset of (image, label) or BadImage items."""
@@ -58,7 +73,7 @@ def encode_images(model: torch.nn.Module, dataset, opts: RunOptions, desc: str =
     for images, batch_labels, bad in tqdm(loader, desc=desc, disable=not opts.progress, unit="batch"):
         if bad and not opts.skip_bad_images:
             raise OSError(f"cannot read image {bad[0].path!r} ({bad[0].reason}); fix or remove it, "
-                          f"or pass --skip_bad_images to leave such files out (they are counted)")
+                          f"or pass {opts.skip_flag} to leave such files out (they are counted)")
         skipped.extend(b.path for b in bad)
         if batch_labels.numel() == 0:
             continue

@@ -11,12 +11,23 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from torchvision import transforms
 
 import models
-from tokenizer import SimpleTokenizer
-from zeroshot import eval_transform
+from models.clip_tokenizer import SimpleTokenizer
 
 PRESET, OPEN_CLIP = "preset", "open_clip"
+
+
+def eval_transform(image_size: int = 224) -> transforms.Compose:
+    """The presets' evaluation preprocessing: resize the shorter side (bilinear), centre crop,
+    ToTensor, ImageNet mean/std (RGB conversion is the loader's)."""
+    return transforms.Compose([
+        transforms.Resize(image_size, interpolation=transforms.InterpolationMode.BILINEAR),
+        transforms.CenterCrop(image_size),
+        transforms.ToTensor(),
+        transforms.Normalize(models.IMAGENET_MEAN, models.IMAGENET_STD),
+    ])
 
 
 @dataclass

@@ -14,10 +14,9 @@ import argparse
 
 from evaluation.catalog import RETRIEVAL, get_spec
 from evaluation.features import FeatureCache, RunOptions
-from evaluation.models import PRESET, EvalModel
-from evaluation.runner import RETRIEVE, Settings, plan, run
+from evaluation.models import PRESET, EvalModel, eval_transform
+from evaluation.jobs import RETRIEVE, Settings, plan_job, run_job
 from evaluation.tasks import ClassifierCache
-from zeroshot import eval_transform
 
 
 def add_benchmark_args(parser: argparse.ArgumentParser) -> None:
@@ -30,7 +29,7 @@ def add_benchmark_args(parser: argparse.ArgumentParser) -> None:
     add("--eval-every", type=int, default=1, help="run --eval-benchmark after every N epochs and after the last")
 
 
-def _pairs(args: argparse.Namespace) -> list[tuple[str, str]]:
+def _dataset_roots(args: argparse.Namespace) -> list[tuple[str, str]]:
     pairs = []
     for item in args.eval_benchmark:
         name, sep, root = item.partition("=")
@@ -43,12 +42,12 @@ def _pairs(args: argparse.Namespace) -> list[tuple[str, str]]:
 def plan_jobs(args: argparse.Namespace) -> list:
     """(dataset, task) jobs: every task on the datasets it applies to; layouts are checked here."""
     jobs = []
-    for name, root in _pairs(args):
+    for name, root in _dataset_roots(args):
         kind = get_spec(name).kind
         for task in args.eval_tasks:
             if task != "auto" and (task == RETRIEVE) != (kind == RETRIEVAL):
                 continue
-            jobs.append(plan(name, task, root, PRESET, Settings()))
+            jobs.append(plan_job(name, task, root, PRESET, Settings()))
     applied = {job.task for job in jobs}
     unused = [t for t in args.eval_tasks if t != "auto" and t not in applied]
     if unused:
@@ -78,7 +77,7 @@ def run_benchmarks(args: argparse.Namespace, model, tokenizer, rank: int, device
         for job in plan_jobs(args):
             key = f"{job.dataset}/{job.task}"
             try:
-                record = run(job, em, cache, classifiers, opts, Settings())
+                record = run_job(job, em, cache, classifiers, opts, Settings())
                 out[key] = {**record["metrics"], "skipped_images": record["skipped_images"]}
             except (OSError, ValueError, RuntimeError) as err:
                 print(f"=> --eval-benchmark {key} failed: {err}")

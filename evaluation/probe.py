@@ -81,7 +81,7 @@ class Probe:
     def score(self, i: int) -> float:
         if i not in self.scores:
             clf = self.fit(LAMBDAS[i], self.train)
-            self.scores[i] = evaluate(clf, self.val)[self.metric]
+            self.scores[i] = probe_metrics(clf, self.val)[self.metric]
         return self.scores[i]
 
     def search(self) -> int:
@@ -95,7 +95,7 @@ class Probe:
         return best
 
 
-def evaluate(clf: LogisticRegression, data: ProbeData, prefix: str = "") -> dict:
+def probe_metrics(clf: LogisticRegression, data: ProbeData, prefix: str = "") -> dict:
     """Metrics of a fitted classifier; its columns are mapped back to the dataset's labels."""
     scores = torch.from_numpy(clf.decision_function(data.x)).double()
     if scores.dim() == 1:  # two classes: one score column
@@ -113,7 +113,7 @@ def linear_probe(train: ProbeData, val: ProbeData, test: ProbeData, metric: str,
     best = probe.search()
     final = ProbeData(np.concatenate([train.x, val.x]), np.concatenate([train.y, val.y])) if refit_on_val else train
     clf = probe.fit(LAMBDAS[best], final)
-    metrics = evaluate(clf, test, prefix=prefix)
+    metrics = probe_metrics(clf, test, prefix=prefix)
     metrics.update({f"{prefix}lambda": float(LAMBDAS[best]), f"{prefix}C": float(1.0 / LAMBDAS[best]),
                     f"{prefix}fits": len(probe.scores) + 1, f"{prefix}unconverged_fits": probe.unconverged})
     return metrics

@@ -16,8 +16,8 @@ from torchvision import datasets as tvd
 
 from evaluation import arrays
 from evaluation.catalog import DatasetSpec, get_spec, published_classnames
-from imagenet_data import ImageList, list_class_folders, list_samples
-from imagenet_templates import IMAGENET_WNIDS
+from evaluation.imagenet_classes import IMAGENET_WNIDS
+from evaluation.imagenet_folders import ImageList, list_class_folders, list_samples
 
 SPLIT_SEED = 0  # fixed: the seeded splits below must not move with --seed
 

@@ -18,7 +18,7 @@ from evaluation.catalog import CATALOG, DOWNSTREAM, MEAN_PER_CLASS
 OUTPUT_FIELDS = {"dataset", "pretrained", "pretrained_full_path", "model", "language", "task"}
 
 
-def output_path(template: str, dataset: str, model: str, pretrained: str, task: str) -> str:
+def result_path(template: str, dataset: str, model: str, pretrained: str, task: str) -> str:
     """--output with CLIP_benchmark's placeholders filled ({pretrained} is the file's base name)."""
     fields = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
     unknown = fields - OUTPUT_FIELDS

@@ -1,5 +1,6 @@
 """Zero-shot classification and zero-shot retrieval on cached image features, with the metric
-definitions of CLIP_benchmark (fractions in [0, 1]):
+definitions of CLIP_benchmark (fractions in [0, 1]); the zero-shot routine zeroshot.py's ImageNet
+evaluation shares (text encoding, the classifier, the top-1/top-5 rule):
 
 - ``acc1``/``acc5``: share of images whose class is the argmax / among the 5 largest logits
   (``acc5`` only with at least 5 classes, else null); ``mean_per_class_recall``: recall of each
@@ -7,36 +8,79 @@ definitions of CLIP_benchmark (fractions in [0, 1]):
 - ``image_retrieval_recall@k``: share of captions whose image is among the k images most similar
   to it; ``text_retrieval_recall@k``: share of images with at least one of their captions among
   the k captions most similar to it.
+
+Zero-shot weights (docs/formats.md, "CLIP checkpoints"): per class, L2-normalise each template's
+text embedding, average, normalise again; a prediction is the argmax of cosine similarity.
 """
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from sklearn.metrics import balanced_accuracy_score
+from tqdm import tqdm
 
-from evaluation.captions import CaptionSet
-from evaluation.features import FeatureCache, Features, RunOptions, normalized
+from evaluation.features import FeatureCache, Features, RunOptions, autocast, normalized
 from evaluation.models import EvalModel
 from evaluation.readers import SplitData
-from zeroshot import autocast, build_classifier
+from evaluation.retrieval_captions import CaptionSet
+
+
+@torch.no_grad()
+def encode_texts(model, tokenizer: Callable, texts: Sequence[str], device: torch.device, amp: bool = False,
+                 batch_size: int = 256, progress: bool = False, desc: str = "texts") -> torch.Tensor:
+    """Text-tower embeddings [T, E], float32 and not normalised, on ``device``."""
+    out = []
+    for start in tqdm(range(0, len(texts), batch_size), desc=desc, disable=not progress, unit="batch"):
+        tokens = tokenizer(texts[start:start + batch_size]).to(device)
+        with autocast(device, amp):
+            out.append(model.encode_text(tokens).float())
+    return torch.cat(out)
+
+
+def build_classifier(model, tokenizer: Callable, classnames: Sequence[str], templates: Sequence[str],
+                     device: torch.device, amp: bool = False, text_batch_size: int = 500,
+                     progress: bool = False) -> torch.Tensor:
+    """Zero-shot weights [embed_dim, num_classes]: normalised mean of normalised template embeddings.
+
+    Each distinct name is encoded once and repeated names share one column, bit for bit.
+    ImageNet's list names two pairs of classes alike ('missile', 'sunglasses'); the original
+    encoded each class alone, so such pairs tied exactly and argmax took the first. Encoding
+    them in different batches would break the tie by rounding noise instead.
+    """
+    unique = list(dict.fromkeys(classnames))
+    texts = [t.format(c) for c in unique for t in templates]  # class-major: [U * T]
+    feats = encode_texts(model, tokenizer, texts, device, amp, text_batch_size, progress, "classifier")
+    emb = F.normalize(feats, dim=-1).view(len(unique), len(templates), -1)  # [U, T, E]
+    weights = F.normalize(emb.mean(dim=1), dim=-1)  # [U, E]
+    column = {name: i for i, name in enumerate(unique)}
+    index = torch.tensor([column[c] for c in classnames], device=weights.device)
+    return weights[index].t().contiguous()  # [E, C]
+
+
+def top_hits(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of [N, C] scores: (top-1 hit, top-5 hit); with fewer than 5 classes, top-C.
+
+    Top-1 is argmax, as in the original: on an exact tie it takes the first class, while topk's
+    order among equal values is unspecified (and differs between kernels). So top-5 also counts
+    every top-1 hit, even when six classes tie at the top."""
+    hit1 = logits.argmax(dim=1) == labels
+    top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+    return hit1, (top5 == labels[:, None]).any(dim=1) | hit1
 
 
 def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, prefix: str = "") -> dict:
     """acc1, acc5 and mean_per_class_recall of [N, C] scores; ties go to the first class (argmax)."""
-    pred = logits.argmax(dim=1)
-    hit1 = pred == labels
-    metrics = {f"{prefix}acc1": float(hit1.double().mean())}
-    if logits.shape[1] >= 5:
-        top5 = logits.topk(5, dim=1).indices
-        metrics[f"{prefix}acc5"] = float(((top5 == labels[:, None]).any(dim=1) | hit1).double().mean())
-    else:
-        metrics[f"{prefix}acc5"] = None  # CLIP_benchmark writes NaN; null keeps the file valid JSON
+    hit1, hit5 = top_hits(logits, labels)
+    metrics = {f"{prefix}acc1": float(hit1.double().mean()),
+               # CLIP_benchmark writes NaN below 5 classes; null keeps the file valid JSON
+               f"{prefix}acc5": float(hit5.double().mean()) if logits.shape[1] >= 5 else None}
     with warnings.catch_warnings():  # "y_pred contains classes not in y_true": those are ignored, as intended
         warnings.simplefilter("ignore", UserWarning)
-        metrics[f"{prefix}mean_per_class_recall"] = float(balanced_accuracy_score(labels.numpy(), pred.numpy()))
+        metrics[f"{prefix}mean_per_class_recall"] = float(balanced_accuracy_score(labels.numpy(),
+                                                                                  logits.argmax(dim=1).numpy()))
     return metrics
 
 
@@ -50,7 +94,7 @@ class ClassifierCache:
         key = (tuple(classnames), tuple(templates))
         if key not in self._built:
             self._built[key] = build_classifier(self.em.model, self.em.tokenizer, classnames, templates,
-                                                self.opts.device, self.opts.effective_amp).float().cpu()
+                                                self.opts.device, self.opts.effective_amp).cpu()
         return self._built[key]
 
 
@@ -60,16 +104,6 @@ def zeroshot_classification(em: EvalModel, split: SplitData, templates: Sequence
     classifier = classifiers.get(split.classnames, templates)  # [E, C]
     logits = normalized(feats.features) @ classifier
     return classification_metrics(logits, feats.labels), feats
-
-
-@torch.no_grad()
-def encode_texts(em: EvalModel, texts: list[str], opts: RunOptions, batch_size: int = 256) -> torch.Tensor:
-    out = []
-    for start in range(0, len(texts), batch_size):
-        tokens = em.tokenizer(texts[start:start + batch_size]).to(opts.device)
-        with autocast(opts.device, opts.effective_amp):
-            out.append(em.model.encode_text(tokens).float().cpu())
-    return F.normalize(torch.cat(out), dim=-1)
 
 
 def retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor, text_image: torch.Tensor,
@@ -103,6 +137,6 @@ def zeroshot_retrieval(em: EvalModel, data: CaptionSet, cache: FeatureCache, opt
     for image in kept:
         texts += data.captions[image]
         text_image += [position[image]] * len(data.captions[image])
-    text_emb = encode_texts(em, texts, opts)
+    text_emb = F.normalize(encode_texts(em.model, em.tokenizer, texts, opts.device, opts.effective_amp).cpu(), dim=-1)
     metrics = retrieval_metrics(normalized(feats.features), text_emb, torch.tensor(text_image), recall_k)
     return metrics, feats

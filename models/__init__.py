@@ -1,6 +1,6 @@
 """CLIP models of LaCLIP and the helpers that load their checkpoints."""
-from .checkpoint import (closest_preset, extract_state_dict, load_checkpoint_state, load_into,
-                         mismatch_lines, preset_shapes, read_checkpoint)
+from .clip_weights import (closest_preset, extract_state_dict, load_checkpoint_state, load_into,
+                           mismatch_lines, preset_shapes, read_checkpoint)
 from .clip import CLIP, CLIP_TINY, CLIP_VITB16, CLIP_VITL16, CLIP_VITS16, PRESETS, check_preset, get_model
 
 # Evaluation and training normalisation of the released CC3M/CC12M/RedCaps models.

@@ -33,9 +33,14 @@ def run(tmp_path, ckpt, dataset, root, *extra, task=("auto",)):
     return eval_benchmark.main(argv)
 
 
-def encode(model, transform, paths) -> torch.Tensor:
+def encode(model, transform, paths, batch_size: int = 8) -> torch.Tensor:
+    """Image features in the batches ``run`` uses (``--batch_size 8``): a float32 matmul rounds differently
+    with another batch shape, and an unconverged probe fit can turn such last-bit differences into a
+    different prediction."""
     with torch.no_grad():
-        return torch.cat([model.encode_image(transform(Image.open(p).convert("RGB"))[None]) for p in paths])
+        images = [transform(Image.open(p).convert("RGB")) for p in paths]
+        return torch.cat([model.encode_image(torch.stack(images[i:i + batch_size]))
+                          for i in range(0, len(images), batch_size)])
 
 
 @pytest.mark.slow  # 18 datasets, a few seconds in all

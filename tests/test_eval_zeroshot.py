@@ -13,12 +13,15 @@ from PIL import Image
 
 import eval_zeroshot_imagenet
 import eval_zeroshot_imagenet_laion
+import imagenet_templates
 import models
 import zeroshot
 from common.distributed import resolve_device
 from conftest import TINY_OPEN_CLIP, unwritable_dir, write_image, write_payload_checkpoint
-from imagenet_data import imagenet_val
-from imagenet_templates import IMAGENET_CLASSNAMES, IMAGENET_WNIDS, OPENAI_TEMPLATES, SIMPLE_TEMPLATES
+from evaluation.features import Features
+from evaluation.imagenet_classes import IMAGENET_CLASSNAMES, IMAGENET_WNIDS, OPENAI_TEMPLATES, SIMPLE_TEMPLATES
+from evaluation.imagenet_folders import imagenet_val
+from evaluation.tasks import build_classifier, classification_metrics
 from tokenizer import SimpleTokenizer
 
 WNIDS = ("n01440764", "n02102040", "n03000684", "n04592741")
@@ -98,6 +101,9 @@ def test_imagenet_data_equals_open_clip_and_timm():
     info = ImageNetInfo()
     wnids = [info.index_to_label_name(i) for i in range(1000)]
     assert list(IMAGENET_WNIDS) == wnids == sorted(wnids)
+    # the original LaCLIP import path serves the same lists
+    assert imagenet_templates.IMAGENET_CLASSNAMES is IMAGENET_CLASSNAMES
+    assert imagenet_templates.SIMPLE_TEMPLATES is SIMPLE_TEMPLATES
 
 
 def test_subset_of_wordnet_folders_gets_right_names(make_imagenet):
@@ -128,7 +134,7 @@ def test_corrupt_image_fails_naming_file_or_is_skipped_and_counted(make_imagenet
         data = f.read()
     with open(bad, "wb") as f:
         f.write(data[: len(data) // 2])  # truncated PNG
-    with pytest.raises(OSError, match="broken.png"):
+    with pytest.raises(OSError, match="broken.png.*pass --skip-bad-images to leave such files out"):
         eval_zeroshot_imagenet.main(eval_args(root, ckpt))
     results = eval_zeroshot_imagenet.main(eval_args(root, ckpt, "--skip-bad-images"))
     assert results["skipped_images"] == 1 and results["images"] == 4
@@ -210,24 +216,20 @@ def test_repeated_class_names_share_one_column_and_ties_go_to_the_first():
     long = "a very long class name with many many words in it indeed"
     names = ["missile", long, "missile", "x", long]
     # 14 texts a batch: the two "missile" land in batches of different lengths
-    weights = zeroshot.build_classifier(model, SimpleTokenizer(), names, SIMPLE_TEMPLATES,
-                                        torch.device("cpu"), text_batch_size=14)
+    weights = build_classifier(model, SimpleTokenizer(), names, SIMPLE_TEMPLATES, torch.device("cpu"),
+                               text_batch_size=14)
     assert weights.shape == (32, 5)
     assert torch.equal(weights[:, 0], weights[:, 2]) and torch.equal(weights[:, 1], weights[:, 4])
 
-    # Exact ties in evaluate: class 4's column is class 0's; every image is class 0.
+    # Exact ties: class 4's column is class 0's; every image is class 0.
     classifier = torch.eye(5)
     classifier[:, 4] = classifier[:, 0]
-
-    class Fixed(torch.nn.Module):
-        def encode_image(self, images):
-            return images  # the "image" is its own feature, largest on dimension 0
-
     gen = torch.Generator().manual_seed(0)
     feats = torch.rand(64, 5, generator=gen) + torch.tensor([2.0, 0, 0, 0, 0])
-    loader = [(feats, torch.zeros(64, dtype=torch.long), [])]
-    res = zeroshot.evaluate(Fixed(), classifier, loader, torch.device("cpu"), progress=False)
-    assert res["top1"] == 100.0 and res["top5"] == 100.0
+    res = zeroshot.percent_metrics(feats @ classifier, Features(feats, torch.zeros(64, dtype=torch.long), []))
+    assert res["top1"] == 100.0 and res["top5"] == 100.0 and res["mean_per_class"] == 100.0
+    # eval_benchmark.py's metrics apply the same rule
+    assert classification_metrics(feats @ classifier, torch.zeros(64, dtype=torch.long))["acc1"] == 1.0
 
 
 def test_laion_eval_matches_independent_computation(make_imagenet, tiny_open_clip):

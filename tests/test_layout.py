@@ -1,5 +1,6 @@
-"""The repository's layering, read from the source: one import name per module, the
-engine free of the project, no import cycle, no sys.path edits but the one bootstrap."""
+"""The repository's layering, read from the source: one import name per module, one module per
+basename, packages that never import a root script, the engine free of the project, no import
+cycle, no sys.path edits but the one bootstrap."""
 from __future__ import annotations
 
 import ast
@@ -11,8 +12,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("common", "models", "training", "evaluation", "rewrite", "testkit")
-TOP_MODULES = ("tokenizer", "imagenet_templates", "imagenet_data", "zeroshot", "train", "demo",
-               "eval_zeroshot_imagenet", "eval_zeroshot_imagenet_laion", "eval_benchmark")
+# The root scripts and modules of the original layout (train.py, zeroshot.py, tokenizer.py, ...).
+TOP_MODULES = tuple(sorted(p.stem for p in ROOT.glob("*.py")))
 ENGINE_DEPS = {"torch", "fairscale", "sentencepiece", "tokenizers", "safetensors"}
 BOOTSTRAP = ROOT / "rewrite" / "llama_rewrite.py"
 
@@ -61,6 +62,28 @@ def test_the_project_modules_are_found():
 def test_every_module_imports_by_its_one_name(name):
     module = importlib.import_module(name)
     assert Path(module.__file__).resolve() == MODULES[name].resolve()
+
+
+def test_every_package_is_listed():
+    assert {p.parent.name for p in ROOT.glob("*/__init__.py")} <= set(PACKAGES) | {"tests"}
+
+
+def test_no_two_modules_share_a_basename():
+    """A name says which module it is: `checkpoint.py` or `runner.py` twice is ambiguous in a
+    traceback, a grep and a review. Tests and package `__init__.py` files aside."""
+    files = [p for p in ROOT.rglob("*.py") if p.name != "__init__.py"
+             and not any(part in ("tests", "build") or part.startswith(".") for part in p.relative_to(ROOT).parts)]
+    by_name: dict[str, list[str]] = {}
+    for path in files:
+        by_name.setdefault(path.name, []).append(str(path.relative_to(ROOT)))
+    assert {name: sorted(paths) for name, paths in by_name.items() if len(paths) > 1} == {}
+
+
+def test_no_package_imports_a_root_module():
+    """Root scripts sit on top: a package importing one (zeroshot, tokenizer, train, ...) points up."""
+    upward = {name: sorted(project_imports(name) & set(TOP_MODULES))
+              for name in MODULES if name not in TOP_MODULES}
+    assert {name: deps for name, deps in upward.items() if deps} == {}
 
 
 def test_the_engine_imports_nothing_of_the_project():

@@ -20,8 +20,9 @@ import regex
 import torch
 from open_clip.tokenizer import SimpleTokenizer as OpenClipTokenizer
 
-import tokenizer as tok_module
-from tokenizer import SimpleTokenizer, clean_text
+import models.clip_tokenizer as tok_module
+import tokenizer as root_tokenizer
+from models.clip_tokenizer import SimpleTokenizer, clean_text
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -222,6 +223,14 @@ def test_pickle_round_trip(ours):
     assert copy._chunk_ids._fill.__self__ is copy  # caches fill the copy
     for text in ["a photo of a dog, cat", "unseenzzword!", "x <|endoftext|>"]:
         assert copy.encode(text) == ours.encode(text)
+
+
+def test_the_original_import_path_and_the_root_merge_list():
+    """`from tokenizer import SimpleTokenizer` (LaCLIP's layout) is this class; the merge list
+    stays at the repository root, where pip install -e . leaves it."""
+    assert root_tokenizer.SimpleTokenizer is SimpleTokenizer and root_tokenizer.clean_text is clean_text
+    assert tok_module.DEFAULT_BPE_PATH == ROOT / "bpe_simple_vocab_16e6.txt.gz"
+    assert tok_module.DEFAULT_BPE_PATH.is_file()
 
 
 def test_explicit_and_bad_bpe_path(tmp_path):

@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import Dataset, default_collate
 
 from common.images import IMAGE_EXTENSIONS, is_image_file, open_rgb
-from imagenet_templates import IMAGENET_CLASSNAMES, IMAGENET_WNIDS, OPENAI_TEMPLATES, SIMPLE_TEMPLATES
+from evaluation.imagenet_classes import IMAGENET_CLASSNAMES, IMAGENET_WNIDS, OPENAI_TEMPLATES, SIMPLE_TEMPLATES
 
 _WNID_TO_NAME = dict(zip(IMAGENET_WNIDS, IMAGENET_CLASSNAMES))
 

@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass, field
 
 from evaluation import probe, tasks
-from evaluation.captions import CaptionSet, read_captions
+from evaluation.retrieval_captions import CaptionSet, read_captions
 from evaluation.catalog import RETRIEVAL, get_spec, templates_for
 from evaluation.features import FeatureCache, Features, RunOptions
 from evaluation.models import EvalModel
@@ -66,7 +66,7 @@ def _custom_names(split: SplitData, settings: Settings) -> None:
     split.classnames = list(names)
 
 
-def plan(dataset: str, task: str, root: str, model_kind: str, settings: Settings) -> Job:
+def plan_job(dataset: str, task: str, root: str, model_kind: str, settings: Settings) -> Job:
     """Read every split the job needs (listing only) and check them against each other."""
     spec = get_spec(dataset)
     task = resolve_task(dataset, task)
@@ -131,7 +131,7 @@ def _probe(job: Job, em: EvalModel, cache: FeatureCache, opts: RunOptions,
     return {**metrics, **common}, feats, notes
 
 
-def run(job: Job, em: EvalModel, cache: FeatureCache, classifiers: tasks.ClassifierCache, opts: RunOptions,
+def run_job(job: Job, em: EvalModel, cache: FeatureCache, classifiers: tasks.ClassifierCache, opts: RunOptions,
         settings: Settings) -> dict:
     """The result record of one job, in CLIP_benchmark's shape plus what was read and skipped."""
     start = time.time()
