@@ -40,7 +40,7 @@ DEFAULT_TIMEOUT_S = 300.0  # --claim_timeout: a heartbeat older than this is a d
 ATOMIC_CREATE = {"s3": "S3 conditional PUT (If-None-Match: *)"}
 
 
-class ClaimLost(RuntimeError):
+class ClaimLost(OSError):
     """Another run took this claim over (our heartbeat was older than its timeout)."""
 
 

@@ -79,6 +79,30 @@ def committed(out: str) -> bool:
     return any(n.endswith(".parquet") for n in names)
 
 
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants. torchrun starts each worker in a session of
+    its own, so killing torchrun's process group would leave the workers running."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    todo, tree = [pid], []
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo.extend(children.get(p, []))
+    for p in tree:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def same_as_local(laion, out: str) -> None:
     """Every shard's table equals the local run's; so do its settings, counts and skips (the
     input fingerprint differs by design: an object's ETag, a file's BLAKE2b)."""
@@ -105,7 +129,7 @@ def test_two_groups_killed_and_resumed_equal_local(laion, s3_server):
         while not committed(out) and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
         assert proc.poll() is None, "the run ended before it could be killed"
-        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both workers, as a node failure would
+        kill_tree(proc.pid)  # torchrun and both workers, as a node failure would
     finally:
         proc.wait()
     names = storage.list_names(out)
