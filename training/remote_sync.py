@@ -82,12 +82,16 @@ class RemoteSync:
             sent.append(name)
         return sent
 
+    def release(self) -> None:
+        """Give up the URL's claim (the run ended, or failed)."""
+        if self.claim is not None:
+            self.claim.release()
+
     def close(self) -> None:
         try:
             self.push()
         finally:
-            if self.claim is not None:
-                self.claim.release()
+            self.release()
 
 
 def _stamp(path: str) -> tuple[int, int]:
