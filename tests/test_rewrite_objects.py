@@ -56,3 +56,69 @@ def test_commit_after_the_claim_was_taken_over_writes_nothing(s3_bucket):
     assert storage.list_names(out + ".part") == ["000000000.jsonl"]
     assert ObjectShareWriter(out + ".part", FINGERPRINT, LAYOUT, False).open(0, 0).next_line == 2
     taker.release()
+
+
+@pytest.fixture
+def s3_shards(s3_bucket, tmp_path):
+    """Two img2dataset-style parquet shards under s3://BUCKET/laion."""
+    import shard_fixtures as sf
+    from testkit.s3server import upload_folder
+    info = sf.make_shards(tmp_path / "shards", n_shards=2, per_shard=3, bad=False)
+    upload_folder(str(info.folder), f"s3://{s3_bucket}/laion")
+    return f"s3://{s3_bucket}/laion/{{00000..00001}}.parquet"
+
+
+@pytest.mark.parametrize("prompt, output, message", [
+    ("s3://{b}/laion/{{00000..00003}}.parquet", "s3://{b}/out",
+     r"--prompt_filename s3://{b}/laion/\{{00000..00003\}}.parquet: 2 of 4 shards not found, e.g. "
+     r"s3://{b}/laion/00002.parquet"),
+    ("s3://no-such-bucket-zz/{{00000..00001}}.parquet", "s3://{b}/out",
+     r"--prompt_filename: list: s3://no-such-bucket-zz: the bucket 'no-such-bucket-zz' does not exist"),
+    ("s3://{b}/laion/{{00000..00001}}.parquet", "s3://{b}/laion",
+     r"--output_filename s3://{b}/laion is the prefix of the input shards"),
+    ("s3://{b}/laion/{{00000..00001}}.parquet", "s3://{b}/foreign",
+     r"--output_filename s3://{b}/foreign already holds 1 parquet files \(e.g. 00000.parquet\) but no rewrite.json"),
+    ("s3://{b}/laion/{{00000..00001}}.parquet", "memory://scratch/out",
+     r"--output_filename: memory://scratch/out: memory:// has no atomic create-if-absent"),
+])
+def test_bad_object_storage_flags_name_the_url(s3_shards, s3_bucket, prompt, output, message):
+    from rewrite.shard_input import check_shard_flags
+    storage.write_bytes(f"s3://{s3_bucket}/foreign/00000.parquet", b"someone else's")
+    with pytest.raises(ValueError, match=message.format(b=s3_bucket)) as e:
+        check_shard_flags(prompt.format(b=s3_bucket), output.format(b=s3_bucket), None)
+    assert "\n" not in str(e.value)
+
+
+def test_object_shards_read_like_local_ones(s3_shards, s3_bucket, tmp_path):
+    """Parquet and tar shards from s3:// give the lines the local files give; the pattern,
+    output prefix and text key pass the checks."""
+    from rewrite.shard_input import ShardLines, check_shard_flags, expand_shards, input_fingerprint
+    prompt, out, key = check_shard_flags(s3_shards, f"s3://{s3_bucket}/rewrites", None)
+    assert out == f"s3://{s3_bucket}/rewrites" and key == "caption"
+    for kind, text_key in (("parquet", "caption"), ("tar", "txt")):
+        for s in range(2):
+            local = tmp_path / "shards" / f"{s:05d}.{kind}"
+            remote = f"s3://{s3_bucket}/laion/{s:05d}.{kind}"
+            assert list(ShardLines(remote, text_key).read(1)) == list(ShardLines(local, text_key).read(1))
+    fp = input_fingerprint(expand_shards(s3_shards)[0])
+    assert fp["name"] == "00000.parquet" and fp["size"] == (tmp_path / "shards" / "00000.parquet").stat().st_size
+    assert fp["etag"]
+
+
+def test_storage_failure_mid_tar_stops_not_skips(s3_shards, s3_server, s3_bucket, monkeypatch):
+    """The object goes away while its tar is streamed: the reader stops with the shard's URL
+    instead of counting a broken tar and going on with a shard cut short."""
+    from rewrite.shard_input import ShardLines
+    monkeypatch.setattr(storage, "READ_BLOCK", 1024)
+    monkeypatch.setattr(storage, "BACKOFF_S", 0.01)
+    client = s3_server.client()
+    client.copy_object(Bucket=s3_bucket, Key="doomed/00000.tar", CopySource={"Bucket": s3_bucket,
+                                                                             "Key": "laion/00000.tar"})
+    reader = ShardLines(f"s3://{s3_bucket}/doomed/00000.tar", "txt")
+    lines = reader.read()
+    next(lines)
+    client.delete_object(Bucket=s3_bucket, Key="doomed/00000.tar")
+    with pytest.raises(storage.StorageError, match=f"--prompt_filename shard s3://{s3_bucket}/doomed/00000.tar: "
+                                                   "reading failed mid-shard"):
+        list(lines)
+    assert "broken_tar" not in reader.skipped
