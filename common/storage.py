@@ -96,6 +96,12 @@ def _is_permanent(err: BaseException) -> bool:
                     "ProfileNotFound", "InvalidConfigError")
 
 
+def no_such_bucket(err: BaseException) -> bool:
+    """S3's NoSuchBucket (s3fs turns it into a FileNotFoundError with the server's message)."""
+    codes = [str((getattr(e, "response", None) or {}).get("Error", {}).get("Code", "")) for e in (err, err.__cause__)]
+    return "NoSuchBucket" in codes or "specified bucket does not exist" in str(err).lower()
+
+
 def describe(err: BaseException, url: str) -> str:
     """One line naming the URL and the cause."""
     text = " ".join(str(err).split()) or type(err).__name__
@@ -103,7 +109,7 @@ def describe(err: BaseException, url: str) -> str:
     if name in ("NoCredentialsError", "PartialCredentialsError", "ProfileNotFound"):
         return (f"{url}: no credentials for {protocol(url)}:// ({text}); set AWS_ACCESS_KEY_ID and "
                 "AWS_SECRET_ACCESS_KEY, or AWS_PROFILE, as for the aws command")
-    if isinstance(err, FileNotFoundError) and "bucket" in text.lower():
+    if no_such_bucket(err):
         bucket = url.split("://", 1)[-1].split("/", 1)[0]
         return f"{url}: the bucket {bucket!r} does not exist ({text})"
     if isinstance(err, PermissionError) or http_status(err) == 403 or "AccessDenied" in text:
@@ -239,7 +245,7 @@ def list_names(folder: str) -> list[str]:
         try:
             return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False))
         except FileNotFoundError as err:
-            if "bucket" in str(err).lower():
+            if no_such_bucket(err):
                 raise
             return []  # an empty prefix: object stores have no folders
 

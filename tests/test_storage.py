@@ -257,3 +257,9 @@ def test_a_retried_create_that_already_landed_is_ours(s3_bucket):
     c.check()
     c.release()
     assert not storage.exists(f"s3://{s3_bucket}/out/00003.parquet.claim")
+
+
+def test_missing_object_in_a_bucket_named_bucket_is_not_a_missing_bucket(s3_server):
+    bucket = s3_server.new_bucket("my-bucket")
+    with pytest.raises(storage.NotFound, match=f"^read: s3://{bucket}/laion/00403.tar: not found$"):
+        storage.read_bytes(f"s3://{bucket}/laion/00403.tar")
