@@ -10,8 +10,8 @@ or on webdataset shards (img2dataset output, training/wds.py).
     torchrun --nproc-per-node 8 train.py --train-data 'laion/{00000..41407}.tar' --dataset-type webdataset \
         --train-num-samples 400000000 --aug-text --rewrite-data 'rewrites/{00000..41407}.parquet' ...
 
-Setup lives here; the pieces are in `training/` (data, loss, engine, checkpoint,
-checkpoint; process groups in common/distributed.py). `python train.py --help` lists every flag.
+Setup lives here; the pieces are in `training/` (loaders, data, loss, engine, train_state;
+process groups in common/distributed.py). `python train.py --help` lists every flag.
 """
 from __future__ import annotations
 
@@ -26,7 +26,6 @@ from typing import Any
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
 
 import models
 from common.distributed import (
@@ -43,19 +42,13 @@ from evaluation.imagenet_folders import imagenet_val, not_evaluated_note
 from evaluation.periodic import add_benchmark_args, check_benchmark_args, run_benchmarks
 from imagenet_templates import SIMPLE_TEMPLATES
 from tokenizer import SimpleTokenizer
-from training import checkpoint as ckpt_io
-from training.data import CaptionImageDataset, EpochSampler, check_root, sample_seed, train_transform
+from training import train_state as ckpt_io
+from training.data import sample_seed
 from training.engine import CosineSchedule, Trainer, build_optimizer, train_one_epoch
-from training.output_dir import claim
-from training.wds import ShardLoader
-from training.wds_loader import (
-    build_webdataset_loader,
-    check_not_webdataset_flags,
-    check_webdataset_args,
-    data_state,
-    dataset_type,
-    restore_positions,
-)
+from training.loaders import TrainLoader, build_loader, check_data_args
+from training import remote_sync
+from training.output_dir import claim_output_dir
+from training.remote_sync import RemoteSync
 from zeroshot import evaluate_imagenet
 
 
@@ -81,6 +74,11 @@ def get_args_parser() -> argparse.ArgumentParser:
         "the loss averaged over the texts (needs --aug-text)")
     add("--imagenet-root", default=None, help="ImageNet folder with val/<wnid>/: zero-shot top-1 after each epoch")
     add("--output-dir", default="./output", help="checkpoints, log.txt and TensorBoard logs go here")
+    add("--remote-sync", default=None, metavar="URL", help="also keep a copy of --output-dir at this object-storage "
+        "URL (s3://bucket/runs/name): changed files uploaded whole after each epoch; an --output-dir without "
+        "checkpoint.pt is filled from it first, to resume (docs/laion.md)")
+    add("--claim-timeout", type=float, default=300.0, help="--remote-sync: seconds without a heartbeat after which "
+        "the URL's claim is taken to be a dead run's")
     add("--model", default="CLIP_VITB16", help=f"one of {', '.join(models.PRESETS)}")
     add("--resume", default="", help="checkpoint to resume from (default: <output-dir>/checkpoint.pt if present)")
     add("--resume-override", action="store_true",
@@ -123,25 +121,9 @@ def _positive(args: argparse.Namespace, **minimums: int) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
 
 
-def check_csv_args(args: argparse.Namespace) -> None:
-    if not args.train_data or not os.path.isfile(args.train_data):
-        raise ValueError(f"--train-data: caption CSV {args.train_data!r} does not exist")
-    check_not_webdataset_flags(args)
-    if not os.path.isdir(args.root):
-        raise ValueError(f"--root: image folder {args.root!r} does not exist")
-    if args.aug_text and not args.augmented_caption_filelist:
-        raise ValueError("--aug-text needs --augmented_caption_filelist F1 [F2 ...] (the rewrite files)")
-    for path in args.augmented_caption_filelist if args.aug_text else []:
-        if not os.path.isfile(path):
-            raise ValueError(f"--augmented_caption_filelist: file {path!r} does not exist")
-
-
 def validate_args(args: argparse.Namespace) -> None:
     """Every check that needs no model: errors name the flag and the file."""
-    if dataset_type(args) == "webdataset":
-        check_webdataset_args(args)
-    else:
-        check_csv_args(args)
+    check_data_args(args)
     if args.multi_text and not args.aug_text:
         raise ValueError("--multi-text (LaCLIP-MT) pairs each image with its original and rewritten texts: "
                          "it needs --aug-text and the rewrites")
@@ -154,6 +136,8 @@ def validate_args(args: argparse.Namespace) -> None:
         raise ValueError("--lr, --lr-start, --lr-end, --wd and --eps must be >= 0")
     if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
         raise ValueError(f"--output-dir {args.output_dir!r} exists and is not a folder")
+    if args.claim_timeout <= 0:
+        raise ValueError(f"--claim-timeout must be > 0 seconds, got {args.claim_timeout:g}")
     if args.imagenet_root:
         note = not_evaluated_note(imagenet_val(args.imagenet_root, transform=None)[0])
         if note and launched_as_rank0():
@@ -162,34 +146,13 @@ def validate_args(args: argparse.Namespace) -> None:
     ckpt_io.resume_path(args.resume, args.output_dir)
 
 
-def build_loader(args: argparse.Namespace, info: DistInfo, tokenizer):
-    """(loader, what set_epoch is called on): a DataLoader and its EpochSampler for a CSV; a
-    ShardLoader (itself) for webdataset shards."""
-    if dataset_type(args) == "webdataset":
-        loader = build_webdataset_loader(args, info, tokenizer)
-        return loader, loader
-    rewrites = args.augmented_caption_filelist if args.aug_text else []
-    dataset = CaptionImageDataset(args.train_data, args.root, train_transform(), tokenizer,
-                                  rewrites, seed=args.seed, multi_text=args.multi_text)
-    check_root(dataset)
-    sampler = EpochSampler(dataset, info.world_size, info.rank, args.seed)
-    # Forked workers share the caption tables (GBs for CC12M) copy-on-write; a spawned or
-    # forkserver worker (Python 3.14's Linux default) would get a pickled copy each.
-    context = "fork" if args.workers > 0 and sys.platform.startswith("linux") else None
-    loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler,
-                        num_workers=args.workers, pin_memory=info.device.type == "cuda",
-                        drop_last=True,  # the gathered loss needs equal batches on every rank
-                        multiprocessing_context=context)
-    return loader, sampler
-
-
-def steps_per_epoch(args: argparse.Namespace, loader: DataLoader, info: DistInfo) -> int:
+def steps_per_epoch(args: argparse.Namespace, loader: TrainLoader, info: DistInfo) -> int:
     steps = len(loader) // args.update_freq
     if args.max_steps_per_epoch:
         steps = min(steps, args.max_steps_per_epoch)
     if steps == 0:
         raise ValueError(
-            f"--train-data {args.train_data!r} has {len(loader.dataset)} samples, too few for one "
+            f"--train-data {args.train_data!r} has {loader.samples} samples, too few for one "
             f"optimizer step of --batch-size {args.batch_size} x {info.world_size} processes x "
             f"--update-freq {args.update_freq}")
     return steps
@@ -240,12 +203,10 @@ def zero_shot(args, raw_model, tokenizer, info: DistInfo, amp: bool) -> dict | N
 
 
 def end_of_epoch(args, epoch: int, stats: dict, zs: dict | None, best_acc1: float | None,
-                 tr: Trainer, seconds: float, info: DistInfo, benchmark: dict | None = None,
-                 shard_positions: dict | None = None) -> float | None:
+                 tr: Trainer, seconds: float, info: DistInfo, benchmark: dict | None, data_state: dict) -> float | None:
     """Checkpoint and log.txt line (main process); returns the new best_acc1. A failed save
     stops every rank with the main process's one line (none waits for it forever).
-    shard_positions: where the webdataset stream continues (training/wds.py), saved as the
-    checkpoint's data_state."""
+    data_state: the loader's position (training/loaders.py), saved in the checkpoint."""
     acc1 = zs["top1"] if zs else None
     if args.imagenet_root:  # best by zero-shot top-1; a failed evaluation is never best
         is_best = acc1 is not None and (best_acc1 is None or acc1 > best_acc1)
@@ -262,9 +223,7 @@ def end_of_epoch(args, epoch: int, stats: dict, zs: dict | None, best_acc1: floa
     def save_and_log() -> None:
         ckpt = ckpt_io.make_checkpoint(epoch + 1, tr.raw_model, tr.optimizer, tr.scaler, best_acc1, args,
                                        info.world_size)
-        if shard_positions is not None:
-            ckpt["data_state"] = shard_positions
-        ckpt_io.save_checkpoint(ckpt, args.output_dir, is_best)
+        ckpt_io.save_checkpoint({**ckpt, "data_state": data_state}, args.output_dir, is_best)
         with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
             f.write(json.dumps(record) + "\n")
         if tr.writer is not None:
@@ -333,19 +292,17 @@ def wrap_ddp(model: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
     return DistributedDataParallel(model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
 
 
-def run(args: argparse.Namespace, info: DistInfo) -> list[dict]:
+def run(args: argparse.Namespace, info: DistInfo, sync: RemoteSync | None = None) -> list[dict]:
     is_main = info.rank == 0
     torch.backends.cudnn.benchmark = True  # fixed 224x224 inputs: pick the fastest conv once
     tokenizer = SimpleTokenizer()
     # Data first: a bad CSV, rewrite file or --root fails in seconds, before a large model
     # is built and a checkpoint read. (Neither touches the global RNG, so order is free.)
-    loader, sampler = build_loader(args, info, tokenizer)
-    for note in loader.dataset.report if is_main else []:
-        print(f"=> note: {note}")
+    loader = build_loader(args, info, tokenizer)
     st = setup(args, info)
-    shards = loader if isinstance(loader, ShardLoader) else None
-    if shards is not None:
-        restore_positions(shards, st.resumed, info)
+    notes = loader.notes + [loader.restore(st.resumed.data_state) if st.resumed else None]
+    for note in filter(None, notes) if is_main else []:
+        print(f"=> note: {note}")
     steps = steps_per_epoch(args, loader, info)
     schedule = CosineSchedule(args.lr, args.lr_end, args.lr_start, args.epochs * steps,
                               args.warmup_epochs * steps)
@@ -354,25 +311,23 @@ def run(args: argparse.Namespace, info: DistInfo) -> list[dict]:
                  device=info.device, amp_dtype=st.amp_dtype, print_freq=args.print_freq, is_main=is_main,
                  world_size=info.world_size, writer=open_tensorboard(args.output_dir) if is_main else None)
     start_epoch, best_acc1 = st.start_epoch, st.best_acc1
-    given = [f for f in ("augmented_caption_filelist", "rewrite_data", "rewrite_json_keys") if getattr(args, f)]
-    if is_main and given and not args.aug_text:
-        print(f"=> note: --{given[0].replace('_', '-')} without --aug-text: the rewrites are not used (CLIP)")
     if is_main:
-        print(f"=> {args.model}: {len(loader.dataset) * (info.world_size if shards else 1)} samples, "
-              f"{steps} steps/epoch of "
+        print(f"=> {args.model}: {loader.samples} samples, {steps} steps/epoch of "
               f"{args.batch_size}x{info.world_size}x{args.update_freq}, epochs {start_epoch}..{args.epochs - 1}")
     if is_main and start_epoch >= args.epochs:
         print(f"=> nothing to train: {start_epoch} epochs done, --epochs is {args.epochs}")
     records = []
     for epoch in range(start_epoch, args.epochs):
         start = time.time()
-        sampler.set_epoch(epoch)
+        loader.set_epoch(epoch)
         reseed(args.seed, epoch, info.rank)
         stats = train_one_epoch(tr, epoch)
         zs = zero_shot(args, st.model, tokenizer, info, amp=st.amp_dtype is not None)
         bench = run_benchmarks(args, st.model, tokenizer, info.rank, info.device, epoch, amp=st.amp_dtype is not None)
-        positions = data_state(shards, info) if shards is not None else None
-        best_acc1 = end_of_epoch(args, epoch, stats, zs, best_acc1, tr, time.time() - start, info, bench, positions)
+        best_acc1 = end_of_epoch(args, epoch, stats, zs, best_acc1, tr, time.time() - start, info, bench,
+                                 loader.state())
+        if args.remote_sync:  # the main process uploads this epoch's checkpoint and log line
+            on_rank0(lambda: sync.push(), info.rank)
         records.append({"epoch": epoch, **stats, "zeroshot": zs, "benchmark": bench})
     if tr.writer is not None:
         tr.writer.close()
@@ -385,11 +340,23 @@ def main(argv: list[str] | argparse.Namespace | None = None) -> list[dict]:
     validate_args(args)
     info = init_distributed_mode(args.device, timedelta(minutes=args.dist_timeout))
     locks: list[FileLock] = []
+    syncs: list[RemoteSync] = []
+
+    def claim() -> None:
+        locks.append(claim_output_dir(args.output_dir))
+        if args.remote_sync:  # claims the URL; fills an output folder without checkpoint.pt from it
+            syncs.append(remote_sync.start(args.remote_sync, args.output_dir, args.claim_timeout))
+
     try:
         # The main process claims --output-dir before any other work; every rank learns of a refusal.
-        on_rank0(lambda: locks.append(claim(args.output_dir)), info.rank)
-        return run(args, info)
+        on_rank0(claim, info.rank)
+        records = run(args, info, syncs[0] if syncs else None)
+        for sync in syncs:
+            sync.push()  # what the end of the run wrote (TensorBoard's last events)
+        return records
     finally:
+        for sync in syncs:
+            sync.release()
         for lock in locks:
             lock.release()
         if info.distributed:

@@ -27,7 +27,8 @@ from PIL import Image
 
 import models
 from tokenizer import SimpleTokenizer
-from train import build_loader, precision
+from train import precision
+from training.loaders import build_loader
 from common.distributed import DistInfo
 from training.engine import CosineSchedule, Trainer, micro_step, optimizer_step, build_optimizer
 
@@ -63,10 +64,10 @@ def bench_data(loader, batches: int) -> float:
     """Throughput over many batches: per-batch times would only measure the prefetch queue."""
     it = iter(loader)
     next(it)  # worker start-up is not throughput
-    start = time.perf_counter()
+    start, rows = time.perf_counter(), 0
     for _ in range(batches):
-        next(it)
-    return batches * loader.batch_size / (time.perf_counter() - start)
+        rows += next(it)[0].shape[0]
+    return rows / (time.perf_counter() - start)
 
 
 def timed_step(tr: Trainer, batch) -> float:
@@ -90,7 +91,7 @@ def bench_full(tr: Trainer, steps: int) -> float:
         start = time.perf_counter()
         batch = next(it)
         times.append(time.perf_counter() - start + timed_step(tr, batch))
-    return median_rate(times, tr.loader.batch_size)
+    return median_rate(times, batch[0].shape[0])
 
 
 def main() -> None:
@@ -112,7 +113,7 @@ def main() -> None:
                                   batch_size=cli.batch_size, workers=cli.workers,
                                   disable_amp=False, amp_dtype="fp16")
         info = DistInfo(device=device)
-        loader, sampler = build_loader(args, info, SimpleTokenizer())
+        loader = build_loader(args, info, SimpleTokenizer())
         torch.manual_seed(0)
         model = models.get_model(cli.model).to(device)
         amp_dtype, scaler = precision(args, device)
@@ -122,7 +123,7 @@ def main() -> None:
                      steps_per_epoch=steps, update_freq=1, device=device, amp_dtype=amp_dtype, is_main=False)
         data_rate = bench_data(loader, 4 * cli.steps)
         model_rate = bench_model(tr, next(iter(loader)), cli.steps)
-        sampler.set_epoch(1)
+        loader.set_epoch(1)
         full_rate = bench_full(tr, cli.steps)
     limit = "data loading" if data_rate < model_rate else "the model step"
     print(f"device {device}, {torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs "

@@ -62,7 +62,7 @@ def loader_args(**kw) -> argparse.Namespace:
 
 
 def throughput(cli: argparse.Namespace, folder: str) -> tuple[float, float]:
-    from train import build_loader
+    from training.loaders import build_loader
     n = cli.samples
     data = make_data(folder, n, (400, 300))
     tars, parquets = write_shards(data, Path(folder, "shards"), 8)
@@ -74,20 +74,20 @@ def throughput(cli: argparse.Namespace, folder: str) -> tuple[float, float]:
     loaders = [build_loader(args, DistInfo(), SimpleTokenizer()) for args in (csv_args, wds_args)]
     rates: list[list[float]] = [[], []]
     for epoch in range(cli.rounds):  # alternate, so both see the same load of a shared machine
-        for k, (loader, sampler) in enumerate(loaders):
-            sampler.set_epoch(epoch)
+        for k, loader in enumerate(loaders):
+            loader.set_epoch(epoch)
             rates[k].append(bench_data(loader, batches))
     return statistics.median(rates[0]), statistics.median(rates[1])
 
 
 def rss_child(folder: str, samples: int) -> None:
     """In a fresh process: read `samples` samples from the shards in `folder`, print peak RSS (KB)."""
-    from train import build_loader
+    from training.loaders import build_loader
     args = loader_args(train_data=str(Path(folder, "shards.txt").read_text().strip()),
                        rewrite_data=Path(folder, "rewrites.txt").read_text().strip(),
                        train_num_samples=samples, batch_size=16, workers=0)
-    loader, sampler = build_loader(args, DistInfo(), SimpleTokenizer())
-    sampler.set_epoch(0)
+    loader = build_loader(args, DistInfo(), SimpleTokenizer())
+    loader.set_epoch(0)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     for _ in loader:
         pass

@@ -1,34 +1,17 @@
 """The fire entry point of llama_rewrite.py: flags (rewrite/cli_args.py) -> a checked
-Config -> the dry run or the run (rewrite/runner.py), with engine errors naming flags."""
+Config -> the dry run or the run (rewrite/runner.py)."""
 from __future__ import annotations
 
 import sys
 
 import fire
 
-from common.distributed import launched_as_rank0
 from rewrite.cli_args import check_argv, flags_help, signature, validate
-from rewrite.launch import flag_names, teardown_parallel
-from rewrite.prompts import load_pool
-from rewrite.runner import Interrupted, run, write_dry_run
-from rewrite.shard_input import is_shard_input
-from rewrite.shard_runner import run_shard_cli
+from rewrite.runner import run_cli
 
 
 def main(**flags) -> None:
-    cfg = validate(flags)
-    if is_shard_input(cfg.prompt_filename):
-        return run_shard_cli(cfg)  # rewrite/shard_runner.py: a folder of keyed parquet shards
-    pool = load_pool(cfg.sample_mode, cfg.examples)
-    with flag_names(cfg.ckpt_dir, cfg.tokenizer_path, cfg.model_parallel_size):
-        if cfg.dry_run:
-            if launched_as_rank0():  # prompts need no model and no other process
-                write_dry_run(cfg, pool)
-            return
-        try:
-            run(cfg, pool)
-        finally:
-            teardown_parallel()
+    run_cli(validate(flags))
 
 
 main.__signature__ = signature()
@@ -50,11 +33,8 @@ def cli(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as e:
         print(f"llama_rewrite.py: error: {e}", file=sys.stderr)
         return 2
-    except Interrupted as e:
-        print(f"llama_rewrite.py: {e}", file=sys.stderr)
-        return 130
-    except KeyboardInterrupt:
-        print("llama_rewrite.py: interrupted; committed lines are kept, rerun the same command to resume",
+    except KeyboardInterrupt as e:  # runner.Interrupted says what was committed
+        print(f"llama_rewrite.py: {e or 'interrupted; committed lines are kept, rerun the same command to resume'}",
               file=sys.stderr)
         return 130
     return 0

@@ -26,7 +26,7 @@ CONTROL_TIMEOUT = timedelta(hours=24)
 
 
 @contextmanager
-def flag_names(ckpt_dir: Optional[str] = None, tokenizer_path: Optional[str] = None,
+def engine_errors_name_flags(ckpt_dir: Optional[str] = None, tokenizer_path: Optional[str] = None,
                model_parallel_size: Optional[int] = None) -> Iterator[None]:
     """Engine errors (which name files only) become errors naming the flag that gave the file."""
     try:
@@ -56,13 +56,14 @@ def choose_mp_size(n_shards: int, world_size: int, requested: Optional[int]) -> 
     return mp
 
 
-def setup_parallel(ckpt_dir: str, model_parallel_size: Optional[int] = None, seed: int = 1,
+def setup_parallel(ckpt_dir, model_parallel_size: Optional[int] = None, seed: int = 1,
                    device: Optional[str] = None) -> ParallelInfo:
     """Process group (NCCL on GPU, gloo on CPU; none for one process), fairscale's
     model-parallel groups, and the same seed on every rank. device: force 'cpu' or
-    'cuda' (default: cuda when available)."""
-    with flag_names(ckpt_dir):
-        n_shards = open_checkpoint(ckpt_dir).mp_shards  # Meta: its shard count; Hugging Face: 1
+    'cuda' (default: cuda when available). ckpt_dir: a folder, or the checkpoint opened from it."""
+    with engine_errors_name_flags(ckpt_dir):
+        ckpt = open_checkpoint(ckpt_dir) if isinstance(ckpt_dir, (str, os.PathLike)) else ckpt_dir
+    n_shards = ckpt.mp_shards  # Meta: its shard count; Hugging Face: 1
     if "RANK" not in os.environ and model_parallel_size not in (None, 1):
         raise ValueError(f"--model_parallel_size {model_parallel_size} needs that many processes: "
                          f"launch with torchrun --nproc_per_node {model_parallel_size}")

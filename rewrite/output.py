@@ -8,32 +8,29 @@ the output to the recorded byte count, so bytes appended after the last record a
 discarded and redone; lines depend only on (seed, mode, line), so the redone bytes
 are the same and the final file equals an uninterrupted run's.
 
-Files for --output_filename OUT:
-  one data-parallel group:  OUT itself, record OUT.progress.json
-  D > 1 groups:             OUT.part-RRRRR-of-DDDDD (+ .progress.json each); when all
-                            are complete, global rank 0 concatenates them into OUT
-                            (atomically), writes OUT.progress.json and
-                            removes the parts.
-A finished run keeps OUT.progress.json with "complete": true, so the same command
-again reports that it is complete instead of redoing the work.
+Which files (units of a caption file, parts of a shard): rewrite/text_units.py and
+rewrite/shard_output.py. A finished run keeps OUT.progress.json with "complete": true, so
+the same command again reports that it is complete instead of redoing the work.
 
 Every record holds the size and a BLAKE2b checksum of the committed bytes, and every
 start checks the file against them, finished or not: a file cut, edited or appended to
 since is refused instead of being resumed or called complete. That reads the committed
 bytes once per start, sequentially (a 40 GB LAION-400M output at ~1 GB/s: under a
 minute, against hours of rewriting); the same read seeds the running checksum that
-later commits extend. Runs hold a lock on their output (rewrite/runner.py).
+later commits extend. Writers hold a lock (a claim) on their file.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable
 
-from common.fileio import atomic_write, write_json_atomic
+from common.fileio import write_json_atomic
+from common.locking import FileLock
 
 RECORD_SUFFIX = ".progress.json"
 RECORD_VERSION = 2  # 2: the committed bytes' checksum
@@ -46,10 +43,6 @@ class ResumeError(ValueError):
 
 def record_path(out: Path) -> Path:
     return out.with_name(out.name + RECORD_SUFFIX)
-
-
-def part_path(output: Path, dp_rank: int, dp_size: int) -> Path:
-    return output.with_name(f"{output.name}.part-{dp_rank:05d}-of-{dp_size:05d}")
 
 
 def _create_empty(path: Path) -> None:
@@ -81,7 +74,7 @@ def _from_version_1(record: dict, out: Path) -> dict:
     return record
 
 
-def _checksum() -> "hashlib.blake2b":
+def new_checksum() -> "hashlib.blake2b":
     return hashlib.blake2b(digest_size=16)
 
 
@@ -90,7 +83,7 @@ READ_CHUNK = 16 << 20
 
 def committed_checksum(path: Path, size: int) -> "hashlib.blake2b":
     """The running checksum of the first `size` bytes of `path` (read once, in chunks)."""
-    h = _checksum()
+    h = new_checksum()
     with open(path, "rb") as f:
         while size > 0 and (chunk := f.read(min(READ_CHUNK, size))):
             h.update(chunk)
@@ -131,17 +124,24 @@ def add_stats(total: dict, delta: dict) -> dict:
     return {k: total.get(k, 0) + delta.get(k, 0) for k in STAT_KEYS}
 
 
+def sum_stats(items: Iterable[dict]) -> dict:
+    total = dict.fromkeys(STAT_KEYS, 0)
+    for s in items:
+        total = add_stats(total, s)
+    return total
+
+
 @dataclass
 class ShareState:
     next_line: int  # first input line not yet committed
     in_offset: int  # its byte offset in the input
     out_bytes: int  # committed size of the output (part) file
-    out_blake2b: str = field(default_factory=lambda: _checksum().hexdigest())  # of those bytes
+    out_blake2b: str = field(default_factory=lambda: new_checksum().hexdigest())  # of those bytes
     stats: dict = field(default_factory=lambda: dict.fromkeys(STAT_KEYS, 0))
     complete: bool = False
 
 
-def _typed(record: dict, path: Path, keys: dict[str, type]) -> dict:
+def typed_state(record: dict, path: Path, keys: dict[str, type]) -> dict:
     """record['state'] restricted to `keys`; one line naming the first that is missing or mistyped."""
     state = record.get("state")
     state = state if isinstance(state, dict) else {}
@@ -158,7 +158,19 @@ STATE_TYPES = {"next_line": int, "in_offset": int, **COMMITTED_TYPES, "stats": d
 
 
 def share_state(record: dict, path: Path) -> ShareState:
-    return ShareState(**_typed(record, path, STATE_TYPES))
+    return ShareState(**typed_state(record, path, STATE_TYPES))
+
+
+def check_fits(record: dict, out: Path, fingerprint: dict, layout: dict) -> None:
+    """A partial run's record must be of this input, settings and unit layout."""
+    where = f"--output_filename: the partial run in {out} ({record_path(out).name})"
+    if record.get("fingerprint") != fingerprint:
+        raise ResumeError(f"{where} was made from a different input or settings: "
+                          f"{describe_changes(record.get('fingerprint', {}), fingerprint)}. "
+                          "Rerun with the same input and flags to continue, or pass --overwrite to start over")
+    if record.get("layout") != layout:
+        raise ResumeError(f"{where} has another layout of units: {describe_changes(record.get('layout', {}), layout)}. "
+                          "Pass --overwrite to start over")
 
 
 class ShareWriter:
@@ -172,7 +184,7 @@ class ShareWriter:
         self.overwrite = overwrite
         self.state: ShareState | None = None
         self._fh = None
-        self._checksum = _checksum()  # of the committed bytes, extended by every commit
+        self._checksum = new_checksum()  # of the committed bytes, extended by every commit
 
     def open(self, start_line: int, start_offset: int) -> ShareState:
         """Resume from the record, or start the share afresh."""
@@ -192,15 +204,7 @@ class ShareWriter:
         return self.state
 
     def _resume(self, record: dict) -> ShareState:
-        where = f"--output_filename: the partial run in {self.out_path} ({self.record_path.name})"
-        if record.get("fingerprint") != self.fingerprint:
-            raise ResumeError(f"{where} was made from a different input or settings: "
-                              f"{describe_changes(record.get('fingerprint', {}), self.fingerprint)}. "
-                              "Rerun with the same input and flags to continue, or pass --overwrite to start over")
-        if record.get("layout") != self.layout:
-            raise ResumeError(f"{where} used another data-parallel layout: "
-                              f"{describe_changes(record.get('layout', {}), self.layout)}. "
-                              "Rerun with the same number of processes and --model_parallel_size, or pass --overwrite")
+        check_fits(record, self.out_path, self.fingerprint, self.layout)
         state = share_state(record, self.record_path)
         if not self.out_path.exists() and state.out_bytes == 0:
             # killed between the first record and the output's creation: nothing was committed
@@ -247,94 +251,42 @@ class ShareWriter:
             self._fh = None
 
 
-_PART_RE = re.compile(r"\.part-(\d{5})-of-(\d{5})$")
+@dataclass
+class Claim:
+    """A unit of work (a range of caption lines, or a shard) held by a data-parallel group: where
+    its lines resume; on the group's writer, its writers (per mode, or one) and locks."""
+    unit: int
+    start: int  # first line (shards: row) not yet committed
+    offset: int  # its byte offset in a caption file
+    writers: dict[str, ShareWriter] = field(default_factory=dict)
+    locks: list[FileLock] = field(default_factory=list)
+    skipped: Counter = field(default_factory=Counter)  # shard samples that are not lines
+
+    def close(self) -> None:
+        for writer in self.writers.values():
+            writer.close()
+        while self.locks:
+            self.locks.pop().release()
 
 
-def existing_parts(output: Path) -> list[tuple[Path, int]]:
-    """Part files (not their records) left next to `output`, with their D."""
-    found = []
-    for p in output.parent.glob(f"{output.name}.part-*"):
-        m = _PART_RE.search(p.name)
-        if m:
-            found.append((p, int(m.group(2))))
-    return sorted(found)
+@dataclass
+class RunTotals:
+    """What one data-parallel group did in this run (summed over groups for the summary)."""
+    units: int = 0
+    lines: int = 0
+    stats: dict = field(default_factory=lambda: dict.fromkeys(STAT_KEYS, 0))  # of the units it finished
+    skipped: Counter = field(default_factory=Counter)
+    tokens: int = 0
 
+    def add(self, lines: int, claim: Claim) -> None:
+        self.units += 1
+        self.lines += lines
+        if claim.writers:
+            self.stats = add_stats(self.stats, next(iter(claim.writers.values())).state.stats)
+        self.skipped.update(claim.skipped)
 
-def _remove(path: Path) -> None:
-    for p in (path, record_path(path)):
-        p.unlink(missing_ok=True)
-
-
-def plan_run(output: Path, dp_size: int, fingerprint: dict, overwrite: bool) -> bool:
-    """Run on global rank 0 before any writer opens. True: OUT is already complete
-    for this input and these settings. Refuses leftovers of another layout;
-    with --overwrite removes them (and any record) so every share starts over."""
-    record = read_record(record_path(output)) if not overwrite else None
-    if record is not None and record.get("complete"):
-        if record.get("fingerprint") == fingerprint:
-            if output.exists():
-                done = _typed(record, record_path(output), COMMITTED_TYPES)
-                check_committed(output, done["out_bytes"], done["out_blake2b"],
-                                f"--output_filename {output} (a finished run)", exact=True)
-                for part, _ in existing_parts(output):  # killed after the merge, before the parts went
-                    _remove(part)
-                return True
-            raise ResumeError(f"--output_filename: {output} is missing although {record_path(output).name} "
-                              "says the run finished; pass --overwrite to redo it")
-        raise ResumeError(
-            f"--output_filename: {output} is a finished run of a different input or settings: "
-            f"{describe_changes(record.get('fingerprint', {}), fingerprint)}. "
-            "Pass --overwrite to redo it, or choose another --output_filename")
-    if record is not None and dp_size > 1:
-        raise ResumeError(f"--output_filename: {output} holds a partial run with 1 data-parallel group; "
-                          f"this run has {dp_size}. Rerun with the same layout, or pass --overwrite")
-    for part, d in existing_parts(output):
-        if overwrite:
-            _remove(part)
-        elif d != dp_size:
-            raise ResumeError(f"--output_filename: {part} is left from a run with {d} data-parallel groups; "
-                              f"this run has {dp_size}. Rerun with the same layout, or pass --overwrite")
-    if overwrite:
-        record_path(output).unlink(missing_ok=True)
-    return False
-
-
-def _copy_checked(parts: list[Path], records: list[dict], out) -> "hashlib.blake2b":
-    """Append the parts to `out`, checking each against its record; the checksum of the whole."""
-    whole = _checksum()
-    for part, record in zip(parts, records):
-        done, h, size = _typed(record, record_path(part), COMMITTED_TYPES), _checksum(), 0
-        with open(part, "rb") as f:
-            while chunk := f.read(READ_CHUNK):
-                out.write(chunk)
-                h.update(chunk)
-                whole.update(chunk)
-                size += len(chunk)
-        if (size, h.hexdigest()) != (done["out_bytes"], done["out_blake2b"]):
-            raise ResumeError(f"--output_filename: part {part} differs from its record (size or checksum); it "
-                              "was changed outside this program. Pass --overwrite to start over")
-    return whole
-
-
-def merge_parts(output: Path, dp_size: int, fingerprint: dict, stats: dict) -> None:
-    """Concatenate the finished parts in order into OUT (atomically), mark OUT
-    complete, then remove the parts. A crash anywhere here is redone by rerunning:
-    the parts stay until OUT and its record are in place."""
-    parts = [part_path(output, r, dp_size) for r in range(dp_size)]
-    records = [read_record(record_path(p)) for p in parts]
-    for p, record in zip(parts, records):
-        if record is None or not record.get("complete"):
-            raise ResumeError(f"--output_filename: part {p} is missing or unfinished; rerun the same command "
-                              "(multi-node runs need --output_filename on a shared file system)")
-    checksum: list = []
-
-    def concatenate(tmp: str) -> None:
-        with open(tmp, "wb") as out:
-            checksum.append(_copy_checked(parts, records, out))
-
-    atomic_write(output, concatenate)
-    write_json_atomic(record_path(output), {
-        "version": RECORD_VERSION, "fingerprint": fingerprint, "layout": {"dp_size": dp_size}, "complete": True,
-        "state": {"stats": stats, "out_bytes": output.stat().st_size, "out_blake2b": checksum[0].hexdigest()}})
-    for p in parts:
-        _remove(p)
+    @staticmethod
+    def sum(everyone: list["RunTotals"]) -> "RunTotals":
+        return RunTotals(sum(t.units for t in everyone), sum(t.lines for t in everyone),
+                         sum_stats(t.stats for t in everyone), sum((t.skipped for t in everyone), Counter()),
+                         sum(t.tokens for t in everyone))

@@ -1,36 +1,45 @@
-"""A rewriting run over a caption file: the prompts of each line, the dry run, and the
-run itself (prepare, rewrite this data-parallel group's share window by window,
-gather the totals, merge the parts). Flags arrive checked, as a `Config`."""
+"""A rewriting run over units of work: the line ranges of a caption file (rewrite/text_units.py)
+or the shards of a pattern (rewrite/shard_output.py). Each data-parallel group's writer
+(model-parallel rank 0) claims the next unit nobody has finished or holds and sends (unit, resume
+point) to its group; the group rewrites it window by window in every sample mode, the writer
+commits each window and finishes the unit. A caption's rewrite depends on (seed, mode, line or
+key, caption) only (rewrite/prompts.py), so the output is the same whatever the number of groups,
+jobs, kills and resumes. Flags arrive checked, as a `Config`. Details: docs/rewriting.md."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Optional, TypeVar
+from typing import Iterable, Optional, TypeVar, Union
 
 import torch
 from tqdm import tqdm
 
-from common.distributed import launched_as_rank0, on_every_rank, on_rank0
-from common.fileio import atomic_write
-from common.locking import FileLock
+from common.distributed import from_group_source, launched_as_rank0, on_every_rank, on_rank0
+from common import storage
 from rewrite.cli_args import Config
-from rewrite.input_lines import InputInfo, Line, offset_of_line, read_lines, scan_input, share_range
+from rewrite.input_lines import Line, read_lines, scan_input
+from rewrite.launch import engine_errors_name_flags, setup_parallel, teardown_parallel
 from rewrite.llama import (Generator, ParallelInfo, TokenizerBase, default_dtype, load_generator, load_tokenizer,
                            open_checkpoint)
-from rewrite.launch import setup_parallel
-from rewrite.output import STAT_KEYS, ShareWriter, add_stats, merge_parts, part_path, plan_run, record_path
-from rewrite.prompts import (Pool, TokenizerLike, build_prompt, choose_examples, finish_line, fit_prompt,
-                             longest_prefix_tokens, one_line, sampling_seed)
+from rewrite.output import Claim, RunTotals
+from rewrite.prompts import (Pool, TokenizerLike, build_prompt, choose_examples, finish_line, fit_prompt, load_pool,
+                             longest_prefix_tokens, normalize_sample_modes, one_line, sampling_seed)
+from rewrite.shard_input import ShardLines, expand_shards, is_shard_input, shard_stem
+from rewrite.shard_output import ShardUnits, check_run_record, clear_for_overwrite
+from rewrite.text_units import TextUnits, mode_output
 
 T = TypeVar("T")
+Units = Union[TextUnits, ShardUnits]
 WINDOW_BATCHES = 4  # batches handed to the engine per call: it sorts them by length; one commit each
 MIN_ROOM = 16  # tokens a prompt needs beyond its examples: some caption (max_seq_len - 10 kept) + generation
 TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 DTYPE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
+MAX_WARNINGS = 5  # undecodable lines named one by one; the summary counts them all
 
 
 def log(*args: object) -> None:
@@ -74,28 +83,45 @@ def check_context(cfg: Config, pool: Pool, tokenizer: TokenizerLike) -> None:
             f"takes {prefix} tokens; give at least {prefix + MIN_ROOM} (room for a caption and its rewrite)")
 
 
-def write_dry_run(cfg: Config, pool: Pool) -> Path:
-    """JSON Lines, one object per input line, so multi-line prompts stay unambiguous."""
-    tokenizer = None
-    if cfg.tokenizer_path:
-        tokenizer = load_tokenizer(cfg.tokenizer_path, cfg.ckpt_dir)
-        check_context(cfg, pool, tokenizer)
-    info = scan_input(cfg.prompt_filename)
-    out = cfg.output_filename.with_name(cfg.output_filename.name + ".prompts.jsonl")
+def mode_configs(cfg: Config) -> dict[str, Config]:
+    """One Config per sample mode."""
+    return {m: dataclasses.replace(cfg, sample_mode=m) for m in normalize_sample_modes(cfg.sample_mode)}
 
-    def write(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for line in read_lines(cfg.prompt_filename, 0, 0, info.lines):
-                row = {"line": line.index, "caption": line.text, "undecodable": line.undecodable, "prompt": None,
-                       "prompt_tokens": None, "truncated": False, "seed": None, "examples": None}
-                if line.text.strip():
-                    row.update(line_request(cfg, pool, tokenizer, line.index, line.text).dry_run_fields())
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
-    atomic_write(out, write)
-    log(f"dry run: {info.lines} prompts for {cfg.prompt_filename} written to {out}"
+def write_dry_run(cfg: Config, tokenizer: Optional[TokenizerBase]) -> None:
+    """JSON Lines, one object per input line (and mode), so multi-line prompts stay unambiguous: a
+    caption file gives OUT.prompts.jsonl per mode, shards OUT/NNNNN.prompts.jsonl. No model."""
+    configs = mode_configs(cfg)
+    pools = {m: load_pool(m, cfg.examples) for m in configs}
+    for m in configs if tokenizer else ():
+        check_context(configs[m], pools[m], tokenizer)
+    if is_shard_input(cfg.prompt_filename):
+        make_output_folder(cfg.output_filename)
+        files = [(storage.join(str(cfg.output_filename), f"{shard_stem(p)}.prompts.jsonl"), tuple(configs),
+                  ShardLines(p, cfg.text_key).read, True) for p in expand_shards(cfg.prompt_filename)]
+    else:
+        n = scan_input(cfg.prompt_filename).lines
+        outs = {m: mode_output(cfg.output_filename, m, tuple(configs)) for m in configs}
+        files = [(o.with_name(o.name + ".prompts.jsonl"), (m,), lambda: read_lines(cfg.prompt_filename, 0, 0, n),
+                  False) for m, o in outs.items()]
+    for out, modes, lines, keyed in files:
+        def write(tmp: str) -> None:
+            with open(tmp, "w", encoding="utf-8") as f:
+                for line in lines():
+                    for m in modes:  # a shard's row names its mode; a caption file's its line's bytes
+                        row = {"key": line.index, "caption": line.text, "mode": m, "prompt": None} if keyed else {
+                            "line": line.index, "caption": line.text, "undecodable": line.undecodable, "prompt": None,
+                            "prompt_tokens": None, "truncated": False, "seed": None, "examples": None}
+                        if line.text.strip():
+                            row.update(line_request(configs[m], pools[m], tokenizer, line.index, line.text)
+                                       .dry_run_fields())
+                        f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+        storage.write_atomic(str(out), write)
+    log(f"dry run: prompts of {cfg.prompt_filename} written to "
+        + (f"{cfg.output_filename}/NNNNN.prompts.jsonl" if is_shard_input(cfg.prompt_filename)
+           else ", ".join(str(f[0]) for f in files))
         + ("" if tokenizer else " (no --tokenizer_path: prompts are not truncated)"))
-    return out
 
 
 # ---------------------------------------------------------------- one window of lines
@@ -110,19 +136,17 @@ def windows(items: Iterable[T], size: int) -> Iterable[list[T]]:
         yield window
 
 
-def rewrite_window(cfg: Config, pool: Pool, generator: Generator, window: list[Line]) -> tuple[list[str], dict]:
-    """Output lines (without newlines) and counts for a window of input lines."""
-    stats = dict.fromkeys(STAT_KEYS, 0)
-    stats["lines"] = len(window)
+def rewrite_window(cfg: Config, pool: Pool, generator: Generator, window: list[Line]) -> tuple[list[str], list[dict]]:
+    """Output lines (without newlines) and each line's counts (STAT_KEYS) for a window of input lines."""
     out = [""] * len(window)
+    counts = [{"lines": 1, "undecodable": int(line.undecodable)} for line in window]
     requests, where = [], []
     for k, line in enumerate(window):
-        stats["undecodable"] += line.undecodable
         if not line.text.strip():
-            stats["empty"] += 1  # an empty line stays empty: nothing to rewrite
+            counts[k]["empty"] = 1  # an empty line stays empty: nothing to rewrite
             continue
         req = line_request(cfg, pool, generator.tokenizer, line.index, line.text)
-        stats["truncated"] += req.truncated
+        counts[k]["truncated"] = int(req.truncated)
         requests.append(req)
         where.append(k)
     if requests:
@@ -130,42 +154,32 @@ def rewrite_window(cfg: Config, pool: Pool, generator: Generator, window: list[L
                                      [r.seed for r in requests])
         for k, ids in zip(where, results):
             out[k], fell_back = finish_line(window[k].text, generator.tokenizer.decode(ids))
-            stats["fallbacks" if fell_back else "rewritten"] += 1
-    return out, stats
+            counts[k]["fallbacks" if fell_back else "rewritten"] = 1
+    return out, counts
 
 
 # ---------------------------------------------------------------- the run
 @dataclass
-class Prepared:
+class Job:
     """Everything cheap that can fail, done before the model is loaded."""
     parallel: ParallelInfo
     tokenizer: TokenizerBase
-    info: InputInfo  # the caption file's scan (rank 0's, sent to all)
-    fingerprint: dict  # input + settings: what a resumed run must match
-    complete: bool  # the output is already finished for this fingerprint
+    checkpoint: object  # rewrite.llama's Checkpoint, opened once
+    configs: dict[str, Config]  # per mode
+    pools: dict[str, Pool]  # per mode
+    units: Units
     dtype: torch.dtype
-    locks: list[FileLock]  # held by this process for the run: OUT on rank 0, its part on a writer
-
-
-@dataclass
-class Share:
-    """This data-parallel group's lines and where it resumes."""
-    writer: Optional[ShareWriter]  # None on the group's other model-parallel ranks
-    start: int
-    end: int
-    next_line: int
-    offset: int  # byte offset of next_line in the input
+    todo: bool  # False: every output is already complete
 
 
 def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
-def checkpoint_identity(cfg: Config) -> dict:
+def checkpoint_identity(ckpt, tokenizer_path: str) -> dict:
     """What identifies the weights without reading them: the config's and tokenizer's content,
     weight file names and sizes (moving the folder keeps a run resumable). A Meta folder keeps
     the record runs before Hugging Face support wrote (params, shards), so those still resume."""
-    ckpt = open_checkpoint(cfg.ckpt_dir)
     files = [[p.name, p.stat().st_size] for p in ckpt.weight_files]
     if ckpt.kind == "meta":
         identity = {"params": _digest(ckpt.config_file), "shards": files}
@@ -173,178 +187,154 @@ def checkpoint_identity(cfg: Config) -> dict:
         extra = [ckpt.path / n for n in ("generation_config.json", "tokenizer_config.json")]
         identity = {"config": _digest(ckpt.config_file), "weights": files,
                     "specials": {p.name: _digest(p) for p in extra if p.is_file()}}
-    identity["tokenizer"] = _digest(Path(cfg.tokenizer_path))
+    identity["tokenizer"] = _digest(Path(tokenizer_path))
     return identity
 
 
-def settings_fingerprint(cfg: Config, pool: Pool, dtype: str) -> dict:
+def settings_fingerprint(cfg: Config, pool: Pool, dtype: str, identity: dict) -> dict:
     """Every setting that changes the output lines (not batch size: it does not). Prefix sharing
     changes none in float64 and can flip a near-tied token in fp32/fp16; it is recorded only when
     switched off, so records written before the switch existed still resume."""
     settings = {"seed": cfg.seed, "sample_mode": cfg.sample_mode, "examples": pool.digest(),
                 "temperature": cfg.temperature, "top_p": cfg.top_p, "max_seq_len": cfg.max_seq_len,
-                "max_gen_len": cfg.max_gen_len, "dtype": dtype, "checkpoint": checkpoint_identity(cfg)}
+                "max_gen_len": cfg.max_gen_len, "dtype": dtype, "checkpoint": identity}
     return settings if cfg.share_prefixes else {**settings, "share_prefixes": False}
 
 
-def take_lock(path: Path, what: str, locks: list[FileLock]) -> None:
-    """Lock `path` for the run (LockHeld names the holder), kept in `locks` for release()."""
-    lock = FileLock(path, f"--output_filename {what}")
-    try:
-        locks.append(lock.acquire())  # LockHeld (a ValueError) names the holder
-    except OSError as e:
-        raise ValueError(f"--output_filename {path}: cannot create its lock {lock.path} ({e.strerror or e})") from None
+def make_output_folder(out: Path | str) -> None:
+    """A local output folder is created; an object-storage prefix needs nothing (no folders there)."""
+    if isinstance(out, Path):
+        out.mkdir(exist_ok=True)
 
 
-def release(prep: Prepared) -> None:
-    while prep.locks:
-        prep.locks.pop().release()
+def plan_units(cfg: Config, settings: dict[str, dict], dp_size: int) -> tuple[Units, bool]:
+    """On global rank 0: the units, with leftovers checked (and removed by --overwrite); False:
+    all done. A caption file is scanned and its plan made under the plan lock."""
+    if is_shard_input(cfg.prompt_filename):
+        first = next(iter(settings.values()))
+        combined = {**first, "sample_mode": list(settings), "examples": {m: s["examples"] for m, s in settings.items()},
+                    "text_key": cfg.text_key}
+        shards = expand_shards(cfg.prompt_filename)
+        make_output_folder(cfg.output_filename)
+        if cfg.overwrite:
+            removed = clear_for_overwrite(cfg.output_filename, [shard_stem(p) for p in shards])
+            log(f"--overwrite: removed {removed} finished shards of this input from {cfg.output_filename}")
+        check_run_record(cfg.output_filename, combined, cfg.overwrite)
+        return ShardUnits(shards, cfg.output_filename, cfg.text_key, tuple(settings), combined, cfg.claim_timeout), True
+    info = scan_input(cfg.prompt_filename)
+    units = TextUnits(cfg.prompt_filename, cfg.output_filename, info,
+                      {m: {"input": info.fingerprint(), "settings": s} for m, s in settings.items()})
+    with units.plan_lock():
+        units.plan(dp_size, cfg.overwrite)
+    for m in set(units.outputs) - set(units.pending):
+        log(f"{units.outputs[m]} is already complete ({info.lines} lines; record {units.outputs[m].name}"
+            ".progress.json); nothing to do. Pass --overwrite to redo it.")
+    return units, bool(units.pending)
 
 
-def run_dtype(cfg: Config, parallel: ParallelInfo) -> str:
-    """--dtype, else the device's default for the weights as stored (fp16 or bf16 on CUDA, fp32 on CPU)."""
-    return cfg.dtype or DTYPE_NAMES[default_dtype(parallel.device, open_checkpoint(cfg.ckpt_dir).stored_dtype())]
-
-
-def prepare(cfg: Config, pool: Pool) -> Prepared:
-    """Process groups, tokenizer and context check; on rank 0 the output's lock, the
-    input scan and the plan (a second run on the same output stops there, on every rank)."""
-    parallel = setup_parallel(cfg.ckpt_dir, cfg.model_parallel_size)
+def prepare(cfg: Config) -> Job:
+    """The checkpoint folder and tokenizer (opened once), process groups, context checks, and
+    on rank 0 the plan of the units (sent to every rank)."""
+    ckpt = open_checkpoint(cfg.ckpt_dir)  # its errors get the flag's name in run_cli
+    parallel = setup_parallel(ckpt, cfg.model_parallel_size)
     tokenizer = load_tokenizer(cfg.tokenizer_path, cfg.ckpt_dir)
-    check_context(cfg, pool, tokenizer)
-    dtype = run_dtype(cfg, parallel)
-    settings = settings_fingerprint(cfg, pool, dtype)
-    locks: list[FileLock] = []
-
-    def scan_and_plan():
-        take_lock(cfg.output_filename, str(cfg.output_filename), locks)
-        info = scan_input(cfg.prompt_filename)
-        fingerprint = {"input": info.fingerprint(), "settings": settings}
-        return info, fingerprint, plan_run(cfg.output_filename, parallel.dp_size, fingerprint, cfg.overwrite)
-
-    try:
-        info, fingerprint, complete = on_rank0(scan_and_plan, parallel.rank)
-    except BaseException:
-        for lock in locks:
-            lock.release()
-        raise
-    return Prepared(parallel, tokenizer, info, fingerprint, complete, TORCH_DTYPES[dtype], locks)
+    configs = mode_configs(cfg)
+    pools = {m: load_pool(m, cfg.examples) for m in configs}
+    for m in configs:
+        check_context(configs[m], pools[m], tokenizer)
+    dtype = cfg.dtype or DTYPE_NAMES[default_dtype(parallel.device, ckpt.stored_dtype())]
+    identity = checkpoint_identity(ckpt, cfg.tokenizer_path)
+    settings = {m: settings_fingerprint(configs[m], pools[m], dtype, identity) for m in configs}
+    units, todo = on_rank0(lambda: plan_units(cfg, settings, parallel.dp_size), parallel.rank)
+    return Job(parallel, tokenizer, ckpt, configs, pools, units, TORCH_DTYPES[dtype], todo)
 
 
-def open_share(cfg: Config, prep: Prepared) -> Share:
-    """Only the group's writer reads its progress record; the other model-parallel ranks
-    of the group continue from the line it reports."""
-    parallel = prep.parallel
-    start, end = share_range(prep.info.lines, parallel.dp_size, parallel.dp_rank)
-    out = cfg.output_filename
-    if parallel.dp_size > 1:
-        out = part_path(out, parallel.dp_rank, parallel.dp_size)
-    writer = None
-    if parallel.is_writer:
-        writer = ShareWriter(out, prep.fingerprint, {"dp_size": parallel.dp_size, "share": [start, end]},
-                             cfg.overwrite)
-
-    def resume_point():
-        if writer is None:
-            return None
-        if parallel.dp_size > 1:  # rank 0 holds OUT's lock; each group's writer holds its part's
-            take_lock(out, f"part {out}", prep.locks)
-        state = writer.open(start, offset_of_line(cfg.prompt_filename, prep.info, start))
-        return parallel.dp_rank, state.next_line, state.in_offset
-
-    opened = on_every_rank(resume_point, parallel.world_size)
-    _, next_line, offset = next(o for o in opened if o is not None and o[0] == parallel.dp_rank)
-    return Share(writer, start, end, next_line, offset)
+def walk_order(n: int, dp_rank: int, dp_size: int) -> list[int]:
+    """All units, starting at this group's own share so groups rarely meet at a claim."""
+    start = n * dp_rank // dp_size
+    return list(range(start, n)) + list(range(start))
 
 
-def rewrite_share(cfg: Config, pool: Pool, generator: Generator, share: Share, show_bar: bool) -> int:
-    """Rewrite the share's lines from its resume point, committing per window; returns the lines done now."""
-    lines = read_lines(cfg.prompt_filename, share.offset, share.next_line, share.end)
-    warned = 0
-    with tqdm(total=share.end - share.start, initial=share.next_line - share.start, unit="line",
-              disable=not show_bar, dynamic_ncols=True) as bar:  # closed before any message of an error
-        for window in windows(lines, WINDOW_BATCHES * cfg.max_batch_size):
-            out, stats = rewrite_window(cfg, pool, generator, window)
-            if share.writer is not None:
-                for line in window:
-                    if line.undecodable and warned < 5:
-                        warned += 1
-                        print(f"warning: {cfg.prompt_filename} line {line.index + 1} is not valid UTF-8; "
-                              "undecodable bytes were replaced by U+FFFD", file=sys.stderr)
-                share.writer.commit(out, next_line=window[-1].index + 1, in_offset=window[-1].end, stats=stats)
-            bar.update(len(window))
-    return share.end - share.next_line
-
-
-@dataclass
-class Totals:
-    stats: dict  # whole-file statistics (STAT_KEYS)
-    lines_now: int  # lines rewritten by this run
-    tokens_now: int  # tokens generated by this run
-
-
-def gather_totals(parallel: ParallelInfo, writer: Optional[ShareWriter], lines_now: int,
-                  generator: Generator) -> Totals:
-    """Summed over the writers (the other ranks of a group did the same work)."""
-    mine = (writer.state.stats, lines_now, generator.stats["generated_tokens"]) if writer else (None, 0, 0)
-    total = Totals(dict.fromkeys(STAT_KEYS, 0), 0, 0)
-    for s, n, t in on_every_rank(lambda: mine, parallel.world_size):
-        total = Totals(add_stats(total.stats, s or {}), total.lines_now + n, total.tokens_now + t)
-    return total
-
-
-class Interrupted(Exception):
+class Interrupted(KeyboardInterrupt):
     """Ctrl-C during the run, with what was kept (the committed lines stay; rerun to resume)."""
 
 
-def interrupted(cfg: Config, prep: Prepared, share: Share) -> Interrupted:
-    if share.writer is None or share.writer.state is None:
-        return Interrupted("interrupted; committed lines are kept, rerun the same command to resume")
-    where = cfg.output_filename if prep.parallel.dp_size == 1 else share.writer.out_path
-    done, total = share.writer.state.next_line - share.start, share.end - share.start
-    return Interrupted(f"interrupted; {done} of {total} lines of {where} committed, "
-                       "rerun the same command to resume")
+def rewrite_unit(job: Job, generator: Generator, claim: Claim, bar: tqdm, warned: list[int]) -> int:
+    """Rewrite one claimed unit from its resume point in every mode (every rank of the group);
+    the writer commits each window and finishes the unit. Returns the lines done."""
+    done, writer = 0, bool(claim.writers)
+    some_cfg = next(iter(job.configs.values()))
+    for window in windows(job.units.lines(claim), WINDOW_BATCHES * some_cfg.max_batch_size):
+        per_mode = {m: rewrite_window(c, job.pools[m], generator, window) for m, c in job.configs.items()}
+        if writer:
+            for line in window:
+                if line.undecodable and warned[0] < MAX_WARNINGS:
+                    warned[0] += 1
+                    print(f"warning: {job.units.where(claim, line)} is not valid UTF-8; "
+                          "undecodable bytes were replaced by U+FFFD", file=sys.stderr)
+            job.units.commit(claim, window, per_mode)
+        done += len(window)
+        bar.update(len(window))
+    if writer:
+        job.units.finish(claim)
+    return done
 
 
-def rewrite_all(cfg: Config, pool: Pool, prep: Prepared) -> None:
-    """Open this group's share (its part locked), load the model, rewrite, merge."""
-    share = open_share(cfg, prep)
-    try:
-        generator = load_generator(cfg.ckpt_dir, cfg.tokenizer_path, cfg.max_seq_len, cfg.max_batch_size,
-                                   prep.parallel, prep.dtype, prep.tokenizer, cfg.share_prefixes)
-        t0 = time.perf_counter()
-        done = rewrite_share(cfg, pool, generator, share, prep.parallel.rank == 0)
-    except KeyboardInterrupt:
-        raise interrupted(cfg, prep, share) from None
-    finally:
-        if share.writer is not None:
-            share.writer.close()
+def run_group(job: Job, generator: Generator) -> RunTotals:
+    """This group's walk: claim, rewrite, repeat; the writer's decisions reach the other MP ranks."""
+    p = job.parallel
+    group = None
+    if p.mp_size > 1:
+        from fairscale.nn.model_parallel import initialize as fs
+        group = fs.get_model_parallel_group()
+    order, totals, warned = iter(walk_order(job.units.count, p.dp_rank, p.dp_size)), RunTotals(), [0]
+    with tqdm(total=job.units.total_lines, unit="line", disable=p.rank != 0 or not job.units.total_lines,
+              dynamic_ncols=True) as bar:  # closed before any error's message; shards print a line each
+        while True:
+            claimed: list[Optional[Claim]] = [None]
+
+            def decide() -> Optional[tuple[int, int, int]]:  # on the writer; a failure reaches the whole group
+                claimed[0] = next((c for c in map(job.units.claim, order) if c is not None), None)
+                return None if claimed[0] is None else (claimed[0].unit, claimed[0].start, claimed[0].offset)
+
+            sent = from_group_source(decide, p.is_writer, p.rank - p.mp_rank, group)
+            if sent is None:
+                return totals
+            claim = claimed[0] if p.is_writer else Claim(*sent)
+            try:
+                lines = rewrite_unit(job, generator, claim, bar, warned)
+            except KeyboardInterrupt:
+                kept = job.units.progress(claim) if claim.writers else "committed lines are kept"
+                raise Interrupted(f"interrupted; {kept}, rerun the same command to resume") from None
+            finally:
+                claim.close()
+            if p.is_writer:
+                totals.add(lines, claim)
+
+
+def run(cfg: Config) -> None:
+    job = prepare(cfg)
+    if not job.todo:
+        return
+    generator = load_generator(job.checkpoint, cfg.tokenizer_path, cfg.max_seq_len, cfg.max_batch_size,
+                               job.parallel, job.dtype, job.tokenizer, cfg.share_prefixes)
+    t0 = time.perf_counter()
+    mine = run_group(job, generator)
     seconds = time.perf_counter() - t0
-    if share.writer is not None:
-        share.writer.finish()
-    totals = gather_totals(prep.parallel, share.writer, done, generator)
-    if prep.parallel.dp_size > 1 and prep.parallel.rank == 0:  # every writer has finished: gather_totals synced
-        merge_parts(cfg.output_filename, prep.parallel.dp_size, prep.fingerprint, totals.stats)
-    log(summary(cfg, totals, seconds))
+    mine.tokens = generator.stats["generated_tokens"] if job.parallel.is_writer else 0
+    everyone = on_every_rank(lambda: mine, job.parallel.world_size)  # every group has finished
+    if job.parallel.rank == 0:
+        print(job.units.conclude(RunTotals.sum(everyone), seconds), flush=True)
 
 
-def run(cfg: Config, pool: Pool) -> None:
-    prep = prepare(cfg, pool)
-    try:
-        if prep.complete:
-            log(f"{cfg.output_filename} is already complete ({prep.info.lines} lines; record "
-                f"{record_path(cfg.output_filename).name}); nothing to do. Pass --overwrite to redo it.")
+def run_cli(cfg: Config) -> None:
+    """llama_rewrite.main after the flags: the dry run or the run, with engine errors naming flags."""
+    with engine_errors_name_flags(cfg.ckpt_dir, cfg.tokenizer_path, cfg.model_parallel_size):
+        if cfg.dry_run:
+            if launched_as_rank0():  # prompts need no model and no other process
+                write_dry_run(cfg, load_tokenizer(cfg.tokenizer_path, cfg.ckpt_dir) if cfg.tokenizer_path else None)
             return
-        rewrite_all(cfg, pool, prep)
-    finally:
-        release(prep)
-
-
-def summary(cfg: Config, totals: Totals, seconds: float) -> str:
-    stats, lines_now = totals.stats, totals.lines_now
-    rate = f"{lines_now / seconds:.2f} captions/s, {totals.tokens_now / seconds:.1f} generated tokens/s" \
-        if seconds > 0 and lines_now else "no lines left to do"
-    return (f"done: {cfg.output_filename} has {stats['lines']} lines: {stats['rewritten']} rewritten, "
-            f"{stats['fallbacks']} fell back to the original caption, {stats['empty']} empty; "
-            f"{stats['truncated']} prompts truncated, {stats['undecodable']} lines with undecodable bytes "
-            f"(replaced by U+FFFD). This run: {lines_now} lines in {seconds:.1f} s, {rate}")
+        try:
+            run(cfg)
+        finally:
+            teardown_parallel()

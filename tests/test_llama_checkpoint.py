@@ -185,7 +185,7 @@ def test_merge_happens_on_the_target_device(ckpts, monkeypatch):
 
 def test_loaded_parameters_are_on_the_device_in_the_dtype(ckpts):
     from rewrite.llama import load_model
-    from rewrite.llama.tokenizer import Tokenizer
+    from rewrite.llama.sentencepiece_tokenizer import Tokenizer
     tok = Tokenizer(str(ckpts[1] / "tokenizer.model"))
     model = load_model(str(ckpts[2]), tok, ParallelInfo.single(torch.device("meta")), torch.bfloat16)
     assert {(p.device.type, p.dtype) for p in model.parameters()} == {("meta", torch.bfloat16)}

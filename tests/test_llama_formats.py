@@ -11,7 +11,7 @@ import torch
 from conftest import REWRITE_PAIRS as PAIRS
 from rewrite import llama_rewrite, runner
 from rewrite.cli_args import validate
-from rewrite.llama import CheckpointError, ParallelInfo, TokenizerError, load_generator, load_tokenizer
+from rewrite.llama import CheckpointError, ParallelInfo, TokenizerError, load_generator, load_tokenizer, open_checkpoint
 from rewrite.output import record_path
 from testkit.hf_llama import llama_config, random_llama, write_hf
 from testkit.tiny_llama import TINY_TEXTS, make_tiny_llama, train_tokenizer
@@ -119,6 +119,6 @@ def test_meta_record_keeps_its_earlier_form(tmp_path):
     src = tmp_path / "src.txt"
     src.write_text("a photo\n")
     cfg = validate({"ckpt_dir": str(d), "prompt_filename": str(src), "output_filename": str(tmp_path / "o")})
-    identity = runner.checkpoint_identity(cfg)
+    identity = runner.checkpoint_identity(open_checkpoint(cfg.ckpt_dir), cfg.tokenizer_path)
     assert set(identity) == {"params", "shards", "tokenizer"}
     assert [name for name, _ in identity["shards"]] == ["consolidated.00.pth", "consolidated.01.pth"]

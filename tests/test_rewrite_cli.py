@@ -11,7 +11,7 @@ import torch
 from conftest import REWRITE_PAIRS as PAIRS, make_tiny_rewrite_setup
 from rewrite import cli_args, llama_rewrite, runner
 from rewrite.llama import Tokenizer
-from rewrite.output import record_path
+from rewrite.output import ShareWriter, record_path
 
 REWRITE = Path(__file__).resolve().parents[1] / "rewrite"
 
@@ -89,6 +89,60 @@ def test_resume_gives_identical_file(tiny, tmp_path, monkeypatch, windows):
     with open(out, "ab") as f:  # bytes written after the last commit must be discarded
         f.write(b"half a line that was never committed")
     assert rewrite(tiny, src, out, max_batch_size=2) == reference
+
+
+def test_two_modes_in_one_pass_equal_single_mode_runs(tiny, tmp_path, monkeypatch):
+    """--sample_mode chatgpt,bard on a caption file: OUT.chatgpt.txt and OUT.bard.txt, each the
+    single-mode run's file byte for byte, also when the pass is interrupted and resumed."""
+    src = write_lines(tmp_path / "src.txt", CAPTIONS * 2)
+    single = {m: rewrite(tiny, src, tmp_path / f"{m}.txt", sample_mode=m) for m in ("chatgpt", "bard")}
+    real, calls = ShareWriter.commit, []
+
+    def commit(self, *args, **kwargs):  # killed between the two modes' commits of window 2
+        if len(calls) == 3:
+            raise Interrupt()
+        calls.append(self.out_path.name)
+        return real(self, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(ShareWriter, "commit", commit)
+        with pytest.raises(Interrupt):
+            rewrite(tiny, src, tmp_path / "out.txt", sample_mode="chatgpt,bard")
+    assert calls == ["out.chatgpt.txt", "out.bard.txt", "out.chatgpt.txt"] and not (tmp_path / "out.txt").exists()
+    args = dict(tiny, prompt_filename=str(src), output_filename=str(tmp_path / "out.txt"), max_seq_len=256,
+                max_gen_len=6, max_batch_size=2, sample_mode="chatgpt,bard")
+    llama_rewrite.main(**args)
+    for mode, expected in single.items():
+        assert (tmp_path / f"out.{mode}.txt").read_bytes() == expected
+        assert json.loads(record_path(tmp_path / f"out.{mode}.txt").read_text())["complete"]
+
+
+def test_more_units_than_processes_resume_to_the_same_file(tiny, tmp_path, monkeypatch):
+    """A caption file planned as 3 units, interrupted, then resumed by one process that
+    claims them in turn: the units concatenated equal an uninterrupted run."""
+    from rewrite import text_units
+    src = write_lines(tmp_path / "src.txt", CAPTIONS * 2)
+    reference = rewrite(tiny, src, tmp_path / "ref.txt")
+    out = tmp_path / "out.txt"
+    with monkeypatch.context() as m:
+        m.setattr(text_units, "UNIT_LINES", 10)  # 28 lines: 3 units
+        interrupt_after(m, 2)
+        with pytest.raises(Interrupt):
+            rewrite(tiny, src, out)
+    assert sorted(p.name for p in tmp_path.glob("out.txt.part-*-of-00003")) == [
+        f"out.txt.part-0000{u}-of-00003" for u in range(3)]
+    assert rewrite(tiny, src, out, max_batch_size=2) == reference
+    assert sorted(p.name for p in tmp_path.glob("out.txt*")) == ["out.txt", "out.txt.progress.json"]
+
+
+def test_checkpoint_folder_and_tokenizer_are_opened_once(tiny, tmp_path, monkeypatch):
+    from rewrite.llama import meta
+    opened = []
+    real_init, real_tokenizer = meta.MetaCheckpoint.__init__, runner.load_tokenizer
+    monkeypatch.setattr(meta.MetaCheckpoint, "__init__", lambda self, *a: opened.append("ckpt") or real_init(self, *a))
+    monkeypatch.setattr(runner, "load_tokenizer", lambda *a: opened.append("tokenizer") or real_tokenizer(*a))
+    rewrite(tiny, write_lines(tmp_path / "src.txt", CAPTIONS[:3]), tmp_path / "out.txt")
+    assert sorted(opened) == ["ckpt", "tokenizer"]
 
 
 def test_finished_run_reports_complete(tiny, tmp_path, capsys):

@@ -1,4 +1,4 @@
-"""rewrite/input_lines.py and rewrite/output.py without a model: line index, shares,
+"""rewrite/input_lines.py, rewrite/output.py and rewrite/text_units.py without a model: line index, shares,
 decoding policy, the commit protocol, layout refusals and the final merge."""
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from rewrite.input_lines import decode_line, offset_of_line, read_lines, scan_input, share_range
-from rewrite.output import (ResumeError, ShareWriter, merge_parts, part_path, plan_run, read_record,
-                            record_path)
+from rewrite.output import STAT_KEYS, ResumeError, ShareWriter, read_record, record_path
+from rewrite.text_units import TextUnits, unit_file
 
 FP = {"input": {"size": 1}, "settings": {"seed": 1}}
 
@@ -69,7 +69,7 @@ def test_commit_protocol_and_resume(tmp_path):
     assert out.read_bytes() == "a\n\ncaf\u00e9\n".encode() and state.stats["empty"] == 1
     with pytest.raises(ResumeError, match=r"different input or settings: settings.seed: 1 -> 2.*--overwrite"):
         writer(out, fingerprint={"input": {"size": 1}, "settings": {"seed": 2}}).open(0, 0)
-    with pytest.raises(ResumeError, match="another data-parallel layout"):
+    with pytest.raises(ResumeError, match="another layout of units"):
         writer(out, layout={"dp_size": 2, "share": [0, 5]}).open(0, 0)
     out.write_bytes(b"a\n")
     with pytest.raises(ResumeError, match="changed outside this program"):
@@ -101,44 +101,64 @@ def test_unreadable_record_is_refused(tmp_path):
 
 
 def finished_part(output: Path, r: int, d: int, text: str) -> None:
-    w = writer(part_path(output, r, d), layout={"dp_size": d, "share": [r, r + 1]})
+    w = writer(unit_file(output, r, d), layout={"dp_size": d, "share": [r, r + 1]})
     w.open(r, 0)
     w.commit([text], next_line=r + 1, in_offset=0, stats={"lines": 1})
     w.finish()
 
 
-def test_layout_changes_refuse_and_merge(tmp_path):
+def text_units(output: Path) -> TextUnits:
+    src = output.with_name("src.txt")
+    src.write_text("a\nb\nc\n")
+    return TextUnits(src, output, scan_input(src), {"chatgpt": FP})
+
+
+def plan(output: Path, dp_size: int, overwrite: bool = False) -> tuple[int, tuple]:
+    units = text_units(output)
+    with units.plan_lock():
+        return units.plan(dp_size, overwrite)
+
+
+def test_units_on_disk_are_kept_and_merged(tmp_path):
+    """A partial run keeps its units whatever the process count now; parts of two
+    plans are refused; the finished units are merged once, and leftovers go."""
     output = tmp_path / "out.txt"
-    w = writer(output)
+    w = writer(output, layout={"dp_size": 1, "share": [0, 3]})
     w.open(0, 0)
-    w.close()  # a partial one-group run
-    with pytest.raises(ResumeError, match="partial run with 1 data-parallel group; this run has 2"):
-        plan_run(output, 2, FP, overwrite=False)
-    assert plan_run(output, 2, FP, overwrite=True) is False and not record_path(output).exists()
+    w.close()  # a partial one-unit run
+    assert plan(output, 2) == (1, ("chatgpt",))
+    assert plan(output, 3, overwrite=True) == (3, ("chatgpt",)) and not record_path(output).exists()
     for r in range(3):
         finished_part(output, r, 3, f"line {r}")
-    with pytest.raises(ResumeError, match=r"part-00000-of-00003 is left from a run with 3 .* this run has 2"):
-        plan_run(output, 2, FP, overwrite=False)
-    assert plan_run(output, 3, FP, overwrite=False) is False
-    merge_parts(output, 3, FP, {"lines": 3})
+    finished_part(output, 0, 2, "x")
+    with pytest.raises(ResumeError, match=r"from runs with \[2, 3\] units"):
+        plan(output, 2)
+    unit_file(output, 0, 2).unlink()
+    record_path(unit_file(output, 0, 2)).unlink()
+    units = text_units(output)
+    with units.plan_lock():
+        units.plan(1, False)
+    assert units.merge_finished() == {"chatgpt": {**dict.fromkeys(STAT_KEYS, 0), "lines": 3}}
     assert output.read_text() == "line 0\nline 1\nline 2\n"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.txt", "out.txt.progress.json"]
-    assert plan_run(output, 2, FP, overwrite=False) is True  # complete, whatever the layout now
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.txt", "out.txt.progress.json", "src.txt"]
+    assert plan(output, 2)[1] == ()  # complete, whatever the process count now
     finished_part(output, 1, 3, "line 1")  # as left by a kill after the merge, before the parts were removed
-    assert plan_run(output, 3, FP, overwrite=False) is True
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.txt", "out.txt.progress.json"]
-    assert output.read_text() == "line 0\nline 1\nline 2\n"
-    other = {"input": {"size": 2}, "settings": {"seed": 1}}
+    assert plan(output, 3)[1] == ()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.txt", "out.txt.progress.json", "src.txt"]
+    other = text_units(output)
+    other.fingerprints = {"chatgpt": {"input": {"size": 2}, "settings": {"seed": 1}}}
     with pytest.raises(ResumeError, match="finished run of a different input or settings: input.size: 1 -> 2"):
-        plan_run(output, 1, other, overwrite=False)
+        other.plan(1, False)
     assert json.loads(record_path(output).read_text())["complete"] is True
 
 
-def test_merge_refuses_missing_part(tmp_path):
+def test_merge_waits_for_every_part(tmp_path):
     output = tmp_path / "out.txt"
+    units = text_units(output)
+    with units.plan_lock():
+        units.plan(2, False)
     finished_part(output, 0, 2, "x")
-    with pytest.raises(ResumeError, match="part-00001-of-00002 is missing or unfinished"):
-        merge_parts(output, 2, FP, {})
+    assert units.merge_finished() == {"chatgpt": None}  # part 1 is unfinished: another run may hold it
     assert not output.exists()
 
 

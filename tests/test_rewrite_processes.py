@@ -103,9 +103,9 @@ def test_two_processes_equal_one(tiny, tmp_path, mp, temperature):
     assert "done: " in done.stdout and done.stdout.count("done: ") == 1  # one summary, from rank 0
 
 
-def test_second_run_is_refused_and_ctrl_c_keeps_the_work(tiny, tmp_path, capsys):
-    """A live run holds the output: a second run on it stops at once naming the first's
-    process; SIGINT then ends the first with one line and exit 130, and the rerun completes it."""
+def test_second_run_leaves_the_held_unit_and_ctrl_c_keeps_the_work(tiny, tmp_path, capsys):
+    """A live run holds the output's only unit: a second run on it leaves it to the holder and
+    says so; SIGINT then ends the first with one line and exit 130, and the rerun completes it."""
     src = tmp_path / "src.txt"
     src.write_text("".join(f"{c} {i}\n" for i in range(12) for c in CAPTIONS))  # 120 lines
     expected = reference(tiny, src, tmp_path / "ref.txt")
@@ -118,8 +118,8 @@ def test_second_run_is_refused_and_ctrl_c_keeps_the_work(tiny, tmp_path, capsys)
             time.sleep(0.01)
         assert proc.poll() is None, "the run ended before the second one could start; give it more lines"
         capsys.readouterr()
-        assert llama_rewrite.cli(argv(tiny, src, out)) == 2
-        assert f"is in use by process {proc.pid}" in capsys.readouterr().err
+        assert llama_rewrite.cli(argv(tiny, src, out)) == 0
+        assert f"done: {out} is not finished" in capsys.readouterr().out
         os.kill(proc.pid, signal.SIGINT)
         _, err = proc.communicate(timeout=120)
     finally:
@@ -131,3 +131,32 @@ def test_second_run_is_refused_and_ctrl_c_keeps_the_work(tiny, tmp_path, capsys)
     assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name or p.name.endswith(".lock")]
     assert llama_rewrite.cli(argv(tiny, src, out)) == 0
     assert out.read_bytes() == expected
+
+
+def test_resume_with_another_process_count(tiny, tmp_path, monkeypatch):
+    """A caption file planned as 2 units, interrupted in one process, resumed by 2 torchrun
+    processes (one unit each, from where it stopped): the same file as an uninterrupted run."""
+    from rewrite import runner, text_units
+    src = tmp_path / "src.txt"
+    src.write_text("".join(f"{c} {i}\n" for i in range(3) for c in CAPTIONS) + "last line without newline")
+    expected = reference(tiny, src, tmp_path / "one.txt")
+    out = tmp_path / "two.txt"
+    real, calls = runner.rewrite_window, []
+
+    def interrupted(*args, **kwargs):
+        if len(calls) == 1:  # one window (8 lines) of unit 0 committed
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(text_units, "UNIT_LINES", 16)  # 31 lines: 2 units, as 2 processes would plan them
+        m.setattr(runner, "rewrite_window", interrupted)
+        assert llama_rewrite.cli(argv(tiny, src, out)) == 130
+    assert json.loads(record_path(out.with_name("two.txt.part-00000-of-00002")).read_text())["state"]["next_line"] == 8
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(REWRITE / "llama_rewrite.py"), *argv(tiny, src, out, max_batch_size=3)]
+    done = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert out.read_bytes() == expected
+    assert sorted(p.name for p in tmp_path.glob("two.txt*")) == ["two.txt", "two.txt.progress.json"]

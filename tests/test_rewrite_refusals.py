@@ -4,7 +4,6 @@ damaged record, an unwritable folder; Ctrl-C is one line and keeps the committed
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import subprocess
@@ -17,7 +16,6 @@ from common.locking import FileLock
 from conftest import REWRITE_PAIRS as PAIRS, make_tiny_rewrite_setup, unwritable_dir
 from rewrite import cli_args, llama_rewrite, runner
 from rewrite.output import record_path
-from rewrite.prompts import load_pool
 
 CAPTIONS = ["person rides a bike", "a bowl of soup", "boats in the harbour", "snow on the hills",
             "tea and cake", "a cat on a mat", "the old bridge", "kids play football", "a lamp"]
@@ -99,13 +97,16 @@ def test_every_spelling_fire_accepts_passes_the_check(tiny, src, tmp_path):
 
 
 # ---------------------------------------------------------------- locks
-def test_second_run_on_a_locked_output_stops_at_once(tiny, src, tmp_path, capsys, monkeypatch, no_model):
+def test_a_held_output_is_left_to_its_holder(tiny, src, tmp_path, capsys):
+    """A live run holds the only unit of OUT (its claim): a second run writes nothing, says
+    so, and a rerun after the holder is gone does the work."""
     out = tmp_path / "out.txt"
-    with FileLock(out, "a first run"):  # the lock another live run would hold
-        assert llama_rewrite.cli(argv(tiny, src, out)) == 2
-        err = one_line_error(capsys)
-    assert f"--output_filename {out} is in use by process {os.getpid()}" in err
+    with FileLock(out, "a first run"):  # the claim another live run would hold
+        assert llama_rewrite.cli(argv(tiny, src, out)) == 0
+    assert f"done: {out} is not finished" in capsys.readouterr().out
     assert not out.exists() and not record_path(out).exists()
+    assert llama_rewrite.cli(argv(tiny, src, out)) == 0
+    assert len(out.read_text().splitlines()) == 3 * len(CAPTIONS)
 
 
 def test_lock_of_a_killed_run_does_not_block(tiny, src, tmp_path, capsys):
@@ -119,27 +120,25 @@ def test_lock_of_a_killed_run_does_not_block(tiny, src, tmp_path, capsys):
     assert not (tmp_path / "out.txt.lock").exists()  # released at the end of the run
 
 
-def test_data_parallel_part_is_locked_by_its_writer(tiny, src, tmp_path, monkeypatch):
-    """Rank 0 locks OUT; each data-parallel group's writer locks its part (here: the group of
-    this process, as rank 2 of 4 one-process groups would see it)."""
-    from rewrite.llama import ParallelInfo
-    from rewrite.output import part_path
-    cfg = cli_args.validate(dict(tiny, prompt_filename=str(src), output_filename=str(tmp_path / "out.txt"),
-                                 max_seq_len=256))
-    layout = ParallelInfo(rank=2, world_size=4, local_rank=2, mp_size=1, mp_rank=0, dp_size=4, dp_rank=2,
-                          device=__import__("torch").device("cpu"))
-    monkeypatch.setattr(runner, "setup_parallel", lambda *a, **k: layout)
-    monkeypatch.setattr(runner, "on_every_rank", lambda fn, world_size: [fn()])
-    monkeypatch.setattr(runner, "on_rank0", lambda fn, rank: fn())
-    prep = runner.prepare(cfg, load_pool(cfg.sample_mode, cfg.examples))
-    try:
-        part = part_path(cfg.output_filename, 2, 4)
-        with FileLock(part, "another writer"):
-            with pytest.raises(ValueError, match=f"--output_filename part {part} is in use by process"):
-                runner.open_share(cfg, prep)
-    finally:
-        runner.release(prep)
-    assert not (tmp_path / "out.txt.lock").exists()
+def test_text_units_are_claimed_one_holder_each(tmp_path):
+    """A unit held by a live process is not claimed; the others are, and a second claim of
+    a held unit fails while its holder lives."""
+    from rewrite.input_lines import scan_input
+    from rewrite.text_units import TextUnits, unit_file
+    src = tmp_path / "src.txt"
+    src.write_text("".join(f"caption {i}\n" for i in range(10)))
+    units = TextUnits(src, tmp_path / "out.txt", scan_input(src), {"chatgpt": {"input": 1}})
+    with units.plan_lock():
+        assert units.plan(dp_size=4, overwrite=False) == (4, ("chatgpt",))
+    assert all(unit_file(tmp_path / "out.txt", u, 4).exists() for u in range(4))
+    with FileLock(unit_file(tmp_path / "out.txt", 2, 4), "another writer"):
+        assert units.claim(2) is None
+        claim = units.claim(1)
+        assert (claim.start, claim.offset) == (2, len("caption 0\ncaption 1\n"))
+        assert units.claim(1) is None  # held by this claim now
+        claim.close()
+        with pytest.raises(ValueError, match=r"--overwrite: .*part-00002-of-00004 is in use by process"):
+            units.plan(dp_size=4, overwrite=True)  # a live run's unit is never pulled away
 
 
 # ---------------------------------------------------------------- the record

@@ -12,7 +12,7 @@ import pytest
 import shard_fixtures as sf
 from common.locking import FileLock
 from conftest import REWRITE_PAIRS, make_tiny_rewrite_setup
-from rewrite import llama_rewrite, shard_runner
+from rewrite import llama_rewrite, runner
 from rewrite.shard_output import RUN_RECORD, read_metadata
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -76,7 +76,7 @@ class Interrupt(Exception):
 
 def test_killed_inside_a_shard_resumes_to_the_same_files(setup, tmp_path, monkeypatch):
     out = tmp_path / "out"
-    real, calls = shard_runner.rewrite_window, {"n": 0}
+    real, calls = runner.rewrite_window, {"n": 0}
 
     def interrupted(*args, **kwargs):
         calls["n"] += 1
@@ -84,12 +84,12 @@ def test_killed_inside_a_shard_resumes_to_the_same_files(setup, tmp_path, monkey
             raise Interrupt()
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(shard_runner, "rewrite_window", interrupted)
+    monkeypatch.setattr(runner, "rewrite_window", interrupted)
     with pytest.raises(Interrupt):
         rewrite(setup, out, max_batch_size=1)
     assert (out / "00000.parquet").exists() and not (out / "00001.parquet").exists()
     assert json.loads((out / "00001.parquet.part.progress.json").read_text())["state"]["next_line"] == 4
-    monkeypatch.setattr(shard_runner, "rewrite_window", real)
+    monkeypatch.setattr(runner, "rewrite_window", real)
     assert sorted(p.name for p in out.glob("*.part")) and not list(out.glob("*.lock"))
     with open(next(out.glob("*.part")), "a") as f:
         f.write('{"half a row that was never committed"')
@@ -135,7 +135,6 @@ def test_dry_run_writes_keyed_prompts_per_shard(setup, tmp_path):
 
 
 @pytest.mark.parametrize("flags, message", [
-    ({"sample_mode": "chatgpt,bard", "prompt_filename": "TEXT"}, "a caption text file is rewritten in one mode"),
     ({"text_key": "caption", "prompt_filename": "TEXT", "sample_mode": "bard"}, "--text_key names the caption field"),
     ({"sample_mode": "chatgpt,chatgpt"}, "names a mode twice"),
     ({"prompt_filename": "MISSING"}, r"1 of 5 shards not found, e.g. .*00004.parquet"),

@@ -161,7 +161,7 @@ def test_bom_latin1_spaces_and_other_extensions(tmp_path):
                      b"a/4.png,mixed \xc3\xa9 and \xe9\r\n")
     assert rows(path) == [("a/1.jpg", "first"), ("a/2.jpg", "caf\u00e9 au lait \u2013 \u201cquoted\u201d"),
                           ("a/3.webp", "\u00e9t\u00e9 in UTF-8"), ("a/4.png", "mixed \u00e9 and \u00e9")]
-    report = " ".join(read_caption_csv(str(path)).report)
+    report = " ".join(read_caption_csv(str(path)).notes)
     assert "2 captions not UTF-8, read as Windows-1252 (line 2, line 4)" in report
     assert "2 image paths with surrounding spaces, removed (line 2, line 3)" in report
 
@@ -170,7 +170,7 @@ def test_dropped_rows_are_counted_with_the_reason(tmp_path):
     path = tmp_path / "c.csv"
     path.write_text("filepath,title\na/1.jpg,ok\nnotes.txt,not an image\n\na/2.gifv,odd\na/3.png,ok\n")
     assert [p for p, _ in rows(path)] == ["a/1.jpg", "a/3.png"]
-    report = " ".join(read_caption_csv(str(path)).report)
+    report = " ".join(read_caption_csv(str(path)).notes)
     assert "1 header row skipped (line 1: 'filepath')" in report
     assert "2 rows skipped: the first field is not an image file name (line 3: 'notes.txt', line 5: 'a/2.gifv')" in report
     assert "1 blank line skipped" in report
@@ -181,4 +181,4 @@ def test_latin1_rewrite_file_is_read_and_counted(tmp_path):
     Path(data["rewrites"][0]).write_bytes(b"a caf\xe9 scene\nsecond rewrite\n")
     ds = dataset(data)
     assert ds.rewrites[0][0] == "a caf\u00e9 scene"
-    assert any("1 line not UTF-8, read as Windows-1252 (line 1)" in note for note in ds.report)
+    assert any("1 line not UTF-8, read as Windows-1252 (line 1)" in note for note in ds.notes)

@@ -30,8 +30,15 @@ def batches() -> list:
         images = torch.randn(MICRO_BATCH, 3, 224, 224, generator=g)
         tokens = torch.randint(1, 49000, (MICRO_BATCH, 12), generator=g)
         tokens[:, -1] = 49407  # <|endoftext|>: the highest id ends every caption
-        out.append((images, tokens, torch.zeros(MICRO_BATCH, dtype=torch.long)))
+        out.append((images, tokens))
     return out
+
+
+class ListLoader(list):
+    """Fixed batches as a training/loaders.py TrainLoader: nothing skipped."""
+
+    def report(self) -> dict[str, int]:
+        return {}
 
 
 class NoSyncRecorder(nn.Module):
@@ -63,7 +70,7 @@ def run_epoch(batches, scaler=None, amp_dtype=None, eps=1e-3, wrap=False):
     optimizer = build_optimizer(model, 1e-3, 0.1, (0.9, 0.98), eps)
     scaler = scaler or torch.amp.GradScaler("cpu", enabled=False)
     forward = NoSyncRecorder(model) if wrap else model
-    tr = Trainer(model=forward, raw_model=model, optimizer=optimizer, scaler=scaler, loader=batches,
+    tr = Trainer(model=forward, raw_model=model, optimizer=optimizer, scaler=scaler, loader=ListLoader(batches),
                  schedule=CosineSchedule(1e-3, 1e-5, 1e-6, STEPS, 0), steps_per_epoch=STEPS,
                  update_freq=UPDATE_FREQ, device=torch.device("cpu"), amp_dtype=amp_dtype, is_main=False)
     train_one_epoch(tr, 0)
@@ -80,7 +87,7 @@ def reference_epoch(batches, eps=1e-3):
     for step in range(STEPS):
         for group in optimizer.param_groups:
             group["lr"] = schedule(step)
-        for images, tokens, _ in batches[step * UPDATE_FREQ:(step + 1) * UPDATE_FREQ]:
+        for images, tokens in batches[step * UPDATE_FREQ:(step + 1) * UPDATE_FREQ]:
             out = model(images, tokens)
             loss = clip_loss(out["image_embed"], out["text_embed"], out["logit_scale"])["loss"]
             (loss / UPDATE_FREQ).backward()

@@ -176,7 +176,7 @@ def test_failed_zero_shot_keeps_training_and_checkpointing(tmp_path, monkeypatch
 def test_best_checkpoint_keeps_its_epoch_when_a_later_one_is_not_best(tmp_path, monkeypatch):
     """checkpoint_best.pt is a hard link to the best epoch's file (no copy of the weights);
     later checkpoint.pt writes must not change it, and without hard links it is a copy."""
-    from training import checkpoint as ckpt_io
+    from training import train_state as ckpt_io
     latest, best = tmp_path / ckpt_io.LATEST, tmp_path / ckpt_io.BEST
     ckpt_io.save_checkpoint({"epoch": 1}, str(tmp_path), is_best=True)
     assert os.stat(best).st_ino == os.stat(latest).st_ino
@@ -268,5 +268,5 @@ def test_loader_workers_fork_so_caption_tables_are_shared(tmp_path):
     from common.distributed import DistInfo
     data = make_train_data(tmp_path, n=4)
     args = train.get_args_parser().parse_args(train_argv(data, tmp_path / "out", "--workers", "2"))
-    loader, _ = train.build_loader(args, DistInfo(), SimpleTokenizer())
-    assert loader.multiprocessing_context.get_start_method() == "fork"
+    loader = train.build_loader(args, DistInfo(), SimpleTokenizer())
+    assert loader.loader.multiprocessing_context.get_start_method() == "fork"

@@ -11,7 +11,7 @@ import train
 from common.locking import FileLock
 from conftest import DIST_ENV_KEYS, unwritable_dir, write_payload_checkpoint
 from train_fixtures import make_train_data, read_log, train_argv
-from training import checkpoint as ckpt_io
+from training import train_state as ckpt_io
 from training.output_dir import lock_target
 
 

@@ -18,7 +18,8 @@ from common import storage
 from conftest import DIST_ENV_KEYS
 from testkit.s3server import upload_folder
 from training.shard_rewrites import open_rewrite_source
-from training.wds import ShardLoader, ShardStream, StreamSpec
+from training.loaders import ShardLoader
+from training.wds import ShardStream, StreamSpec
 from torch.utils.data import DataLoader
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -59,12 +60,10 @@ def stream(where: dict, num_samples: int = 40) -> ShardLoader:
 
 def one_epoch(ld: ShardLoader) -> tuple[list, dict]:
     ld.set_epoch(0)
-    texts, counts = [], {}
-    for _, tokens, info in ld:
+    texts = []
+    for _, tokens in ld:
         texts += list(zip(*tokens))
-        for k, v in info.items():
-            counts[k] = counts.get(k, 0) + int(v.sum())
-    return texts, counts
+    return texts, ld.report()
 
 
 def test_s3_stream_equals_local(data):

@@ -15,7 +15,8 @@ import training.wds as wds_mod
 from conftest import DIST_ENV_KEYS
 from training.loss import clip_loss, multi_text_loss
 from training.shard_rewrites import open_rewrite_source
-from training.wds import ShardLoader, ShardStream, StreamSpec
+from training.loaders import ShardLoader
+from training.wds import ShardStream, StreamSpec
 from torch.utils.data import DataLoader
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -60,13 +61,11 @@ def loader(shards, num_samples: int, rewrites: bool = True, multi_text: bool = F
 
 def epoch(ld: ShardLoader, e: int) -> tuple[list, dict]:
     ld.set_epoch(e)
-    texts, counts = [], {}
-    for _, tokens, info in ld:
+    texts = []
+    for _, tokens in ld:
         # default_collate: a batch of captions is a tuple; of LaCLIP-MT text lists, a list of tuples per slot
         texts += list(zip(*tokens)) if isinstance(tokens, list) else list(tokens)
-        for k, v in info.items():
-            counts[k] = counts.get(k, 0) + int(v.sum())
-    return texts, counts
+    return texts, ld.report()
 
 
 def key_in(text: str, shards) -> str:
@@ -144,15 +143,15 @@ def test_shards_split_across_ranks_and_workers(shards, monkeypatch):
 def test_resumed_positions_give_the_same_next_epoch(shards):
     first = loader(shards, 6, batch_size=2)
     epoch(first, 0)
-    state = first.state(1, [first.next_starts()])
+    state = first.state()
     assert state["starts"][0][0][1] >= 1  # whole shards done: the next epoch does not read them again
     expected = epoch(first, 1)
     resumed = loader(shards, 6, batch_size=2)
-    assert resumed.restore(state, rank=0, world_size=1) is None
+    assert resumed.restore(state) is None
     assert epoch(resumed, 1) == expected
     other = loader(shards, 6, batch_size=2)
     other.stream.workers = 2  # another layout: the positions do not apply, said once
-    assert "this run has [1, 2]" in other.restore(state, rank=0, world_size=1)
+    assert "this run has [1, 2]" in other.restore(state)
 
 
 def test_resampled_epochs_differ_and_need_no_positions(shards):
@@ -160,7 +159,7 @@ def test_resampled_epochs_differ_and_need_no_positions(shards):
     a, b = epoch(ld, 0)[0], epoch(ld, 1)[0]
     assert len(a) == len(b) == 8 and a != b
     before = dict(ld.stream.starts)
-    assert ld.restore({"starts": [[[3, 1, 1]]]}, 0, 1) is None and ld.stream.starts == before
+    assert ld.restore({"starts": [[[3, 1, 1]]]}) is None and ld.stream.starts == before
 
 
 def test_multi_text_loss_is_the_mean_of_per_text_clip_losses():

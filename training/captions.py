@@ -84,7 +84,7 @@ class CaptionTable:
     """The samples of a caption CSV, and one line per kind of row not read as written."""
     paths: StringTable
     captions: StringTable
-    report: list[str]
+    notes: list[str]
 
 
 @dataclass
@@ -95,7 +95,7 @@ class CsvTallies:
     spaces: Tally = field(default_factory=lambda: Tally(" with surrounding spaces, removed"))
     latin: Tally = field(default_factory=lambda: Tally(" not UTF-8, read as Windows-1252"))
 
-    def report(self) -> list[str]:
+    def notes(self) -> list[str]:
         lines = [self.header.describe("header row", "header rows"), self.not_image.describe("row", "rows"),
                  self.blank.describe("blank line", "blank lines"),
                  self.spaces.describe("image path", "image paths"), self.latin.describe("caption", "captions")]
@@ -150,7 +150,7 @@ def read_caption_csv(path: str) -> CaptionTable:
     if not len(table.paths):
         raise ValueError(f"--train-data {path!r}: no rows whose first field is an image file name "
                          f"(.jpg, .png, .webp, ...)")
-    table.report = tally.report()
+    table.notes = tally.notes()
     return table
 
 

@@ -82,7 +82,7 @@ class CaptionImageDataset(Dataset):
 
     `failed_loads` counts the unreadable images skipped to produce this item; it
     travels with the batch so the count survives worker processes and ranks.
-    `report`: one line per kind of CSV row or rewrite line not read as written.
+    `notes`: one line per kind of CSV row or rewrite line not read as written.
     """
 
     def __init__(self, csv_path: str, root: str, transform: Callable, tokenizer: Callable,
@@ -90,12 +90,12 @@ class CaptionImageDataset(Dataset):
         self.multi_text = multi_text  # LaCLIP-MT: tokens [1 + rewrites, 77], every text of the sample
         table = read_caption_csv(csv_path)
         self.paths, self.captions = table.paths, table.captions
-        self.report = [f"--train-data {csv_path!r}: {line}" for line in table.report]
+        self.notes = [f"--train-data {csv_path!r}: {line}" for line in table.notes]
         self.rewrites = []
         for path in rewrite_files:
             rewrites, notes = read_rewrites(path, len(self.paths), csv_path)
             self.rewrites.append(rewrites)
-            self.report += notes
+            self.notes += notes
         self.root = root
         self.transform = transform
         self.tokenizer = tokenizer

@@ -70,7 +70,7 @@ class Trainer:
     raw_model: nn.Module
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
-    loader: Any
+    loader: Any  # a training/loaders.py TrainLoader: batches (images, tokens), report()
     schedule: CosineSchedule
     steps_per_epoch: int
     update_freq: int
@@ -82,25 +82,16 @@ class Trainer:
     writer: Any = None  # TensorBoard SummaryWriter or None
 
 
-def batch_counts(counts) -> dict[str, int]:
-    """The batch's counts of skipped inputs by kind: a dict of [b] tensors (webdataset path) or
-    the CSV dataset's failed image loads per item."""
-    if not isinstance(counts, dict):
-        counts = {"skipped_images": counts}
-    return {k: int(v.sum()) for k, v in counts.items()}
-
-
 class MicroStep(NamedTuple):
     loss: float
     acc: float  # in-batch image->text accuracy, percent
     samples: int  # rows of the micro-batch
-    skipped: dict[str, int]  # inputs skipped to make it, by kind (skipped_images, ...)
 
 
 def micro_step(tr: Trainer, batch, sync: bool, step: int) -> MicroStep:
     """Forward + backward of one micro-batch.
     tokens [b, 77], or [b, T, 77] for LaCLIP-MT (each image with its T texts)."""
-    images, tokens, counts = batch
+    images, tokens = batch
     images = images.to(tr.device, non_blocking=True)  # [b, 3, 224, 224]
     tokens = tokens.to(tr.device, non_blocking=True)  # [b, 77] or [b, T, 77]
     rows, texts = images.shape[0], tokens.shape[1] if tokens.ndim == 3 else 0
@@ -124,7 +115,7 @@ def micro_step(tr: Trainer, batch, sync: bool, step: int) -> MicroStep:
                 f"loss is {loss_value} at optimizer step {step}; stopping. Lower --lr, try "
                 f"--amp-dtype bf16 or --disable-amp, or resume from the last checkpoint.")
         tr.scaler.scale(loss / tr.update_freq).backward()
-    return MicroStep(loss_value, metrics["clip_acc"].item(), rows, batch_counts(counts))
+    return MicroStep(loss_value, metrics["clip_acc"].item(), rows)
 
 
 def optimizer_step(tr: Trainer) -> None:
@@ -139,11 +130,11 @@ def train_one_epoch(tr: Trainer, epoch: int) -> dict[str, float]:
     """Run `steps_per_epoch` optimizer steps of `update_freq` micro-batches each.
 
     Batches past steps_per_epoch * update_freq are not used, so no gradient leaks
-    into the next epoch. Returns the epoch's statistics, summed over all ranks.
+    into the next epoch. Returns the epoch's statistics, summed over all ranks, with the
+    loader's counts of skipped inputs (tr.loader: a training/loaders.py TrainLoader).
     """
     tr.model.train()
     sums = {"loss": 0.0, "acc": 0.0, "samples": 0.0}
-    counts: dict[str, int] = {}
     start = time.time()
     bar = tqdm(total=tr.steps_per_epoch, desc=f"epoch {epoch}", disable=not tr.is_main,
                dynamic_ncols=True)
@@ -158,17 +149,15 @@ def train_one_epoch(tr: Trainer, epoch: int) -> dict[str, float]:
         ms = micro_step(tr, next(batches), last, step)
         for key, value in (("loss", ms.loss * ms.samples), ("acc", ms.acc * ms.samples), ("samples", ms.samples)):
             sums[key] += value
-        for key, value in ms.skipped.items():
-            counts[key] = counts.get(key, 0) + value
         if not last:
             continue
         optimizer_step(tr)
-        _report(tr, bar, step, local_step, ms.loss, ms.acc, sums["samples"], start)
+        _show_progress(tr, bar, step, local_step, ms.loss, ms.acc, sums["samples"], start)
     bar.close()
-    return _epoch_stats(tr, sums, counts, time.time() - start)
+    return _epoch_stats(tr, sums, tr.loader.report(), time.time() - start)
 
 
-def _report(tr: Trainer, bar, step: int, local_step: int, loss: float, acc: float,
+def _show_progress(tr: Trainer, bar, step: int, local_step: int, loss: float, acc: float,
             samples: float, start: float) -> None:
     lr = tr.optimizer.param_groups[0]["lr"]
     bar.update(1)

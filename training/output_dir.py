@@ -29,7 +29,7 @@ def remove_temporaries(output_dir: str) -> list[str]:
     return names
 
 
-def claim(output_dir: str) -> FileLock:
+def claim_output_dir(output_dir: str) -> FileLock:
     """Create, check and lock --output-dir; raises ValueError naming it (LockHeld names the holder)."""
     try:
         os.makedirs(output_dir, exist_ok=True)

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 import webdataset as wds
 from PIL import Image
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset, get_worker_info
 
 from common.images import IMAGE_EXTENSIONS
 from common.storage import StorageError
@@ -95,10 +95,6 @@ class ShardStream(IterableDataset):
         self.epoch = 0
         self.starts: dict[int, tuple[int, int, int]] = {}  # worker -> (pass, shard, sample) to start from
         self._logged = 0  # bad samples and shards logged by this worker (each worker has its own copy)
-        self.report: list[str] = []  # start-up notes, as the CSV dataset's (none: shards are read as they stream)
-
-    def __len__(self) -> int:
-        return self.batches * self.batch_size  # samples per rank and epoch
 
     def __iter__(self) -> Iterator[tuple]:
         info = get_worker_info()
@@ -206,56 +202,3 @@ class ShardStream(IterableDataset):
         if self.spec.multi_text:
             return pixels, self.tokenizer(all_captions(caption, rewrites))
         return pixels, self.tokenizer(pick_caption(caption, rewrites, rng))
-
-
-class ShardLoader:
-    """The DataLoader over a ShardStream plus the read positions of the batches it handed
-    out: what the next epoch, or a resumed run, starts from."""
-
-    def __init__(self, stream: ShardStream, loader: DataLoader) -> None:
-        self.stream, self.loader = stream, loader
-        self.seen: dict[int, tuple[int, int, int]] = {}
-
-    @property
-    def dataset(self) -> ShardStream:
-        return self.stream
-
-    @property
-    def batch_size(self) -> int:
-        return self.loader.batch_size
-
-    def __len__(self) -> int:
-        return self.stream.batches
-
-    def __iter__(self):
-        for images, tokens, info in self.loader:
-            for worker, *position in info.pop("position").tolist():
-                self.seen[worker] = tuple(position)
-            yield images, tokens, info
-
-    def set_epoch(self, epoch: int) -> None:
-        """Before each epoch: it starts where the batches of the previous one stopped."""
-        self.stream.starts = self.next_starts()
-        self.stream.epoch = epoch
-        self.seen = {}
-
-    def next_starts(self) -> dict[int, tuple[int, int, int]]:
-        return {**self.stream.starts, **self.seen}
-
-    def state(self, world_size: int, gathered: list) -> dict:
-        """The checkpoint's data_state from every rank's next_starts() (rank order)."""
-        return {"layout": [world_size, self.stream.workers], "shards": self.stream.spec.fingerprint(),
-                "starts": [[list(g.get(w, (0, 0, 0))) for w in range(self.stream.workers)] for g in gathered]}
-
-    def restore(self, state: Optional[dict], rank: int, world_size: int) -> Optional[str]:
-        """Start positions from a checkpoint's data_state; returns a note when they do not apply."""
-        if self.stream.spec.resampled or not state:
-            return None
-        layout = [world_size, self.stream.workers]
-        if state.get("layout") != layout or state.get("shards") != self.stream.spec.fingerprint():
-            first = min(tuple(s) for rank_starts in state.get("starts", [[[0, 0, 0]]]) for s in rank_starts)
-            self.stream.starts = {w: (first[0], 0, 0) for w in range(self.stream.workers)}
-            return (f"the checkpoint's data positions are for {state.get('layout')} ranks x workers or another "
-                    f"shard list; this run has {layout}: its workers start pass {first[0]} from the beginning")
-        self.stream.starts = {w: tuple(s) for w, s in enumerate(state["starts"][rank])}
-        return None

@@ -11,7 +11,7 @@ from .generation import Generator
 from .meta import split_state_dict
 from .model import ModelArgs, Transformer
 from .parallel import ParallelInfo, check_mapping, init_model_parallel, teardown_model_parallel
-from .tokenizer import Tokenizer, TokenizerBase
+from .sentencepiece_tokenizer import Tokenizer, TokenizerBase
 
 __all__ = [
     "ModelArgs", "Transformer", "Tokenizer", "TokenizerBase", "load_tokenizer", "find_tokenizer", "Generator",

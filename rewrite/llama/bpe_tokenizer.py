@@ -20,7 +20,7 @@ from tokenizers.models import BPE
 
 from .errors import TokenizerError
 from .specials import Specials
-from .tokenizer import TokenizerBase, is_tiktoken_file
+from .sentencepiece_tokenizer import TokenizerBase, is_tiktoken_file
 
 # LLaMA-3's pre-tokenizer split (the cl100k pattern), from Meta's tokenizer code.
 LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"

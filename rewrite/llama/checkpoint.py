@@ -18,7 +18,7 @@ from .formats import (Checkpoint, WeightSource, default_dtype, find_tokenizer, l
 from .generation import Generator
 from .model import ModelArgs, Transformer, split_dim
 from .parallel import ParallelInfo
-from .tokenizer import TokenizerBase
+from .sentencepiece_tokenizer import TokenizerBase
 
 
 def read_rank_state(source: WeightSource, mp_size: int, mp_rank: int,
@@ -89,11 +89,16 @@ def check_shapes(model: Transformer, ckpt: Checkpoint, shapes: dict[str, torch.S
         raise CheckpointError(f"{ckpt.path}: shapes disagree with {ckpt.config_file.name}: " + "; ".join(bad))
 
 
-def load_model(ckpt_dir: str, tokenizer: TokenizerBase, parallel: ParallelInfo,
+def _opened(ckpt: str | Checkpoint) -> Checkpoint:
+    return open_checkpoint(ckpt) if isinstance(ckpt, str) else ckpt
+
+
+def load_model(ckpt_dir: str | Checkpoint, tokenizer: TokenizerBase, parallel: ParallelInfo,
                dtype: Optional[torch.dtype] = None) -> Transformer:
     """Validate `ckpt_dir` and build this rank's model in `dtype` on `parallel.device`
-    (default: float32 on CPU; on CUDA float16, or bfloat16 for weights saved in it)."""
-    ckpt = open_checkpoint(ckpt_dir)
+    (default: float32 on CPU; on CUDA float16, or bfloat16 for weights saved in it).
+    ckpt_dir: the folder, or the checkpoint already opened from it."""
+    ckpt = _opened(ckpt_dir)
     ckpt.check_mp(parallel.mp_size)
     args, vocab_from_tokenizer = model_args(ckpt, tokenizer)
     if dtype is None:
@@ -108,7 +113,7 @@ def load_model(ckpt_dir: str, tokenizer: TokenizerBase, parallel: ParallelInfo,
     return model.eval().requires_grad_(False)
 
 
-def load_generator(ckpt_dir: str, tokenizer_path: Optional[str], max_seq_len: int, max_batch_size: int,
+def load_generator(ckpt_dir: str | Checkpoint, tokenizer_path: Optional[str], max_seq_len: int, max_batch_size: int,
                    parallel: ParallelInfo, dtype: Optional[torch.dtype] = None,
                    tokenizer: Optional[TokenizerBase] = None, share_prefixes: bool = True) -> Generator:
     """Tokenizer + this rank's model, ready to generate. tokenizer_path: tokenizer.model or
@@ -118,10 +123,10 @@ def load_generator(ckpt_dir: str, tokenizer_path: Optional[str], max_seq_len: in
         raise ValueError(f"max_seq_len must be at least 2, got {max_seq_len}")
     if max_batch_size < 1:
         raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
-    open_checkpoint(ckpt_dir)  # folder, config and weight-file errors before the tokenizer's
+    ckpt = _opened(ckpt_dir)  # folder, config and weight-file errors before the tokenizer's
     if tokenizer is None:
-        tokenizer = load_tokenizer(tokenizer_path or _found_tokenizer(ckpt_dir), ckpt_dir)
-    model = load_model(ckpt_dir, tokenizer, parallel, dtype)
+        tokenizer = load_tokenizer(tokenizer_path or _found_tokenizer(str(ckpt.path)), str(ckpt.path))
+    model = load_model(ckpt, tokenizer, parallel, dtype)
     return Generator(model, tokenizer, max_seq_len, max_batch_size, parallel, share_prefixes=share_prefixes)
 
 

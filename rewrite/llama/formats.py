@@ -29,7 +29,7 @@ from .errors import CheckpointError, TokenizerError
 from .hf import HFCheckpoint
 from .meta import MetaCheckpoint
 from .specials import configured_specials
-from .tokenizer import Tokenizer, TokenizerBase, is_tiktoken_file
+from .sentencepiece_tokenizer import Tokenizer, TokenizerBase, is_tiktoken_file
 
 Checkpoint = Union[MetaCheckpoint, HFCheckpoint]
 

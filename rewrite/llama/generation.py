@@ -26,7 +26,7 @@ import torch
 from . import prefix
 from .model import KVCache, Transformer
 from .parallel import ParallelInfo
-from .tokenizer import TokenizerBase
+from .sentencepiece_tokenizer import TokenizerBase
 
 _M64 = (1 << 64) - 1
 Stops = tuple[set[int], set[int]]  # (ids that end a row, those of them that still belong to its text)

@@ -145,7 +145,7 @@ class Resumed(NamedTuple):
     """What a checkpoint gives a resumed run besides the weights and optimizer state."""
     epoch: int  # epochs completed
     best_acc1: float | None
-    data_state: dict | None  # where webdataset shard passes continue (training/wds.py), if saved
+    data_state: dict | None  # the loader's position (training/loaders.py), if saved
 
 
 def load_training_state(path: str, model: nn.Module, model_name: str,

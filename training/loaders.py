@@ -1,0 +1,242 @@
+"""One training-loader interface (TrainLoader) for both data paths: a caption CSV with aligned
+rewrite files (CsvLoader) and webdataset shards with rewrites joined by key (ShardLoader, over
+training/wds.py); train.py builds one with build_loader and never asks which. state() is what
+was handed out, {"epoch": e, "batches": k}, plus, for shards, each rank's and worker's read
+position after those batches: the checkpoint's `data_state`. After restore(state), an epoch
+after e starts fresh (CSV) or where the shard passes stopped; running epoch e itself again
+would be a mid-epoch resume (its first k batches are done). Also: the data flags' checks."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections import Counter
+from typing import Iterator, Optional, Protocol, runtime_checkable
+
+import braceexpand
+import torch
+from torch.utils.data import DataLoader
+
+from common import storage
+from common.distributed import DistInfo, on_every_rank
+from training.data import CaptionImageDataset, EpochSampler, check_root, train_transform
+from training.shard_rewrites import open_rewrite_source
+from training.wds import COUNT_KEYS, ShardStream, StreamSpec
+
+UNCHECKED = ("pipe:", "http://", "https://")  # webdataset opens these itself (s3:// etc. go through fsspec)
+WDS_ONLY = ("train_num_samples", "dataset_resampled", "rewrite_data", "rewrite_json_keys")
+
+
+@runtime_checkable
+class TrainLoader(Protocol):
+    """What train.py and training/engine.py use of a loader."""
+    notes: list[str]  # start-up lines for the user: inputs not read as written
+    samples: int  # samples per epoch, all processes together
+
+    def __len__(self) -> int: ...  # batches per epoch on this process
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...  # (images, tokens)
+    def set_epoch(self, epoch: int) -> None: ...  # before each epoch
+    def report(self) -> dict[str, int]: ...  # inputs skipped or missing in this epoch's batches, by kind
+    def state(self) -> dict: ...  # the data position (every rank calls it: shards gather)
+    def restore(self, state: Optional[dict]) -> Optional[str]: ...  # a note when the position does not apply
+
+
+class EpochBatches:
+    """What both loaders keep: the epoch, the batches handed out in it and their counts."""
+    count_keys: tuple[str, ...]
+
+    def __init__(self, loader: DataLoader, notes: list[str], samples: int, batches: int) -> None:
+        self.loader, self.notes, self.samples, self.length = loader, notes, samples, batches
+        self.epoch, self.batches, self.counts, self.resume_from = 0, 0, Counter(), None
+
+    def __len__(self) -> int:
+        return self.length
+
+    def set_epoch(self, epoch: int) -> None:
+        # This version resumes at epoch ends only: it never silently retrains or skips batches.
+        if self.resume_from and self.resume_from.get("epoch") == epoch and self.resume_from.get("batches"):
+            raise ValueError(f"the checkpoint's data position is inside epoch {epoch} (after "
+                             f"{self.resume_from['batches']} batches); this version resumes at epoch ends only")
+        self.epoch, self.batches, self.counts = epoch, 0, Counter(dict.fromkeys(self.count_keys, 0))
+
+    def handed_out(self, images: torch.Tensor, tokens: torch.Tensor, counts: dict) -> tuple:
+        self.batches += 1
+        self.counts.update({k: int(v.sum()) for k, v in counts.items()})
+        return images, tokens
+
+    def report(self) -> dict[str, int]:
+        return dict(self.counts)
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "batches": self.batches}
+
+    def restore(self, state: Optional[dict]) -> Optional[str]:
+        self.resume_from = state  # the CSV sampler's order is fixed by (seed, epoch): nothing else to set
+        return None
+
+
+class CsvLoader(EpochBatches):
+    """A DataLoader over the CSV's samples with an EpochSampler, whose order is fixed by
+    (seed, epoch); each item carries the failed image loads it skipped (skipped_images)."""
+    count_keys = ("skipped_images",)
+
+    def __init__(self, dataset: CaptionImageDataset, loader: DataLoader, sampler: EpochSampler) -> None:
+        super().__init__(loader, dataset.notes, len(dataset), len(loader))
+        self.sampler = sampler
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return (self.handed_out(images, tokens, {"skipped_images": failed}) for images, tokens, failed in self.loader)
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        self.sampler.set_epoch(epoch)
+
+
+class ShardLoader(EpochBatches):
+    """The DataLoader over a ShardStream plus the read positions of the batches it handed
+    out: what the next epoch, or a resumed run, starts from."""
+    count_keys = COUNT_KEYS
+
+    def __init__(self, stream: ShardStream, loader: DataLoader, rank: int = 0, world_size: int = 1) -> None:
+        super().__init__(loader, [], stream.batches * stream.batch_size * world_size, stream.batches)
+        self.stream, self.rank, self.world_size = stream, rank, world_size
+        self.seen: dict[int, tuple[int, int, int]] = {}  # worker -> (pass, shard, sample) read so far
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for images, tokens, info in self.loader:
+            for worker, *position in info.pop("position").tolist():
+                self.seen[worker] = tuple(position)
+            yield self.handed_out(images, tokens, info)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Before each epoch: it starts where the batches of the previous one stopped."""
+        super().set_epoch(epoch)
+        self.stream.starts, self.stream.epoch, self.seen = {**self.stream.starts, **self.seen}, epoch, {}
+
+    def state(self) -> dict:
+        """Also every rank's next start positions, rank order (a collective)."""
+        gathered = on_every_rank(lambda: {**self.stream.starts, **self.seen}, self.world_size)
+        return {**super().state(), "layout": [self.world_size, self.stream.workers],
+                "shards": self.stream.spec.fingerprint(),
+                "starts": [[list(g.get(w, (0, 0, 0))) for w in range(self.stream.workers)] for g in gathered]}
+
+    def restore(self, state: Optional[dict]) -> Optional[str]:
+        """Start positions from a checkpoint's data_state; a note when they do not apply.
+        (A data_state without epoch and batches, written before they were, is an epoch end.)"""
+        super().restore(state)
+        if self.stream.spec.resampled or not state:
+            return None
+        layout = [self.world_size, self.stream.workers]
+        if state.get("layout") != layout or state.get("shards") != self.stream.spec.fingerprint():
+            first = min(tuple(s) for rank_starts in state.get("starts", [[[0, 0, 0]]]) for s in rank_starts)
+            self.stream.starts = {w: (first[0], 0, 0) for w in range(self.stream.workers)}
+            return (f"the checkpoint's data positions are for {state.get('layout')} ranks x workers or another "
+                    f"shard list; this run has {layout}: its workers start pass {first[0]} from the beginning")
+        self.stream.starts = {w: tuple(s) for w, s in enumerate(state["starts"][self.rank])}
+        return None
+
+
+def dataset_type(args: argparse.Namespace) -> str:
+    """--dataset-type, with auto resolved: webdataset when --train-data names .tar shards."""
+    if args.dataset_type != "auto":
+        return args.dataset_type
+    first = next(iter(braceexpand.braceexpand(args.train_data or "")), "")
+    return "webdataset" if first.endswith(".tar") else "csv"
+
+
+def check_csv_args(args: argparse.Namespace) -> None:
+    if not args.train_data or not os.path.isfile(args.train_data):
+        raise ValueError(f"--train-data: caption CSV {args.train_data!r} does not exist")
+    for name in WDS_ONLY:  # the CSV path refuses the flags it would ignore
+        if getattr(args, name):
+            raise ValueError(f"--{name.replace('_', '-')} is for --dataset-type webdataset (tar shards); --train-data "
+                             f"{args.train_data!r} is a caption CSV")
+    if not os.path.isdir(args.root):
+        raise ValueError(f"--root: image folder {args.root!r} does not exist")
+    if args.aug_text and not args.augmented_caption_filelist:
+        raise ValueError("--aug-text needs --augmented_caption_filelist F1 [F2 ...] (the rewrite files)")
+    for path in args.augmented_caption_filelist if args.aug_text else []:
+        if not os.path.isfile(path):
+            raise ValueError(f"--augmented_caption_filelist: file {path!r} does not exist")
+
+
+def missing_shards(pattern: str, urls: list[str]) -> list[str]:
+    """Shards of --train-data that do not exist: local files and fsspec URLs (s3://, gs://: one
+    listing per prefix) are checked; pipe: and http(s):// are webdataset's to open."""
+    if any(u.startswith(UNCHECKED) for u in urls):
+        return []
+    try:
+        return storage.expand(pattern)[1]
+    except storage.StorageError as e:
+        raise ValueError(f"--train-data: {e}") from None
+
+
+def check_webdataset_args(args: argparse.Namespace) -> StreamSpec:
+    """The shard list, epoch size and rewrite sources of a webdataset run."""
+    urls = list(braceexpand.braceexpand(args.train_data or ""))
+    missing = missing_shards(args.train_data, urls)
+    if not urls or missing:
+        raise ValueError(f"--train-data {args.train_data!r}: {len(missing)} of {len(urls)} shards not found, "
+                         f"e.g. {missing[0] if missing else '(none given)'}")
+    if args.train_num_samples is None or args.train_num_samples < 1:
+        raise ValueError("--train-num-samples N is required with --dataset-type webdataset: the samples of one "
+                         "epoch over all processes (a shard list does not say how many it holds)")
+    if args.augmented_caption_filelist:
+        raise ValueError("--augmented_caption_filelist holds rewrites aligned with a CSV; for shards give "
+                         "--rewrite-data 'out/{00000..NNNNN}.parquet' (the rewriter's output) or --rewrite-json-keys")
+    if args.aug_text and not (args.rewrite_data or args.rewrite_json_keys):
+        raise ValueError("--aug-text with shards needs --rewrite-data 'out/{...}.parquet' or --rewrite-json-keys KEY")
+    rewrites = open_rewrite_source(args.rewrite_data, tuple(args.rewrite_json_keys)) if args.aug_text else None
+    return StreamSpec(tuple(urls), args.train_num_samples, args.dataset_resampled, rewrites, args.multi_text,
+                      args.seed)
+
+
+def check_data_args(args: argparse.Namespace) -> None:
+    if dataset_type(args) == "webdataset":
+        check_webdataset_args(args)
+    else:
+        check_csv_args(args)
+
+
+def _data_loader(dataset, args: argparse.Namespace, info: DistInfo, **kw) -> DataLoader:
+    # Forked workers share the caption tables (GBs for CC12M) copy-on-write; a spawned or
+    # forkserver worker (Python 3.14's Linux default) would get a pickled copy each.
+    context = "fork" if args.workers > 0 and sys.platform.startswith("linux") else None
+    return DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers, multiprocessing_context=context,
+                      drop_last=True,  # the gathered loss needs equal batches on every rank
+                      pin_memory=info.device.type == "cuda", **kw)
+
+
+def build_shard_loader(args: argparse.Namespace, info: DistInfo, tokenizer) -> ShardLoader:
+    spec = check_webdataset_args(args)
+    readers = info.world_size * max(1, args.workers)
+    if not spec.resampled and len(spec.urls) < readers:
+        raise ValueError(f"--train-data has {len(spec.urls)} shards, fewer than processes x --workers "
+                         f"({info.world_size} x {max(1, args.workers)}): some readers would have none. Use fewer "
+                         "--workers, more shards, or --dataset-resampled")
+    stream = ShardStream(spec, train_transform(), tokenizer, args.batch_size, info.world_size, args.workers)
+    loader = ShardLoader(stream, _data_loader(stream, args, info), info.rank, info.world_size)
+    missing = spec.rewrites.missing if spec.rewrites else ()
+    if missing:
+        loader.notes.append(f"{len(missing)} --rewrite-data files do not exist (e.g. {missing[0]}): the samples of "
+                            "their shards train on their original captions, counted as missing_rewrites in log.txt")
+    return loader
+
+
+def build_csv_loader(args: argparse.Namespace, info: DistInfo, tokenizer) -> CsvLoader:
+    rewrites = args.augmented_caption_filelist if args.aug_text else []
+    dataset = CaptionImageDataset(args.train_data, args.root, train_transform(), tokenizer,
+                                  rewrites, seed=args.seed, multi_text=args.multi_text)
+    check_root(dataset)
+    sampler = EpochSampler(dataset, info.world_size, info.rank, args.seed)
+    return CsvLoader(dataset, _data_loader(dataset, args, info, sampler=sampler), sampler)
+
+
+def build_loader(args: argparse.Namespace, info: DistInfo, tokenizer) -> TrainLoader:
+    """The loader of --train-data, CSV or shards; bad files fail here, before a model is built."""
+    loader = build_shard_loader(args, info, tokenizer) if dataset_type(args) == "webdataset" \
+        else build_csv_loader(args, info, tokenizer)
+    given = [f for f in ("augmented_caption_filelist", "rewrite_data", "rewrite_json_keys") if getattr(args, f)]
+    if given and not args.aug_text:
+        loader.notes.append(f"--{given[0].replace('_', '-')} without --aug-text: the rewrites are not used (CLIP)")
+    return loader
