@@ -48,11 +48,11 @@ def write_caption_parquets(folder: Path, shards: int, rows: int) -> str:
 
 
 def loader_rate(train_data: str, rewrite_data: str, cli: argparse.Namespace, epoch: int) -> float:
-    from train import build_loader
+    from training.loaders import build_loader
     args = loader_args(train_data=train_data, rewrite_data=rewrite_data, train_num_samples=cli.samples,
                        batch_size=cli.batch_size, workers=cli.workers)
-    loader, sampler = build_loader(args, DistInfo(), SimpleTokenizer())
-    sampler.set_epoch(epoch)
+    loader = build_loader(args, DistInfo(), SimpleTokenizer())
+    loader.set_epoch(epoch)
     return bench_data(loader, cli.samples // cli.batch_size - 2)
 
 

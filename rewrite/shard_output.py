@@ -125,7 +125,9 @@ def encode_row(key: str, caption: str, rewrites: dict[str, str]) -> str:
 def part_lines(out: Shard, writer: Union[ShareWriter, ObjectShareWriter]) -> Iterable[str]:
     """The committed rows of a finished part: the local part file, or its window objects."""
     if isinstance(writer, ObjectShareWriter):
-        return writer.committed_bytes().decode("utf-8").splitlines()
+        # split at "\n" only, as reading the file does: a caption may hold U+2028 or \x85, which
+        # str.splitlines would also split at (json.dumps(ensure_ascii=False) keeps them raw)
+        return writer.committed_bytes().decode("utf-8").split("\n")[:-1]
     return open(shard_part_path(out), encoding="utf-8")
 
 

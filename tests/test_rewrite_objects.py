@@ -122,3 +122,14 @@ def test_storage_failure_mid_tar_stops_not_skips(s3_shards, s3_server, s3_bucket
                                                    "reading failed mid-shard"):
         list(lines)
     assert "broken_tar" not in reader.skipped
+
+
+def test_finished_rows_keep_unicode_line_separators(s3_bucket):
+    """Rows are split at newlines only (json.dumps keeps U+2028 and \\x85 raw in a caption)."""
+    from rewrite.shard_output import encode_row, part_lines
+    part = f"s3://{s3_bucket}/out/00002.parquet.part"
+    w = ObjectShareWriter(part, FINGERPRINT, LAYOUT, overwrite=False)
+    w.open(0, 0)
+    rows = [encode_row("k1", "a\u2028b\x85c", {"chatgpt": "d\u2029e"}), encode_row("k2", "plain", {"chatgpt": "x"})]
+    w.commit(rows, 2, 2, {"lines": 2})
+    assert list(part_lines(f"s3://{s3_bucket}/out/00002.parquet", w)) == rows
