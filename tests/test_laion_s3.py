@@ -3,7 +3,7 @@ processes: rewrite s3:// parquet shards into an s3:// prefix with 2 data-paralle
 processes in 2 modes, kill -9 mid-shard, rerun (equal to an uninterrupted local run); two
 independent runs sharing one output prefix (no shard written twice); then train from s3://
 shards with s3:// rewrites, copy the run to s3:// (--remote-sync), and resume from that copy on
-an empty output folder (equal to an uninterrupted run)."""
+an empty output folder (equal to an uninterrupted run; one training process)."""
 from __future__ import annotations
 
 import json
@@ -158,7 +158,8 @@ def test_two_independent_runs_share_one_prefix(laion, s3_server):
 
 
 def train_cmd(laion, data: dict, out: Path, epochs: int, *extra: str) -> list[str]:
-    return [*TORCHRUN, "train.py", "--train-data", data["tars"], "--dataset-type", "webdataset",
+    """One process (the 2-process shard runs are test_laion_pipeline's; here the storage is the point)."""
+    return [sys.executable, "train.py", "--train-data", data["tars"], "--dataset-type", "webdataset",
             "--train-num-samples", "32", "--aug-text", "--rewrite-data", data["rewrites"], "--output-dir", str(out),
             "--model", "CLIP_TINY", "--batch-size", "4", "--workers", "1", "--epochs", str(epochs),
             "--warmup-epochs", "1", "--lr", "1e-3", "--device", "cpu", *extra]
