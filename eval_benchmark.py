@@ -22,6 +22,7 @@ from common.distributed import resolve_device
 from common.locking import FileLock
 from evaluation import results
 from evaluation.catalog import CATALOG
+from evaluation.content_keys import checkpoint_sha256
 from evaluation.features import FeatureCache, RunOptions
 from evaluation.models import check_model_name, load_for_eval
 from evaluation.jobs import FEWSHOT_K, TASKS, Settings, plan_job, resolve_task, run_job
@@ -132,13 +133,30 @@ def plan_all(args: argparse.Namespace, settings: Settings, model_kind: str) -> l
             outputs[out] = f"{dataset}/{task}"
             if not os.path.isdir(os.path.dirname(os.path.abspath(out))):
                 raise FileNotFoundError(f"--output: folder of {out!r} does not exist")
-            if args.skip_existing and os.path.exists(out):
+            if args.skip_existing and os.path.exists(out) and _same_checkpoint(out, args):
                 print(f"=> {out} exists: skipped (--skip_existing)")
                 continue
             job = plan_job(dataset, task, root, model_kind, settings)
             job.output = out
             jobs.append(job)
     return jobs
+
+
+def _same_checkpoint(out: str, args: argparse.Namespace) -> bool:
+    """--skip_existing skips only a result of this very checkpoint (by content: every training
+    run writes checkpoint_best.pt, so {pretrained} alone cannot tell two runs apart)."""
+    digest = checkpoint_sha256(args.pretrained, args.feature_root or None)
+    try:
+        with open(out, encoding="utf-8") as f:
+            held = json.load(f).get("pretrained_sha256")
+    except (OSError, ValueError, AttributeError) as err:
+        raise ValueError(f"--skip_existing: {out!r} exists but is not a result file ({err}); remove it") from err
+    if held == digest:
+        return True
+    what = f"checkpoint sha256 {held[:12]}..." if isinstance(held, str) else "no checkpoint hash (an older result)"
+    raise ValueError(f"--skip_existing: {out!r} holds a result of {what}, not of --pretrained {args.pretrained!r} "
+                     f"(sha256 {digest[:12]}...); remove it, or give --output a name per checkpoint "
+                     f"({{pretrained_full_path}})")
 
 
 def write_table(args: argparse.Namespace) -> str:
@@ -173,6 +191,7 @@ def main(argv: list[str] | None = None) -> list[dict] | str:
         cache, classifiers, records = FeatureCache(args.feature_root), ClassifierCache(em, opts), []
         for job in jobs:
             record = run_job(job, em, cache, classifiers, opts, settings)
+            record["pretrained_sha256"] = cache.checkpoint_sha256(args.pretrained)  # what --skip_existing checks
             results.write_result(job.output, record)
             report(record, job.output)
             records.append(record)

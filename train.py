@@ -49,6 +49,7 @@ from training.loaders import TrainLoader, build_loader, check_data_args
 from training import remote_sync
 from training.output_dir import claim_output_dir
 from training.remote_sync import RemoteSync
+from training.rewrite_join import NEW_COUNTS
 from zeroshot import evaluate_imagenet
 
 
@@ -70,6 +71,12 @@ def get_args_parser() -> argparse.ArgumentParser:
         "'out/{00000..41407}.parquet', joined by sample key (shard 00012.tar <-> 00012.parquet)")
     add("--rewrite-json-keys", nargs="+", default=[], metavar="KEY",
         help="webdataset + --aug-text: rewrites inside each sample's KEY.json under these keys (e.g. re_caption)")
+    add("--rewrite-columns", nargs="+", default=[], metavar="COLUMN",
+        help="webdataset + --rewrite-data: the string columns to use as rewrites (needed for files that are not "
+             "the rewriter's output)")
+    add("--rewrite-mismatch-limit", type=float, default=None, metavar="SHARE",
+        help="webdataset + --rewrite-data: stop when more than this share of an epoch's samples have a rewrite "
+             "written for another caption (default 0.01)")
     add("--multi-text", action="store_true", help="LaCLIP-MT: each image with all its texts in one step, "
         "the loss averaged over the texts (needs --aug-text)")
     add("--imagenet-root", default=None, help="ImageNet folder with val/<wnid>/: zero-shot top-1 after each epoch")
@@ -214,7 +221,7 @@ def end_of_epoch(args, epoch: int, stats: dict, zs: dict | None, best_acc1: floa
     else:  # nothing to rank by: the latest is the best
         is_best = True
     record = {"epoch": epoch, **{f"train_{k}": v for k, v in stats.items() if k != "counts"},
-              **stats["counts"],  # skipped / missing inputs, by kind (skipped_images, ...)
+              **{k: v for k, v in stats["counts"].items() if v or k not in NEW_COUNTS},  # skipped inputs by kind
               "zeroshot_top1": acc1, "zeroshot_top5": zs["top5"] if zs else None,
               "best_acc1": best_acc1, "epoch_time_s": round(seconds, 3)}
     if benchmark is not None:  # --eval-benchmark ran this epoch
@@ -228,7 +235,7 @@ def end_of_epoch(args, epoch: int, stats: dict, zs: dict | None, best_acc1: floa
             f.write(json.dumps(record) + "\n")
         if tr.writer is not None:
             for key in ("train_loss", "train_clip_acc", *stats["counts"], "zeroshot_top1", "zeroshot_top5"):
-                if record[key] is not None:
+                if record.get(key) is not None:
                     tr.writer.add_scalar(f"epoch/{key}", record[key], epoch)
         print("=> " + json.dumps(record))
 

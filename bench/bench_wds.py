@@ -46,9 +46,10 @@ def write_shards(data: dict, folder: Path, n_shards: int) -> tuple[str, str]:
             for key, i in zip(keys, mine):
                 tar.write({"__key__": key, "jpg": Path(data["root"], rows[i][0]).read_bytes(),
                            "txt": rows[i][1].encode()})
-        pq.write_table(pa.table({"key": keys, "caption": [rows[i][1] for i in mine],
-                                 **{f"mode{k}": [r[i] for i in mine] for k, r in enumerate(rewrites)}}),
-                       folder / f"{s:05d}.parquet")
+        table = pa.table({"key": keys, "caption": [rows[i][1] for i in mine],
+                          **{f"mode{k}": [r[i] for i in mine] for k, r in enumerate(rewrites)}})
+        # the rewriter's metadata key: train.py reads only its output without --rewrite-columns
+        pq.write_table(table.replace_schema_metadata({b"laclip_rewrite": b"{}"}), folder / f"{s:05d}.parquet")
     last = f"{n_shards - 1:05d}"
     return str(folder / f"{{00000..{last}}}.tar"), str(folder / f"{{00000..{last}}}.parquet")
 

@@ -1,6 +1,6 @@
-"""The samples of one webdataset tar, wherever it is: local paths, pipe: and http(s):// are
-webdataset's to open (its gopen); s3://, gs:// and other fsspec URLs are streamed through
-common.storage (ranged reads, never the whole tar first) into webdataset's tar expander.
+"""One webdataset tar, wherever it is: local paths, pipe: and http(s):// are webdataset's to
+open (its gopen); s3://, gs:// and other fsspec URLs are streamed through common.storage
+(ranged reads, never the whole tar first). common/tar_keys.py groups the members into samples.
 
 Damage in a tar's bytes (a truncated or corrupt tar) and a failure of the storage under it
 are told apart: the first is the caller's to count and skip, the second must stop the run,
@@ -20,16 +20,13 @@ def opened_by_fsspec(url: str) -> bool:
     return storage.is_url(url) and not url.startswith(WDS_OPENS)
 
 
-def tar_samples(url: str, handler: Callable[[Exception], bool]) -> Iterator[dict]:
-    """webdataset's samples (dicts of member bytes by extension, __key__, __url__) of one tar;
-    handler(exn) as webdataset's (True: go on). Opening an fsspec URL that fails raises a
-    one-line storage.StorageError naming it."""
-    import webdataset as wds
+def url_streams(url: str, handler: Callable[[Exception], bool]) -> Iterator[dict]:
+    """webdataset's url_opener for one tar ({"url", "stream"}), except that an fsspec URL is
+    opened through common.storage: a failure to open it raises a one-line StorageError."""
+    from webdataset.tariterators import url_opener
     if not opened_by_fsspec(url):
-        return wds.tarfile_samples([{"url": url}], handler=handler)
-    stream = storage.open_read(url)
-    files = wds.tariterators.tar_file_expander([{"url": url, "stream": stream}], handler=handler)
-    return wds.tariterators.group_by_keys(files, handler=handler)
+        return url_opener([{"url": url}], handler=handler)
+    return iter([{"url": url, "stream": storage.open_read(url)}])
 
 
 def is_storage_failure(url: str, exn: Exception) -> bool:

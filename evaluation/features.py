@@ -1,9 +1,10 @@
 """Image features of a split, computed once and cached on disk, so zero-shot classification,
 the linear probe and every few-shot k of a sweep read the same features.
 
-The cache key is the model (name, checkpoint path, size and modification time), the
-preprocessing, the precision, and the split's samples (paths and labels, or the array files'
-size and time). Files are safetensors (tensors and a JSON header, nothing unpickled) written
+The cache key is the model (name and the checkpoint's content hash), the preprocessing, the
+precision, and the split's samples (paths, labels, sizes and times, plus a content hash of a
+sample of the images; see evaluation/content_keys.py). Labels read back are checked against the
+dataset's. Files are safetensors (tensors and a JSON header, nothing unpickled) written
 atomically, so an interrupted run never leaves a half file that a later run would trust.
 """
 from __future__ import annotations
@@ -23,10 +24,11 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from common.fileio import atomic_write
+from evaluation import content_keys
 from evaluation.imagenet_folders import collate_with_bad
 from evaluation.readers import SplitData
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: keyed on contents (checkpoint hash, image sizes, times and sampled bytes)
 
 
 @dataclass
@@ -97,13 +99,32 @@ class FeatureCache:
         self.notes: list[str] = []
         self._memory: dict[str, Features] = {}  # this run's features, whether or not on disk
         self._memory_dataset: str | None = None
+        self._split_digests: dict[int, tuple[SplitData, str]] = {}  # one listing's digest per run
+
+    def checkpoint_sha256(self, path: str) -> str:
+        """The checkpoint's content hash, remembered under the cache root (a hit reads nothing)."""
+        return content_keys.checkpoint_sha256(path, self.root)
+
+    def content_identity(self, model_identity: dict) -> dict:
+        """The model part of the key: a checkpoint by its bytes, not its path and times."""
+        if "checkpoint" not in model_identity:  # weights in memory (train.py): valid for this run only
+            return model_identity
+        kept = {k: v for k, v in model_identity.items() if k not in ("checkpoint", "size", "mtime_ns")}
+        return {**kept, "checkpoint_sha256": self.checkpoint_sha256(model_identity["checkpoint"])}
+
+    def split_digest(self, split: SplitData) -> str:
+        held = self._split_digests.get(id(split))
+        if held is None or held[0] is not split:
+            held = (split, content_keys.split_digest(split.listing))
+            self._split_digests[id(split)] = held
+        return held[1]
 
     def key(self, model_identity: dict, split: SplitData, transform, opts: RunOptions) -> str:
         # repr() of open_clip's transform names functions with their address; drop it (it moves every run)
         transform_text = re.sub(r" at 0x[0-9a-fA-F]+", "", repr(transform))
-        spec = {"version": CACHE_VERSION, "model": model_identity, "transform": transform_text,
+        spec = {"version": CACHE_VERSION, "model": self.content_identity(model_identity), "transform": transform_text,
                 "amp": opts.effective_amp, "device": opts.device.type, "dataset": split.dataset,
-                "split": split.split, "samples": split.fingerprint()}
+                "split": split.split, "samples": self.split_digest(split)}
         return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:32]
 
     def path(self, split: SplitData, key: str) -> str:
@@ -120,6 +141,15 @@ class FeatureCache:
             self.notes.append(f"feature cache {path!r} was unreadable ({err}); recomputed")
             return None
 
+    def labels_match(self, path: str, feats: Features, split: SplitData) -> bool:
+        """Cached labels must be the dataset's (an edited or foreign file is said and recomputed)."""
+        expected = content_keys.expected_labels(split.listing, feats.skipped)
+        if feats.labels.tolist() == expected and len(feats.features) == len(expected):
+            return True
+        self.notes.append(f"feature cache {path!r} holds labels or a sample count that differ from "
+                          f"{split.dataset} {split.split}'s; recomputed")
+        return False
+
     def save(self, path: str, feats: Features) -> None:
         os.makedirs(self.root, exist_ok=True)
         tensors = {"features": feats.features.contiguous(), "labels": feats.labels.contiguous()}
@@ -128,12 +158,14 @@ class FeatureCache:
     def features(self, model, model_identity: dict, transform, split: SplitData, opts: RunOptions) -> Features:
         """The split's features from the cache, or computed (and cached)."""
         if split.dataset != self._memory_dataset:  # hold one dataset's splits at a time (ImageNet's train is GBs)
-            self._memory, self._memory_dataset = {}, split.dataset
+            self._memory, self._memory_dataset, self._split_digests = {}, split.dataset, {}
         key = self.key(model_identity, split, transform, opts)
         if key in self._memory:
             return self._memory[key]
         path = self.path(split, key) if self.root else None
         feats = self.load(path) if path else None
+        if feats is not None and not self.labels_match(path, feats, split):
+            feats = None
         if feats is None:
             feats = encode_images(model, split.torch_dataset(transform), opts, desc=f"{split.dataset} {split.split}")
             if path:

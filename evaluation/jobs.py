@@ -112,7 +112,7 @@ def _probe(job: Job, em: EvalModel, cache: FeatureCache, opts: RunOptions,
         feats.append(cache.features(em.model, em.identity(), em.transform, job.val, opts))
         val = probe.probe_data(feats[-1], settings.normalize)
     else:
-        train, val = probe.holdout(train, settings.val_proportion, settings.seed)
+        train, val = probe.holdout(train, settings.val_proportion, settings.seed, job.train.split)
     common = {"seed": settings.seed, "normalized": settings.normalize}
     if job.task == LINEAR_PROBE:
         k = settings.probe_k
@@ -135,7 +135,7 @@ def run_job(job: Job, em: EvalModel, cache: FeatureCache, classifiers: tasks.Cla
         settings: Settings) -> dict:
     """The result record of one job, in CLIP_benchmark's shape plus what was read and skipped."""
     start = time.time()
-    notes = [n for s in (job.test, job.train, job.val) if isinstance(s, SplitData) for n in s.notes]
+    notes = [n for s in (job.test, job.train, job.val) if s is not None for n in s.notes]
     if job.task == ZEROSHOT:
         metrics, feats = tasks.zeroshot_classification(em, job.test, job.templates, cache, classifiers, opts)
         feats = [feats]

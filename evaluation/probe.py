@@ -38,16 +38,31 @@ def take(data: ProbeData, index: np.ndarray) -> ProbeData:
     return ProbeData(data.x[index], data.y[index])
 
 
-def holdout(data: ProbeData, proportion: float, seed: int) -> tuple[ProbeData, ProbeData]:
+def holdout(data: ProbeData, proportion: float, seed: int, split: str = "train") -> tuple[ProbeData, ProbeData]:
     """(train, val): ``proportion`` of each class held out, at least one image per class kept in train."""
     rng = np.random.default_rng(seed)
     val = []
     for c in np.unique(data.y):
         idx = rng.permutation(np.flatnonzero(data.y == c))
         val.extend(idx[:min(round(proportion * len(idx)), len(idx) - 1)].tolist())
+    if not val:
+        raise ValueError(_too_small(data, proportion, split))
     mask = np.zeros(len(data.y), dtype=bool)
     mask[val] = True
     return take(data, np.flatnonzero(~mask)), take(data, np.flatnonzero(mask))
+
+
+def _too_small(data: ProbeData, proportion: float, split: str) -> str:
+    """Why no image was held out, with the per-class counts, instead of scikit-learn's empty-array error."""
+    counts = np.bincount(np.unique(data.y, return_inverse=True)[1])
+    sizes = ", ".join(f"{n} images in {k} {'class' if k == 1 else 'classes'}"
+                      for n, k in zip(*np.unique(counts, return_counts=True)))
+    largest = int(counts.max())
+    # round(p * n) >= 1 needs p * n > 0.5, and a class of one image keeps it for training
+    fix = (f"pass --val_proportion above {0.5 / largest:g} or a --val_split" if largest > 1
+           else "every class needs 2 images or more, or pass a --val_split")
+    return (f"--val_proportion {proportion:g}: no image of {split} is held out for validation "
+            f"(per class: {sizes}); {fix}")
 
 
 def few_shot(data: ProbeData, k: int, seed: int) -> ProbeData:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from evaluation.catalog import get_spec
 from evaluation.readers import LayoutError, Listing, SplitData, check_split
@@ -24,6 +24,7 @@ class CaptionSet:
     paths: list[str]            # one per image
     captions: list[list[str]]   # the captions of each image
     annotation_file: str
+    notes: list[str] = field(default_factory=list)  # images and captions left out, for the result
 
     def images(self) -> SplitData:
         """The images as a split whose 'label' is the image index (so skipped images are known)."""
@@ -90,6 +91,23 @@ def read_captions(name: str, root: str, split: str, annotation_file: str | None 
             raise
         raise LayoutError(f"--annotation_file: {path!r} is neither CLIP_benchmark's caption file nor COCO or "
                           f"Karpathy JSON ({type(err).__name__}: {err})") from err
-    if not any(captions):
+    paths, captions, notes = _drop_uncaptioned(paths, captions)
+    if not captions:
         raise LayoutError(f"--annotation_file: {path!r} holds no captioned image for split {split!r}")
-    return CaptionSet(name, split, paths, captions, path)
+    return CaptionSet(name, split, paths, captions, path, notes)
+
+
+def _drop_uncaptioned(paths: list[str], captions: list[list[str]]) -> tuple[list[str], list[list[str]], list[str]]:
+    """Blank captions are no query, and an image without a caption can be no one's answer: scoring
+    it would count a miss for every model alike. Both are left out and counted."""
+    blank = sum(not c.strip() for caps in captions for c in caps)
+    kept = [(p, [c for c in caps if c.strip()]) for p, caps in zip(paths, captions)]
+    bare = [p for p, caps in kept if not caps]
+    kept = [(p, caps) for p, caps in kept if caps]
+    notes = []
+    if bare:
+        shown = ", ".join(os.path.basename(p) for p in bare[:3]) + (", ..." if len(bare) > 3 else "")
+        notes.append(f"{len(bare)} images without captions left out of retrieval: {shown}")
+    if blank:
+        notes.append(f"{blank} blank captions left out of retrieval (not used as queries)")
+    return [p for p, _ in kept], [caps for _, caps in kept], notes

@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 from common.distributed import launched_as_rank0
 from common.fileio import cannot_write_in
-from rewrite.llama import find_tokenizer
+from rewrite.llama import TokenizerError, find_tokenizer
 from rewrite.prompts import normalize_sample_modes
 from rewrite.shard_input import check_shard_flags, is_shard_input
 
@@ -201,7 +201,10 @@ def _tokenizer_path(c: Config, dry_run: bool) -> Optional[str]:
         raise ValueError(f"--ckpt_dir: {c.ckpt_dir} is not a directory")
     if _given(c.tokenizer_path) or c.ckpt_dir is None:
         return _optional_str(c.tokenizer_path)
-    found = find_tokenizer(str(c.ckpt_dir)) if Path(str(c.ckpt_dir)).is_dir() else None
+    try:
+        found = find_tokenizer(str(c.ckpt_dir)) if Path(str(c.ckpt_dir)).is_dir() else None
+    except TokenizerError as e:  # both tokenizer files, disagreeing
+        raise ValueError(f"--ckpt_dir: {e} (--tokenizer_path)") from None
     if found is None and not dry_run:
         raise ValueError(f"--tokenizer_path is required: --ckpt_dir {c.ckpt_dir} has no tokenizer.model or "
                          "tokenizer.json (nor, for a Meta folder, its parent a tokenizer.model)")

@@ -30,7 +30,8 @@ from rewrite.output import Claim, RunTotals
 from rewrite.prompts import (Pool, TokenizerLike, build_prompt, choose_examples, finish_line, fit_prompt, load_pool,
                              longest_prefix_tokens, normalize_sample_modes, one_line, sampling_seed)
 from rewrite.shard_input import ShardLines, expand_shards, is_shard_input, shard_stem
-from rewrite.shard_output import ShardUnits, check_run_record, clear_for_overwrite
+from rewrite.shard_checks import check_finished, check_overwrite_keeps_one_setting
+from rewrite.shard_output import ShardUnits, check_run_record, clear_for_overwrite, shard_output_path
 from rewrite.text_units import TextUnits, mode_output
 
 T = TypeVar("T")
@@ -216,10 +217,13 @@ def plan_units(cfg: Config, settings: dict[str, dict], dp_size: int) -> tuple[Un
                     "text_key": cfg.text_key}
         shards = expand_shards(cfg.prompt_filename)
         make_output_folder(cfg.output_filename)
+        pairs = [(p, shard_output_path(cfg.output_filename, shard_stem(p))) for p in shards]
         if cfg.overwrite:
+            check_overwrite_keeps_one_setting(cfg.output_filename, [out for _, out in pairs], combined)
             removed = clear_for_overwrite(cfg.output_filename, [shard_stem(p) for p in shards])
             log(f"--overwrite: removed {removed} finished shards of this input from {cfg.output_filename}")
         check_run_record(cfg.output_filename, combined, cfg.overwrite)
+        check_finished(cfg.output_filename, pairs, combined)  # finished only for this input and these settings
         return ShardUnits(shards, cfg.output_filename, cfg.text_key, tuple(settings), combined, cfg.claim_timeout), True
     info = scan_input(cfg.prompt_filename)
     units = TextUnits(cfg.prompt_filename, cfg.output_filename, info,

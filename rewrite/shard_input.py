@@ -6,7 +6,9 @@ A parquet shard gives its `key` column and the caption column (--text_key, defau
 `caption`); rows whose img2dataset `status` is not "success" (images that were never
 downloaded, so never trained on) are skipped and counted. A tar shard is read with the
 `webdataset` library: the sample key and the `.txt` member (--text_key, default `txt`);
-a sample without one, or a tar that ends early, is counted. Reading is deterministic, so
+a sample without one, or a tar that ends early, is counted. A key that names two samples (or
+two rows of a parquet shard) gets no row and is counted as `duplicate_key` (common/tar_keys.py):
+training joins rewrites by key and could not tell such samples apart. Reading is deterministic, so
 a resumed shard skips exactly the lines it already committed.
 """
 from __future__ import annotations
@@ -20,7 +22,8 @@ from typing import Optional, Union
 import braceexpand
 
 from common import storage
-from common.tar_stream import is_storage_failure, tar_samples
+from common.tar_keys import duplicated_keys, keyed_samples
+from common.tar_stream import is_storage_failure
 from rewrite.input_lines import Line, decode_line
 
 SHARD_SUFFIXES = (".parquet", ".tar")
@@ -90,8 +93,11 @@ def check_shard_flags(pattern: object, output: object, text_key: object) -> tupl
     key = DEFAULT_TEXT_KEYS[shard_suffix(shards[0])] if text_key is None else str(text_key).strip()
     if not key or text_key is True:
         raise ValueError("--text_key needs a field name (caption for parquet, txt for tars)")
-    if shard_suffix(shards[0]) == ".parquet":
-        ShardLines(shards[0], key).check_columns()  # the first shard's footer: a wrong --text_key fails now
+    if shard_suffix(shards[0]) == ".parquet":  # a wrong --text_key or a damaged footer fails now, not hours in:
+        # every local footer (cheap); of URLs the first only (two requests per shard would add minutes
+        # at LAION's 41k shards: a damaged later shard stops the run when it is reached)
+        for shard in shards if not storage.is_url(str(shards[0])) else shards[:1]:
+            ShardLines(shard, key).check_columns()
     if storage.is_url(str(output)):
         return str(pattern), check_output_prefix(str(output), shards), key
     out = Path(storage.local_path(str(output)))
@@ -186,17 +192,23 @@ class ShardLines:
         columns = [KEY_COLUMN, self.text_key] + ([STATUS_COLUMN] if STATUS_COLUMN in names else [])
         table = self._parquet().read(columns=columns).to_pydict()
         status = table.get(STATUS_COLUMN)
+        ok = [status is None or s == STATUS_OK for s in (status or table[KEY_COLUMN])]
+        counts = Counter(str(k) for k, good in zip(table[KEY_COLUMN], ok) if good and k is not None)
         for k, (key, text) in enumerate(zip(table[KEY_COLUMN], table[self.text_key])):
-            if status is not None and status[k] != STATUS_OK:
+            if not ok[k]:
                 self.skipped["not_downloaded"] += 1
                 continue
             if key is None:
                 self.skipped["no_key"] += 1
                 continue
+            if counts[str(key)] > 1:  # a key of two samples: a join by key could not tell them apart
+                self.skipped["duplicate_key"] += 1
+                continue
             yield str(key), "" if text is None else str(text), False
 
     def _tar_rows(self) -> Iterator[tuple[str, str, bool]]:
         url = str(self.path)
+        twice = duplicated_keys(url)  # even the first of a repeated key is known before it is read
 
         def count_and_continue(exn: Exception) -> bool:
             if is_storage_failure(url, exn):  # never a skipped shard: the run stops; committed windows stay
@@ -208,7 +220,10 @@ class ShardLines:
             return True
 
         field = self.text_key.lower()  # webdataset lower-cases member extensions
-        for sample in tar_samples(url, count_and_continue):
+        for sample in keyed_samples(url, handler=count_and_continue):
+            if sample["__key__"] in twice:
+                self.skipped["duplicate_key"] += 1  # never a row: training could not tell the samples apart
+                continue
             raw: Optional[bytes] = sample.get(field)
             if raw is None:
                 self.skipped["no_text"] += 1  # an image without a caption: nothing to rewrite

@@ -32,7 +32,8 @@ from rewrite.input_lines import Line
 from rewrite.object_parts import ObjectShareWriter, remove_partial
 from rewrite.output import (RECORD_SUFFIX, Claim, ResumeError, RunTotals, ShareWriter, add_stats, describe_changes,
                             record_path, sum_stats)
-from rewrite.shard_input import RUN_RECORD, Shard, ShardLines, input_fingerprint, shard_name, shard_stem
+from rewrite.shard_checks import remembered_fingerprint
+from rewrite.shard_input import RUN_RECORD, Shard, ShardLines, shard_name, shard_stem
 
 RUN_RECORD_VERSION = 1
 PART_SUFFIX = ".part"
@@ -192,7 +193,7 @@ class ShardUnits:
             claim.close()
             return None
         try:
-            fingerprint = {"input": input_fingerprint(self.shards[unit]), "settings": self.settings}
+            fingerprint = {"input": remembered_fingerprint(self.out_dir, self.shards[unit]), "settings": self.settings}
             layout, part = {"shard": shard_stem(self.shards[unit])}, shard_part_path(out)
             writer = ObjectShareWriter(part, fingerprint, layout, overwrite=False, claim=lock) \
                 if isinstance(part, str) else ShareWriter(part, fingerprint, layout, overwrite=False)

@@ -198,9 +198,12 @@ def test_features_are_cached_and_reused_across_tasks(tmp_path, ckpt, monkeypatch
     second = run(tmp_path, ckpt, "dtd", root, task=("zeroshot_classification", "linear_probe"))
     assert len(calls) == 3 and all(r["features_from_cache"] for r in second)
     assert [r["metrics"] for r in second] == [r["metrics"] for r in first]
-    cached = sorted(os.listdir(tmp_path / "features"))
+    cached = sorted(f for f in os.listdir(tmp_path / "features") if f != "checkpoint_sha256.json")
     assert len(cached) == 3 and all(f.endswith(".safetensors") for f in cached)
-    os.utime(ckpt, ns=(1, 1))  # a replaced or retouched checkpoint is another model
+    os.utime(ckpt, ns=(1, 1))  # a retouched checkpoint is the same model (keyed on content) ...
+    run(tmp_path, ckpt, "dtd", root)
+    assert len(calls) == 3
+    bf.tiny_checkpoint(ckpt, seed=1)  # ... a rewritten one is another
     run(tmp_path, ckpt, "dtd", root)
     assert len(calls) == 4
     newest = max((tmp_path / "features").iterdir(), key=os.path.getmtime)

@@ -87,7 +87,8 @@ def test_two_groups_killed_and_resumed_equal_one_process(laion, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "done: 8 of 8 shards finished" in done.stdout
     names = sorted(p.name for p in laion["one"].glob("*.parquet"))
-    assert sorted(p.name for p in out.iterdir()) == sorted(names + ["rewrite.json"])  # no part, lock, temp file
+    # no part, lock or temp file; the inputs' remembered hashes (rewrite/shard_checks.py)
+    assert sorted(p.name for p in out.iterdir()) == sorted(names + ["rewrite.json", "input_fingerprints.jsonl"])
     for name in names:
         assert pq.read_table(out / name).equals(pq.read_table(laion["one"] / name)), name
         assert read_metadata(out / name) == read_metadata(laion["one"] / name)

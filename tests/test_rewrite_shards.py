@@ -42,7 +42,8 @@ def tables(out: Path) -> dict[str, list[dict]]:
 
 def test_one_keyed_parquet_per_shard_in_every_mode(setup):
     out = setup["reference"]
-    assert sorted(p.name for p in out.iterdir()) == [f"{s:05d}.parquet" for s in range(4)] + [RUN_RECORD]
+    assert sorted(p.name for p in out.iterdir()) == [f"{s:05d}.parquet" for s in range(4)] + \
+        ["input_fingerprints.jsonl", RUN_RECORD]  # the inputs' hashes, remembered (rewrite/shard_checks.py)
     rows = tables(out)
     assert pq.read_schema(out / "00000.parquet").names == ["key", "caption", "chatgpt", "bard"]
     assert [r["key"] for r in rows["00003.parquet"]] == [sf.key_of(3, i) for i in (0, 1, 3, 4)]  # 2: not downloaded

@@ -39,8 +39,10 @@ def data(tmp_path_factory, s3_server):
     (root / "rewrites").mkdir()
     for s in range(info.n_shards):
         keys = [sf.key_of(s, i) for i in range(info.per_shard) if i != 0]  # first key: no row, counted
-        pq.write_table(pa.table({"key": keys, "caption": ["-"] * len(keys),
-                                 "chatgpt": [f"chatgpt says {k}" for k in keys]}), root / "rewrites" / f"{s:05d}.parquet")
+        captions = [sf.caption_of(s, i) for i in range(info.per_shard) if i != 0]
+        table = pa.table({"key": keys, "caption": captions, "chatgpt": [f"chatgpt says {k}" for k in keys]})
+        pq.write_table(table.replace_schema_metadata({b"laclip_rewrite": b"{}"}),  # as the rewriter writes it
+                       root / "rewrites" / f"{s:05d}.parquet")
     bucket = s3_server.new_bucket()
     upload_folder(str(root / "shards"), f"s3://{bucket}/laion")
     upload_folder(str(root / "rewrites"), f"s3://{bucket}/rewrites")

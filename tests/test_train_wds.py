@@ -14,6 +14,7 @@ import train
 import training.wds as wds_mod
 from conftest import DIST_ENV_KEYS
 from training.loss import clip_loss, multi_text_loss
+from training.rewrite_join import NEW_COUNTS
 from training.shard_rewrites import open_rewrite_source
 from training.loaders import ShardLoader
 from training.wds import ShardStream, StreamSpec
@@ -40,8 +41,9 @@ def shards(tmp_path_factory):
         keys = [sf.key_of(s, i) for i in range(info.per_shard) if i != 0]  # first key of each shard: no row
         chat = [f"chatgpt says {k}" for k in keys]
         chat[0] = "short"  # under two words: falls back to the original
-        pq.write_table(pa.table({"key": keys, "caption": ["-"] * len(keys), "chatgpt": chat,
-                                 "bard": [f"bard says {k}" for k in keys]}), rewrites / f"{s:05d}.parquet")
+        captions = [sf.caption_of(s, i) for i in range(info.per_shard) if i != 0]
+        table = pa.table({"key": keys, "caption": captions, "chatgpt": chat, "bard": [f"bard says {k}" for k in keys]})
+        pq.write_table(table.replace_schema_metadata({b"laclip_rewrite": b"{}"}), rewrites / f"{s:05d}.parquet")
     return {"info": info, "rewrites": str(rewrites / "{00000..00007}.parquet")}
 
 
@@ -182,7 +184,8 @@ def test_train_multi_text_from_shards_logs_the_counts(shards, tmp_path):
     records = train.main(wds_argv(shards, tmp_path / "out", "--aug-text", "--multi-text", "--rewrite-data",
                                   shards["rewrites"], "--rewrite-json-keys", "re_caption"))
     (line,) = [__import__("json").loads(x) for x in (tmp_path / "out" / "log.txt").read_text().splitlines()]
-    assert line["train_samples"] == 8 and records[0]["counts"] == {k: line[k] for k in wds_mod.COUNT_KEYS}
+    assert line["train_samples"] == 8 and records[0]["counts"] == {k: line.get(k, 0) for k in wds_mod.COUNT_KEYS}
+    assert not set(NEW_COUNTS) & set(line)  # counts this version added appear in log.txt only when not zero
     ckpt = torch.load(tmp_path / "out" / "checkpoint.pt", weights_only=True)
     assert ckpt["data_state"]["layout"] == [1, 1] and ckpt["args"]["multi_text"]
 

@@ -20,11 +20,14 @@ from torch.utils.data import DataLoader
 from common import storage
 from common.distributed import DistInfo, on_every_rank
 from training.data import CaptionImageDataset, EpochSampler, check_root, train_transform
+from training.rewrite_join import DEFAULT_MISMATCH_LIMIT, MISMATCH, MismatchGuard
 from training.shard_rewrites import open_rewrite_source
+from training.shard_startup import empty_note, start_notes, without_empty_tars
 from training.wds import COUNT_KEYS, ShardStream, StreamSpec
 
 UNCHECKED = ("pipe:", "http://", "https://")  # webdataset opens these itself (s3:// etc. go through fsspec)
-WDS_ONLY = ("train_num_samples", "dataset_resampled", "rewrite_data", "rewrite_json_keys")
+WDS_ONLY = ("train_num_samples", "dataset_resampled", "rewrite_data", "rewrite_json_keys", "rewrite_columns",
+            "rewrite_mismatch_limit")
 
 
 @runtime_checkable
@@ -101,17 +104,25 @@ class ShardLoader(EpochBatches):
         super().__init__(loader, [], stream.batches * stream.batch_size * world_size, stream.batches)
         self.stream, self.rank, self.world_size = stream, rank, world_size
         self.seen: dict[int, tuple[int, int, int]] = {}  # worker -> (pass, shard, sample) read so far
+        rewrites = stream.spec.rewrites
+        per_epoch = stream.batches * stream.batch_size  # this rank's samples
+        self.guard = MismatchGuard(rewrites.mismatch_limit, per_epoch) if rewrites is not None else None
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for images, tokens, info in self.loader:
             for worker, *position in info.pop("position").tolist():
                 self.seen[worker] = tuple(position)
+            notes = info.pop("mismatch")
+            if self.guard is not None:  # too many rewrites of other captions: stop with one line
+                self.guard.add(int(info[MISMATCH].sum()), notes)
             yield self.handed_out(images, tokens, info)
 
     def set_epoch(self, epoch: int) -> None:
         """Before each epoch: it starts where the batches of the previous one stopped."""
         super().set_epoch(epoch)
         self.stream.starts, self.stream.epoch, self.seen = {**self.stream.starts, **self.seen}, epoch, {}
+        if self.guard is not None:
+            self.guard.new_epoch()
 
     def state(self) -> dict:
         """Also every rank's next start positions, rank order (a collective)."""
@@ -186,7 +197,13 @@ def check_webdataset_args(args: argparse.Namespace) -> StreamSpec:
                          "--rewrite-data 'out/{00000..NNNNN}.parquet' (the rewriter's output) or --rewrite-json-keys")
     if args.aug_text and not (args.rewrite_data or args.rewrite_json_keys):
         raise ValueError("--aug-text with shards needs --rewrite-data 'out/{...}.parquet' or --rewrite-json-keys KEY")
-    rewrites = open_rewrite_source(args.rewrite_data, tuple(args.rewrite_json_keys)) if args.aug_text else None
+    limit = DEFAULT_MISMATCH_LIMIT if args.rewrite_mismatch_limit is None else args.rewrite_mismatch_limit
+    if not 0 <= limit <= 1:
+        raise ValueError(f"--rewrite-mismatch-limit is a share of an epoch's samples, 0 to 1; got {limit}")
+    if args.rewrite_columns and not args.rewrite_data:
+        raise ValueError("--rewrite-columns names columns of the --rewrite-data files; give --rewrite-data")
+    rewrites = open_rewrite_source(args.rewrite_data, tuple(args.rewrite_json_keys), tuple(args.rewrite_columns),
+                                   tuple(urls), limit) if args.aug_text else None
     return StreamSpec(tuple(urls), args.train_num_samples, args.dataset_resampled, rewrites, args.multi_text,
                       args.seed)
 
@@ -208,18 +225,16 @@ def _data_loader(dataset, args: argparse.Namespace, info: DistInfo, **kw) -> Dat
 
 
 def build_shard_loader(args: argparse.Namespace, info: DistInfo, tokenizer) -> ShardLoader:
-    spec = check_webdataset_args(args)
+    spec, empty = without_empty_tars(check_webdataset_args(args))
     readers = info.world_size * max(1, args.workers)
     if not spec.resampled and len(spec.urls) < readers:
-        raise ValueError(f"--train-data has {len(spec.urls)} shards, fewer than processes x --workers "
+        left = f" once {len(empty)} empty tars are left out (e.g. {empty[0]})" if empty else ""
+        raise ValueError(f"--train-data has {len(spec.urls)} shards{left}, fewer than processes x --workers "
                          f"({info.world_size} x {max(1, args.workers)}): some readers would have none. Use fewer "
                          "--workers, more shards, or --dataset-resampled")
     stream = ShardStream(spec, train_transform(), tokenizer, args.batch_size, info.world_size, args.workers)
     loader = ShardLoader(stream, _data_loader(stream, args, info), info.rank, info.world_size)
-    missing = spec.rewrites.missing if spec.rewrites else ()
-    if missing:
-        loader.notes.append(f"{len(missing)} --rewrite-data files do not exist (e.g. {missing[0]}): the samples of "
-                            "their shards train on their original captions, counted as missing_rewrites in log.txt")
+    loader.notes += empty_note(empty) + start_notes(spec)  # empty tars, rewrite coverage, passes per epoch
     return loader
 
 

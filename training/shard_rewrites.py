@@ -9,7 +9,8 @@ Two sources, usable together:
 - keys of each sample's `KEY.json` (`--rewrite-json-keys re_caption`), for datasets that
   ship their rewrites inside the shards.
 The candidate list (its order is what the uniform pick and LaCLIP-MT's text slots use) is
-fixed at start-up from the first rewrite file's columns, then the JSON keys.
+fixed at start-up from the first rewrite file's columns, then the JSON keys. Every file is
+checked at start-up and every row against its sample when joined (training/rewrite_join.py).
 """
 from __future__ import annotations
 
@@ -20,8 +21,10 @@ from typing import Optional
 
 from common import storage
 
+from training.rewrite_join import (DEFAULT_MISMATCH_LIMIT, ShardRewrites, check_rewrite_files, coverage_note, join,
+                                   read_shard_rewrites)
+
 log = logging.getLogger(__name__)
-NOT_REWRITES = ("key", "caption")  # the rewriter's own columns; every other one is a sample mode
 
 
 def shard_name(url: str) -> str:
@@ -39,6 +42,8 @@ class RewriteSource:
     columns: tuple[str, ...]  # rewrite columns of the parquet files
     json_keys: tuple[str, ...]  # keys of KEY.json
     missing: tuple[str, ...] = ()  # files of the pattern that do not exist (yet): their shards train on originals
+    notes: tuple[str, ...] = ()  # printed at start-up: the columns used, what the files do not cover
+    mismatch_limit: float = DEFAULT_MISMATCH_LIMIT  # share of an epoch's samples with a foreign rewrite that stops
 
     @property
     def slots(self) -> int:
@@ -46,12 +51,14 @@ class RewriteSource:
         return len(self.columns) + len(self.json_keys)
 
 
-def open_rewrite_source(pattern: Optional[str], json_keys: tuple[str, ...] = ()) -> RewriteSource:
+def open_rewrite_source(pattern: Optional[str], json_keys: tuple[str, ...] = (), columns: tuple[str, ...] = (),
+                        tar_urls: tuple[str, ...] = (),
+                        mismatch_limit: float = DEFAULT_MISMATCH_LIMIT) -> RewriteSource:
     """Check --rewrite-data at start-up: some files exist (a few missing ones, say shards the
-    rewriter has not finished, are reported and their samples counted), names are unique, the
-    first has rewrite columns."""
+    rewriter has not finished, are reported and their samples counted), names are unique, every
+    file's footer passes check_rewrite_files (--rewrite-columns: the columns to use)."""
     if not pattern:
-        return RewriteSource({}, (), tuple(json_keys))
+        return RewriteSource({}, (), tuple(json_keys), mismatch_limit=mismatch_limit)
     try:
         paths, missing_list = storage.expand(pattern)  # local files, or one listing per s3:// prefix
     except storage.StorageError as e:
@@ -64,61 +71,45 @@ def open_rewrite_source(pattern: Optional[str], json_keys: tuple[str, ...] = ())
     if len(files) != len(paths):
         raise ValueError(f"--rewrite-data {pattern}: two files share a shard name; each tar finds its rewrites "
                          "by name (laion/00012.tar <-> out/00012.parquet)")
-    try:
-        names = parquet_file(paths[0]).schema_arrow.names
-    except storage.StorageError as e:
-        raise ValueError(f"--rewrite-data: {e}") from None
-    except Exception as e:  # pyarrow's own errors
-        raise ValueError(f"--rewrite-data: cannot read {paths[0]} as parquet: {e}") from None
-    columns = tuple(c for c in names if c not in NOT_REWRITES)
-    if "key" not in names or not columns:
-        raise ValueError(f"--rewrite-data: {paths[0]} needs a 'key' column and at least one rewrite column "
-                         f"(the rewriter's output: key, caption, chatgpt, ...); it has {', '.join(names)}")
-    return RewriteSource(files, columns, tuple(json_keys), missing)
+    check = check_rewrite_files(paths, columns)
+    named = set(files) | {shard_name(m) for m in missing}  # missing files of the pattern are noted apart
+    cover = coverage_note(len(tar_urls), [u for u in tar_urls if shard_name(u) not in named])
+    notes = check.notes + ((cover,) if cover else ())
+    return RewriteSource(files, check.columns, tuple(json_keys), missing, notes, mismatch_limit)
 
 
-def parquet_file(location: str):
-    """A rewrite file as a pyarrow ParquetFile: a local path directly, a URL (s3://...) fetched
-    whole first through common.storage (a shard's rewrites are a few MB)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    return pq.ParquetFile(pa.BufferReader(storage.read_bytes(location)) if storage.is_url(location) else location)
-
-
-def load_shard_rewrites(source: RewriteSource, url: str) -> Optional[dict[str, tuple[str, ...]]]:
-    """key -> rewrites (in source.columns order) for the tar at `url`; None when the shard has no
-    rewrite file or it cannot be read (its samples then train on their originals, counted)."""
+def load_shard_rewrites(source: RewriteSource, url: str) -> Optional[ShardRewrites]:
+    """The rows of the rewrite file of the tar at `url`; None when the shard has no rewrite file or
+    it cannot be read (its samples then train on their originals, counted)."""
     path = source.files.get(shard_name(url))
     if path is None:  # reported once at start-up (train.py), counted per sample
         return None
     try:
-        pf = parquet_file(path)
-        present = [c for c in source.columns if c in pf.schema_arrow.names]
-        table = pf.read(columns=["key", *present]).to_pydict()
+        return read_shard_rewrites(path, source.columns)
     except storage.StorageError:
         raise  # a storage failure (after retries) stops the run: it is not a damaged file
     except Exception as e:  # a damaged file must not stop a long run: counted per sample instead
         log.warning("cannot read rewrites %s (%s): its samples train on their original captions", path, e)
         return None
-    values = [table[c] if c in table else [""] * len(table["key"]) for c in source.columns]
-    return {str(k): tuple("" if v[i] is None else v[i] for v in values) for i, k in enumerate(table["key"])}
 
 
-def sample_rewrites(source: RewriteSource, table: Optional[dict], key: str,
-                    json_bytes: Optional[bytes]) -> Optional[tuple[str, ...]]:
-    """The sample's rewrites (source.slots strings), or None when any source has nothing for it."""
+def sample_rewrites(source: RewriteSource, table: Optional[ShardRewrites], sample: dict,
+                    duplicate: bool) -> tuple[Optional[tuple[str, ...]], Optional[str]]:
+    """(the sample's rewrites (source.slots strings) or None when a source has nothing for it, and
+    the count that says why: missing_rewrites, duplicate_key, rewrite_caption_mismatch)."""
     found: list[str] = []
     if source.columns:
-        row = None if table is None else table.get(key)
+        row, why = join(table, sample["__key__"], sample.get("txt"), duplicate)
         if row is None:
-            return None
+            return None, why
         found.extend(row)
     if source.json_keys:
+        json_bytes = sample.get("json")
         try:
             meta = json.loads(json_bytes) if json_bytes is not None else None
         except ValueError:
             meta = None
         if not isinstance(meta, dict) or not any(isinstance(meta.get(k), str) for k in source.json_keys):
-            return None
+            return None, "missing_rewrites"
         found.extend(meta.get(k) if isinstance(meta.get(k), str) else "" for k in source.json_keys)
-    return tuple(found)
+    return tuple(found), None

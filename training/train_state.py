@@ -30,14 +30,15 @@ LATEST = "checkpoint.pt"
 BEST = "checkpoint_best.pt"
 # Flags that decide what a run computes: an exact resume needs the checkpoint's values.
 RESUME_MUST_MATCH = ("model", "train_data", "root", "aug_text", "augmented_caption_filelist", "dataset_type",
-                     "train_num_samples", "dataset_resampled", "rewrite_data", "rewrite_json_keys", "multi_text",
+                     "train_num_samples", "dataset_resampled", "rewrite_data", "rewrite_json_keys", "rewrite_columns",
+                     "multi_text",
                      "epochs",
                      "warmup_epochs", "batch_size", "update_freq", "lr", "lr_start", "lr_end", "wd", "betas",
                      "eps", "seed", "disable_amp", "amp_dtype", "max_steps_per_epoch", "world_size")
 # Flags that change where and how the run is watched, not the weights it computes.
 RESUME_FREE = ("output_dir", "resume", "start_epoch", "imagenet_root", "workers", "print_freq",
                "eval_batch_size", "device", "dist_timeout", "trust_checkpoint", "resume_override",
-               "eval_benchmark", "eval_tasks", "eval_every")
+               "eval_benchmark", "eval_tasks", "eval_every", "rewrite_mismatch_limit")
 LABELS = {"world_size": "processes", "augmented_caption_filelist": "--augmented_caption_filelist"}
 
 

@@ -30,6 +30,7 @@ import hashlib
 import io
 import logging
 import math
+import os
 import random
 from collections import Counter
 from dataclasses import dataclass
@@ -43,15 +44,18 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from common.images import IMAGE_EXTENSIONS
 from common.storage import StorageError
-from common.tar_stream import is_storage_failure, tar_samples
+from common.tar_keys import duplicated_keys, keyed_samples
+from common.tar_stream import is_storage_failure
+from training.captions import ESCAPED, as_windows_1252
 from training.data import MAX_LOGGED_FAILURES, all_captions, keyed_transform, pick_caption, sample_seed
+from training.rewrite_join import MISMATCH, NEW_COUNTS, NON_UTF8, mismatch_note
 from training.shard_rewrites import RewriteSource, load_shard_rewrites, sample_rewrites
 
 log = logging.getLogger(__name__)
 # Shuffle buffer of raw samples per worker (open_clip: 5000 / 1000), at most a quarter of a
 # worker's epoch: what sits in it when an epoch ends is not trained on in that pass.
 SHUFFLE_BUFFER, SHUFFLE_INITIAL = 2000, 500
-COUNT_KEYS = ("skipped_images", "skipped_no_text", "shard_errors", "missing_rewrites")
+COUNT_KEYS = ("skipped_images", "skipped_no_text", "shard_errors", "missing_rewrites", *NEW_COUNTS)
 IMAGE_FIELDS = tuple(ext[1:] for ext in IMAGE_EXTENSIONS)  # webdataset's lower-cased member extensions
 
 
@@ -112,16 +116,19 @@ class ShardStream(IterableDataset):
             if item is None:
                 continue
             counts = {k: pending.pop(k, 0) for k in COUNT_KEYS}
-            yield (*item, {**counts, "position": torch.tensor([worker, *cursor[0]])})
+            yield (*item, {**counts, "position": torch.tensor([worker, *cursor[0]]),
+                           "mismatch": sample.get("__note__", "")})
             emitted += 1
             if emitted == self.worker_samples:
                 return
 
     # ------------------------------------------------------------ raw samples of shards
     def _read_shard(self, url: str, pending: Counter) -> Iterator[dict]:
-        table = None
+        table, twice, seen = None, set(), set()
         if self.spec.rewrites is not None and self.spec.rewrites.columns:
             table = load_shard_rewrites(self.spec.rewrites, url)
+            # keys of two samples are never joined, the first one included: a local tar is listed first
+            twice = duplicated_keys(url) if table is not None and os.path.isfile(url) else set()
         broken = []
 
         def count_and_continue(exn: Exception) -> bool:
@@ -137,10 +144,15 @@ class ShardStream(IterableDataset):
             broken.append(exn)
             return True
 
-        for sample in tar_samples(url, count_and_continue):
+        for sample in keyed_samples(url, handler=count_and_continue):
             if self.spec.rewrites is not None:
-                sample["__rewrites__"] = sample_rewrites(self.spec.rewrites, table, sample["__key__"],
-                                                         sample.get("json"))
+                key = sample["__key__"]
+                duplicate = key in twice or key in seen
+                seen.add(key)
+                sample["__rewrites__"], sample["__why__"] = sample_rewrites(self.spec.rewrites, table, sample,
+                                                                            duplicate)
+                if sample["__why__"] == MISMATCH:
+                    sample["__note__"] = mismatch_note(table, key)
             yield sample
 
     def _pass_shards(self, p: int) -> list[str]:
@@ -174,8 +186,7 @@ class ShardStream(IterableDataset):
     # ------------------------------------------------------------ one sample
     def _decode(self, sample: dict, pending: Counter) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
         key = sample["__key__"]
-        text = sample.get("txt")
-        caption = text.decode("utf-8", errors="replace") if text is not None else ""
+        caption = self._caption(sample.get("txt"), pending)
         if not caption.strip():
             pending["skipped_no_text"] += 1
             return None
@@ -196,9 +207,21 @@ class ShardStream(IterableDataset):
         rewrites: tuple[str, ...] = ()
         if self.spec.rewrites is not None:
             rewrites = sample.get("__rewrites__")
-            if rewrites is None:
-                pending["missing_rewrites"] += 1  # trains on the original; the empty slots fall back to it
+            if rewrites is None:  # trains on the original; the empty slots fall back to it
+                pending[sample.get("__why__") or "missing_rewrites"] += 1
                 rewrites = ("",) * self.spec.rewrites.slots
         if self.spec.multi_text:
             return pixels, self.tokenizer(all_captions(caption, rewrites))
         return pixels, self.tokenizer(pick_caption(caption, rewrites, rng))
+
+    @staticmethod
+    def _caption(text: Optional[bytes], pending: Counter) -> str:
+        """UTF-8; bytes that are not are read as Windows-1252 and counted, as the CSV path reads them."""
+        if text is None:
+            return ""
+        caption = text.decode("utf-8", errors="surrogateescape")
+        if not caption.isascii() and ESCAPED.search(caption):
+            pending[NON_UTF8] += 1
+            caption = as_windows_1252(caption)
+        return caption
+

@@ -19,6 +19,7 @@ from .generation import Generator
 from .model import ModelArgs, Transformer, split_dim
 from .parallel import ParallelInfo
 from .sentencepiece_tokenizer import TokenizerBase
+from .vocab_checks import check_vocab_rows, mask_padded_rows
 
 
 def read_rank_state(source: WeightSource, mp_size: int, mp_rank: int,
@@ -57,9 +58,7 @@ def model_args(ckpt: Checkpoint, tokenizer: TokenizerBase) -> tuple[ModelArgs, b
     """(the architecture with its vocabulary size, whether the tokenizer gave that size)."""
     args = ckpt.model_args()
     if args.vocab_size > 0:
-        if tokenizer.n_words > args.vocab_size:
-            raise CheckpointError(f"tokenizer {tokenizer.model_path} has {tokenizer.n_words} ids but "
-                                  f"{ckpt.config_file} gives vocab_size {args.vocab_size}")
+        check_vocab_rows(tokenizer, args.vocab_size, str(ckpt.config_file), str(ckpt.path))
         return args, False
     args.vocab_size = tokenizer.n_words
     return args, True
@@ -110,6 +109,7 @@ def load_model(ckpt_dir: str | Checkpoint, tokenizer: TokenizerBase, parallel: P
     state = read_rank_state(source, parallel.mp_size, parallel.mp_rank, _placer(parallel.device, dtype))
     # assign: the parameters become the loaded tensors, already on the device and in dtype
     model.load_state_dict(state, strict=True, assign=True)
+    mask_padded_rows(model, tokenizer.n_words)  # known padded rows are never generated (vocab_checks.py)
     return model.eval().requires_grad_(False)
 
 

@@ -30,6 +30,7 @@ from .hf import HFCheckpoint
 from .meta import MetaCheckpoint
 from .specials import configured_specials
 from .sentencepiece_tokenizer import Tokenizer, TokenizerBase, is_tiktoken_file
+from .vocab_checks import check_tokenizer_pair
 
 Checkpoint = Union[MetaCheckpoint, HFCheckpoint]
 
@@ -84,6 +85,7 @@ def find_tokenizer(ckpt_dir: str) -> Optional[str]:
     d = Path(ckpt_dir)
     for p in (d / "tokenizer.model", d / "tokenizer.json"):
         if p.is_file():
+            check_tokenizer_pair(ckpt_dir, load_tokenizer)  # both files: only if they agree
             return str(p)
     up = d.parent / "tokenizer.model"
     return str(up) if (d / "params.json").is_file() and up.is_file() else None

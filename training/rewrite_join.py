@@ -1,0 +1,186 @@
+"""Rewrite files checked at start-up and rewrites checked against their samples when joined.
+
+Start-up (`check_rewrite_files`, footers only): every file of --rewrite-data must be the
+rewriter's output (its parquet metadata `laclip_rewrite`) unless --rewrite-columns names the
+columns to use; every rewrite column must hold strings; all files must have the same rewrite
+columns (a file with other columns would leave its shards without rewrites, quietly training
+CLIP); the columns used are printed. Shards without a rewrite file are noted.
+
+Join (`read_shard_rewrites`, `join`): a row is used only for the sample it was written for.
+Keys alone cannot tell: img2dataset numbers keys the same way in every download, so rewrites of
+another data set, or of an earlier download, match by key. The row's `caption` (what the
+rewriter read) must equal the sample's text as the rewriter reads it (`rewriter_text`:
+UTF-8 with U+FFFD for bad bytes, one trailing "\\n" and "\\r" removed; rewrite/input_lines.py
+decode_line, whose rule this repeats so that training does not import the rewriter). A
+mismatch trains on the original caption and is counted as rewrite_caption_mismatch; above
+--rewrite-mismatch-limit (a share of the epoch's samples) the run stops (`MismatchGuard`).
+A key that names two samples of a tar or two rows of a file is never joined (duplicate_key).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+from common import storage
+
+REWRITER_METADATA = b"laclip_rewrite"  # rewrite/shard_output.py METADATA_KEY
+NOT_REWRITES = ("key", "caption")
+MISMATCH, DUPLICATE, MISSING = "rewrite_caption_mismatch", "duplicate_key", "missing_rewrites"
+NON_UTF8 = "non_utf8_captions"
+NEW_COUNTS = (MISMATCH, DUPLICATE, NON_UTF8)  # logged only when not zero (older logs stay as they were)
+DEFAULT_MISMATCH_LIMIT = 0.01
+
+
+def rewriter_text(raw: bytes) -> str:
+    """A sample's text as the rewriter read it into its `caption` column."""
+    if raw.endswith(b"\n"):
+        raw = raw[:-1]
+    if raw.endswith(b"\r"):
+        raw = raw[:-1]
+    return raw.decode("utf-8", errors="replace")
+
+
+def _same_text(row_caption: str, raw: bytes) -> bool:
+    return rewriter_text(row_caption.encode("utf-8")) == rewriter_text(raw)
+
+
+@dataclass(frozen=True)
+class FileCheck:
+    columns: tuple[str, ...]  # the rewrite columns, in the first file's order
+    has_caption: bool  # every file has the `caption` column the join checks
+    notes: tuple[str, ...]
+
+
+def _schema(path: str):
+    import pyarrow.parquet as pq
+    try:  # a URL: its footer by ranged reads (common.storage), not the whole file
+        return pq.read_schema(storage.open_read(path) if storage.is_url(path) else path)
+    except storage.StorageError as e:
+        raise ValueError(f"--rewrite-data: {e}") from None
+    except Exception as e:  # pyarrow's own errors
+        raise ValueError(f"--rewrite-data: cannot read {path} as parquet: {e}") from None
+
+
+def _rewrite_columns(path: str, schema, given: Sequence[str]) -> tuple[str, ...]:
+    import pyarrow as pa
+    names = schema.names
+    if "key" not in names:
+        raise ValueError(f"--rewrite-data: {path} has no 'key' column (the sample key the rewrites join on); "
+                         f"it has {', '.join(names)}")
+    if given:
+        absent = [c for c in given if c not in names]
+        if absent:
+            raise ValueError(f"--rewrite-columns: {path} has no column {absent[0]!r}; it has {', '.join(names)}")
+        columns = tuple(given)
+    else:
+        if REWRITER_METADATA not in (schema.metadata or {}):
+            raise ValueError(f"--rewrite-data: {path} is not the rewriter's output (no {REWRITER_METADATA.decode()} "
+                             f"metadata; img2dataset's own parquet has the same names as the tars); if its string "
+                             f"columns are rewrites, name them with --rewrite-columns A B ...")
+        columns = tuple(c for c in names if c not in NOT_REWRITES)
+    for c in columns:
+        kind = schema.field(c).type
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+            raise ValueError(f"--rewrite-data: column {c!r} of {path} holds {kind}, not text; rewrites are strings"
+                             + ("" if given else " (name the rewrite columns with --rewrite-columns A B ...)"))
+    if not columns:
+        raise ValueError(f"--rewrite-data: {path} has no rewrite column besides {', '.join(NOT_REWRITES)}")
+    return columns
+
+
+def check_rewrite_files(paths: Sequence[str], given: Sequence[str] = ()) -> FileCheck:
+    """Every file's footer: the rewriter's metadata (or --rewrite-columns), string columns, one column set."""
+    first: Optional[tuple[str, tuple[str, ...]]] = None
+    captions = True
+    for path in paths:
+        schema = _schema(path)
+        columns = _rewrite_columns(path, schema, given)
+        captions = captions and "caption" in schema.names
+        if first is None:
+            first = (path, columns)
+        elif set(columns) != set(first[1]):
+            raise ValueError(f"--rewrite-data: {path} has rewrite columns {', '.join(columns)} but {first[0]} has "
+                             f"{', '.join(first[1])}; one run trains on one set of modes (rewrite the shards with "
+                             f"the same --sample_mode, or give --rewrite-columns)")
+    notes = [f"rewrites: columns {', '.join(first[1])} of {len(paths)} --rewrite-data files"]
+    if not captions:
+        notes.append("--rewrite-data files without a 'caption' column: rewrites cannot be checked against their "
+                     "samples' text")
+    return FileCheck(first[1], captions, tuple(notes))
+
+
+def coverage_note(n_tars: int, bare: Sequence[str]) -> Optional[str]:
+    """A note when the rewrite files cover only some of the tars (`bare`: those without one)."""
+    if not bare:
+        return None
+    return (f"--rewrite-data covers {n_tars - len(bare)} of {n_tars} --train-data shards (e.g. {bare[0]} has no "
+            f"rewrite file): their samples train on their original captions, counted as {MISSING} in log.txt")
+
+
+@dataclass(frozen=True)
+class ShardRewrites:
+    path: str
+    rows: dict  # key -> (caption or None, rewrites in the source's column order)
+    duplicates: frozenset  # keys of two rows or more: never joined
+
+
+def read_shard_rewrites(path: str, columns: Sequence[str]) -> ShardRewrites:
+    """One rewrite file's rows (key -> (caption, rewrites)); raises what pyarrow raises."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    # a URL is fetched whole through common.storage (a shard's rewrites are a few MB): one request
+    pf = pq.ParquetFile(pa.BufferReader(storage.read_bytes(path)) if storage.is_url(path) else path)
+    names = set(pf.schema_arrow.names)
+    wanted = ["key"] + (["caption"] if "caption" in names else []) + [c for c in columns if c in names]
+    table = pf.read(columns=wanted).to_pydict()
+    values = [table.get(c, [""] * len(table["key"])) for c in columns]
+    captions = table.get("caption", [None] * len(table["key"]))
+    rows, twice = {}, set()
+    for i, k in enumerate(table["key"]):
+        key = str(k)
+        if key in rows:
+            twice.add(key)
+        rows[key] = (captions[i], tuple("" if v[i] is None else v[i] for v in values))
+    for key in twice:
+        del rows[key]
+    return ShardRewrites(path, rows, frozenset(twice))
+
+
+def join(table: Optional[ShardRewrites], key: str, raw_text: Optional[bytes],
+         duplicate_in_tar: bool) -> tuple[Optional[tuple[str, ...]], Optional[str]]:
+    """(the sample's rewrites or None, the count it falls under or None)."""
+    if duplicate_in_tar or (table is not None and key in table.duplicates):
+        return None, DUPLICATE
+    row = None if table is None else table.rows.get(key)
+    if row is None:
+        return None, MISSING
+    caption, rewrites = row
+    if caption is not None and raw_text is not None and not _same_text(caption, raw_text):
+        return None, MISMATCH
+    return rewrites, None
+
+
+def mismatch_note(table: ShardRewrites, key: str) -> str:
+    return json.dumps([table.path, key])
+
+
+class MismatchGuard:
+    """Stops the run when rewrite_caption_mismatch passes `limit` of an epoch's samples (this rank's
+    share), with one line naming the rewrite file and the first mismatching key."""
+
+    def __init__(self, limit: float, samples_per_epoch: int) -> None:
+        self.allowed = limit * samples_per_epoch
+        self.count, self.first = 0, ""
+
+    def new_epoch(self) -> None:
+        self.count, self.first = 0, ""
+
+    def add(self, count: int, notes: Sequence[str]) -> None:
+        self.count += count
+        self.first = self.first or next((n for n in notes if n), "")
+        if self.count > self.allowed:
+            path, key = json.loads(self.first) if self.first else ("?", "?")
+            raise ValueError(f"--rewrite-data: {self.count} samples this epoch have rewrites written for another "
+                             f"caption (above --rewrite-mismatch-limit, {self.allowed:g} samples); first: key {key} "
+                             f"in {path}. Are these rewrites of another data set or an earlier download?")
