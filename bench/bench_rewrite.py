@@ -5,6 +5,7 @@ engine with prefix sharing on vs off.
     python -m bench.bench_rewrite --n 128 --max_batch_size 8
     python -m bench.bench_rewrite --ablation      # our schedule with parts switched off
     python -m bench.bench_rewrite --sharing       # prefix sharing on vs off, the shipped pools, batch 100
+    python -m bench.bench_rewrite --decode        # eager vs compiled decode step, fused or not, batch 100
 
 Both engines run the same tiny model (float32, CPU) on the same in-context
 prompts (3 example pairs + caption, docs/formats.md "The rewriting prompt", built with
@@ -43,6 +44,11 @@ examples and sampling seed of each line from --seed 1), one engine call per 4 ba
 the CLI's commit window does, sharing off then on (bench/sharing.py): rows x columns
 actually prefilled (padding included), prefill and total CPU time, captions/s, and how many
 rewrites are identical (float32: equal up to rounding).
+
+--decode runs only the trained setting at --max_batch_size (use 100, LaCLIP's) on --n captions:
+the LLaMA-v1 schedule, our engine eager without and with fused projections, and compiled with
+and without compaction (bench/decoding.py); compile time, the captions after which compiling
+repays itself, and whether compiled texts equal eager ones (sampled, and greedy).
 """
 from __future__ import annotations
 
@@ -55,10 +61,11 @@ from pathlib import Path
 import torch
 
 from rewrite.llama import Generator, ParallelInfo, generation, load_generator
-from rewrite.llama.generation import sample
+from rewrite.llama.sampling import sample
 from rewrite.prompts import SAMPLE_MODES, build_prompt, cut_rewrite
 from testkit.tiny_llama import make_tiny_llama, train_tiny_llama
 
+from bench.decoding import compare_decode
 from bench.sharing import compare_sharing, pool_pairs
 
 ADJ = ("red old small vintage wooden bright quiet snowy golden modern tiny rusty colorful empty busy "
@@ -245,6 +252,7 @@ def main() -> None:
     ap.add_argument("--ablation", action="store_true", help="only the schedule ablation (trained model)")
     ap.add_argument("--repeats", type=int, default=7, help="timed runs per ablation variant")
     ap.add_argument("--sharing", action="store_true", help="only prefix sharing on vs off (shipped pools)")
+    ap.add_argument("--decode", action="store_true", help="only eager vs compiled decode (trained model)")
     ap.add_argument("--sharing_n", type=int, default=400, help="captions per pool (--sharing)")
     ap.add_argument("--modes", default=",".join(SAMPLE_MODES), help="shipped pools (--sharing)")
     a = ap.parse_args()
@@ -259,6 +267,14 @@ def main() -> None:
         t0 = time.perf_counter()
         trained = train_tiny_llama(Path(tmp) / "trained", pool, build_prompt, steps=a.train_steps)
         print(f"trained the tiny model (dim 64, 2 layers) in {time.perf_counter() - t0:.0f} s")
+        if a.decode:
+            gen = load_generator(str(trained), None, a.max_seq_len, a.max_batch_size,
+                                 ParallelInfo.single(torch.device("cpu")))
+            prompts = [gen.tokenizer.encode(t, bos=True, eos=False) for t in texts]
+            cache = gen.model.new_cache(a.max_batch_size, a.max_seq_len, gen.device, gen.dtype)
+            compare_decode(gen, prompts, lambda g, p, temp: meta_schedule(g, p, a.max_gen_len, temp, 0.95, cache),
+                           a.repeats)
+            return
         if a.ablation:
             gen = load_generator(str(trained), str(trained / "tokenizer.model"), a.max_seq_len, 100,
                                  ParallelInfo.single(torch.device("cpu")))

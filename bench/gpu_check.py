@@ -1,5 +1,5 @@
 """One GPU, one command: the CUDA tests, then LLaMA-7B-shaped rewriting throughput with prefix
-sharing off and on.
+sharing off and on, the decode step eager and compiled, and vLLM on the same prompts.
 
     python -m bench.gpu_check                  # on a machine with a GPU (~5 min on one H100-class GPU)
     python -m bench.gpu_check --tiny           # the same logic on the CPU with a tiny shape, no tests
@@ -14,7 +14,15 @@ Random weights never write a newline, so each row is made to stop at a length dr
 its seed, 20-40 tokens (what LaCLIP's rewrites take). Reported per setting: captions/s,
 prefill seconds and their share of the time (CUDA-synchronised), rows x columns prefilled,
 and how many of the two settings' texts are identical (fp16: equal up to rounding).
-Prints a table row for bench/README.md; with $OUT set, writes gpu_check.json there too.
+
+Then (sharing on) the decode step compiled (`torch.compile`, CUDA graphs) against eager: the
+compiled generator's first call (compiling) is timed apart, then the same prompts run again.
+And when `vllm` is importable, the same token ids through vLLM's offline `LLM.generate`
+(dummy weights of the same shapes, fp16, prefix caching on, at most --batch sequences at once,
+temperature 0.9, top-p 0.95, stop at id 13, each prompt's max_tokens its forced length + 1:
+the tokens our engine samples for it). --compiled off / --no_vllm skip those parts; --tiny
+skips both unless asked (--compiled on).
+Prints table rows for bench/README.md; with $OUT set, writes gpu_check.json there too.
 """
 from __future__ import annotations
 
@@ -34,6 +42,7 @@ import torch
 from bench.sharing import timed_prefill
 from rewrite.llama import Generator, ModelArgs, ParallelInfo, Transformer, TokenizerBase
 from rewrite.llama import generation
+from rewrite.llama.model import fuse_projections
 from rewrite.prompts import choose_examples, make_pool
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,7 +75,7 @@ def random_model(args: ModelArgs, device: torch.device, dtype: torch.dtype) -> T
                 p.normal_(0, 1, generator=g)
             else:
                 p.normal_(0, p.shape[1] ** -0.5 / (2 if name.endswith(("wo.weight", "w2.weight")) else 1), generator=g)
-    return model.eval().requires_grad_(False)
+    return fuse_projections(model.eval().requires_grad_(False))  # as the loader does
 
 
 def laclip_prompts(n: int, vocab: int, seed: int = 0) -> list[list[int]]:
@@ -84,13 +93,20 @@ def laclip_prompts(n: int, vocab: int, seed: int = 0) -> list[list[int]]:
     return prompts
 
 
+LO, HI = 20, 40  # forced rewrite lengths, in tokens
+
+
+def forced_length(seed: int, lo: int = LO, hi: int = HI) -> int:
+    return lo + seed % (hi - lo + 1)
+
+
 @contextmanager
-def forced_lengths(lo: int = 20, hi: int = 40):
+def forced_lengths(lo: int = LO, hi: int = HI):
     """While open, each row writes a newline after lo..hi tokens, the count drawn from its seed."""
     push = generation._Row.push
 
     def pushed(row, tok, stops):
-        if not row.done and len(row.out) >= lo + row.seed % (hi - lo + 1):
+        if not row.done and len(row.out) >= forced_length(row.seed, lo, hi):
             tok = 13
         push(row, tok, stops)
 
@@ -121,7 +137,7 @@ def measure(gen: Generator, prompts: list[list[int]], share: bool, window: int) 
             "generated": gen.stats["generated_tokens"] - before["generated_tokens"], "out": out}
 
 
-def throughput(a) -> dict:
+def throughput(a) -> tuple[dict, list[list[int]]]:
     device = torch.device("cpu" if a.tiny else "cuda")
     args = ModelArgs(**SHAPES["tiny" if a.tiny else "7b"])
     dtype = torch.float32 if a.tiny else torch.float16
@@ -133,7 +149,8 @@ def throughput(a) -> dict:
         measure(gen, prompts[:a.batch], True, window)  # warm-up: kernels, allocator
         res = {share: measure(gen, prompts, share, window) for share in (False, True)}
     off, on = res[False], res[True]
-    same = sum(x == y for x, y in zip(off.pop("out"), on.pop("out")))
+    eager_out = on.pop("out")
+    same = sum(x == y for x, y in zip(off.pop("out"), eager_out))
     name = "CPU (--tiny)" if a.tiny else torch.cuda.get_device_name(device)
     summary = {"device": name, "shape": "tiny" if a.tiny else "LLaMA-7B", "dtype": str(dtype), "n": a.n,
                "batch": a.batch, "prompt_tokens": sum(map(len, prompts)) / a.n, "off": off, "on": on,
@@ -149,7 +166,72 @@ def throughput(a) -> dict:
           f"**{summary['speedup']:.2f}x**; prefilled columns {summary['prefilled_ratio']:.2f}x; prefill "
           f"{100 * off['prefill_share']:.0f}% -> {100 * on['prefill_share']:.0f}% of the time; texts identical "
           f"{same}/{a.n} | {name} | {time.strftime('%Y-%m')} | `python -m bench.gpu_check` |")
-    return summary
+    if a.compiled == "on" or (a.compiled == "auto" and not a.tiny):
+        summary["compiled"] = compiled_vs_eager(gen, prompts, window, on, eager_out, summary)
+    return summary, prompts
+
+
+def compiled_vs_eager(gen: Generator, prompts: list[list[int]], window: int, eager: dict, eager_out: list,
+                      summary: dict) -> dict:
+    """The same prompts through a compiled decode step (sharing on): first call compiles."""
+    comp = Generator(gen.model, gen.tokenizer, gen.max_seq_len, gen.max_batch_size, gen.parallel, compile=True)
+    with forced_lengths():
+        t0 = time.perf_counter()
+        measure(comp, prompts[:gen.max_batch_size], True, window)  # compiles; later buckets only record graphs
+        first = time.perf_counter() - t0
+        res = measure(comp, prompts, True, window)
+    same = sum(x == y for x, y in zip(res.pop("out"), eager_out))
+    res.update(first_call_s=first, compile_s=comp.stats["compile_seconds"], compiles=comp.stats["compiles"],
+               speedup=res["captions_per_s"] / eager["captions_per_s"], identical=same)
+    print(f"compiled: {res['captions_per_s']:8.1f} captions/s vs eager {eager['captions_per_s']:.1f}: "
+          f"{res['speedup']:.2f}x; {res['compiles']} graphs compiled in {res['compile_s']:.1f} s (first call "
+          f"{first:.1f} s); texts as eager's {same}/{len(prompts)}")
+    how = "CUDA graphs" if gen.device.type == "cuda" else "inductor"
+    print(f"| `gpu_check` | decode step compiled ({how}) vs eager, {summary['shape']} shapes, {summary['dtype']}, "
+          f"batch {summary['batch']}, {summary['n']} LaCLIP-shaped prompts, sharing on | eager "
+          f"{eager['captions_per_s']:.1f}, compiled {res['captions_per_s']:.1f} captions/s: **{res['speedup']:.2f}x**; "
+          f"compile {res['compile_s']:.0f} s ({res['compiles']} graphs); texts identical {same}/{summary['n']} | "
+          f"{summary['device']} | {time.strftime('%Y-%m')} | `python -m bench.gpu_check` |")
+    return res
+
+
+def vllm_side_by_side(a, prompts: list[list[int]], summary: dict) -> dict:
+    """The same prompts through vLLM's offline engine, dummy weights of the same shapes."""
+    import tempfile
+
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+    args = ModelArgs(**SHAPES["7b"])
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": args.dim,
+              "intermediate_size": args.ffn_hidden, "num_hidden_layers": args.n_layers,
+              "num_attention_heads": args.n_heads, "num_key_value_heads": args.kv_heads, "vocab_size": args.vocab_size,
+              "rms_norm_eps": args.norm_eps, "max_position_embeddings": 2048, "torch_dtype": "float16",
+              "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu", "tie_word_embeddings": False}
+    with tempfile.TemporaryDirectory() as tmp:
+        Path(tmp, "config.json").write_text(json.dumps(config))
+        t0 = time.perf_counter()
+        llm = LLM(model=tmp, load_format="dummy", skip_tokenizer_init=True, enable_prefix_caching=True,
+                  dtype="float16", max_model_len=512, max_num_seqs=a.batch, gpu_memory_utilization=0.8, seed=0)
+        startup = time.perf_counter() - t0
+        params = [SamplingParams(temperature=0.9, top_p=0.95, max_tokens=forced_length(i) + 1, stop_token_ids=[13],
+                                 detokenize=False, seed=i) for i in range(len(prompts))]
+        inputs = [TokensPrompt(prompt_token_ids=p) for p in prompts]
+        llm.generate(inputs[:a.batch], params[:a.batch], use_tqdm=False)  # warm-up
+        t0 = time.perf_counter()
+        outs = llm.generate(inputs, params, use_tqdm=False)
+        seconds = time.perf_counter() - t0
+    res = {"captions_per_s": len(prompts) / seconds, "seconds": seconds, "startup_s": startup,
+           "generated": sum(len(o.outputs[0].token_ids) for o in outs)}
+    ours = summary.get("compiled", summary["on"])
+    which = "compiled" if "compiled" in summary else "eager"
+    print(f"vLLM: {res['captions_per_s']:8.1f} captions/s ({res['generated']} tokens; startup {startup:.0f} s); ours "
+          f"({which}, sharing on) {ours['captions_per_s']:.1f}")
+    print(f"| `gpu_check` | ours ({which}, sharing on) vs vLLM offline `LLM.generate` (prefix caching, dummy weights), "
+          f"{summary['shape']} shapes, fp16, batch {a.batch}, {a.n} LaCLIP-shaped prompts, same lengths | ours "
+          f"{ours['captions_per_s']:.1f}, vLLM {res['captions_per_s']:.1f} captions/s: ours/vLLM "
+          f"**{ours['captions_per_s'] / res['captions_per_s']:.2f}x** | {summary['device']} | {time.strftime('%Y-%m')} | "
+          "`python -m bench.gpu_check` |")
+    return res
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -158,6 +240,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--skip_tests", action="store_true")
     ap.add_argument("--n", type=int, default=800, help="captions per setting")
     ap.add_argument("--batch", type=int, default=100)
+    ap.add_argument("--compiled", choices=("auto", "on", "off"), default="auto",
+                    help="compiled vs eager decode (auto: on a GPU, not with --tiny)")
+    ap.add_argument("--no_vllm", action="store_true", help="skip vLLM even where it is importable")
     a = ap.parse_args(argv)
     if a.tiny:
         torch.set_num_threads(1)
@@ -168,7 +253,22 @@ def main(argv: Optional[list[str]] = None) -> int:
     if not a.tiny and not a.skip_tests:
         rc = subprocess.run([sys.executable, "-m", "pytest", "-q", "tests/test_llama_cuda.py"], cwd=ROOT).returncode
         print(f"CUDA tests: {'passed' if rc == 0 else f'FAILED (exit {rc})'}")
-    summary = throughput(a)
+    summary, prompts = throughput(a)
+    if not a.tiny and not a.no_vllm:
+        try:
+            import vllm  # noqa: F401
+        except ImportError:
+            summary["vllm"] = "not importable"
+        else:
+            import gc
+            torch._dynamo.reset()  # compiled graphs hold the model's weights and CUDA graph pools
+            gc.collect()
+            torch.cuda.empty_cache()  # our model is gone with throughput's frame: vLLM takes 80% of the GPU
+            try:
+                summary["vllm"] = vllm_side_by_side(a, prompts, summary)
+            except Exception as e:  # noqa: BLE001 (the figures above still reach the JSON)
+                summary["vllm"] = f"failed: {type(e).__name__}: {e}"
+                print(f"vLLM: {summary['vllm']}", file=sys.stderr)
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], "gpu_check.json").write_text(json.dumps({**summary, "tests_rc": rc}, indent=2))
     return rc

@@ -61,6 +61,8 @@ class Config:
                                        "float rounding).")
     claim_timeout: float = _flag(300.0, "with an s3:// output: seconds without a heartbeat after which a shard's "
                                         "claim is taken to be a dead run's and taken over.")
+    compile: bool = _flag(False, "torch.compile the one-token decode step (CUDA graphs on a GPU, inductor on the "
+                                 "CPU): pays once a run outlasts its compile time (see bench/README.md).")
 
 
 FLAG_NAMES = tuple(f.name for f in fields(Config))
@@ -247,8 +249,8 @@ def validate(raw: dict[str, Any]) -> Config:
         sample_mode=",".join(modes), examples=_optional_str(c.examples), dry_run=dry_run,
         overwrite=_switch("overwrite", c.overwrite), model_parallel_size=mp,
         dtype=None if c.dtype is None else DTYPES[str(c.dtype).lower()], text_key=text_key,
-        share_prefixes=_switch("share_prefixes", c.share_prefixes), claim_timeout=_claim_timeout(c.claim_timeout),
-        **numbers)
+        share_prefixes=_switch("share_prefixes", c.share_prefixes), compile=_switch("compile", c.compile),
+        claim_timeout=_claim_timeout(c.claim_timeout), **numbers)
 
 
 def _claim_timeout(value: object) -> float:

@@ -195,11 +195,16 @@ def checkpoint_identity(ckpt, tokenizer_path: str) -> dict:
 def settings_fingerprint(cfg: Config, pool: Pool, dtype: str, identity: dict) -> dict:
     """Every setting that changes the output lines (not batch size: it does not). Prefix sharing
     changes none in float64 and can flip a near-tied token in fp32/fp16; it is recorded only when
-    switched off, so records written before the switch existed still resume."""
+    switched off, so records written before the switch existed still resume. --compile likewise,
+    recorded only when on."""
     settings = {"seed": cfg.seed, "sample_mode": cfg.sample_mode, "examples": pool.digest(),
                 "temperature": cfg.temperature, "top_p": cfg.top_p, "max_seq_len": cfg.max_seq_len,
                 "max_gen_len": cfg.max_gen_len, "dtype": dtype, "checkpoint": identity}
-    return settings if cfg.share_prefixes else {**settings, "share_prefixes": False}
+    if not cfg.share_prefixes:
+        settings["share_prefixes"] = False
+    if cfg.compile:
+        settings["compile"] = True
+    return settings
 
 
 def make_output_folder(out: Path | str) -> None:
@@ -321,14 +326,14 @@ def run(cfg: Config) -> None:
     if not job.todo:
         return
     generator = load_generator(job.checkpoint, cfg.tokenizer_path, cfg.max_seq_len, cfg.max_batch_size,
-                               job.parallel, job.dtype, job.tokenizer, cfg.share_prefixes)
+                               job.parallel, job.dtype, job.tokenizer, cfg.share_prefixes, cfg.compile)
     t0 = time.perf_counter()
     mine = run_group(job, generator)
     seconds = time.perf_counter() - t0
     mine.tokens = generator.stats["generated_tokens"] if job.parallel.is_writer else 0
     everyone = on_every_rank(lambda: mine, job.parallel.world_size)  # every group has finished
     if job.parallel.rank == 0:
-        print(job.units.conclude(RunTotals.sum(everyone), seconds), flush=True)
+        print(job.units.conclude(RunTotals.sum(everyone), seconds) + generator.compile_note(), flush=True)
 
 
 def run_cli(cfg: Config) -> None:

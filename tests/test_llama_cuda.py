@@ -147,3 +147,23 @@ if GPU_PROCS:  # defined only where there is a GPU to launch on
             assert done.returncode == 0, done.stderr[-3000:]
             greedy[n] = path.read_bytes()
         assert greedy[nproc] == greedy[1]
+
+
+if torch.cuda.is_available():  # CUDA graphs: defined only where there is a GPU
+    def test_compiled_decode_step_with_cuda_graphs(ckpt2):
+        """--compile on CUDA (mode="reduce-overhead"): float64 texts equal the eager ones, greedy and
+        sampled (host reads every 4 steps); one graph for both; fp16 runs too."""
+        device = "cuda"
+        from rewrite.llama import Generator
+        g = gen_on(ckpt2, device, torch.float64, batch=4)
+        c = Generator(g.model, g.tokenizer, g.max_seq_len, 4, g.parallel, compile=True)
+        prompts = [g.tokenizer.encode(t, bos=True, eos=False) for t in TEXTS]
+        seeds = list(range(len(prompts)))
+        for temperature in (0.9, 0.0):
+            want = g.generate(prompts, 12, temperature, 0.95, seeds)
+            assert c.generate(prompts, 12, temperature, 0.95, seeds) == want
+        assert c.stats["compiles"] == 1, c.stats
+        h = gen_on(ckpt2, device, torch.float16, batch=4)
+        hc = Generator(h.model, h.tokenizer, h.max_seq_len, 4, h.parallel, compile=True)
+        out = hc.generate(prompts, 12, 0.9, 0.95, seeds)
+        assert len(out) == len(prompts) and all(0 <= t < h.tokenizer.n_words for o in out for t in o)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from rewrite.llama import Generator, ParallelInfo, generation, load_generator
-from rewrite.llama.generation import sample
+from rewrite.llama.sampling import sample
 from testkit.tiny_llama import TINY_TEXTS, make_tiny_llama
 
 
@@ -186,7 +186,7 @@ def test_stats_accumulate(gen):
 
 
 def test_top_k_shortcut_matches_full_sort():
-    from rewrite.llama.generation import _sorted_probs
+    from rewrite.llama.sampling import _sorted_probs
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(6, 300, generator=g) * 4
     logits[0, [5, 9, 200]] = 9.0  # exact ties at the top

@@ -52,8 +52,8 @@ def fairscale_twin(model: torch.nn.Module) -> torch.nn.Module:
 
     from fairscale.nn.model_parallel import layers as fs
 
-    from rewrite.llama.model import ParallelEmbedding, ParallelLinear
-    twin, mp = copy.deepcopy(model), model.model_parallel_size
+    from rewrite.llama.model import ParallelEmbedding, ParallelLinear, unfuse_projections
+    twin, mp = unfuse_projections(copy.deepcopy(model)), model.model_parallel_size  # each layer its own matmul
     keep = lambda x: x  # noqa: E731  (no init: the weights are copied in)
     for name, mod in list(twin.named_modules()):
         w = getattr(mod, "weight", None)

@@ -133,3 +133,12 @@ def test_finished_rows_keep_unicode_line_separators(s3_bucket):
     rows = [encode_row("k1", "a\u2028b\x85c", {"chatgpt": "d\u2029e"}), encode_row("k2", "plain", {"chatgpt": "x"})]
     w.commit(rows, 2, 2, {"lines": 2})
     assert list(part_lines(f"s3://{s3_bucket}/out/00002.parquet", w)) == rows
+
+
+def test_claim_timeout_must_be_positive():
+    from rewrite.cli_args import _claim_timeout
+    assert _claim_timeout(30) == 30.0
+    with pytest.raises(ValueError, match="--claim_timeout must be > 0 seconds, got 0"):
+        _claim_timeout(0)
+    with pytest.raises(ValueError, match="--claim_timeout must be a number"):
+        _claim_timeout("soon")

@@ -16,7 +16,7 @@ from .errors import CheckpointError, TokenizerError
 from .formats import (Checkpoint, WeightSource, default_dtype, find_tokenizer, load_tokenizer,
                       open_checkpoint)
 from .generation import Generator
-from .model import ModelArgs, Transformer, split_dim
+from .model import ModelArgs, Transformer, fuse_projections, split_dim
 from .parallel import ParallelInfo
 from .sentencepiece_tokenizer import TokenizerBase
 from .vocab_checks import check_vocab_rows, mask_padded_rows
@@ -110,15 +110,16 @@ def load_model(ckpt_dir: str | Checkpoint, tokenizer: TokenizerBase, parallel: P
     # assign: the parameters become the loaded tensors, already on the device and in dtype
     model.load_state_dict(state, strict=True, assign=True)
     mask_padded_rows(model, tokenizer.n_words)  # known padded rows are never generated (vocab_checks.py)
-    return model.eval().requires_grad_(False)
+    return fuse_projections(model.eval().requires_grad_(False))  # one QKV, one gate/up matmul per layer
 
 
 def load_generator(ckpt_dir: str | Checkpoint, tokenizer_path: Optional[str], max_seq_len: int, max_batch_size: int,
                    parallel: ParallelInfo, dtype: Optional[torch.dtype] = None,
-                   tokenizer: Optional[TokenizerBase] = None, share_prefixes: bool = True) -> Generator:
+                   tokenizer: Optional[TokenizerBase] = None, share_prefixes: bool = True,
+                   compile: bool = False) -> Generator:
     """Tokenizer + this rank's model, ready to generate. tokenizer_path: tokenizer.model or
     tokenizer.json; None: the one the checkpoint folder comes with (find_tokenizer).
-    tokenizer: already loaded (the CLI has it from its prompt checks). share_prefixes: see Generator."""
+    tokenizer: already loaded (the CLI has it from its prompt checks). share_prefixes, compile: see Generator."""
     if max_seq_len < 2:
         raise ValueError(f"max_seq_len must be at least 2, got {max_seq_len}")
     if max_batch_size < 1:
@@ -127,7 +128,8 @@ def load_generator(ckpt_dir: str | Checkpoint, tokenizer_path: Optional[str], ma
     if tokenizer is None:
         tokenizer = load_tokenizer(tokenizer_path or _found_tokenizer(str(ckpt.path)), str(ckpt.path))
     model = load_model(ckpt, tokenizer, parallel, dtype)
-    return Generator(model, tokenizer, max_seq_len, max_batch_size, parallel, share_prefixes=share_prefixes)
+    return Generator(model, tokenizer, max_seq_len, max_batch_size, parallel, share_prefixes=share_prefixes,
+                     compile=compile)
 
 
 def _found_tokenizer(ckpt_dir: str) -> str:

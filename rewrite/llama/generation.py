@@ -4,11 +4,12 @@ Schedule of one `generate` call: prompts are sorted (by token ids with prefix sh
 else by length) and taken in micro-batches of at most `max_batch_size`. A micro-batch is
 left-padded so all prompts end at the same cache column P (each row keeps its own RoPE
 positions 0, 1, ...; pad keys are masked), prefilled in one forward pass (with prefix
-sharing: the prefixes rows share once, then the rest; prefix.py), then decoded
-one column per step into a cache of P + (tokens still allowed) columns. A row
-stops at its first stop token (EOS, and '\n' when asked) or its length limit;
-finished rows are dropped from the cache once a quarter of the live rows are
-done (COMPACT_BELOW), so the long tail of a batch steps only its stragglers.
+sharing: the prefixes rows share once, then the rest; prefix.py) into the decoder's static
+cache (decode.py), then decoded one column per step by `decode.decode_step`, eager or
+compiled. A row stops at its first stop token (EOS, and '\n' when asked) or its length limit;
+the host checks that when it reads the tokens back, and drops finished rows from the batch
+once a quarter of the live rows are done (COMPACT_BELOW), so the long tail of a batch steps
+only its stragglers.
 
 Sampling draws one uniform number per (prompt, step) from a counter-based hash
 of (seed, step), so a prompt's text does not depend on the batch it lands in,
@@ -24,11 +25,12 @@ from typing import Optional
 import torch
 
 from . import prefix
+from .decode import Decoder
 from .model import KVCache, Transformer
 from .parallel import ParallelInfo
+from .sampling import sample, splitmix64, uniforms
 from .sentencepiece_tokenizer import TokenizerBase
 
-_M64 = (1 << 64) - 1
 Stops = tuple[set[int], set[int]]  # (ids that end a row, those of them that still belong to its text)
 
 # Finished rows leave the cache once the live rows fall to this fraction of its rows. A module
@@ -37,75 +39,56 @@ Stops = tuple[set[int], set[int]]  # (ids that end a row, those of them that sti
 COMPACT_BELOW = 0.75
 
 
-def _splitmix64(x: int) -> int:
-    x = (x + 0x9E3779B97F4A7C15) & _M64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
-    return x ^ (x >> 31)
-
-
-def uniforms(seed: int, n: int) -> list[float]:
-    """Uniform numbers in [0, 1) for steps 0..n-1; step t's depends only on (seed, t)."""
-    base = _splitmix64(seed & _M64)
-    return [(_splitmix64(base ^ t) >> 11) / float(1 << 53) for t in range(n)]
-
-
-def _sorted_probs(probs: torch.Tensor, top_p: float, k: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """probs [b, V] sorted descending, ties by token id (as a stable sort): values and ids.
-
-    Only the head matters to the nucleus: when the k-1 most likely tokens of
-    every row already pass top_p, the top k replace a full sort of V (cheap
-    where V is 32000); ranks past k are simply absent.
-    """
-    if k < probs.shape[-1]:
-        p, idx = probs.topk(k, dim=-1)
-        if bool((p[:, :k - 1].sum(-1) > top_p).all()):
-            idx, order = idx.sort(dim=-1)  # topk leaves tie order open: id order, then stable by value
-            p = p.gather(-1, order)
-            p, order = p.sort(dim=-1, descending=True, stable=True)
-            return p, idx.gather(-1, order)
-    return probs.sort(dim=-1, descending=True, stable=True)
-
-
-def sample(logits: torch.Tensor, temperature: float, top_p: float, u: Optional[torch.Tensor]) -> torch.Tensor:
-    """Next token per row from logits [b, V] (float32): greedy if temperature <= 0, else nucleus.
-
-    Nucleus: the smallest set of most likely tokens whose mass reaches top_p
-    (Meta's rule), renormalised, sampled by inverting its CDF at u [b].
-    """
-    if temperature <= 0:
-        return logits.argmax(-1)
-    p, idx = _sorted_probs(torch.softmax(logits / temperature, dim=-1), top_p)
-    p = p.masked_fill(p.cumsum(-1) - p > top_p, 0.0)
-    cdf = p.cumsum(-1)
-    k = (cdf <= u[:, None] * cdf[:, -1:]).sum(-1)
-    k = torch.minimum(k, (p > 0).sum(-1) - 1)  # rounding must not pick a dropped token
-    return idx.gather(-1, k[:, None])[:, 0]
-
-
 class Generator:
     """Generates continuations with a loaded `Transformer` (see `checkpoint.load_generator`)."""
 
     def __init__(self, model: Transformer, tokenizer: TokenizerBase, max_seq_len: int, max_batch_size: int,
-                 parallel: Optional[ParallelInfo] = None, share_prefixes: bool = True, min_shared_gain: int = 16):
+                 parallel: Optional[ParallelInfo] = None, share_prefixes: bool = True, min_shared_gain: int = 16,
+                 compile: bool = False):
         self.model = model
         self.tokenizer = tokenizer
         self.max_seq_len = max_seq_len
-        self.max_batch_size = max_batch_size
         self.parallel = parallel or ParallelInfo.single(model.tok_embeddings.weight.device)
         self.share_prefixes = share_prefixes  # compute prompt prefixes shared in a micro-batch once (prefix.py)
         self.min_shared_gain = min_shared_gain  # ... when that saves at least this many token computations
         self.device = model.tok_embeddings.weight.device
         self.dtype = model.tok_embeddings.weight.dtype
+        self.compile = compile
+        self.max_batch_size = max_batch_size  # makes the decoder
         self._stats = {"prompts": 0, "generated_tokens": 0, "prompt_tokens": 0, "prefill_tokens": 0,
                        "seconds": 0.0, "batches": 0}
+
+    @property
+    def max_batch_size(self) -> int:
+        return self.decoder.max_batch
+
+    @max_batch_size.setter
+    def max_batch_size(self, n: int) -> None:
+        """Static buffers for n rows x max_seq_len columns and the step, compiled if asked (decode.py);
+        allocated on first use."""
+        if getattr(self, "decoder", None) is None or self.decoder.max_batch != n:
+            self.decoder = Decoder(self.model, n, self.max_seq_len, self.compile)
 
     @property
     def stats(self) -> dict:
         """Cumulative over all `generate` calls: prompts, generated_tokens, prompt_tokens, seconds,
         batches (micro-batches run), prefill_tokens (rows x columns the prefills fed, padding
-        included, shared prefixes once)."""
-        return dict(self._stats)
+        included, shared prefixes once), decode_steps; with compile, compiles (graphs compiled:
+        the first, and recompiles) and compile_seconds (included in seconds)."""
+        d = self.decoder
+        extra = {"compiles": d.compiles, "compile_seconds": d.compile_seconds} if d.compile else {}
+        return {**self._stats, "decode_steps": d.steps, **extra}
+
+    def compile_note(self) -> str:
+        """For a run's log line: '' without compile, else the graphs compiled and their time, and
+        whether the run was too short to repay them."""
+        d = self.decoder
+        if not d.compile:
+            return ""
+        note = f"; decode step compiled: {d.compiles} graphs (first and recompiles) in {d.compile_seconds:.1f} s"
+        if d.compile_seconds > 0.5 * self._stats["seconds"]:
+            note += ", more than half of this run: too short to repay compiling (leave --compile off)"
+        return note
 
     def _check(self, prompts: list[list[int]], seeds: list[int], max_gen_len: int) -> None:
         if len(seeds) != len(prompts):
@@ -156,8 +139,8 @@ class Generator:
         return out
 
     def _batch(self, rows: list["_Row"], temperature: float, top_p: float, stop: Stops) -> None:
-        """One micro-batch: prompts right-aligned to end at column P, prefilled into a cache of
-        P + (most tokens allowed) columns, then decoded until every row stops."""
+        """One micro-batch: prompts right-aligned to end at column P, prefilled into the decoder's
+        cache over P + (most tokens allowed) columns, then decoded until every row stops."""
         share = self._plan(rows)
         if share is not None:  # sorted by what is left to prefill, longest first (prefix.prefill_shared)
             order = sorted(range(len(rows)), key=lambda i: len(rows[i].prompt) - share.shared(i), reverse=True)
@@ -166,12 +149,13 @@ class Generator:
         lens = [len(r.prompt) for r in rows]
         P, G = max(lens), max(r.limit for r in rows)
         positions, key_valid = _layout(lens, P + G, dev)
-        cache = self.model.new_cache(len(rows), P + G, dev, self.dtype)
-        logits = self._prefill(rows, cache, P, positions, key_valid, share)
         u = None
         if temperature > 0:  # [B, G]: row i's draw for its k-th token depends on (seed_i, k) only
             u = torch.tensor([uniforms(r.seed, G) for r in rows], device=dev)
-        self._decode(rows, cache, logits, positions, key_valid, u, P, G, temperature, top_p, stop)
+        cache = self.decoder.begin(positions, key_valid, u)
+        logits = self._prefill(rows, cache, P, positions, key_valid, share)
+        self.decoder.first(sample(logits, temperature, top_p, None if u is None else u[:, 0]), P)
+        self._decode(rows, P, G, temperature, top_p, stop)
 
     def _plan(self, rows: list["_Row"]) -> Optional[prefix.Plan]:
         """Which prefixes the prompts share (None: nothing worth sharing, or sharing is off)."""
@@ -196,27 +180,25 @@ class Generator:
         return self.model(tokens.to(self.device), positions[:, :P], None if key_valid is None else key_valid[:, :P],
                           cache, 0, last_only=True)
 
-    def _decode(self, rows: list["_Row"], cache: KVCache, logits: torch.Tensor, positions: torch.Tensor,
-                key_valid: Optional[torch.Tensor], u: Optional[torch.Tensor], P: int, G: int,
-                temperature: float, top_p: float, stop: Stops) -> None:
-        """Sample and feed one column per step until every row stops."""
-        live = list(range(len(rows)))  # batch row of each cache row; shrinks as finished rows are dropped
-        for t in range(G):
-            nxt = sample(logits, temperature, top_p, None if u is None else u[:, t])
-            for i, tok in zip(live, nxt.tolist()):
-                rows[i].push(tok, stop)
+    def _decode(self, rows: list["_Row"], P: int, G: int, temperature: float, top_p: float, stop: Stops) -> None:
+        """Token 0 is sampled; feed one column per step until every row stops. The host reads the
+        tokens every `sync_every` steps: rows stop there and finished rows leave the batch."""
+        dec, live, t = self.decoder, list(range(len(rows))), 1  # live: batch row of each decoder row
+        read = 0  # tokens of the live rows read so far
+        while True:
+            for i, toks in zip(live, dec.tokens(len(live), read, t)):
+                for tok in toks:
+                    rows[i].push(tok, stop)
+            read = t
             keep = [j for j, i in enumerate(live) if not rows[i].done]
-            if not keep:
+            if not keep or t >= G:
                 return
             if len(keep) < len(live) and len(keep) <= COMPACT_BELOW * len(live):
-                idx = torch.tensor(keep, device=self.device)
-                cache, nxt, positions = _take(cache, idx), nxt[idx], positions[idx]
-                key_valid = None if key_valid is None else key_valid[idx]
-                u = None if u is None else u[idx]
+                dec.compact(keep, P + G)
                 live = [live[j] for j in keep]
-            c = P + t  # cache column of the token being fed
-            logits = self.model(nxt[:, None], positions[:, c:c + 1],
-                                None if key_valid is None else key_valid[:, :c + 1], cache, c, last_only=True)
+            for _ in range(min(dec.sync_every, G - t)):
+                dec.step(len(live), P + t, temperature, top_p, temperature > 0)
+                t += 1
 
     def _check_agreement(self, out: list[list[int]]) -> None:
         """MP ranks sample independently from identical logits; fail loudly if they ever diverge."""
@@ -227,8 +209,8 @@ class Generator:
         h = 0
         for o in out:
             for tok in o:
-                h = _splitmix64(h ^ tok)
-            h = _splitmix64(h ^ 0xFFFF)
+                h = splitmix64(h ^ tok)
+            h = splitmix64(h ^ 0xFFFF)
         x = torch.tensor([h >> 12, -(h >> 12)], dtype=torch.long, device=self.device)
         dist.all_reduce(x, op=dist.ReduceOp.MAX, group=get_model_parallel_group())
         if x[0].item() != -x[1].item():
@@ -267,8 +249,3 @@ def _layout(lens: list[int], cols: int, dev: torch.device) -> tuple[torch.Tensor
     positions = (col[None] - pad[:, None]).clamp(min=0)
     key_valid = col[None] >= pad[:, None] if min(lens) < P else None
     return positions, key_valid
-
-
-def _take(cache: KVCache, idx: torch.Tensor) -> KVCache:
-    """Keep only the batch rows idx [b] of every layer's K/V."""
-    return [(k.index_select(0, idx), v.index_select(0, idx)) for k, v in cache]
