@@ -50,7 +50,9 @@ from training import train_state as ckpt_io
 from training.data import sample_seed
 from training.engine import CosineSchedule, EpochProgress, Trainer, train_one_epoch
 from training.loaders import TrainLoader, build_loader, check_data_args
+from training import remote_sync
 from training.output_dir import claim_output_dir
+from training.remote_sync import RemoteSync
 from training.rewrite_join import NEW_COUNTS
 from zeroshot import evaluate_imagenet
 
@@ -83,6 +85,11 @@ def get_args_parser() -> argparse.ArgumentParser:
         "the loss averaged over the texts (needs --aug-text)")
     add("--imagenet-root", default=None, help="ImageNet folder with val/<wnid>/: zero-shot top-1 after each epoch")
     add("--output-dir", default="./output", help="checkpoints, log.txt and TensorBoard logs go here")
+    add("--remote-sync", default=None, metavar="URL", help="also keep a copy of --output-dir at this object-storage "
+        "URL (s3://bucket/runs/name): changed files uploaded whole after each epoch; an --output-dir without "
+        "checkpoint.pt is filled from it first, to resume (docs/laion.md)")
+    add("--claim-timeout", type=float, default=300.0, help="--remote-sync: seconds without a heartbeat after which "
+        "the URL's claim is taken to be a dead run's")
     add("--model", default="CLIP_VITB16", help=f"a LaCLIP preset ({', '.join(models.PRESETS)}), an open_clip "
         "model name (ViT-B-32, ViT-B-16, ViT-L-14, RN50, ...) or an open_clip model config JSON file")
     add("--resume", default="", help="checkpoint to resume from (default: <output-dir>/checkpoint.pt if present)")
@@ -146,6 +153,8 @@ def validate_args(args: argparse.Namespace) -> None:
         raise ValueError("--lr, --lr-start, --lr-end, --wd and --eps must be >= 0")
     if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
         raise ValueError(f"--output-dir {args.output_dir!r} exists and is not a folder")
+    if args.claim_timeout <= 0:
+        raise ValueError(f"--claim-timeout must be > 0 seconds, got {args.claim_timeout:g}")
     if args.imagenet_root:
         note = not_evaluated_note(imagenet_val(args.imagenet_root, transform=None)[0])
         if note and launched_as_rank0():
@@ -335,7 +344,7 @@ def wrap_ddp(model: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
     return DistributedDataParallel(model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
 
 
-def run(args: argparse.Namespace, info: DistInfo) -> list[dict]:
+def run(args: argparse.Namespace, info: DistInfo, sync: RemoteSync | None = None) -> list[dict]:
     is_main = info.rank == 0
     torch.backends.cudnn.benchmark = True  # fixed 224x224 inputs: pick the fastest conv once
     arch = interop.architecture(args, SimpleTokenizer())
@@ -356,8 +365,13 @@ def run(args: argparse.Namespace, info: DistInfo) -> list[dict]:
                  world_size=info.world_size, writer=open_tensorboard(args.output_dir) if is_main else None,
                  logit_scale_max=arch.logit_scale_max, save_every=args.save_every_steps)
     start_epoch, best_acc1 = st.start_epoch, st.best_acc1
-    # late binding: the checkpoint written inside an epoch carries the best top-1 so far
-    tr.on_save = lambda epoch, progress: save_mid_epoch(args, tr, info, epoch, progress, best_acc1)
+
+    def on_save(epoch: int, progress: EpochProgress) -> None:  # --save-every-steps, on every rank
+        save_mid_epoch(args, tr, info, epoch, progress, best_acc1)  # best_acc1: the best so far (late binding)
+        if args.remote_sync:
+            on_rank0(lambda: sync.push(), info.rank)
+
+    tr.on_save = on_save
     inside = st.resumed.progress if st.resumed else None
     if is_main:
         print(f"=> {args.model}: {loader.samples} samples, {steps} steps/epoch of "
@@ -375,6 +389,8 @@ def run(args: argparse.Namespace, info: DistInfo) -> list[dict]:
         bench = run_benchmarks(args, st.model, tokenizer, info.rank, info.device, epoch, amp=st.amp_dtype is not None)
         best_acc1 = end_of_epoch(args, epoch, stats, zs, best_acc1, tr, time.time() - start, info, bench,
                                  loader.state())
+        if args.remote_sync:  # the main process uploads this epoch's checkpoint and log line
+            on_rank0(lambda: sync.push(), info.rank)
         records.append({"epoch": epoch, **stats, "zeroshot": zs, "benchmark": bench})
     if tr.writer is not None:
         tr.writer.close()
@@ -391,11 +407,23 @@ def main(argv: list[str] | argparse.Namespace | None = None) -> list[dict]:
     validate_args(args)
     info = init_distributed_mode(args.device, timedelta(minutes=args.dist_timeout))
     locks: list[FileLock] = []
+    syncs: list[RemoteSync] = []
+
+    def claim() -> None:
+        locks.append(claim_output_dir(args.output_dir))
+        if args.remote_sync:  # claims the URL; fills an output folder without checkpoint.pt from it
+            syncs.append(remote_sync.start(args.remote_sync, args.output_dir, args.claim_timeout))
+
     try:
         # The main process claims --output-dir before any other work; every rank learns of a refusal.
-        on_rank0(lambda: locks.append(claim_output_dir(args.output_dir)), info.rank)
-        return run(args, info)
+        on_rank0(claim, info.rank)
+        records = run(args, info, syncs[0] if syncs else None)
+        for sync in syncs:
+            sync.push()  # what the end of the run wrote (TensorBoard's last events)
+        return records
     finally:
+        for sync in syncs:
+            sync.release()
         for lock in locks:
             lock.release()
         if info.distributed:

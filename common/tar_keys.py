@@ -19,6 +19,9 @@ import os
 import re
 from collections.abc import Callable, Iterator
 
+from common import storage
+from common.tar_stream import url_streams
+
 _KEY = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's key/field split (base_plus_ext)
 
 
@@ -52,7 +55,7 @@ def member_names(path: str) -> Iterator[str]:
     """Names of a local tar's regular files, read from the headers alone (the data is seeked
     over): ustar, GNU long names and pax `path` records, which is what tarfile and webdataset's
     TarWriter write; tarfile's own listing parses every header field and is much slower."""
-    with open(path, "rb") as f:
+    with storage.open_read(path) as f:  # a URL: ranged reads, the data seeked over as on disk
         long_name = None
         while True:
             header = f.read(512)
@@ -90,8 +93,9 @@ def duplicated_keys(path: str) -> set[str]:
     try:
         for key in _groups(n for n in member_names(path) if not _meta(n)):
             (twice if key in seen else seen).add(key)
-    except (OSError, ValueError):
-        pass
+    except (OSError, ValueError) as err:
+        if storage.is_url(path) and isinstance(err, storage.StorageError):
+            raise  # a storage failure is not an unreadable tar: it must not pass as "no repeated key"
     return twice
 
 
@@ -106,9 +110,9 @@ def holds_no_member(path: str) -> bool:
 def keyed_samples(url: str, handler: Callable[[Exception], bool]) -> Iterator[dict]:
     """webdataset's samples of one tar (``__key__``, ``__url__``, a field per member), a repeated
     field starting a new sample of the same key instead of an error."""
-    from webdataset.tariterators import tar_file_expander, url_opener
+    from webdataset.tariterators import tar_file_expander
     current: dict | None = None
-    for member in tar_file_expander(url_opener([{"url": url}], handler=handler), handler=handler, eof_value=None):
+    for member in tar_file_expander(url_streams(url, handler), handler=handler, eof_value=None):
         prefix, field = split_name(member["fname"])
         if prefix is None:
             continue

@@ -40,9 +40,11 @@ class Config:
     max_seq_len: int = _flag(512, "context for prompt + rewrite, 16..2048; longer prompts are truncated.")
     max_batch_size: int = _flag(32, "prompts per forward pass.")
     prompt_filename: Path = _flag(Path("text/source.txt"), "captions, one per line; or shards: a brace pattern of "
-                                  "img2dataset .parquet files or webdataset .tar files ('laion/{00000..00099}.tar').")
+                                  "img2dataset .parquet files or webdataset .tar files ('laion/{00000..00099}.tar'), "
+                                  "local or URLs (s3://bucket/laion/{00000..00099}.parquet, any fsspec URL).")
     output_filename: Path = _flag(Path("text/target.txt"), "rewrites, one per line, aligned with the captions; with "
-                                  "shards a folder: one NNNNN.parquet per shard (key, caption, one column per mode).")
+                                  "shards a folder: one NNNNN.parquet per shard (key, caption, one column per mode), "
+                                  "or an s3:// prefix (kept as a str).")
     sample_mode: str = _flag("chatgpt", "example pool: chatgpt, bard, mscoco (or coco), human; a comma list "
                              "(chatgpt,bard) rewrites in every mode in one pass (a text file: OUT.<mode>.txt each).")
     max_gen_len: int = _flag(77, "most new tokens per rewrite.")
@@ -57,6 +59,8 @@ class Config:
     share_prefixes: bool = _flag(True, "compute the prompt prefixes (header, examples) shared in a batch once; "
                                        "--noshare_prefixes computes every prompt whole (same texts up to "
                                        "float rounding).")
+    claim_timeout: float = _flag(300.0, "with an s3:// output: seconds without a heartbeat after which a shard's "
+                                        "claim is taken to be a dead run's and taken over.")
     compile: bool = _flag(False, "torch.compile the one-token decode step (CUDA graphs on a GPU, inductor on the "
                                  "CPU): pays once a run outlasts its compile time (see bench/README.md).")
 
@@ -246,4 +250,11 @@ def validate(raw: dict[str, Any]) -> Config:
         overwrite=_switch("overwrite", c.overwrite), model_parallel_size=mp,
         dtype=None if c.dtype is None else DTYPES[str(c.dtype).lower()], text_key=text_key,
         share_prefixes=_switch("share_prefixes", c.share_prefixes), compile=_switch("compile", c.compile),
-        **numbers)
+        claim_timeout=_claim_timeout(c.claim_timeout), **numbers)
+
+
+def _claim_timeout(value: object) -> float:
+    seconds = _float("claim_timeout", value)
+    if seconds <= 0:
+        raise ValueError(f"--claim_timeout must be > 0 seconds, got {seconds:g}")
+    return seconds

@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from common.distributed import from_group_source, launched_as_rank0, on_every_rank, on_rank0
-from common.fileio import atomic_write
+from common import storage
 from rewrite.cli_args import Config
 from rewrite.input_lines import Line, read_lines, scan_input
 from rewrite.launch import engine_errors_name_flags, setup_parallel, teardown_parallel
@@ -97,8 +97,8 @@ def write_dry_run(cfg: Config, tokenizer: Optional[TokenizerBase]) -> None:
     for m in configs if tokenizer else ():
         check_context(configs[m], pools[m], tokenizer)
     if is_shard_input(cfg.prompt_filename):
-        cfg.output_filename.mkdir(exist_ok=True)
-        files = [(cfg.output_filename / f"{shard_stem(p)}.prompts.jsonl", tuple(configs),
+        make_output_folder(cfg.output_filename)
+        files = [(storage.join(str(cfg.output_filename), f"{shard_stem(p)}.prompts.jsonl"), tuple(configs),
                   ShardLines(p, cfg.text_key).read, True) for p in expand_shards(cfg.prompt_filename)]
     else:
         n = scan_input(cfg.prompt_filename).lines
@@ -118,7 +118,7 @@ def write_dry_run(cfg: Config, tokenizer: Optional[TokenizerBase]) -> None:
                                        .dry_run_fields())
                         f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
-        atomic_write(out, write)
+        storage.write_atomic(str(out), write)
     log(f"dry run: prompts of {cfg.prompt_filename} written to "
         + (f"{cfg.output_filename}/NNNNN.prompts.jsonl" if is_shard_input(cfg.prompt_filename)
            else ", ".join(str(f[0]) for f in files))
@@ -207,6 +207,12 @@ def settings_fingerprint(cfg: Config, pool: Pool, dtype: str, identity: dict) ->
     return settings
 
 
+def make_output_folder(out: Path | str) -> None:
+    """A local output folder is created; an object-storage prefix needs nothing (no folders there)."""
+    if isinstance(out, Path):
+        out.mkdir(exist_ok=True)
+
+
 def plan_units(cfg: Config, settings: dict[str, dict], dp_size: int) -> tuple[Units, bool]:
     """On global rank 0: the units, with leftovers checked (and removed by --overwrite); False:
     all done. A caption file is scanned and its plan made under the plan lock."""
@@ -215,7 +221,7 @@ def plan_units(cfg: Config, settings: dict[str, dict], dp_size: int) -> tuple[Un
         combined = {**first, "sample_mode": list(settings), "examples": {m: s["examples"] for m, s in settings.items()},
                     "text_key": cfg.text_key}
         shards = expand_shards(cfg.prompt_filename)
-        cfg.output_filename.mkdir(exist_ok=True)
+        make_output_folder(cfg.output_filename)
         pairs = [(p, shard_output_path(cfg.output_filename, shard_stem(p))) for p in shards]
         if cfg.overwrite:
             check_overwrite_keeps_one_setting(cfg.output_filename, [out for _, out in pairs], combined)
@@ -223,7 +229,7 @@ def plan_units(cfg: Config, settings: dict[str, dict], dp_size: int) -> tuple[Un
             log(f"--overwrite: removed {removed} finished shards of this input from {cfg.output_filename}")
         check_run_record(cfg.output_filename, combined, cfg.overwrite)
         check_finished(cfg.output_filename, pairs, combined)  # finished only for this input and these settings
-        return ShardUnits(shards, cfg.output_filename, cfg.text_key, tuple(settings), combined), True
+        return ShardUnits(shards, cfg.output_filename, cfg.text_key, tuple(settings), combined, cfg.claim_timeout), True
     info = scan_input(cfg.prompt_filename)
     units = TextUnits(cfg.prompt_filename, cfg.output_filename, info,
                       {m: {"input": info.fingerprint(), "settings": s} for m, s in settings.items()})

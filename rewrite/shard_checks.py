@@ -12,6 +12,10 @@ scale), so each input's hash is remembered in OUT/input_fingerprints.jsonl under
 size, modification time, inode and status-change time (one JSON line appended when a shard
 is claimed or checked; the last line of a path wins): an unchanged file is not read again.
 
+Objects (s3:// input) need no memo: their fingerprint is the server's ETag and size, one HEAD
+request. An s3:// output keeps no memo either (objects cannot be appended to): a local input
+shard is hashed again at each check.
+
 --overwrite on some of a folder's shards with other settings would leave the others with the
 old ones while OUT/rewrite.json names the new: refused, so the folder's record always
 describes every shard in it.
@@ -22,8 +26,9 @@ import json
 from pathlib import Path
 from typing import Iterable, Optional
 
+from common import storage
 from rewrite.output import ResumeError, describe_changes
-from rewrite.shard_input import input_fingerprint
+from rewrite.shard_input import Shard, input_fingerprint, shard_name
 
 MEMO = "input_fingerprints.jsonl"
 METADATA_KEY = b"laclip_rewrite"  # rewrite/shard_output.py
@@ -34,8 +39,10 @@ def _stat(path: Path) -> dict:
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino, "ctime_ns": st.st_ctime_ns}
 
 
-def read_memo(out_dir: Path) -> dict[str, dict]:
+def read_memo(out_dir: Shard) -> dict[str, dict]:
     memo: dict[str, dict] = {}
+    if isinstance(out_dir, str):
+        return memo  # object storage: no memo (see above)
     try:
         with open(out_dir / MEMO, encoding="utf-8") as f:
             for line in f:
@@ -49,8 +56,10 @@ def read_memo(out_dir: Path) -> dict[str, dict]:
     return memo
 
 
-def remembered_fingerprint(out_dir: Path, shard: Path, memo: Optional[dict] = None) -> dict:
+def remembered_fingerprint(out_dir: Shard, shard: Shard, memo: Optional[dict] = None) -> dict:
     """The shard's fingerprint: from `memo` when its stat matches, else hashed and remembered."""
+    if isinstance(shard, str) or isinstance(out_dir, str):
+        return input_fingerprint(shard)  # an object's ETag (cheap), or a local shard hashed for an s3:// output
     where, stat = str(shard.resolve()), _stat(shard)
     entry = (memo or {}).get(where)
     if entry is not None and all(entry.get(k) == v for k, v in stat.items()):
@@ -62,47 +71,50 @@ def remembered_fingerprint(out_dir: Path, shard: Path, memo: Optional[dict] = No
     return fingerprint
 
 
-def read_output_metadata(out: Path) -> dict:
+def read_output_metadata(out: Shard) -> dict:
     import pyarrow.parquet as pq
     try:
-        meta = pq.read_schema(out).metadata or {}
+        meta = pq.read_schema(storage.open_read(out) if isinstance(out, str) else out).metadata or {}
         return json.loads(meta.get(METADATA_KEY, b"{}"))
     except Exception as e:  # pyarrow's own errors: a damaged output is not finished work
         raise ResumeError(f"--output_filename: {out} is not a readable parquet file ({e}); pass --overwrite to "
                           "redo that shard") from None
 
 
-def check_finished(out_dir: Path, pairs: Iterable[tuple[Path, Path]], settings: dict) -> int:
+def check_finished(out_dir: Shard, pairs: Iterable[tuple[Shard, Shard]], settings: dict) -> int:
     """(input shard, output) pairs whose output exists must match; returns how many were checked."""
     memo, checked = read_memo(out_dir), 0
+    present = set(storage.list_names(str(out_dir)))  # one listing, not a request per shard
     for shard, out in pairs:
-        if not out.exists():
+        if shard_name(out) not in present:
             continue
         meta = read_output_metadata(out)
         if meta.get("settings") != settings:
             raise ResumeError(f"--output_filename: shard {out} was rewritten with other settings: "
                               f"{describe_changes(meta.get('settings') or {}, settings)}; pass --overwrite to "
                               f"redo it with these")
-        recorded = meta.get("input") or {}
-        size = shard.stat().st_size
-        now = {"name": shard.name, "size": size} if recorded.get("size") != size else \
+        recorded, name = meta.get("input") or {}, shard_name(shard)
+        size = storage.size(str(shard))
+        now = {"name": name, "size": size} if recorded.get("size") != size else \
             remembered_fingerprint(out_dir, shard, memo)
         if any(recorded.get(k) != now[k] for k in now):
+            digest = "etag" if "etag" in now else "blake2b"  # an object's ETag, a file's BLAKE2b
             what = (f"size {recorded.get('size')} then, {size} now" if recorded.get("size") != size
-                    else f"content hash {recorded.get('blake2b')} then, {now['blake2b']} now"
-                    if recorded.get("name") == shard.name else f"input {recorded.get('name')} then, {shard.name} now")
-            raise ResumeError(f"--output_filename: shard {out} was rewritten from another {shard.name} ({what}): "
+                    else f"content hash {recorded.get(digest)} then, {now[digest]} now"
+                    if recorded.get("name") == name else f"input {recorded.get('name')} then, {name} now")
+            raise ResumeError(f"--output_filename: shard {out} was rewritten from another {name} ({what}): "
                               "another data set, or a shard downloaded again? Pass --overwrite to redo it")
         checked += 1
     return checked
 
 
-def check_overwrite_keeps_one_setting(out_dir: Path, run_outputs: Iterable[Path], settings: dict) -> None:
+def check_overwrite_keeps_one_setting(out_dir: Shard, run_outputs: Iterable[Shard], settings: dict) -> None:
     """--overwrite of a subset with new settings must not leave other shards with the old ones."""
-    mine = {p.resolve() for p in run_outputs}
-    for out in sorted(out_dir.glob("*.parquet")):
-        if out.resolve() in mine:
+    mine = {shard_name(p) for p in run_outputs}  # outputs of one folder: their names tell them apart
+    for name in storage.list_names(str(out_dir)):
+        if not name.endswith(".parquet") or name in mine:
             continue
+        out = storage.join(str(out_dir), name) if isinstance(out_dir, str) else out_dir / name
         held = read_output_metadata(out).get("settings")
         if held is not None and held != settings:
             raise ResumeError(f"--overwrite: {out} is not among this run's shards and keeps other settings "

@@ -17,11 +17,13 @@ import hashlib
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import braceexpand
 
+from common import storage
 from common.tar_keys import duplicated_keys, keyed_samples
+from common.tar_stream import is_storage_failure
 from rewrite.input_lines import Line, decode_line
 
 SHARD_SUFFIXES = (".parquet", ".tar")
@@ -29,6 +31,16 @@ DEFAULT_TEXT_KEYS = {".parquet": "caption", ".tar": "txt"}
 KEY_COLUMN = "key"  # img2dataset's sample key, also the tar member prefix
 STATUS_COLUMN, STATUS_OK = "status", "success"
 HASH_CHUNK = 8 << 20
+RUN_RECORD = "rewrite.json"  # the settings record of an output folder (rewrite/shard_output.py)
+
+
+Shard = Union[Path, str]  # a local path, or a URL (s3://, gs://, ...) kept as a string
+
+
+def as_location(value: str | Path) -> Shard:
+    """A URL stays a string (Path would fold its '//'); a local path (or file:// URL) is a Path."""
+    text = str(value)
+    return text if storage.is_url(text) else Path(storage.local_path(text))
 
 
 def is_shard_input(value: object) -> bool:
@@ -36,13 +48,21 @@ def is_shard_input(value: object) -> bool:
     return isinstance(value, (str, Path)) and str(value).endswith(SHARD_SUFFIXES)
 
 
-def expand_shards(pattern: str | Path) -> list[Path]:
-    return [Path(p) for p in braceexpand.braceexpand(str(pattern))]
+def expand_shards(pattern: str | Path) -> list[Shard]:
+    return [as_location(p) for p in braceexpand.braceexpand(str(pattern))]
 
 
-def shard_stem(path: Path) -> str:
+def shard_name(path: Shard) -> str:
+    return str(path).rstrip("/").rsplit("/", 1)[-1]
+
+
+def shard_suffix(path: Shard) -> str:
+    return next((s for s in SHARD_SUFFIXES if str(path).endswith(s)), "")
+
+
+def shard_stem(path: Shard) -> str:
     """00012.parquet / 00012.tar -> 00012: the name of its output OUT/00012.parquet."""
-    name = path.name
+    name = shard_name(path)
     for suffix in SHARD_SUFFIXES:
         if name.endswith(suffix):
             return name[: -len(suffix)]
@@ -55,10 +75,13 @@ def check_shard_flags(pattern: object, output: object, text_key: object) -> tupl
         raise ValueError("--prompt_filename: give one path or brace pattern ('laion/{00000..00099}.parquet'), "
                          "not a list")
     shards = expand_shards(pattern)
-    kinds = {p.suffix for p in shards}
+    kinds = {shard_suffix(p) for p in shards}
     if len(kinds) > 1:
         raise ValueError(f"--prompt_filename {pattern}: mixes {' and '.join(sorted(kinds))} shards; give one kind")
-    missing = [p for p in shards if not p.is_file()]
+    try:
+        missing = storage.expand(str(pattern))[1]  # one listing per prefix for URLs
+    except storage.StorageError as e:
+        raise ValueError(f"--prompt_filename: {e}") from None
     if missing:
         raise ValueError(f"--prompt_filename {pattern}: {len(missing)} of {len(shards)} shards not found, "
                          f"e.g. {missing[0]}")
@@ -67,25 +90,64 @@ def check_shard_flags(pattern: object, output: object, text_key: object) -> tupl
     if twice:
         raise ValueError(f"--prompt_filename {pattern}: {stems[twice[0]]} shards are named {twice[0]}; each "
                          f"shard's output is OUT/<name>.parquet, so names must differ")
-    out = Path(str(output))
+    key = DEFAULT_TEXT_KEYS[shard_suffix(shards[0])] if text_key is None else str(text_key).strip()
+    if not key or text_key is True:
+        raise ValueError("--text_key needs a field name (caption for parquet, txt for tars)")
+    if shard_suffix(shards[0]) == ".parquet":  # a wrong --text_key or a damaged footer fails now, not hours in:
+        # every local footer (cheap); of URLs the first only (two requests per shard would add minutes
+        # at LAION's 41k shards: a damaged later shard stops the run when it is reached)
+        for shard in shards if not storage.is_url(str(shards[0])) else shards[:1]:
+            ShardLines(shard, key).check_columns()
+    if storage.is_url(str(output)):
+        return str(pattern), check_output_prefix(str(output), shards), key
+    out = Path(storage.local_path(str(output)))
     if out.exists() and not out.is_dir():
         raise ValueError(f"--output_filename {output}: with shard input this names a folder (one NNNNN.parquet "
                          "per input shard), and it is a file")
     if not out.parent.is_dir():
         raise ValueError(f"--output_filename {output}: folder {out.parent} does not exist")
-    if out.resolve() in {p.parent.resolve() for p in shards}:
+    if out.resolve() in {p.parent.resolve() for p in shards if isinstance(p, Path)}:
         raise ValueError(f"--output_filename {output} is the folder of the input shards (where img2dataset keeps "
                          "its NNNNN.parquet); give another folder")
-    key = DEFAULT_TEXT_KEYS[shards[0].suffix] if text_key is None else str(text_key).strip()
-    if not key or text_key is True:
-        raise ValueError("--text_key needs a field name (caption for parquet, txt for tars)")
-    for shard in shards if shards[0].suffix == ".parquet" else ():
-        ShardLines(shard, key).check_columns()  # every footer (cheap): a wrong --text_key fails now, not hours in
+    check_not_foreign(str(out), storage.list_names(str(out)))
     return Path(str(pattern)), out, key
 
 
-def input_fingerprint(path: Path) -> dict:
-    """Name, size and content hash of one input shard: a changed shard refuses to resume."""
+def check_not_foreign(output: str, names: list[str]) -> None:
+    """An output folder or prefix that holds parquet files but no rewrite.json (the settings
+    record every run writes first) holds someone else's data: refused, never mixed into."""
+    parquet = [n for n in names if n.endswith(".parquet")]
+    if parquet and RUN_RECORD not in names:
+        raise ValueError(f"--output_filename {output} already holds {len(parquet)} parquet files (e.g. {parquet[0]}) "
+                         f"but no {RUN_RECORD}: they are not this rewriter's output; give an empty or new folder")
+
+
+def check_output_prefix(output: str, shards: list[Shard]) -> str:
+    """An object-storage output prefix: reachable, not the input's own prefix, on a backend
+    whose claims are safe (common.claims refuses the others, naming them)."""
+    from common import claims
+    out = output.rstrip("/")
+    if out in {str(p).rsplit("/", 1)[0] for p in shards}:
+        raise ValueError(f"--output_filename {output} is the prefix of the input shards (where img2dataset keeps "
+                         "its NNNNN.parquet); give another prefix")
+    try:
+        names = storage.list_names(out)
+        claims.check_atomic_create(out)
+    except (storage.StorageError, claims.ClaimsUnsupported) as e:
+        raise ValueError(f"--output_filename: {e}") from None
+    check_not_foreign(out, names)
+    return out
+
+
+def input_fingerprint(path: Shard) -> dict:
+    """Name, size and content hash of one input shard: a changed shard refuses to resume. An
+    object's hash is the server's ETag (reading a whole tar again only to hash it would double
+    the traffic; S3 gives a new ETag to every new content)."""
+    if isinstance(path, str):
+        fs, inner = storage.filesystem(path)
+        info = storage.call("stat", path, lambda: fs.info(inner))
+        return {"name": shard_name(path), "size": int(info["size"]),
+                "etag": str(info.get("ETag") or info.get("etag") or info.get("md5Hash") or "")}
     h = hashlib.blake2b(digest_size=16)
     with open(path, "rb") as f:
         while chunk := f.read(HASH_CHUNK):
@@ -97,21 +159,22 @@ class ShardLines:
     """The keyed lines of one shard, from `start` on; `skipped` counts what was not a line
     (rows never downloaded, tar members without a key or text, a truncated tar)."""
 
-    def __init__(self, path: Path, text_key: str, where: str = "--prompt_filename") -> None:
+    def __init__(self, path: Shard, text_key: str, where: str = "--prompt_filename") -> None:
         self.path, self.text_key, self.where = path, text_key, where
         self.skipped: Counter = Counter()
 
     def read(self, start: int = 0) -> Iterator[Line]:
-        rows = self._parquet_rows() if self.path.suffix == ".parquet" else self._tar_rows()
+        rows = self._parquet_rows() if shard_suffix(self.path) == ".parquet" else self._tar_rows()
         for k, (key, text, bad) in enumerate(rows):
             if k >= start:
                 yield Line(key, text, bad, k + 1)  # end: the position after it, for the commit
 
     def check_columns(self) -> list[str]:
         """The parquet shard's column names, which must hold the key and the text field."""
-        import pyarrow.parquet as pq
         try:
-            names = pq.read_schema(self.path).names
+            names = self._parquet().schema_arrow.names
+        except storage.StorageError as e:
+            raise ValueError(f"{self.where}: {e}") from None
         except Exception as e:  # pyarrow raises its own ArrowInvalid, OSError, ...
             raise ValueError(f"{self.where}: cannot read parquet shard {self.path}: {e}") from None
         for col, flag in ((KEY_COLUMN, self.where), (self.text_key, "--text_key")):
@@ -119,11 +182,15 @@ class ShardLines:
                 raise ValueError(f"{flag}: {self.path} has no column {col!r}; its columns are {', '.join(names)}")
         return names
 
-    def _parquet_rows(self) -> Iterator[tuple[str, str, bool]]:
+    def _parquet(self):
+        """The shard as a pyarrow ParquetFile; a URL is read by ranges (footer, then the columns used)."""
         import pyarrow.parquet as pq
+        return pq.ParquetFile(storage.open_read(self.path) if isinstance(self.path, str) else self.path)
+
+    def _parquet_rows(self) -> Iterator[tuple[str, str, bool]]:
         names = self.check_columns()
         columns = [KEY_COLUMN, self.text_key] + ([STATUS_COLUMN] if STATUS_COLUMN in names else [])
-        table = pq.read_table(self.path, columns=columns).to_pydict()
+        table = self._parquet().read(columns=columns).to_pydict()
         status = table.get(STATUS_COLUMN)
         ok = [status is None or s == STATUS_OK for s in (status or table[KEY_COLUMN])]
         counts = Counter(str(k) for k, good in zip(table[KEY_COLUMN], ok) if good and k is not None)
@@ -140,16 +207,20 @@ class ShardLines:
             yield str(key), "" if text is None else str(text), False
 
     def _tar_rows(self) -> Iterator[tuple[str, str, bool]]:
-        twice = duplicated_keys(str(self.path))  # even the first of a repeated key is known before it is read
+        url = str(self.path)
+        twice = duplicated_keys(url)  # even the first of a repeated key is known before it is read
 
         def count_and_continue(exn: Exception) -> bool:
+            if is_storage_failure(url, exn):  # never a skipped shard: the run stops; committed windows stay
+                raise storage.StorageError(f"{self.where} shard {url}: reading failed mid-shard ({exn}); rerun to "
+                                           "resume from the last committed window") from exn
             # A truncated or corrupt tar (webdataset may report it more than once): the shard
             # counts once, and the samples read before the damage are kept.
             self.skipped["broken_tar"] = 1
             return True
 
         field = self.text_key.lower()  # webdataset lower-cases member extensions
-        for sample in keyed_samples(str(self.path), handler=count_and_continue):
+        for sample in keyed_samples(url, handler=count_and_continue):
             if sample["__key__"] in twice:
                 self.skipped["duplicate_key"] += 1  # never a row: training could not tell the samples apart
                 continue

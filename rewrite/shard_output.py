@@ -16,54 +16,78 @@ Design (crash safety and claims):
   shard; whoever claims the shard next removes it.
 - OUT/rewrite.json holds the settings that shape every rewrite (seed, modes, examples, model,
   sampling); a run with other settings is refused before any shard is touched.
+- On object storage (OUT is an s3:// URL) the claim is a conditional-PUT claim object
+  (common.claims) and the part is window objects plus a progress object
+  (rewrite/object_parts.py); the finished OUT/NNNNN.parquet is one upload.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Iterable, Iterator, Optional, Sequence, Union
 
-from common.fileio import atomic_write, write_json_atomic
+from common import claims, storage
 from common.locking import FileLock, describe_holder, lock_path
 from rewrite.input_lines import Line
-from rewrite.output import (Claim, ResumeError, RunTotals, ShareWriter, add_stats, describe_changes,
+from rewrite.object_parts import ObjectShareWriter, remove_partial
+from rewrite.output import (RECORD_SUFFIX, Claim, ResumeError, RunTotals, ShareWriter, add_stats, describe_changes,
                             record_path, sum_stats)
 from rewrite.shard_checks import remembered_fingerprint
-from rewrite.shard_input import ShardLines, shard_stem
+from rewrite.shard_input import RUN_RECORD, Shard, ShardLines, shard_name, shard_stem
 
-RUN_RECORD = "rewrite.json"
 RUN_RECORD_VERSION = 1
 PART_SUFFIX = ".part"
 METADATA_KEY = b"laclip_rewrite"  # parquet schema metadata: settings, input fingerprint, counts
 
 
-def shard_output_path(out_dir: Path, stem: str) -> Path:
-    return out_dir / f"{stem}.parquet"
+ShardClaim = Union[FileLock, claims.S3Claim]
 
 
-def shard_part_path(out: Path) -> Path:
-    return out.with_name(out.name + PART_SUFFIX)
+def shard_output_path(out_dir: Shard, stem: str) -> Shard:
+    return storage.join(out_dir, f"{stem}.parquet") if isinstance(out_dir, str) else out_dir / f"{stem}.parquet"
 
 
-def claim_shard(out: Path) -> Optional[FileLock]:
-    """The shard's lock if it was free, else None (a live process is writing it)."""
-    lock = FileLock(out, f"--output_filename shard {out.name}")
-    return lock if lock.try_acquire() else None
+def shard_part_path(out: Shard) -> Shard:
+    return out + PART_SUFFIX if isinstance(out, str) else out.with_name(out.name + PART_SUFFIX)
 
 
-def remove_part(out: Path) -> None:
+def claim_shard(out: Shard, timeout: float = claims.DEFAULT_TIMEOUT_S) -> Optional[ShardClaim]:
+    """The shard's claim if it was free (or stale, on object storage), else None (a live
+    process is writing it)."""
+    what = f"--output_filename shard {shard_name(out)}"
+    claim = claims.S3Claim(out + claims.CLAIM_SUFFIX, timeout) if isinstance(out, str) else FileLock(out, what)
+    return claim if claim.try_acquire() else None
+
+
+def shard_holder(out: Shard) -> str:
+    if isinstance(out, str):
+        return claims.S3Claim(out + claims.CLAIM_SUFFIX, 0).holder()
+    return describe_holder(lock_path(out))
+
+
+def part_exists(out: Shard) -> bool:
     part = shard_part_path(out)
+    if isinstance(part, str):  # its progress object, or window objects without one (a crash in between)
+        return storage.exists(part + RECORD_SUFFIX) or bool(storage.list_names(part))
+    return part.exists()
+
+
+def remove_part(out: Shard) -> None:
+    part = shard_part_path(out)
+    if isinstance(part, str):
+        remove_partial(part)
+        return
     for p in (part, record_path(part)):
         p.unlink(missing_ok=True)
 
 
-def check_run_record(out_dir: Path, settings: dict, overwrite: bool) -> None:
+def check_run_record(out_dir: Shard, settings: dict, overwrite: bool) -> None:
     """On global rank 0, before any group starts: the folder's settings must be this run's."""
-    path = out_dir / RUN_RECORD
-    if path.exists() and not overwrite:
+    path = storage.join(str(out_dir), RUN_RECORD)
+    if storage.exists(path) and not overwrite:
         try:
-            record = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
+            record = storage.read_json(path)
+        except (storage.NotFound, ValueError) as e:
             raise ResumeError(f"--output_filename: {path} is unreadable ({e}); pass --overwrite to start over") \
                 from None
         if record.get("settings") != settings:
@@ -72,10 +96,10 @@ def check_run_record(out_dir: Path, settings: dict, overwrite: bool) -> None:
                 f"{describe_changes(record.get('settings', {}), settings)}. Rerun with the same flags to "
                 "continue, or pass --overwrite to redo these shards")
         return
-    write_json_atomic(path, {"version": RUN_RECORD_VERSION, "settings": settings})
+    storage.write_json(path, {"version": RUN_RECORD_VERSION, "settings": settings})
 
 
-def clear_for_overwrite(out_dir: Path, stems: Sequence[str]) -> int:
+def clear_for_overwrite(out_dir: Shard, stems: Sequence[str]) -> int:
     """--overwrite: remove the outputs and parts of these shards, each under its claim so a
     live run's shard is never pulled away; returns how many outputs were removed."""
     removed = 0
@@ -83,11 +107,11 @@ def clear_for_overwrite(out_dir: Path, stems: Sequence[str]) -> int:
         out = shard_output_path(out_dir, stem)
         lock = claim_shard(out)
         if lock is None:
-            raise ResumeError(f"--overwrite: shard {out} is being written by {describe_holder(lock_path(out))}; "
+            raise ResumeError(f"--overwrite: shard {out} is being written by {shard_holder(out)}; "
                               "stop that run first")
         try:
-            removed += out.exists()
-            out.unlink(missing_ok=True)
+            removed += storage.exists(str(out))
+            storage.remove(str(out))
             remove_part(out)
         finally:
             lock.release()
@@ -99,28 +123,40 @@ def encode_row(key: str, caption: str, rewrites: dict[str, str]) -> str:
     return json.dumps({"key": key, "caption": caption, **rewrites}, ensure_ascii=False)
 
 
-def write_shard(out: Path, modes: Sequence[str], metadata: dict) -> int:
-    """The finished part -> OUT/NNNNN.parquet (atomically), then the part goes; returns the row count."""
+def part_lines(out: Shard, writer: Union[ShareWriter, ObjectShareWriter]) -> Iterable[str]:
+    """The committed rows of a finished part: the local part file, or its window objects."""
+    if isinstance(writer, ObjectShareWriter):
+        # split at "\n" only, as reading the file does: a caption may hold U+2028 or \x85, which
+        # str.splitlines would also split at (json.dumps(ensure_ascii=False) keeps them raw)
+        return writer.committed_bytes().decode("utf-8").split("\n")[:-1]
+    return open(shard_part_path(out), encoding="utf-8")
+
+
+def write_shard(out: Shard, modes: Sequence[str], metadata: dict, lines: Iterable[str]) -> int:
+    """The finished part's rows -> OUT/NNNNN.parquet (whole: atomic replace, or one upload),
+    then the part goes; returns the row count."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     columns = ["key", "caption", *modes]
     values: dict[str, list] = {c: [] for c in columns}
-    with open(shard_part_path(out), encoding="utf-8") as f:
-        for line in f:
-            row = json.loads(line)
-            for c in columns:
-                values[c].append(row[c])
+    for line in lines:
+        row = json.loads(line)
+        for c in columns:
+            values[c].append(row[c])
+    if hasattr(lines, "close"):
+        lines.close()
     table = pa.table({c: pa.array(values[c], type=pa.string()) for c in columns})
     table = table.replace_schema_metadata({METADATA_KEY: json.dumps(metadata, sort_keys=True)})
-    atomic_write(out, lambda tmp: pq.write_table(table, tmp))
+    storage.write_atomic(str(out), lambda tmp: pq.write_table(table, tmp))
     remove_part(out)
     return table.num_rows
 
 
-def read_metadata(out: Path) -> dict:
+def read_metadata(out: Shard) -> dict:
     """What write_shard stored about a finished shard (settings, input, counts)."""
     import pyarrow.parquet as pq
-    meta = pq.read_schema(out).metadata or {}
+    source = storage.open_read(out) if isinstance(out, str) else out
+    meta = pq.ParquetFile(source).schema_arrow.metadata or {}
     return json.loads(meta.get(METADATA_KEY, b"{}"))
 
 
@@ -131,31 +167,36 @@ def combine_mode_stats(per_mode: list[list[dict]]) -> dict:
 
 
 class ShardUnits:
-    """The shards of a run as units of work: shard i is claimed with the lock of its output."""
+    """The shards of a run as units of work: shard i is claimed with the claim of its output
+    (flock on a local disk, a claim object on S3; claim_timeout: when an object claim is stale)."""
 
-    def __init__(self, shards: list[Path], out_dir: Path, text_key: str, modes: tuple[str, ...], settings: dict):
+    def __init__(self, shards: list[Shard], out_dir: Shard, text_key: str, modes: tuple[str, ...], settings: dict,
+                 claim_timeout: float = claims.DEFAULT_TIMEOUT_S):
         self.shards, self.out_dir, self.text_key, self.modes, self.settings = shards, out_dir, text_key, modes, settings
         self.count, self.total_lines = len(shards), None  # lines are counted as shards are read
+        self.claim_timeout = claim_timeout
 
-    def output(self, unit: int) -> Path:
+    def output(self, unit: int) -> Shard:
         return shard_output_path(self.out_dir, shard_stem(self.shards[unit]))
 
     def claim(self, unit: int) -> Optional[Claim]:
         """The shard's writer, if it is neither finished nor held."""
         out = self.output(unit)
-        if out.exists() and not shard_part_path(out).exists():
+        if storage.exists(str(out)) and not part_exists(out):
             return None  # finished
-        lock = claim_shard(out)
+        lock = claim_shard(out, self.claim_timeout)
         if lock is None:
             return None  # a live process holds it: it will finish it
         claim = Claim(unit, 0, 0, locks=[lock])
-        if out.exists():  # finished by another run after all, or a part left by a crash after the finish
+        if storage.exists(str(out)):  # finished by another run after all, or a part left by a crash after the finish
             remove_part(out)
             claim.close()
             return None
         try:
             fingerprint = {"input": remembered_fingerprint(self.out_dir, self.shards[unit]), "settings": self.settings}
-            writer = ShareWriter(shard_part_path(out), fingerprint, {"shard": out.stem}, overwrite=False)
+            layout, part = {"shard": shard_stem(self.shards[unit])}, shard_part_path(out)
+            writer = ObjectShareWriter(part, fingerprint, layout, overwrite=False, claim=lock) \
+                if isinstance(part, str) else ShareWriter(part, fingerprint, layout, overwrite=False)
             claim.writers[""] = writer
             claim.start = writer.open(0, 0).next_line
         except BaseException:
@@ -180,7 +221,7 @@ class ShardUnits:
         writer.finish()
         metadata = {"settings": self.settings, "input": writer.fingerprint["input"], "stats": writer.state.stats,
                     "skipped": dict(claim.skipped)}
-        rows = write_shard(out, list(self.modes), metadata)
+        rows = write_shard(out, list(self.modes), metadata, part_lines(out, writer))
         claim.close()
         print(f"shard {path} -> {out}: {rows} rows" + (f", skipped {dict(claim.skipped)}" if claim.skipped
                                                          else ""), flush=True)
@@ -195,7 +236,8 @@ class ShardUnits:
         lines, stats, skipped = totals.lines, totals.stats, totals.skipped
         rate = f"{lines / seconds:.2f} samples/s, {totals.tokens / seconds:.1f} generated tokens/s" \
             if lines and seconds else ""
-        finished = sum(self.output(u).exists() for u in range(self.count))
+        names = set(storage.list_names(str(self.out_dir)))  # one listing, not a request per shard
+        finished = sum(shard_name(self.output(u)) in names for u in range(self.count))
         left = self.count - finished
         return (f"done: {finished} of {self.count} shards finished in {self.out_dir}"
                 + (f" ({left} still held by another run or unfinished: rerun the same command to complete them)"

@@ -150,3 +150,18 @@ def make_tiny_rewrite_setup(root, captions, pairs) -> dict:
     examples = root / "pool.json"
     examples.write_text(json.dumps({"pairs": pairs}))
     return {"ckpt_dir": str(ckpt), "tokenizer_path": str(ckpt / "tokenizer.model"), "examples": str(examples)}
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server on 127.0.0.1 for the whole session, the environment pointed at it
+    (AWS_ENDPOINT_URL, fake credentials), so s3:// URLs work in-process and in child processes."""
+    from testkit.s3server import running_s3_server
+    with running_s3_server() as server:
+        yield server
+
+
+@pytest.fixture
+def s3_bucket(s3_server) -> str:
+    """A new empty bucket on the session's S3 server; returns its name."""
+    return s3_server.new_bucket()

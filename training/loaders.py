@@ -17,13 +17,15 @@ import braceexpand
 import torch
 from torch.utils.data import DataLoader
 
+from common import storage
 from common.distributed import DistInfo, on_every_rank
 from training.data import CaptionImageDataset, EpochSampler, check_root, train_transform
 from training.rewrite_join import DEFAULT_MISMATCH_LIMIT, MISMATCH, MismatchGuard
 from training.shard_rewrites import open_rewrite_source
-from training.shard_startup import REMOTE_PREFIXES, empty_note, start_notes, without_empty_tars
+from training.shard_startup import empty_note, start_notes, without_empty_tars
 from training.wds import COUNT_KEYS, ShardStream, StreamSpec
 
+UNCHECKED = ("pipe:", "http://", "https://")  # webdataset opens these itself (s3:// etc. go through fsspec)
 WDS_ONLY = ("train_num_samples", "dataset_resampled", "rewrite_data", "rewrite_json_keys", "rewrite_columns",
             "rewrite_mismatch_limit")
 
@@ -201,11 +203,21 @@ def check_csv_args(args: argparse.Namespace) -> None:
             raise ValueError(f"--augmented_caption_filelist: file {path!r} does not exist")
 
 
+def missing_shards(pattern: str, urls: list[str]) -> list[str]:
+    """Shards of --train-data that do not exist: local files and fsspec URLs (s3://, gs://: one
+    listing per prefix) are checked; pipe: and http(s):// are webdataset's to open."""
+    if any(u.startswith(UNCHECKED) for u in urls):
+        return []
+    try:
+        return storage.expand(pattern)[1]
+    except storage.StorageError as e:
+        raise ValueError(f"--train-data: {e}") from None
+
+
 def check_webdataset_args(args: argparse.Namespace) -> StreamSpec:
     """The shard list, epoch size and rewrite sources of a webdataset run."""
     urls = list(braceexpand.braceexpand(args.train_data or ""))
-    local = [u for u in urls if not u.startswith(REMOTE_PREFIXES)]
-    missing = [u for u in local if not os.path.isfile(u)]
+    missing = missing_shards(args.train_data, urls)
     if not urls or missing:
         raise ValueError(f"--train-data {args.train_data!r}: {len(missing)} of {len(urls)} shards not found, "
                          f"e.g. {missing[0] if missing else '(none given)'}")

@@ -22,6 +22,8 @@ import json
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+from common import storage
+
 REWRITER_METADATA = b"laclip_rewrite"  # rewrite/shard_output.py METADATA_KEY
 NOT_REWRITES = ("key", "caption")
 MISMATCH, DUPLICATE, MISSING = "rewrite_caption_mismatch", "duplicate_key", "missing_rewrites"
@@ -52,8 +54,10 @@ class FileCheck:
 
 def _schema(path: str):
     import pyarrow.parquet as pq
-    try:
-        return pq.read_schema(path)
+    try:  # a URL: its footer by ranged reads (common.storage), not the whole file
+        return pq.read_schema(storage.open_read(path) if storage.is_url(path) else path)
+    except storage.StorageError as e:
+        raise ValueError(f"--rewrite-data: {e}") from None
     except Exception as e:  # pyarrow's own errors
         raise ValueError(f"--rewrite-data: cannot read {path} as parquet: {e}") from None
 
@@ -123,10 +127,13 @@ class ShardRewrites:
 
 def read_shard_rewrites(path: str, columns: Sequence[str]) -> ShardRewrites:
     """One rewrite file's rows (key -> (caption, rewrites)); raises what pyarrow raises."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
-    names = set(pq.read_schema(path).names)
+    # a URL is fetched whole through common.storage (a shard's rewrites are a few MB): one request
+    pf = pq.ParquetFile(pa.BufferReader(storage.read_bytes(path)) if storage.is_url(path) else path)
+    names = set(pf.schema_arrow.names)
     wanted = ["key"] + (["caption"] if "caption" in names else []) + [c for c in columns if c in names]
-    table = pq.read_table(path, columns=wanted).to_pydict()
+    table = pf.read(columns=wanted).to_pydict()
     values = [table.get(c, [""] * len(table["key"])) for c in columns]
     captions = table.get("caption", [None] * len(table["key"]))
     rows, twice = {}, set()

@@ -17,10 +17,9 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
-import braceexpand
+from common import storage
 
 from training.rewrite_join import (DEFAULT_MISMATCH_LIMIT, ShardRewrites, check_rewrite_files, coverage_note, join,
                                    read_shard_rewrites)
@@ -60,11 +59,13 @@ def open_rewrite_source(pattern: Optional[str], json_keys: tuple[str, ...] = (),
     file's footer passes check_rewrite_files (--rewrite-columns: the columns to use)."""
     if not pattern:
         return RewriteSource({}, (), tuple(json_keys), mismatch_limit=mismatch_limit)
-    every = list(braceexpand.braceexpand(pattern))
-    paths = [p for p in every if Path(p).is_file()]
-    missing = tuple(p for p in every if p not in set(paths))
+    try:
+        paths, missing_list = storage.expand(pattern)  # local files, or one listing per s3:// prefix
+    except storage.StorageError as e:
+        raise ValueError(f"--rewrite-data: {e}") from None
+    missing = tuple(missing_list)
     if not paths:
-        raise ValueError(f"--rewrite-data {pattern}: {len(missing)} of {len(every)} files not found, e.g. "
+        raise ValueError(f"--rewrite-data {pattern}: {len(missing)} of {len(missing)} files not found, e.g. "
                          f"{missing[0]}")
     files = {shard_name(p): p for p in paths}
     if len(files) != len(paths):
@@ -85,6 +86,8 @@ def load_shard_rewrites(source: RewriteSource, url: str) -> Optional[ShardRewrit
         return None
     try:
         return read_shard_rewrites(path, source.columns)
+    except storage.StorageError:
+        raise  # a storage failure (after retries) stops the run: it is not a damaged file
     except Exception as e:  # a damaged file must not stop a long run: counted per sample instead
         log.warning("cannot read rewrites %s (%s): its samples train on their original captions", path, e)
         return None

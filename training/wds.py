@@ -44,7 +44,9 @@ from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from common.images import IMAGE_EXTENSIONS
+from common.storage import StorageError
 from common.tar_keys import duplicated_keys, keyed_samples
+from common.tar_stream import is_storage_failure
 from training.captions import ESCAPED, as_windows_1252
 from training.data import MAX_LOGGED_FAILURES, all_captions, keyed_transform, pick_caption, sample_seed
 from training.rewrite_join import MISMATCH, NEW_COUNTS, NON_UTF8, mismatch_note
@@ -144,6 +146,9 @@ class ShardStream(IterableDataset):
         broken = []
 
         def count_and_continue(exn: Exception) -> bool:
+            if is_storage_failure(url, exn):  # never a skipped shard: the run stops, naming it
+                raise StorageError(f"--train-data shard {url}: reading failed mid-shard ({exn}); stopping rather "
+                                   "than skipping the shard (rerun to resume from the last checkpoint)") from exn
             if not broken:  # webdataset may report one damaged tar more than once
                 pending["shard_errors"] += 1
                 self._logged += 1
