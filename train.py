@@ -9,9 +9,11 @@ or on webdataset shards (img2dataset output, training/wds.py).
     # LAION-style shards, rewrites joined by sample key
     torchrun --nproc-per-node 8 train.py --train-data 'laion/{00000..41407}.tar' --dataset-type webdataset \
         --train-num-samples 400000000 --aug-text --rewrite-data 'rewrites/{00000..41407}.parquet' ...
+    # an open_clip model (LaCLIP's LAION rows), checkpointed every 2000 steps
+    ... train.py --model ViT-B-32 --warmup 2000 --save-every-steps 2000 ...
 
-Setup lives here; the pieces are in `training/` (loaders, data, loss, engine, train_state;
-process groups in common/distributed.py). `python train.py --help` lists every flag.
+Setup lives here; the pieces are in `training/` (loaders, data, loss, engine, train_state; open_clip
+models and open_clip_train's flags in interop; process groups in common/distributed.py). `python train.py --help` lists every flag.
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ from common.distributed import (
     cleanup_distributed,
     init_distributed_mode,
     launched_as_rank0,
+    on_every_rank,
     on_rank0,
 )
 from common.locking import FileLock
@@ -42,9 +45,10 @@ from evaluation.imagenet_folders import imagenet_val, not_evaluated_note
 from evaluation.periodic import add_benchmark_args, check_benchmark_args, run_benchmarks
 from imagenet_templates import SIMPLE_TEMPLATES
 from tokenizer import SimpleTokenizer
+from training import interop
 from training import train_state as ckpt_io
 from training.data import sample_seed
-from training.engine import CosineSchedule, Trainer, build_optimizer, train_one_epoch
+from training.engine import CosineSchedule, EpochProgress, Trainer, train_one_epoch
 from training.loaders import TrainLoader, build_loader, check_data_args
 from training import remote_sync
 from training.output_dir import claim_output_dir
@@ -86,7 +90,8 @@ def get_args_parser() -> argparse.ArgumentParser:
         "checkpoint.pt is filled from it first, to resume (docs/laion.md)")
     add("--claim-timeout", type=float, default=300.0, help="--remote-sync: seconds without a heartbeat after which "
         "the URL's claim is taken to be a dead run's")
-    add("--model", default="CLIP_VITB16", help=f"one of {', '.join(models.PRESETS)}")
+    add("--model", default="CLIP_VITB16", help=f"a LaCLIP preset ({', '.join(models.PRESETS)}), an open_clip "
+        "model name (ViT-B-32, ViT-B-16, ViT-L-14, RN50, ...) or an open_clip model config JSON file")
     add("--resume", default="", help="checkpoint to resume from (default: <output-dir>/checkpoint.pt if present)")
     add("--resume-override", action="store_true",
         help="resume although flags that decide the training (batch size, lr schedule, epochs, seed, data, ...) "
@@ -95,19 +100,22 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="fully unpickle the --resume file (it can then run code); needed only for files that pickle "
              "objects beyond tensors, plain values and argparse.Namespace")
     add("--epochs", type=int, default=25)
-    add("--warmup-epochs", type=int, default=1)
+    add("--warmup-epochs", type=int, default=None, help="warmup in epochs (default 1; or --warmup STEPS)")
     add("--start-epoch", type=int, default=0, help="first epoch of a fresh run (a resume uses the checkpoint's)")
     add("--batch-size", type=int, default=64, help="samples per process per micro-batch")
     add("--lr", type=float, default=3e-3, help="peak learning rate")
     add("--lr-start", type=float, default=1e-6, help="learning rate at the first warmup step")
     add("--lr-end", type=float, default=1e-5, help="learning rate at the end of the cosine decay")
-    add("--update-freq", type=int, default=1, help="micro-batches per optimizer step (gradient accumulation)")
+    add("--update-freq", "--accum-freq", type=int, default=1, help="micro-batches per optimizer step (gradient accumulation)")
     add("--wd", type=float, default=0.1, help="AdamW weight decay (not on biases, norms, 1-D tensors)")
     add("--betas", type=float, nargs=2, default=(0.9, 0.98))
     add("--eps", type=float, default=1e-8)
     add("--disable-amp", action="store_true", help="float32 on CUDA too (the CPU always uses float32)")
     add("--amp-dtype", choices=("fp16", "bf16"), default="fp16",
         help="mixed precision on CUDA: fp16 with a GradScaler (as the released models) or bf16")
+    add("--save-every-steps", type=int, default=0, metavar="N",
+        help="also write checkpoint.pt every N optimizer steps inside an epoch (atomic, with the data "
+             "position): rerunning the same command after a crash continues there, exactly")
     add("--print-freq", type=int, default=10, help="progress-bar update interval in optimizer steps")
     add("-j", "--workers", type=int, default=10, help="data-loading processes per training process")
     add("--seed", type=int, default=0)
@@ -118,6 +126,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--dist-timeout", type=float, default=60.0, help="minutes a collective may wait (zero-shot eval runs on rank 0 alone)")
     add("--local_rank", "--local-rank", type=int, default=0, help=argparse.SUPPRESS)  # torch.distributed.launch
     add_benchmark_args(p)  # --eval-benchmark DATASET=ROOT ... --eval-tasks --eval-every
+    interop.add_interop_args(p)  # open_clip models and open_clip_train's spellings
     return p
 
 
@@ -130,14 +139,15 @@ def _positive(args: argparse.Namespace, **minimums: int) -> None:
 
 def validate_args(args: argparse.Namespace) -> None:
     """Every check that needs no model: errors name the flag and the file."""
+    interop.check_interop_args(args)  # first: it resolves --precision and --warmup
     check_data_args(args)
+    interop.check_text_weights(args, interop.rewrite_sources(args))
     if args.multi_text and not args.aug_text:
         raise ValueError("--multi-text (LaCLIP-MT) pairs each image with its original and rewritten texts: "
                          "it needs --aug-text and the rewrites")
-    models.check_preset(args.model)
-    _positive(args, epochs=1, warmup_epochs=0, start_epoch=0, batch_size=1, update_freq=1,
+    _positive(args, epochs=1, warmup_epochs=0, start_epoch=0, batch_size=1, update_freq=1, save_every_steps=0,
               workers=0, print_freq=1, seed=0, eval_batch_size=1, max_steps_per_epoch=1)
-    if args.warmup_epochs > args.epochs:
+    if args.warmup_epochs is not None and args.warmup_epochs > args.epochs:
         raise ValueError(f"--warmup-epochs {args.warmup_epochs} exceeds --epochs {args.epochs}")
     if min(args.lr, args.lr_start, args.lr_end, args.wd, args.eps) < 0:
         raise ValueError("--lr, --lr-start, --lr-end, --wd and --eps must be >= 0")
@@ -191,7 +201,7 @@ def reseed(seed: int, epoch: int, rank: int) -> None:
     torch.manual_seed(sample_seed(seed, epoch, rank))
 
 
-def zero_shot(args, raw_model, tokenizer, info: DistInfo, amp: bool) -> dict | None:
+def zero_shot(args, raw_model, tokenizer, info: DistInfo, amp: bool, transform=None) -> dict | None:
     """Zero-shot ImageNet on the main process while the other ranks wait.
 
     A failure here (say, the ImageNet disk went away) is reported and the run goes on:
@@ -202,7 +212,7 @@ def zero_shot(args, raw_model, tokenizer, info: DistInfo, amp: bool) -> dict | N
         try:
             result = evaluate_imagenet(raw_model, tokenizer, args.imagenet_root, SIMPLE_TEMPLATES,
                                        args.eval_batch_size, args.workers, info.device, amp=amp,
-                                       skip_bad_images=True)
+                                       transform=transform, skip_bad_images=True)
         except (OSError, ValueError, RuntimeError) as err:
             print(f"=> zero-shot evaluation on --imagenet-root {args.imagenet_root!r} failed: {err}")
     barrier()
@@ -230,7 +240,8 @@ def end_of_epoch(args, epoch: int, stats: dict, zs: dict | None, best_acc1: floa
     def save_and_log() -> None:
         ckpt = ckpt_io.make_checkpoint(epoch + 1, tr.raw_model, tr.optimizer, tr.scaler, best_acc1, args,
                                        info.world_size)
-        ckpt_io.save_checkpoint({**ckpt, "data_state": data_state}, args.output_dir, is_best)
+        latest = ckpt_io.save_checkpoint({**ckpt, "data_state": data_state}, args.output_dir, is_best)
+        interop.keep_epoch_file(latest, epoch + 1, args.epochs, args.save_frequency, args.delete_previous_checkpoint)
         with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
             f.write(json.dumps(record) + "\n")
         if tr.writer is not None:
@@ -241,6 +252,36 @@ def end_of_epoch(args, epoch: int, stats: dict, zs: dict | None, best_acc1: floa
 
     on_rank0(save_and_log, info.rank)
     return best_acc1
+
+
+def save_mid_epoch(args, tr: Trainer, info: DistInfo, epoch: int, progress: EpochProgress,
+                   best_acc1: float | None) -> None:
+    """--save-every-steps: checkpoint.pt inside `epoch`, with the loader's position, the steps done
+    and every rank's running sums and RNG state, so a rerun continues exactly here. Call on every
+    rank (the positions are gathered); rank 0 writes, atomically as at epoch ends."""
+    data_state = tr.loader.state()
+    cuda = info.device.type == "cuda"
+    ranks = on_every_rank(lambda: {"sums": progress.sums, "rng": torch.get_rng_state(),
+                                   **({"cuda_rng": torch.cuda.get_rng_state(info.device)} if cuda else {})},
+                          info.world_size)
+
+    def save() -> None:
+        ckpt = ckpt_io.make_checkpoint(epoch, tr.raw_model, tr.optimizer, tr.scaler, best_acc1, args, info.world_size)
+        ckpt["epoch_progress"] = {"steps": progress.steps, "seconds": progress.seconds,
+                                  **{key: [r.get(key) for r in ranks] for key in ranks[0]}}
+        ckpt_io.save_checkpoint({**ckpt, "data_state": data_state}, args.output_dir, is_best=False)
+
+    on_rank0(save, info.rank)
+
+
+def resume_inside_epoch(progress: dict, epoch: int, steps: int, info: DistInfo) -> EpochProgress:
+    """The resumed epoch's progress and this rank's RNG state, from a mid-epoch checkpoint."""
+    torch.set_rng_state(progress["rng"][info.rank])
+    if progress.get("cuda_rng") and info.device.type == "cuda":
+        torch.cuda.set_rng_state(progress["cuda_rng"][info.rank], info.device)
+    if info.rank == 0:
+        print(f"=> resuming inside epoch {epoch} after {progress['steps']} of {steps} steps")
+    return EpochProgress(progress["steps"], dict(progress["sums"][info.rank]), progress["seconds"])
 
 
 def warn_resume_over_latest(resume: str, output_dir: str) -> None:
@@ -265,11 +306,12 @@ class Setup:
     resumed: ckpt_io.Resumed | None  # None for a fresh run
 
 
-def setup(args: argparse.Namespace, info: DistInfo) -> Setup:
+def setup(args: argparse.Namespace, info: DistInfo, arch: interop.Architecture) -> Setup:
     """Model, optimizer, scaler and (if any) the resumed state."""
     torch.manual_seed(args.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
-    model = models.get_model(args.model).to(info.device)
-    optimizer = build_optimizer(model, args.lr, args.wd, tuple(args.betas), args.eps)
+    model = arch.build(args.grad_checkpointing).to(info.device)
+    optimizer = torch.optim.AdamW(arch.param_groups(model, args.wd), lr=args.lr, betas=tuple(args.betas),
+                                  eps=args.eps)
     amp_dtype, scaler = precision(args, info.device)
     start_epoch, best_acc1, resumed = args.start_epoch, None, None
     path = ckpt_io.resume_path(args.resume, args.output_dir)
@@ -277,13 +319,16 @@ def setup(args: argparse.Namespace, info: DistInfo) -> Setup:
         warn_resume_over_latest(args.resume, args.output_dir)
 
     def check(ckpt) -> None:  # every rank reads the same file, so every rank refuses alike
-        for note in ckpt_io.check_resume_settings(ckpt, args, info.world_size, path):
+        notes = ckpt_io.check_resume_settings(ckpt, args, info.world_size, path)
+        if interop.is_open_clip_train_checkpoint(ckpt):
+            notes.append(interop.open_clip_train_resume_note(path, ckpt))
+        for note in notes:
             if info.rank == 0:
                 print(f"=> note: {note}")
 
     if path:
         resumed = ckpt_io.load_training_state(path, model, args.model, optimizer, scaler,
-                                              trust=args.trust_checkpoint, check=check)
+                                              trust=args.trust_checkpoint, check=check, load=arch.load)
         start_epoch, best_acc1 = resumed.epoch, resumed.best_acc1
         print(f"=> rank {info.rank}: resumed from {path!r} after epoch {start_epoch} (best_acc1 {best_acc1})")
     low, high = all_reduce_min_max(start_epoch, info.device)
@@ -302,22 +347,32 @@ def wrap_ddp(model: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
 def run(args: argparse.Namespace, info: DistInfo, sync: RemoteSync | None = None) -> list[dict]:
     is_main = info.rank == 0
     torch.backends.cudnn.benchmark = True  # fixed 224x224 inputs: pick the fastest conv once
-    tokenizer = SimpleTokenizer()
+    arch = interop.architecture(args, SimpleTokenizer())
+    tokenizer = arch.tokenizer
     # Data first: a bad CSV, rewrite file or --root fails in seconds, before a large model
     # is built and a checkpoint read. (Neither touches the global RNG, so order is free.)
-    loader = build_loader(args, info, tokenizer)
-    st = setup(args, info)
+    loader = build_loader(args, info, tokenizer, arch.train_transform)
+    st = setup(args, info, arch)
     notes = loader.notes + [loader.restore(st.resumed.data_state) if st.resumed else None]
     for note in filter(None, notes) if is_main else []:
         print(f"=> note: {note}")
     steps = steps_per_epoch(args, loader, info)
-    schedule = CosineSchedule(args.lr, args.lr_end, args.lr_start, args.epochs * steps,
-                              args.warmup_epochs * steps)
+    warmup = args.warmup if args.warmup is not None else args.warmup_epochs * steps  # --warmup: steps
+    schedule = CosineSchedule(args.lr, args.lr_end, args.lr_start, args.epochs * steps, warmup)
     tr = Trainer(model=wrap_ddp(st.model, info), raw_model=st.model, optimizer=st.optimizer, scaler=st.scaler,
                  loader=loader, schedule=schedule, steps_per_epoch=steps, update_freq=args.update_freq,
                  device=info.device, amp_dtype=st.amp_dtype, print_freq=args.print_freq, is_main=is_main,
-                 world_size=info.world_size, writer=open_tensorboard(args.output_dir) if is_main else None)
+                 world_size=info.world_size, writer=open_tensorboard(args.output_dir) if is_main else None,
+                 logit_scale_max=arch.logit_scale_max, save_every=args.save_every_steps)
     start_epoch, best_acc1 = st.start_epoch, st.best_acc1
+
+    def on_save(epoch: int, progress: EpochProgress) -> None:  # --save-every-steps, on every rank
+        save_mid_epoch(args, tr, info, epoch, progress, best_acc1)  # best_acc1: the best so far (late binding)
+        if args.remote_sync:
+            on_rank0(lambda: sync.push(), info.rank)
+
+    tr.on_save = on_save
+    inside = st.resumed.progress if st.resumed else None
     if is_main:
         print(f"=> {args.model}: {loader.samples} samples, {steps} steps/epoch of "
               f"{args.batch_size}x{info.world_size}x{args.update_freq}, epochs {start_epoch}..{args.epochs - 1}")
@@ -328,8 +383,9 @@ def run(args: argparse.Namespace, info: DistInfo, sync: RemoteSync | None = None
         start = time.time()
         loader.set_epoch(epoch)
         reseed(args.seed, epoch, info.rank)
-        stats = train_one_epoch(tr, epoch)
-        zs = zero_shot(args, st.model, tokenizer, info, amp=st.amp_dtype is not None)
+        resumed = resume_inside_epoch(inside, epoch, steps, info) if inside and epoch == start_epoch else None
+        stats = train_one_epoch(tr, epoch, resumed)
+        zs = zero_shot(args, st.model, tokenizer, info, amp=st.amp_dtype is not None, transform=arch.eval_transform)
         bench = run_benchmarks(args, st.model, tokenizer, info.rank, info.device, epoch, amp=st.amp_dtype is not None)
         best_acc1 = end_of_epoch(args, epoch, stats, zs, best_acc1, tr, time.time() - start, info, bench,
                                  loader.state())
@@ -343,7 +399,11 @@ def run(args: argparse.Namespace, info: DistInfo, sync: RemoteSync | None = None
 
 def main(argv: list[str] | argparse.Namespace | None = None) -> list[dict]:
     """Train; returns one stats dict per epoch run. Raises ValueError on bad flags or files."""
-    args = argv if isinstance(argv, argparse.Namespace) else get_args_parser().parse_args(argv)
+    if isinstance(argv, argparse.Namespace):
+        args = argv
+    else:
+        args, unknown = get_args_parser().parse_known_args(argv)
+        interop.refuse_unknown_flags(unknown)  # open_clip_train's flags are named as such
     validate_args(args)
     info = init_distributed_mode(args.device, timedelta(minutes=args.dist_timeout))
     locks: list[FileLock] = []

@@ -6,6 +6,10 @@ drops a flock when its process dies, however it dies, so a lock left by a killed
 run never blocks a rerun. Where the file system has no flock (some network file
 systems without the option), taking a lock fails with a message that says so.
 
+A forked child (a DataLoader worker) inherits the descriptor, and with it the flock, which would
+outlive a killed parent for as long as the child takes to notice (seconds): forked children close
+their copies at once (`os.register_at_fork`), so the lock goes with the process that took it.
+
 The lock file is removed on release, while still locked. Another process may have
 opened the old file just before: after taking the lock it checks that the path still
 names the file it locked, and tries again if not, so two holders can never coexist.
@@ -51,6 +55,24 @@ def describe_holder(path: Path) -> str:
             f"{info.get('command', '?')})")
 
 
+_HELD: dict[int, "FileLock"] = {}  # id -> a lock this process holds
+
+
+def _drop_in_child() -> None:
+    """After fork, in the child: close the inherited lock descriptors (the parent keeps its locks)."""
+    for lock in list(_HELD.values()):
+        if lock._fd is not None:
+            try:
+                os.close(lock._fd)
+            except OSError:
+                pass
+            lock._fd = None
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_drop_in_child)
+
+
 @dataclass
 class FileLock:
     """An exclusive lock on `target` (the lock file is target + '.lock'); `what` names it in messages."""
@@ -84,6 +106,7 @@ class FileLock:
         os.ftruncate(fd, 0)
         os.write(fd, _holder_text().encode("utf-8"))
         self._fd = fd
+        _HELD[id(self)] = self
         return True
 
     def acquire(self) -> "FileLock":
@@ -101,6 +124,7 @@ class FileLock:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
+            _HELD.pop(id(self), None)
 
     def __enter__(self) -> "FileLock":
         return self.acquire()

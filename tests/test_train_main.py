@@ -71,10 +71,10 @@ def test_resume_equals_uninterrupted(tmp_path, monkeypatch):
 
     real = train.train_one_epoch
 
-    def crash_in_second_epoch(tr, epoch):
+    def crash_in_second_epoch(tr, epoch, resumed=None):
         if epoch == 1:
             raise KeyboardInterrupt("simulated preemption")
-        return real(tr, epoch)
+        return real(tr, epoch, resumed)
 
     monkeypatch.setattr(train, "train_one_epoch", crash_in_second_epoch)
     with pytest.raises(KeyboardInterrupt):

@@ -8,6 +8,7 @@ number of workers and ranks, and across a resume.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import random
@@ -36,9 +37,14 @@ def usable_rewrite(original: str, rewrite: str) -> str:
     return rewrite if len(rewrite.split()) >= 2 else original
 
 
-def pick_caption(original: str, rewrites: Sequence[str], rng: random.Random) -> str:
-    """LaCLIP's text augmentation: uniform over the original and its rewrites, one draw of rng."""
-    choice = rng.randrange(1 + len(rewrites))
+def pick_caption(original: str, rewrites: Sequence[str], rng: random.Random,
+                 weights: Sequence[float] | None = None) -> str:
+    """LaCLIP's text augmentation: uniform over the original and its rewrites, one draw of rng;
+    weights (--aug-text-weights: the original's, then each rewrite source's) make it a weighted pick."""
+    if weights is None:
+        choice = rng.randrange(1 + len(rewrites))
+    else:
+        choice = rng.choices(range(1 + len(rewrites)), weights=weights)[0]
     return original if choice == 0 else usable_rewrite(original, rewrites[choice - 1])
 
 
@@ -86,7 +92,9 @@ class CaptionImageDataset(Dataset):
     """
 
     def __init__(self, csv_path: str, root: str, transform: Callable, tokenizer: Callable,
-                 rewrite_files: Sequence[str] = (), seed: int = 0, multi_text: bool = False):
+                 rewrite_files: Sequence[str] = (), seed: int = 0, multi_text: bool = False,
+                 text_weights: Sequence[float] | None = None):
+        self.text_weights = text_weights  # --aug-text-weights, None: uniform
         self.multi_text = multi_text  # LaCLIP-MT: tokens [1 + rewrites, 77], every text of the sample
         table = read_caption_csv(csv_path)
         self.paths, self.captions = table.paths, table.captions
@@ -106,8 +114,8 @@ class CaptionImageDataset(Dataset):
         return len(self.paths)
 
     def pick_caption(self, index: int, rng: random.Random) -> str:
-        """Uniform over the original and its rewrites; a pick under two words -> original."""
-        return pick_caption(self.captions[index], [r[index] for r in self.rewrites], rng)
+        """Over the original and its rewrites (uniform or weighted); a pick under two words -> original."""
+        return pick_caption(self.captions[index], [r[index] for r in self.rewrites], rng, self.text_weights)
 
     def load_image(self, index: int) -> tuple[Image.Image, int, int]:
         """(RGB image, index actually used, failed loads); skips to the next sample on failure."""
@@ -166,13 +174,15 @@ class EpochSampler(Sampler):
     def __init__(self, dataset: Dataset, num_replicas: int, rank: int, seed: int):
         self.inner = DistributedSampler(dataset, num_replicas=num_replicas, rank=rank,
                                         shuffle=True, seed=seed)
+        self.skip = 0  # this rank's indices already trained on in the epoch (a mid-epoch resume)
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
         self.inner.set_epoch(epoch)
+        self.skip = skip
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         epoch = self.inner.epoch  # fixed when iteration starts, as DistributedSampler's shuffle is
-        return ((i, epoch) for i in self.inner)
+        return ((i, epoch) for i in itertools.islice(self.inner, self.skip, None))
 
     def __len__(self) -> int:
         return len(self.inner)

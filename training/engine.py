@@ -5,7 +5,7 @@ import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import torch
 from torch import nn
@@ -80,6 +80,18 @@ class Trainer:
     is_main: bool = True
     world_size: int = 1
     writer: Any = None  # TensorBoard SummaryWriter or None
+    logit_scale_max: float = LOGIT_SCALE_MAX  # the clamp of the logit-scale parameter after each step
+    save_every: int = 0  # --save-every-steps: call on_save after every N optimizer steps inside an epoch
+    on_save: Callable[[int, "EpochProgress"], None] | None = None  # (epoch, progress so far); on every rank
+
+
+@dataclass
+class EpochProgress:
+    """An epoch part-way: optimizer steps done, this rank's running sums and the seconds spent
+    (saved by a mid-epoch checkpoint, so the resumed epoch's log line is the uninterrupted one's)."""
+    steps: int
+    sums: dict[str, float]  # loss, acc (weighted by samples) and samples
+    seconds: float
 
 
 class MicroStep(NamedTuple):
@@ -102,7 +114,7 @@ def micro_step(tr: Trainer, batch, sync: bool, step: int) -> MicroStep:
         with torch.autocast(tr.device.type, dtype=tr.amp_dtype or torch.float32,
                             enabled=tr.amp_dtype is not None):
             # LaCLIP-MT: one forward encodes every text ([b*T, 77]); each image is encoded once.
-            out = tr.model(images, tokens.flatten(0, 1) if texts else tokens)
+            out = embeddings(tr.model(images, tokens.flatten(0, 1) if texts else tokens))
             if texts:
                 metrics = multi_text_loss(out["image_embed"], out["text_embed"].unflatten(0, (rows, texts)),
                                           out["logit_scale"])
@@ -118,28 +130,39 @@ def micro_step(tr: Trainer, batch, sync: bool, step: int) -> MicroStep:
     return MicroStep(loss_value, metrics["clip_acc"].item(), rows)
 
 
+def embeddings(out: dict) -> dict:
+    """open_clip models name their outputs image_features/text_features (already normalised; the
+    loss normalises again, which leaves them as they are)."""
+    if "image_features" in out:
+        return {"image_embed": out["image_features"], "text_embed": out["text_features"],
+                "logit_scale": out["logit_scale"]}
+    return out
+
+
 def optimizer_step(tr: Trainer) -> None:
     tr.scaler.step(tr.optimizer)
     tr.scaler.update()
     tr.optimizer.zero_grad(set_to_none=True)
     with torch.no_grad():
-        tr.raw_model.logit_scale.clamp_(0, LOGIT_SCALE_MAX)
+        tr.raw_model.logit_scale.clamp_(0, tr.logit_scale_max)
 
 
-def train_one_epoch(tr: Trainer, epoch: int) -> dict[str, float]:
-    """Run `steps_per_epoch` optimizer steps of `update_freq` micro-batches each.
+def train_one_epoch(tr: Trainer, epoch: int, resumed: EpochProgress | None = None) -> dict[str, float]:
+    """Run `steps_per_epoch` optimizer steps of `update_freq` micro-batches each (from
+    `resumed.steps` on for a mid-epoch resume, whose loader skips the batches already used).
 
     Batches past steps_per_epoch * update_freq are not used, so no gradient leaks
     into the next epoch. Returns the epoch's statistics, summed over all ranks, with the
     loader's counts of skipped inputs (tr.loader: a training/loaders.py TrainLoader).
     """
     tr.model.train()
-    sums = {"loss": 0.0, "acc": 0.0, "samples": 0.0}
-    start = time.time()
-    bar = tqdm(total=tr.steps_per_epoch, desc=f"epoch {epoch}", disable=not tr.is_main,
+    first = resumed.steps if resumed else 0
+    sums = dict(resumed.sums) if resumed else {"loss": 0.0, "acc": 0.0, "samples": 0.0}
+    start = time.time() - (resumed.seconds if resumed else 0.0)
+    bar = tqdm(total=tr.steps_per_epoch, initial=first, desc=f"epoch {epoch}", disable=not tr.is_main,
                dynamic_ncols=True)
     batches = iter(tr.loader)
-    for micro in range(tr.steps_per_epoch * tr.update_freq):
+    for micro in range(first * tr.update_freq, tr.steps_per_epoch * tr.update_freq):
         local_step, sub = divmod(micro, tr.update_freq)
         step = epoch * tr.steps_per_epoch + local_step  # global optimizer step
         if sub == 0:
@@ -153,6 +176,9 @@ def train_one_epoch(tr: Trainer, epoch: int) -> dict[str, float]:
             continue
         optimizer_step(tr)
         _show_progress(tr, bar, step, local_step, ms.loss, ms.acc, sums["samples"], start)
+        done = local_step + 1
+        if tr.save_every and tr.on_save and done % tr.save_every == 0 and done < tr.steps_per_epoch:
+            tr.on_save(epoch, EpochProgress(done, dict(sums), time.time() - start))
     bar.close()
     return _epoch_stats(tr, sums, tr.loader.report(), time.time() - start)
 

@@ -56,11 +56,17 @@ class EpochBatches:
         return self.length
 
     def set_epoch(self, epoch: int) -> None:
-        # This version resumes at epoch ends only: it never silently retrains or skips batches.
-        if self.resume_from and self.resume_from.get("epoch") == epoch and self.resume_from.get("batches"):
-            raise ValueError(f"the checkpoint's data position is inside epoch {epoch} (after "
-                             f"{self.resume_from['batches']} batches); this version resumes at epoch ends only")
         self.epoch, self.batches, self.counts = epoch, 0, Counter(dict.fromkeys(self.count_keys, 0))
+
+    def resumed_batches(self, epoch: int) -> int:
+        """Batches of `epoch` handed out before a mid-epoch checkpoint (--save-every-steps), 0 if none;
+        the counts of those batches are taken over. Call after set_epoch; it applies once."""
+        state, self.resume_from = self.resume_from, None
+        if not state or state.get("epoch") != epoch or not state.get("batches"):
+            return 0
+        self.batches = int(state["batches"])
+        self.counts.update(state.get("counts", {}))
+        return self.batches
 
     def handed_out(self, images: torch.Tensor, tokens: torch.Tensor, counts: dict) -> tuple:
         self.batches += 1
@@ -71,7 +77,7 @@ class EpochBatches:
         return dict(self.counts)
 
     def state(self) -> dict:
-        return {"epoch": self.epoch, "batches": self.batches}
+        return {"epoch": self.epoch, "batches": self.batches, "counts": dict(self.counts)}
 
     def restore(self, state: Optional[dict]) -> Optional[str]:
         self.resume_from = state  # the CSV sampler's order is fixed by (seed, epoch): nothing else to set
@@ -91,8 +97,10 @@ class CsvLoader(EpochBatches):
         return (self.handed_out(images, tokens, {"skipped_images": failed}) for images, tokens, failed in self.loader)
 
     def set_epoch(self, epoch: int) -> None:
+        """A mid-epoch resume skips the sampler's indices of the batches already used: the order is
+        fixed by (seed, epoch) and every pick by (seed, epoch, index), so the rest is as it was."""
         super().set_epoch(epoch)
-        self.sampler.set_epoch(epoch)
+        self.sampler.set_epoch(epoch, skip=self.resumed_batches(epoch) * self.loader.batch_size)
 
 
 class ShardLoader(EpochBatches):
@@ -104,6 +112,7 @@ class ShardLoader(EpochBatches):
         super().__init__(loader, [], stream.batches * stream.batch_size * world_size, stream.batches)
         self.stream, self.rank, self.world_size = stream, rank, world_size
         self.seen: dict[int, tuple[int, int, int]] = {}  # worker -> (pass, shard, sample) read so far
+        self.drawn: dict[int, tuple[int, int]] = {}  # worker -> (samples drawn from its shuffle buffer, emitted)
         rewrites = stream.spec.rewrites
         per_epoch = stream.batches * stream.batch_size  # this rank's samples
         self.guard = MismatchGuard(rewrites.mismatch_limit, per_epoch) if rewrites is not None else None
@@ -112,24 +121,47 @@ class ShardLoader(EpochBatches):
         for images, tokens, info in self.loader:
             for worker, *position in info.pop("position").tolist():
                 self.seen[worker] = tuple(position)
+            for worker, draws, emitted in info.pop("drawn").tolist():
+                self.drawn[worker] = (draws, emitted)
             notes = info.pop("mismatch")
             if self.guard is not None:  # too many rewrites of other captions: stop with one line
                 self.guard.add(int(info[MISMATCH].sum()), notes)
             yield self.handed_out(images, tokens, info)
 
     def set_epoch(self, epoch: int) -> None:
-        """Before each epoch: it starts where the batches of the previous one stopped."""
+        """Before each epoch: it starts where the batches of the previous one stopped. A mid-epoch
+        resume starts the epoch's streams where it started them and replays each worker's draws."""
         super().set_epoch(epoch)
-        self.stream.starts, self.stream.epoch, self.seen = {**self.stream.starts, **self.seen}, epoch, {}
+        saved = self.resume_from
+        self.stream.starts, self.stream.epoch, self.stream.replay = {**self.stream.starts, **self.seen}, epoch, {}
+        self.seen, self.drawn, self.stream.worker_offset = {}, {}, 0
         if self.guard is not None:
-            self.guard.new_epoch()
+            self.guard.new_epoch()  # (a mid-epoch resume counts the epoch's mismatches from there)
+        if self.resumed_batches(epoch):
+            # batch k comes from stream worker k % workers, and the DataLoader starts with its process 0
+            self.stream.worker_offset = self.batches % self.stream.workers
+            layout = [self.world_size, self.stream.workers]
+            if saved.get("layout") != layout or saved.get("shards") != self.stream.spec.fingerprint():
+                raise ValueError(f"the checkpoint is inside epoch {epoch} with data positions for {saved.get('layout')} "
+                                 f"processes x --workers (or another shard list); this run has {layout}: rerun with "
+                                 f"the checkpoint's --workers, processes and --train-data")
+            self.stream.starts = {w: tuple(s) for w, s in enumerate(saved["epoch_starts"][self.rank])}
+            self.stream.replay = {w: tuple(d) for w, d in enumerate(saved["drawn"][self.rank])}
+            self.drawn = dict(self.stream.replay)
+            # a worker that had emitted its share before the checkpoint emits nothing more: keep where it was
+            self.seen = {w: tuple(s) for w, s in enumerate(saved["starts"][self.rank])}
 
     def state(self) -> dict:
-        """Also every rank's next start positions, rank order (a collective)."""
-        gathered = on_every_rank(lambda: {**self.stream.starts, **self.seen}, self.world_size)
+        """Also every rank's next start positions, rank order (a collective); for a mid-epoch
+        checkpoint, this epoch's start positions and each worker's draws and emitted samples."""
+        gathered = on_every_rank(lambda: ({**self.stream.starts, **self.seen}, self.stream.starts, self.drawn),
+                                 self.world_size)
+        workers = range(self.stream.workers)
         return {**super().state(), "layout": [self.world_size, self.stream.workers],
                 "shards": self.stream.spec.fingerprint(),
-                "starts": [[list(g.get(w, (0, 0, 0))) for w in range(self.stream.workers)] for g in gathered]}
+                "starts": [[list(g[0].get(w, (0, 0, 0))) for w in workers] for g in gathered],
+                "epoch_starts": [[list(g[1].get(w, (0, 0, 0))) for w in workers] for g in gathered],
+                "drawn": [[list(g[2].get(w, (0, 0))) for w in workers] for g in gathered]}
 
     def restore(self, state: Optional[dict]) -> Optional[str]:
         """Start positions from a checkpoint's data_state; a note when they do not apply.
@@ -204,8 +236,9 @@ def check_webdataset_args(args: argparse.Namespace) -> StreamSpec:
         raise ValueError("--rewrite-columns names columns of the --rewrite-data files; give --rewrite-data")
     rewrites = open_rewrite_source(args.rewrite_data, tuple(args.rewrite_json_keys), tuple(args.rewrite_columns),
                                    tuple(urls), limit) if args.aug_text else None
+    weights = getattr(args, "aug_text_weights", None)
     return StreamSpec(tuple(urls), args.train_num_samples, args.dataset_resampled, rewrites, args.multi_text,
-                      args.seed)
+                      args.seed, tuple(weights) if weights else None)
 
 
 def check_data_args(args: argparse.Namespace) -> None:
@@ -224,7 +257,7 @@ def _data_loader(dataset, args: argparse.Namespace, info: DistInfo, **kw) -> Dat
                       pin_memory=info.device.type == "cuda", **kw)
 
 
-def build_shard_loader(args: argparse.Namespace, info: DistInfo, tokenizer) -> ShardLoader:
+def build_shard_loader(args: argparse.Namespace, info: DistInfo, tokenizer, transform=None) -> ShardLoader:
     spec, empty = without_empty_tars(check_webdataset_args(args))
     readers = info.world_size * max(1, args.workers)
     if not spec.resampled and len(spec.urls) < readers:
@@ -232,25 +265,27 @@ def build_shard_loader(args: argparse.Namespace, info: DistInfo, tokenizer) -> S
         raise ValueError(f"--train-data has {len(spec.urls)} shards{left}, fewer than processes x --workers "
                          f"({info.world_size} x {max(1, args.workers)}): some readers would have none. Use fewer "
                          "--workers, more shards, or --dataset-resampled")
-    stream = ShardStream(spec, train_transform(), tokenizer, args.batch_size, info.world_size, args.workers)
+    stream = ShardStream(spec, transform or train_transform(), tokenizer, args.batch_size, info.world_size, args.workers)
     loader = ShardLoader(stream, _data_loader(stream, args, info), info.rank, info.world_size)
     loader.notes += empty_note(empty) + start_notes(spec)  # empty tars, rewrite coverage, passes per epoch
     return loader
 
 
-def build_csv_loader(args: argparse.Namespace, info: DistInfo, tokenizer) -> CsvLoader:
+def build_csv_loader(args: argparse.Namespace, info: DistInfo, tokenizer, transform=None) -> CsvLoader:
     rewrites = args.augmented_caption_filelist if args.aug_text else []
-    dataset = CaptionImageDataset(args.train_data, args.root, train_transform(), tokenizer,
-                                  rewrites, seed=args.seed, multi_text=args.multi_text)
+    dataset = CaptionImageDataset(args.train_data, args.root, transform or train_transform(), tokenizer, rewrites,
+                                  seed=args.seed, multi_text=args.multi_text,
+                                  text_weights=getattr(args, "aug_text_weights", None))
     check_root(dataset)
     sampler = EpochSampler(dataset, info.world_size, info.rank, args.seed)
     return CsvLoader(dataset, _data_loader(dataset, args, info, sampler=sampler), sampler)
 
 
-def build_loader(args: argparse.Namespace, info: DistInfo, tokenizer) -> TrainLoader:
-    """The loader of --train-data, CSV or shards; bad files fail here, before a model is built."""
-    loader = build_shard_loader(args, info, tokenizer) if dataset_type(args) == "webdataset" \
-        else build_csv_loader(args, info, tokenizer)
+def build_loader(args: argparse.Namespace, info: DistInfo, tokenizer, transform=None) -> TrainLoader:
+    """The loader of --train-data, CSV or shards; bad files fail here, before a model is built.
+    transform: the model's training transform (default: the presets', training.data.train_transform)."""
+    loader = build_shard_loader(args, info, tokenizer, transform) if dataset_type(args) == "webdataset" \
+        else build_csv_loader(args, info, tokenizer, transform)
     given = [f for f in ("augmented_caption_filelist", "rewrite_data", "rewrite_json_keys") if getattr(args, f)]
     if given and not args.aug_text:
         loader.notes.append(f"--{given[0].replace('_', '-')} without --aug-text: the rewrites are not used (CLIP)")

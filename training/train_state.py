@@ -31,14 +31,15 @@ BEST = "checkpoint_best.pt"
 # Flags that decide what a run computes: an exact resume needs the checkpoint's values.
 RESUME_MUST_MATCH = ("model", "train_data", "root", "aug_text", "augmented_caption_filelist", "dataset_type",
                      "train_num_samples", "dataset_resampled", "rewrite_data", "rewrite_json_keys", "rewrite_columns",
-                     "multi_text",
-                     "epochs",
+                     "multi_text", "aug_text_weights", "quickgelu", "warmup",
                      "warmup_epochs", "batch_size", "update_freq", "lr", "lr_start", "lr_end", "wd", "betas",
                      "eps", "seed", "disable_amp", "amp_dtype", "max_steps_per_epoch", "world_size")
 # Flags that change where and how the run is watched, not the weights it computes.
 RESUME_FREE = ("output_dir", "resume", "start_epoch", "imagenet_root", "workers", "print_freq",
                "eval_batch_size", "device", "dist_timeout", "trust_checkpoint", "resume_override",
-               "eval_benchmark", "eval_tasks", "eval_every", "rewrite_mismatch_limit")
+               "eval_benchmark", "eval_tasks", "eval_every", "rewrite_mismatch_limit", "save_every_steps",
+               "save_frequency", "delete_previous_checkpoint", "grad_checkpointing", "precision", "local_loss",
+               "gather_with_grad")
 LABELS = {"world_size": "processes", "augmented_caption_filelist": "--augmented_caption_filelist"}
 
 
@@ -130,16 +131,31 @@ def resume_differences(saved: Mapping, current: Mapping) -> tuple[list[str], lis
     return breaking, harmless
 
 
+def epochs_change(saved: Mapping, epochs: int) -> tuple[list[str], list[str]]:
+    """A larger --epochs extends a run (train, then train longer: SLIP's, LaCLIP's and open_clip's
+    users do it), said in a note; a smaller one breaks the resume like any other schedule flag."""
+    old = saved.get("epochs")
+    if old is None or old == epochs:
+        return [], []
+    if epochs > old:
+        return [], [f"extending the run from --epochs {old} to {epochs}: the learning-rate schedule from "
+                    f"here on follows the new total of {epochs} epochs"]
+    return [f"--epochs {old} (now {epochs})"], []
+
+
 def check_resume_settings(ckpt: Mapping, args: argparse.Namespace, world_size: int, path: str) -> list[str]:
     """Refuse a resume whose trajectory-deciding flags differ (unless --resume-override);
-    returns the notes to print: overridden and harmless differences."""
-    breaking, harmless = resume_differences(saved_settings(ckpt), {**vars(args), "world_size": world_size})
+    returns the notes to print: overridden and harmless differences, and a longer --epochs."""
+    saved = saved_settings(ckpt)
+    breaking, harmless = resume_differences(saved, {**vars(args), "world_size": world_size})
+    shorter, longer = epochs_change(saved, args.epochs)
+    breaking += shorter
     if breaking and not args.resume_override:
         raise ValueError(f"--resume {path!r}: this run's settings differ from the checkpoint's, which breaks an "
                          f"exact resume: {', '.join(breaking)}; rerun with the checkpoint's settings, or pass "
                          "--resume-override to continue with the new ones")
     notes = [f"--resume-override: continuing {path!r} with {', '.join(breaking)}"] if breaking else []
-    return notes + ([f"resuming {path!r} with {', '.join(harmless)}"] if harmless else [])
+    return notes + longer + ([f"resuming {path!r} with {', '.join(harmless)}"] if harmless else [])
 
 
 class Resumed(NamedTuple):
@@ -147,23 +163,31 @@ class Resumed(NamedTuple):
     epoch: int  # epochs completed
     best_acc1: float | None
     data_state: dict | None  # the loader's position (training/loaders.py), if saved
+    # a mid-epoch checkpoint's (--save-every-steps): steps done in epoch `epoch`, every rank's running
+    # sums, seconds and torch RNG state (train.py's save_mid_epoch); None at an epoch end
+    progress: dict | None = None
 
 
 def load_training_state(path: str, model: nn.Module, model_name: str,
                         optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                         flag: str = "--resume", trust: bool = False,
-                        check: Callable[[Mapping], None] | None = None) -> Resumed:
+                        check: Callable[[Mapping], None] | None = None,
+                        load: Callable[..., None] | None = None) -> Resumed:
     """Restore model (strict), optimizer and scaler; the file is read once.
 
     Also accepts a released checkpoint (args pickled as a Namespace) or a bare state
     dict: missing optimizer/scaler/epoch entries are left at their fresh values.
     trust: --trust-checkpoint (full unpickling); check(ckpt) runs before anything is restored.
+    load(model, state, path, flag): the strict weight load (default: a preset's, models.load_into).
     """
     ckpt = models.read_checkpoint(path, flag, trust=trust)
     if check is not None:
         check(ckpt)
     state = models.extract_state_dict(ckpt, path, flag)
-    models.load_into(model, state, model_name, path, flag)
+    if load is None:
+        models.load_into(model, state, model_name, path, flag)
+    else:
+        load(model, state, path, flag)
     if "optimizer" in ckpt:
         try:
             optimizer.load_state_dict(ckpt["optimizer"])
@@ -176,7 +200,8 @@ def load_training_state(path: str, model: nn.Module, model_name: str,
         scaler.load_state_dict(ckpt["scaler"])
     best = ckpt.get("best_acc1")
     # float(): another script may have stored a 0-d tensor, which json.dumps rejects.
-    return Resumed(int(ckpt.get("epoch", 0)), None if best is None else float(best), ckpt.get("data_state"))
+    return Resumed(int(ckpt.get("epoch", 0)), None if best is None else float(best), ckpt.get("data_state"),
+                   ckpt.get("epoch_progress"))
 
 
 def check_optimizer_state(optimizer: torch.optim.Optimizer, path: str, flag: str) -> None:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import logging
 import math
 import os
@@ -78,6 +79,7 @@ class StreamSpec:
     rewrites: Optional[RewriteSource]  # None: plain CLIP (no --aug-text)
     multi_text: bool
     seed: int
+    text_weights: Optional[tuple[float, ...]] = None  # --aug-text-weights; None: uniform pick
 
     def fingerprint(self) -> str:
         """Identifies the shard list, so saved positions are only reused for the same one."""
@@ -98,27 +100,39 @@ class ShardStream(IterableDataset):
         self.worker_samples = self.worker_batches * batch_size
         self.epoch = 0
         self.starts: dict[int, tuple[int, int, int]] = {}  # worker -> (pass, shard, sample) to start from
+        # worker -> (draws, emitted): a mid-epoch resume replays the epoch's stream from `starts` up to
+        # `draws` samples out of the shuffle buffer, without decoding them (they were trained on)
+        self.replay: dict[int, tuple[int, int]] = {}
+        self.worker_offset = 0  # the stream worker of loader process 0 (not 0 after a mid-epoch resume)
         self._logged = 0  # bad samples and shards logged by this worker (each worker has its own copy)
 
     def __iter__(self) -> Iterator[tuple]:
         info = get_worker_info()
-        worker = 0 if info is None else info.id
+        # The stream's worker: the loader process's id, rotated after a mid-epoch resume so that the
+        # DataLoader's round robin (batch i from process i % workers) continues with the right stream.
+        worker = ((0 if info is None else info.id) + self.worker_offset) % self.workers
         rank = wds.utils.pytorch_worker_info()[0]
         pending: Counter = Counter()  # counts waiting to travel with the next good sample
         cursor = [self.starts.get(worker, (0, 0, 0))]
-        raw = self._resampled(pending) if self.spec.resampled else self._passes(worker, cursor, pending)
+        raw = self._resampled(rank, worker, pending) if self.spec.resampled else self._passes(worker, cursor, pending)
         rng = random.Random(stream_seed(self.spec.seed, self.epoch, rank, worker))
         size = max(1, min(SHUFFLE_BUFFER, self.worker_samples // 4))
         shuffled = wds.filters.shuffle(size, min(SHUFFLE_INITIAL, size), rng=rng)(raw)
-        emitted = 0
-        for sample in shuffled:
+        replayed, emitted = self.replay.get(worker, (0, 0))
+        for draws, sample in enumerate(shuffled, 1):
+            if draws <= replayed:  # a mid-epoch resume: drawn, decoded and trained on before the checkpoint
+                if draws == replayed:
+                    pending.clear()  # what the reads so far counted travelled with those samples
+                continue
+            if emitted >= self.worker_samples:  # the worker had emitted its share before the checkpoint
+                return
             item = self._decode(sample, pending)
             if item is None:
                 continue
+            emitted += 1
             counts = {k: pending.pop(k, 0) for k in COUNT_KEYS}
             yield (*item, {**counts, "position": torch.tensor([worker, *cursor[0]]),
-                           "mismatch": sample.get("__note__", "")})
-            emitted += 1
+                           "drawn": torch.tensor([worker, draws, emitted]), "mismatch": sample.get("__note__", "")})
             if emitted == self.worker_samples:
                 return
 
@@ -155,15 +169,17 @@ class ShardStream(IterableDataset):
                     sample["__note__"] = mismatch_note(table, key)
             yield sample
 
-    def _pass_shards(self, p: int) -> list[str]:
+    def _pass_shards(self, p: int, worker: int) -> list[str]:
+        """Pass p's shards of this rank (webdataset's split_by_node) and stream worker (as its
+        split_by_worker, by the stream's worker id)."""
         order = [d["url"] for d in wds.SimpleShardList(list(self.spec.urls), seed=stream_seed(self.spec.seed, p))]
-        return list(wds.split_by_worker(wds.split_by_node(order)))
+        return list(itertools.islice(wds.split_by_node(order), worker, None, self.workers))
 
     def _passes(self, worker: int, cursor: list, pending: Counter) -> Iterator[dict]:
         """This worker's shards, pass after pass, from cursor[0]; cursor[0] follows the reading."""
         p, first_shard, skip = cursor[0]
         while True:
-            shards, read = self._pass_shards(p), 0
+            shards, read = self._pass_shards(p, worker), 0
             for s in range(first_shard, len(shards)):
                 for j, sample in enumerate(self._read_shard(shards[s], pending)):
                     if j < skip:
@@ -178,9 +194,10 @@ class ShardStream(IterableDataset):
                                    f"sample (e.g. {shards[0] if shards else '-'})")
             p, first_shard = p + 1, 0
 
-    def _resampled(self, pending: Counter) -> Iterator[dict]:
+    def _resampled(self, rank: int, worker: int, pending: Counter) -> Iterator[dict]:
+        # worker_seed: webdataset's default (rank * 1000 + worker), by the stream's worker id
         for shard in wds.ResampledShards(list(self.spec.urls), seed=stream_seed(self.spec.seed, self.epoch),
-                                         deterministic=True):
+                                         deterministic=True, worker_seed=lambda: rank * 1000 + worker):
             yield from self._read_shard(shard["url"], pending)
 
     # ------------------------------------------------------------ one sample
@@ -212,7 +229,7 @@ class ShardStream(IterableDataset):
                 rewrites = ("",) * self.spec.rewrites.slots
         if self.spec.multi_text:
             return pixels, self.tokenizer(all_captions(caption, rewrites))
-        return pixels, self.tokenizer(pick_caption(caption, rewrites, rng))
+        return pixels, self.tokenizer(pick_caption(caption, rewrites, rng, self.spec.text_weights))
 
     @staticmethod
     def _caption(text: Optional[bytes], pending: Counter) -> str:
