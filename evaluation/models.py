@@ -143,16 +143,23 @@ def load_open_clip(name: str, ckpt_path: str, quickgelu: bool, device: torch.dev
         print(note)
     state = models.load_checkpoint_state(ckpt_path, flag, trust=trust)
     model, preprocess_val = create_open_clip(name, quickgelu, logit_bias="logit_bias" in state)
-    state = fit_open_clip_state(model, state)
+    load_open_clip_state(model, state, name, ckpt_path, flag, lambda _state: preset_hint)
+    return model.to(device).eval(), preprocess_val
+
+
+def load_open_clip_state(model: torch.nn.Module, state: dict, name: str, path: str, flag: str,
+                         preset_hint: Callable[[dict], str]) -> None:
+    """Strict load of an open_clip state dict; a mismatch names what the file fits. ``preset_hint(state)``
+    says what to do with a LaCLIP CC/RedCaps file; it is called only on that error path."""
+    state = fit_open_clip_state(model, dict(state))
     lines = models.mismatch_lines(model, state)
     if lines:
         hint = patch_size_hint(model, state)
         if any(k.startswith("visual.blocks.") for k in state):
-            hint = f"  it looks like a LaCLIP CC/RedCaps checkpoint: {preset_hint}"
-        head = f"{flag}: checkpoint {ckpt_path!r} does not fit open_clip --model {name}"
+            hint = f"  it looks like a LaCLIP CC/RedCaps checkpoint: {preset_hint(state)}"
+        head = f"{flag}: checkpoint {path!r} does not fit open_clip --model {name}"
         raise ValueError("\n".join([head] + lines + ([hint] if hint else [])))
     model.load_state_dict(state, strict=True)
-    return model.to(device).eval(), preprocess_val
 
 
 def load_for_eval(name: str, ckpt_path: str, quickgelu: bool, device: torch.device,

@@ -163,16 +163,9 @@ def open_clip_train_resume_note(path: str, ckpt: Mapping) -> str:
 
 def load_open_clip_weights(model: nn.Module, state: Mapping, name: str, path: str, flag: str) -> None:
     """Strict load of an open_clip state dict; a mismatch names the model the file fits."""
-    from evaluation.models import fit_open_clip_state, patch_size_hint
-    state = fit_open_clip_state(model, dict(state))
-    lines = models.mismatch_lines(model, state)
-    if lines:
-        hint = patch_size_hint(model, state)
-        if any(k.startswith("visual.blocks.") for k in state):
-            hint = f"  it looks like a LaCLIP CC/RedCaps checkpoint: try --model {models.closest_preset(state)}"
-        head = f"{flag}: checkpoint {path!r} does not fit open_clip --model {name}"
-        raise ValueError("\n".join([head] + lines + ([hint] if hint else [])))
-    model.load_state_dict(state, strict=True)
+    from evaluation.models import load_open_clip_state
+    load_open_clip_state(model, dict(state), name, path, flag,
+                         lambda fitted: f"try --model {models.closest_preset(fitted)}")
 
 
 VIT_SIZES = {768: "B", 1024: "L", 1280: "H"}  # open_clip's ViT image widths
