@@ -141,7 +141,7 @@ def validate_args(args: argparse.Namespace) -> None:
     """Every check that needs no model: errors name the flag and the file."""
     interop.check_interop_args(args)  # first: it resolves --precision and --warmup
     check_data_args(args)
-    interop.check_text_weights(args, interop.rewrite_sources(args))
+    interop.check_text_weights(args)
     if args.multi_text and not args.aug_text:
         raise ValueError("--multi-text (LaCLIP-MT) pairs each image with its original and rewritten texts: "
                          "it needs --aug-text and the rewrites")

@@ -258,15 +258,17 @@ def rewrite_sources(args: argparse.Namespace) -> int:
     return len(args.augmented_caption_filelist)
 
 
-def check_text_weights(args: argparse.Namespace, sources: int) -> None:
+def check_text_weights(args: argparse.Namespace) -> None:
     """--aug-text-weights W0 W1 ...: the original's probability, then each rewrite source's (normalised);
-    checked before any work. sources: the rewrite files, or the shards' rewrite columns + JSON keys."""
+    checked before any work against the rewrite files, or the shards' rewrite columns + JSON keys (counted
+    only when the flag is given: for shards that lists them and reads the rewrite footers)."""
     weights = args.aug_text_weights
     if weights is None:
         return
     if not args.aug_text or args.multi_text:
         raise ValueError("--aug-text-weights weighs the caption pick of --aug-text; "
                          + ("--multi-text uses every text" if args.multi_text else "pass --aug-text"))
+    sources = rewrite_sources(args)
     if len(weights) != sources + 1:
         raise ValueError(f"--aug-text-weights has {len(weights)} values; it needs {sources + 1}: the original "
                          f"caption's, then one per rewrite source ({sources})")
