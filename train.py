@@ -369,7 +369,7 @@ def run(args: argparse.Namespace, info: DistInfo, sync: RemoteSync | None = None
     def on_save(epoch: int, progress: EpochProgress) -> None:  # --save-every-steps, on every rank
         save_mid_epoch(args, tr, info, epoch, progress, best_acc1)  # best_acc1: the best so far (late binding)
         if args.remote_sync:
-            on_rank0(lambda: sync.push(), info.rank)
+            on_rank0(sync.push, info.rank)
 
     tr.on_save = on_save
     inside = st.resumed.progress if st.resumed else None
@@ -390,7 +390,7 @@ def run(args: argparse.Namespace, info: DistInfo, sync: RemoteSync | None = None
         best_acc1 = end_of_epoch(args, epoch, stats, zs, best_acc1, tr, time.time() - start, info, bench,
                                  loader.state())
         if args.remote_sync:  # the main process uploads this epoch's checkpoint and log line
-            on_rank0(lambda: sync.push(), info.rank)
+            on_rank0(sync.push, info.rank)
         records.append({"epoch": epoch, **stats, "zeroshot": zs, "benchmark": bench})
     if tr.writer is not None:
         tr.writer.close()
