@@ -110,6 +110,13 @@ def write_payload_checkpoint(path, state: dict, marker, legacy: bool = False) ->
 DIST_ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
+@pytest.fixture
+def single_process(monkeypatch):
+    """An in-process entry point runs as one process: no torchrun variables, no webdataset worker split."""
+    for key in (*DIST_ENV_KEYS, "WORKER", "NUM_WORKERS"):
+        monkeypatch.delenv(key, raising=False)
+
+
 def clean_dist_env() -> dict[str, str]:
     """The environment without torchrun's variables (so an entry point runs as one process)."""
     return {k: v for k, v in os.environ.items() if k not in DIST_ENV_KEYS}

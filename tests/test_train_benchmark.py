@@ -7,14 +7,9 @@ import pytest
 import benchmark_fixtures as bf
 import eval_benchmark
 import train
-from conftest import DIST_ENV_KEYS
 from train_fixtures import make_train_data, read_log, train_argv
 
-
-@pytest.fixture(autouse=True)
-def single_process(monkeypatch):
-    for key in DIST_ENV_KEYS:
-        monkeypatch.delenv(key, raising=False)
+pytestmark = pytest.mark.usefixtures("single_process")
 
 
 def test_benchmark_every_n_epochs_matches_eval_benchmark(tmp_path, one_thread):

@@ -9,16 +9,12 @@ import torch
 
 import train
 from common.locking import FileLock
-from conftest import DIST_ENV_KEYS, unwritable_dir, write_payload_checkpoint
+from conftest import unwritable_dir, write_payload_checkpoint
 from train_fixtures import make_train_data, read_log, train_argv
 from training import train_state as ckpt_io
 from training.output_dir import lock_target
 
-
-@pytest.fixture(autouse=True)
-def single_process(monkeypatch):
-    for key in DIST_ENV_KEYS:
-        monkeypatch.delenv(key, raising=False)
+pytestmark = pytest.mark.usefixtures("single_process")
 
 
 def no_model(monkeypatch) -> None:

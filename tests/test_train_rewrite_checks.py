@@ -17,20 +17,13 @@ from torch.utils.data import DataLoader
 import shard_fixtures as sf
 import train
 import training.wds as wds_mod
-from conftest import DIST_ENV_KEYS
 from training.shard_rewrites import open_rewrite_source
 from training.loaders import ShardLoader
 from training.wds import ShardStream, StreamSpec
 from training.shard_startup import known_sample_count, start_notes
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread", "single_process")
 META = {b"laclip_rewrite": b"{}"}
-
-
-@pytest.fixture(autouse=True)
-def single_process(monkeypatch):
-    for key in (*DIST_ENV_KEYS, "WORKER", "NUM_WORKERS"):
-        monkeypatch.delenv(key, raising=False)
 
 
 def write_rewrites(path, keys, captions, meta=META, **columns):

@@ -15,20 +15,13 @@ import shard_fixtures as sf
 import train
 import training.wds as wds_mod
 from common import storage
-from conftest import DIST_ENV_KEYS
 from testkit.s3server import upload_folder
 from training.shard_rewrites import open_rewrite_source
 from training.loaders import ShardLoader
 from training.wds import ShardStream, StreamSpec
 from torch.utils.data import DataLoader
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(autouse=True)
-def single_process(monkeypatch):
-    for key in (*DIST_ENV_KEYS, "WORKER", "NUM_WORKERS"):
-        monkeypatch.delenv(key, raising=False)
+pytestmark = pytest.mark.usefixtures("one_thread", "single_process")
 
 
 @pytest.fixture(scope="module")

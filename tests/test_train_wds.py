@@ -12,7 +12,6 @@ import torch
 import shard_fixtures as sf
 import train
 import training.wds as wds_mod
-from conftest import DIST_ENV_KEYS
 from training.loss import clip_loss, multi_text_loss
 from training.rewrite_join import NEW_COUNTS
 from training.shard_rewrites import open_rewrite_source
@@ -20,13 +19,7 @@ from training.loaders import ShardLoader
 from training.wds import ShardStream, StreamSpec
 from torch.utils.data import DataLoader
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(autouse=True)
-def single_process(monkeypatch):
-    for key in (*DIST_ENV_KEYS, "WORKER", "NUM_WORKERS"):
-        monkeypatch.delenv(key, raising=False)
+pytestmark = pytest.mark.usefixtures("one_thread", "single_process")
 
 
 @pytest.fixture(scope="module")
