@@ -1,0 +1,230 @@
+"""The metrics of `python -m rewrite.report`, accumulated batch by batch with bounded memory.
+Every metric is defined in docs/report.md; the definitions here are the code of those words.
+
+Distinct counts (distinct_2, repeated_rewrites) use a KMV sketch ("k minimum values",
+Bar-Yossef et al. 2002) over 64-bit hashes of the strings (pandas.util.hash_array: SipHash
+with a fixed key, so runs agree): the k smallest distinct hashes are kept; while fewer than k
+distinct strings were seen the count is exact (up to 64-bit hash collisions, ~n^2/2^65), past
+that it is estimated as (k - 1) / (k-th smallest hash / 2^64), relative standard error
+1/sqrt(k - 2). Memory: 8 bytes x k per counter.
+"""
+from __future__ import annotations
+
+import math
+import random
+import re
+from dataclasses import dataclass, field
+from itertools import combinations
+from typing import Optional
+
+import numpy as np
+
+from rewrite.prompts import PROMPT_HEAD, one_line
+
+WORD = re.compile(r"[a-z]+")
+HIST_MAX = 80  # word-count histograms: the last bin counts rewrites of HIST_MAX words or more
+LEAK_MARKS = ("=>", PROMPT_HEAD.strip(" ,\n").lower())  # the prompt's arrow and header
+
+
+def words(text: str) -> list[str]:
+    return WORD.findall(text.lower())
+
+
+def normalised(text: str) -> str:
+    return " ".join(text.split()).lower()
+
+
+def bigrams(text: str) -> list[str]:
+    """Word bigrams over whitespace-split lower-cased tokens, as 'a b' (tokens hold no space)."""
+    t = text.lower().split()
+    return [f"{a} {b}" for a, b in zip(t, t[1:])]
+
+
+def is_fallback(caption: str, rewrite: str) -> bool:
+    """What the rewriter writes when it falls back (rewrite/prompts.py finish_line)."""
+    return rewrite == one_line(caption).strip()
+
+
+def non_printable(text: str) -> bool:
+    return not text.isprintable() or "\ufffd" in text
+
+
+def ratio(num: float, den: float) -> Optional[float]:
+    return num / den if den else None
+
+
+class DistinctCounter:
+    """Distinct strings: exact below k, a KMV estimate above (see the module docstring)."""
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+        self.kept = np.empty(0, dtype=np.uint64)  # sorted, distinct, at most k
+        self.pending: list[np.ndarray] = []
+        self.n_pending = 0
+
+    def add(self, strings: list[str]) -> None:
+        if not strings:
+            return
+        from pandas.util import hash_array
+        hashes = hash_array(np.asarray(strings, dtype=object))
+        if len(self.kept) == self.k:  # full: only hashes below the k-th can enter
+            hashes = hashes[hashes < self.kept[-1]]
+        self.pending.append(hashes)
+        self.n_pending += len(hashes)
+        if self.n_pending >= max(self.k // 4, 1 << 16):
+            self._merge()
+
+    def _merge(self) -> None:
+        if self.pending:
+            self.kept = np.unique(np.concatenate([self.kept, *self.pending]))[:self.k]
+            self.pending, self.n_pending = [], 0
+
+    def count(self) -> tuple[float, bool]:
+        """(distinct strings, exact?)."""
+        self._merge()
+        if len(self.kept) < self.k:
+            return float(len(self.kept)), True
+        return (self.k - 1) / ((float(self.kept[-1]) + 1.0) / 2.0 ** 64), False
+
+
+def histogram(counts: list[int]) -> np.ndarray:
+    return np.bincount(np.minimum(np.asarray(counts, dtype=np.int64), HIST_MAX), minlength=HIST_MAX + 1)
+
+
+@dataclass
+class TextStats:
+    """Length, distinct bigrams and repeats of one column (the originals, or a mode's rewrites)."""
+    k: int
+    lines: int = 0
+    words: int = 0
+    bigrams: int = 0
+    hist: np.ndarray = field(default_factory=lambda: np.zeros(HIST_MAX + 1, dtype=np.int64))
+
+    def __post_init__(self) -> None:
+        self.distinct_bigrams = DistinctCounter(self.k)
+        self.distinct_texts = DistinctCounter(self.k)
+
+    def add(self, texts: list[str], word_lists: list[list[str]]) -> None:
+        self.lines += len(texts)
+        lengths = [len(w) for w in word_lists]
+        self.words += sum(lengths)
+        self.hist += histogram(lengths)
+        grams = [g for t in texts for g in bigrams(t)]
+        self.bigrams += len(grams)
+        self.distinct_bigrams.add(grams)
+        self.distinct_texts.add([normalised(t) for t in texts])
+
+    def summary(self) -> dict:
+        d2, d2_exact = self.distinct_bigrams.count()
+        texts, texts_exact = self.distinct_texts.count()
+        return {"lines": self.lines, "mean_words": ratio(self.words, self.lines),
+                "distinct_2": ratio(d2, self.bigrams), "distinct_2_exact": d2_exact,
+                "repeated": ratio(self.lines - texts, self.lines), "repeated_exact": texts_exact,
+                "word_count_histogram": self.hist.tolist()}
+
+
+@dataclass
+class ModeStats:
+    """One mode's counts over the lines whose caption is not blank."""
+    k: int
+    targets: frozenset  # normalised targets of the mode's example pool
+    counts: dict = field(default_factory=lambda: dict.fromkeys(
+        ("rewritten", "fallbacks", "identical", "empty", "example_copies", "leaked_prompt", "non_printable",
+         "novel_words", "original_words", "rewrites_of_blank_captions"), 0))
+
+    def __post_init__(self) -> None:
+        self.text = TextStats(self.k)
+
+    def add(self, captions: list[str], caption_words: list[list[str]], rewrites: list[str]) -> list[list[str]]:
+        """Counts of a batch (captions not blank); returns the rewrites' words."""
+        c, targets = self.counts, self.targets
+        rewrite_words = []
+        for caption, cw, rewrite in zip(captions, caption_words, rewrites):
+            rw = words(rewrite)
+            rewrite_words.append(rw)
+            norm = normalised(rewrite)
+            fallback = is_fallback(caption, rewrite)
+            blank = not norm
+            c["rewritten"] += not fallback and not blank
+            c["fallbacks"] += fallback
+            c["empty"] += blank
+            c["identical"] += norm == normalised(caption)
+            c["example_copies"] += norm in targets
+            c["leaked_prompt"] += not fallback and any(mark in norm for mark in LEAK_MARKS)
+            c["non_printable"] += non_printable(rewrite)
+            c["original_words"] += len(cw)
+            if rw:
+                known = set(cw)
+                c["novel_words"] += sum(w not in known for w in rw)
+        self.text.add(rewrites, rewrite_words)
+        return rewrite_words
+
+    def summary(self, recorded: Optional[dict]) -> dict:
+        c, text = self.counts, self.text.summary()
+        n = text["lines"]
+        return {"lines": n, "rewritten": c["rewritten"], "fallbacks": c["fallbacks"],
+                "identical_to_original": ratio(c["identical"], n), "empty": ratio(c["empty"], n),
+                "mean_words": text["mean_words"], "mean_words_original": ratio(c["original_words"], n),
+                "distinct_2": text["distinct_2"], "distinct_2_exact": text["distinct_2_exact"],
+                "example_copies": c["example_copies"],
+                "novel_word_rate": ratio(c["novel_words"], self.text.words),
+                "leaked_prompt": ratio(c["leaked_prompt"], n), "non_printable": ratio(c["non_printable"], n),
+                "repeated_rewrites": text["repeated"], "repeated_rewrites_exact": text["repeated_exact"],
+                "rewrites_of_blank_captions": c["rewrites_of_blank_captions"],
+                "recorded": recorded, "word_count_histogram": text["word_count_histogram"]}
+
+
+@dataclass
+class BetweenModes:
+    """Mean pairwise Jaccard overlap of the word-bigram sets of one caption's rewrites."""
+    modes: tuple[str, ...]
+    sums: dict = field(default_factory=dict)
+    pairs: dict = field(default_factory=dict)
+    no_bigrams: int = 0  # (line, pair) left out: neither rewrite has a bigram
+    all_identical: int = 0
+    lines: int = 0
+
+    def add(self, rewrites: dict[str, list[str]]) -> None:
+        columns = [rewrites[m] for m in self.modes]
+        for row in zip(*columns):
+            self.lines += 1
+            self.all_identical += len({normalised(r) for r in row}) == 1
+            sets = [set(bigrams(r)) for r in row]
+            for (i, a), (j, b) in combinations(enumerate(sets), 2):
+                union = len(a | b)
+                if not union:
+                    self.no_bigrams += 1
+                    continue
+                key = f"{self.modes[i]}|{self.modes[j]}"
+                self.sums[key] = self.sums.get(key, 0.0) + len(a & b) / union
+                self.pairs[key] = self.pairs.get(key, 0) + 1
+
+    def summary(self) -> Optional[dict]:
+        if len(self.modes) < 2:
+            return None
+        keys = [f"{a}|{b}" for a, b in combinations(self.modes, 2)]
+        return {"lines": self.lines, "bigram_jaccard": ratio(sum(self.sums.values()), sum(self.pairs.values())),
+                "bigram_jaccard_per_pair": {k: ratio(self.sums.get(k, 0.0), self.pairs.get(k, 0)) for k in keys},
+                "pairs_without_bigrams": self.no_bigrams, "all_identical": ratio(self.all_identical, self.lines)}
+
+
+class Reservoir:
+    """A uniform random sample of rows (Algorithm R, seeded): the page's table, the images' lines."""
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size, self.rng, self.seen, self.rows = size, random.Random(seed), 0, []
+
+    def offer(self, row: tuple) -> None:
+        if len(self.rows) < self.size:
+            self.rows.append(row)
+        else:
+            j = self.rng.randrange(self.seen + 1)
+            if j < self.size:
+                self.rows[j] = row
+        self.seen += 1
+
+
+def sketch_note(k: int) -> dict:
+    return {"method": "KMV (k minimum values) over 64-bit SipHash hashes (pandas.util.hash_array); exact while "
+                      "fewer than k distinct strings are seen",
+            "k": k, "relative_standard_error_when_estimated": 1 / math.sqrt(k - 2)}
