@@ -101,7 +101,8 @@ def _tar_images(spec: ImageSpec, sampled: list[tuple], skipped: Counter) -> Iter
                 skipped["unreadable_image"] += 1
                 continue
             yield (*row, image)
-        skipped["no_image_in_tar"] += len(rows)
+        if rows:
+            skipped["no_image_in_tar"] += len(rows)
 
 
 def _scores(spec: ImageSpec, rows: Iterator[tuple], modes: tuple[str, ...]) -> dict[str, np.ndarray]:

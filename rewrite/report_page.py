@@ -77,7 +77,9 @@ def lengths_png(report: dict) -> bytes:
     for name, hist, colour, style in series:
         total = sum(hist) or 1
         ax.step(range(len(hist)), [h / total for h in hist], where="mid", color=colour, linestyle=style, label=name)
-    ax.set_xlabel(f"words per caption (last bin: {len(series[0][1]) - 1} or more)")
+    last = max((i for _, hist, _, _ in series for i, h in enumerate(hist) if h), default=1)
+    ax.set_xlim(-0.5, last + 1.5)
+    ax.set_xlabel(f"words per caption (bin {len(series[0][1]) - 1}: that many or more)")
     ax.set_ylabel("share of lines")
     ax.set_title("Caption length: rewrites vs originals")
     ax.legend(frameon=False)
@@ -86,21 +88,24 @@ def lengths_png(report: dict) -> bytes:
 
 def metrics_png(report: dict) -> bytes:
     """Shares per mode side by side (left) and mean words (right)."""
-    fig, (left, right) = _figure(10, 3.4, 2)
+    fig, (left, right) = _figure(10, 3.6, 2)
     modes = list(report["modes"])
-    width = 0.8 / max(len(modes), 1)
+    height = 0.8 / max(len(modes), 1)
     for k, m in enumerate(modes):
         values = [report["modes"][m].get(key) or 0.0 for key in SHARES]
-        left.bar([i + k * width for i in range(len(SHARES))], values, width, label=m, color=COLOURS[k % len(COLOURS)])
-    left.set_xticks([i + width * (len(modes) - 1) / 2 for i in range(len(SHARES))])
-    left.set_xticklabels([s.replace("_", "\n") for s in SHARES], fontsize=8)
-    left.set_ylim(0, 1)
+        left.barh([i + k * height for i in range(len(SHARES))], values, height, label=m,
+                  color=COLOURS[k % len(COLOURS)])
+    left.set_yticks([i + height * (len(modes) - 1) / 2 for i in range(len(SHARES))])
+    left.set_yticklabels([s.replace("_", " ") for s in SHARES])
+    left.invert_yaxis()
+    left.set_xlim(0, 1)
     left.set_title("Metrics per mode (shares)")
-    left.legend(frameon=False, fontsize=8)
+    left.legend(frameon=False, fontsize=8, loc="lower right")
     names = ["original", *modes]
     means = [report["original"]["mean_words"] or 0.0] + [report["modes"][m]["mean_words"] or 0.0 for m in modes]
     right.bar(names, means, color=[ORIGINAL, *(COLOURS[k % len(COLOURS)] for k in range(len(modes)))])
     right.set_title("Mean words per caption")
+    fig.tight_layout()
     return _png(fig)
 
 

@@ -1,0 +1,259 @@
+"""python -m rewrite.report: every metric on a small fixture computed by hand, text and shard
+outputs (local and s3://) giving the same numbers, the page and its PNGs, the distinct-count
+sketch, CLIP scores with a tiny random model, and every bad input refused in one line."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import shard_fixtures as sf
+from rewrite import report
+from rewrite.report_metrics import DistinctCounter
+
+# line: (caption, chatgpt rewrite, bard rewrite); line 1's caption is blank
+LINES = [
+    ("A dog runs on the beach", "A happy dog runs along the beach", "dog => beach"),
+    ("  ", "", "something"),
+    ("two cats sleep", "two cats sleep", "Two cats are sleeping\x07"),
+    ("a red car", "A cat  on a mat.", ""),
+    ("Snow\ton the hills", "Snow on the hills", "snow on the hills and snow on the hills"),
+    ("a dog on the beach", "A happy dog runs along the beach", "a dog on the beach"),
+]
+POOL = {"pairs": [["a cat", "A cat on a mat."], ["a dog", "A brown dog sits."], ["a bus", "A red bus."]]}
+MODES = ("chatgpt", "bard")
+
+# By hand (docs/report.md's definitions), over lines 0, 2, 3, 4, 5.
+EXPECTED = {
+    "chatgpt": {"lines": 5, "rewritten": 3, "fallbacks": 2, "identical_to_original": 2 / 5, "empty": 0 / 5,
+                "mean_words": 26 / 5, "mean_words_original": 21 / 5, "distinct_2": 15 / 21, "example_copies": 1,
+                "novel_word_rate": 8 / 26, "leaked_prompt": 0 / 5, "non_printable": 0 / 5,
+                "repeated_rewrites": 1 / 5, "rewrites_of_blank_captions": 0},
+    "bard": {"lines": 5, "rewritten": 3, "fallbacks": 1, "identical_to_original": 1 / 5, "empty": 1 / 5,
+             "mean_words": 20 / 5, "mean_words_original": 21 / 5, "distinct_2": 13 / 17, "example_copies": 0,
+             "novel_word_rate": 3 / 20, "leaked_prompt": 1 / 5, "non_printable": 1 / 5, "repeated_rewrites": 0 / 5,
+             "rewrites_of_blank_captions": 1},
+}
+JACCARDS = [0 / 8, 1 / 4, 0 / 4, 3 / 5, 1 / 9]  # chatgpt vs bard bigram sets, lines 0, 2, 3, 4, 5
+
+
+def write_text(folder: Path) -> dict[str, str]:
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {"source": folder / "captions.txt", **{m: folder / f"out.{m}.txt" for m in MODES}}
+    files["source"].write_text("".join(c + "\n" for c, _, _ in LINES))
+    for k, m in enumerate(MODES):
+        files[m].write_text("".join(row[k + 1] + "\n" for row in LINES))
+    (folder / "pool.json").write_text(json.dumps(POOL))
+    return {k: str(v) for k, v in files.items()} | {"pool": str(folder / "pool.json")}
+
+
+def shard_table(rows: list[tuple], keys: list[str]) -> pa.Table:
+    table = pa.table({"key": keys, "caption": [r[0] for r in rows],
+                      **{m: [r[k + 1] for r in rows] for k, m in enumerate(MODES)}})
+    stats = {"lines": len(rows), "rewritten": 0, "fallbacks": 0, "empty": 0, "truncated": 0, "undecodable": 0}
+    return table.replace_schema_metadata({b"laclip_rewrite": json.dumps({"stats": stats})})
+
+
+def write_shards(folder: Path) -> str:
+    """LINES as the rewriter's shard output: two shards of 3 rows."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for s in range(2):
+        rows = LINES[3 * s:3 * s + 3]
+        pq.write_table(shard_table(rows, [sf.key_of(s, i) for i in range(3)]), folder / f"{s:05d}.parquet")
+    (folder / "rewrite.json").write_text(json.dumps({"version": 1, "settings": {"sample_mode": list(MODES)}}))
+    return str(folder)
+
+
+def run(argv: list[str], capsys) -> tuple[int, str, str]:
+    rc = report.cli([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def check_by_hand(result: dict) -> None:
+    assert result["lines"] == 6 and result["blank_captions"] == 1
+    for m in MODES:
+        got = result["modes"][m]
+        assert {k: got[k] for k in EXPECTED[m]} == EXPECTED[m], m
+        assert got["distinct_2_exact"] and got["repeated_rewrites_exact"]
+    assert result["original"]["mean_words"] == 21 / 5 and result["original"]["distinct_2"] == 12 / 16
+    assert result["original"]["repeated"] == 0
+    between = result["between_modes"]
+    mean = 0.0
+    for j in JACCARDS:
+        mean += j
+    assert between["bigram_jaccard"] == mean / 5 and between["bigram_jaccard_per_pair"] == {"chatgpt|bard": mean / 5}
+    assert between["all_identical"] == 0 and between["pairs_without_bigrams"] == 0
+    hist = result["modes"]["bard"]["word_count_histogram"]
+    assert [i for i, n in enumerate(hist) for _ in range(n)] == [0, 2, 4, 5, 9]
+
+
+def test_text_outputs_by_hand(tmp_path, capsys):
+    f = write_text(tmp_path / "in")
+    out = tmp_path / "report"
+    rc, printed, err = run(["--source", f["source"], "--rewrites", f["chatgpt"], f["bard"], "--examples", f["pool"],
+                            "--out", out, "--samples", 3], capsys)
+    assert rc == 0, err
+    result = json.loads((out / "report.json").read_text())
+    check_by_hand(result)
+    assert result["input"]["modes"] == list(MODES)  # from the .<mode>. names
+    assert len(result["samples"]) == 3 and all(s["id"] != 1 for s in result["samples"])  # blank line 1 never shown
+    for s in result["samples"]:
+        assert [s["caption"], *s["rewrites"].values()] == list(LINES[s["id"]])
+    assert "distinct-2" in printed and "0.714" in printed  # the table: chatgpt's 15/21
+    page = (out / "index.html").read_text()
+    for png in ("lengths.png", "metrics.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"src='{png}'" in page
+    assert "A cat  on a mat." in page and "dog =&gt; beach" in page  # sampled text, escaped
+
+
+def test_shard_outputs_equal_text_outputs(tmp_path, capsys):
+    f = write_text(tmp_path / "in")
+    rc, _, err = run(["--rewrites", write_shards(tmp_path / "shards"), "--examples", f["pool"],
+                      "--out", tmp_path / "report"], capsys)
+    assert rc == 0, err
+    result = json.loads((tmp_path / "report" / "report.json").read_text())
+    check_by_hand(result)
+    assert result["input"]["kind"] == "shards" and len(result["input"]["files"]) == 2
+    assert {s["id"].split("/")[0] for s in result["samples"]} == {"00000", "00001"}
+
+
+@pytest.mark.slow
+def test_s3_outputs(tmp_path, s3_bucket, capsys):
+    import fsspec
+    f = write_text(tmp_path / "in")
+    folder = Path(write_shards(tmp_path / "shards"))
+    fs = fsspec.filesystem("s3")
+    prefix = f"{s3_bucket}/rewrites"
+    for p in folder.iterdir():
+        fs.put_file(str(p), f"{prefix}/{p.name}")
+    fs.put_file(f["source"], f"{prefix}/captions.txt")
+    fs.put_file(f["chatgpt"], f"{prefix}/out.chatgpt.txt")
+    fs.put_file(f["bard"], f"{prefix}/out.bard.txt")
+    rc, _, err = run(["--rewrites", f"s3://{prefix}", "--examples", f["pool"], "--out", f"s3://{s3_bucket}/rep"],
+                     capsys)
+    assert rc == 0, err
+    check_by_hand(json.loads(fs.cat_file(f"{s3_bucket}/rep/report.json")))
+    assert fs.exists(f"{s3_bucket}/rep/index.html") and fs.exists(f"{s3_bucket}/rep/lengths.png")
+    assert not fs.exists(f"{s3_bucket}/rep/report.claim")  # released
+    rc, _, err = run(["--source", f"s3://{prefix}/captions.txt", "--rewrites",
+                      f"s3://{prefix}/out.chatgpt.txt,s3://{prefix}/out.bard.txt", "--examples", f["pool"],
+                      "--out", tmp_path / "rep2"], capsys)
+    assert rc == 0, err
+    check_by_hand(json.loads((tmp_path / "rep2" / "report.json").read_text()))
+
+
+def test_recorded_counts_and_modes_from_records(tmp_path, capsys):
+    from rewrite.prompts import load_pool
+    f = write_text(tmp_path / "in")
+    plain = tmp_path / "in" / "plain.txt"  # no mode in the name: the record says
+    Path(f["chatgpt"]).rename(plain)
+    stats = {"lines": 6, "rewritten": 4, "fallbacks": 1, "empty": 1, "truncated": 0, "undecodable": 0}
+    digest = load_pool("chatgpt", f["pool"]).digest()
+    record = {"version": 2, "complete": True, "fingerprint": {"settings": {"sample_mode": "chatgpt", "examples": digest}},
+              "state": {"stats": stats}}
+    Path(str(plain) + ".progress.json").write_text(json.dumps(record))
+    rc, printed, err = run(["--source", f["source"], "--rewrites", plain, "--examples", f["pool"],
+                            "--out", tmp_path / "r"], capsys)
+    assert rc == 0, err
+    result = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert result["modes"]["chatgpt"]["recorded"] == stats and result["modes"]["chatgpt"]["rewritten"] == 3
+    assert result["between_modes"] is None
+    assert "the rewriter recorded 4 rewritten, the lines show 3" in printed
+    # the record's pool is not the shipped one: counting copies against it would be wrong
+    rc, _, err = run(["--source", f["source"], "--rewrites", plain, "--out", tmp_path / "r2"], capsys)
+    assert rc == 2 and err.count("\n") == 1 and "--examples" in err and str(plain) in err and digest in err
+
+
+@pytest.mark.parametrize("case", ["short", "long", "no_caption", "no_pool", "unknown_flag", "no_mode", "no_source"])
+def test_bad_inputs(tmp_path, capsys, case):
+    f = write_text(tmp_path / "in")
+    argv = ["--source", f["source"], "--rewrites", f["chatgpt"], f["bard"], "--out", tmp_path / "r"]
+    named = f["bard"]
+    if case in ("short", "long"):
+        lines = Path(f["bard"]).read_text().splitlines(keepends=True)
+        Path(f["bard"]).write_text("".join(lines[:-1] if case == "short" else lines + ["extra\n"]))
+    elif case == "no_caption":
+        folder = Path(write_shards(tmp_path / "shards"))
+        pq.write_table(pa.table({"key": ["k"], "chatgpt": ["x"], "bard": ["y"]}), folder / "00001.parquet")
+        argv, named = ["--rewrites", folder, "--out", tmp_path / "r"], str(folder / "00001.parquet")
+    elif case == "no_pool":
+        argv += ["--modes", "llama3,bard"]
+        named = f["chatgpt"]
+    elif case == "unknown_flag":
+        argv += ["--sampels", "3"]
+        named = "--samples"
+    elif case == "no_mode":
+        plain = Path(f["chatgpt"]).with_name("plain.txt")
+        Path(f["chatgpt"]).rename(plain)
+        argv[3], named = str(plain), str(plain)
+    elif case == "no_source":
+        argv = argv[2:]
+    rc, _, err = run(argv, capsys)
+    assert rc == 2 and err.count("\n") == 1, err
+    assert named in err and "--" in err
+    flag = {"short": "--rewrites", "long": "--rewrites", "no_caption": "'caption'", "no_pool": "--examples",
+            "unknown_flag": "--sampels", "no_mode": "--modes", "no_source": "--source"}[case]
+    assert flag in err
+    assert not (tmp_path / "r" / "report.json").exists()
+    if case == "short":
+        assert "has 5 lines but --source" in err and "has 6" in err
+
+
+def test_distinct_counter_exact_then_estimated():
+    words = [f"w{i}" for i in range(50_000)]
+    exact = DistinctCounter(1 << 17)
+    for k in range(0, len(words), 7000):
+        exact.add(words[k:k + 7000] + words[:100])  # repeats count once
+    assert exact.count() == (50_000.0, True)
+    sketch = DistinctCounter(4096)
+    for k in range(0, len(words), 7000):
+        sketch.add(words[k:k + 7000])
+    value, is_exact = sketch.count()
+    assert not is_exact and len(sketch.kept) == 4096
+    assert abs(value / 50_000 - 1) < 4 / np.sqrt(4096 - 2)  # 4 standard errors
+
+
+def test_module_entry_point(tmp_path):
+    f = write_text(tmp_path / "in")
+    done = subprocess.run([sys.executable, "-m", "rewrite.report", "--source", f["source"], "--rewrites",
+                           f"{f['chatgpt']},{f['bard']}", "--examples", f["pool"], "--out", str(tmp_path / "r"),
+                           "--noprogress"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert json.loads((tmp_path / "r" / "report.json").read_text())["modes"]["bard"]["leaked_prompt"] == 1 / 5
+
+
+def test_clip_scores_of_shards(tmp_path, tiny_open_clip, capsys):
+    import torch
+    import torch.nn.functional as F
+    from PIL import Image
+    import io
+    import open_clip
+    path, model, preprocess = tiny_open_clip
+    shards = sf.make_shards(tmp_path / "data", n_shards=2, per_shard=4, bad=False)
+    shards.corrupt_image = set()
+    out = tmp_path / "rewrites"
+    out.mkdir()
+    for s in range(2):
+        rows = [(sf.caption_of(s, i), f"a photo: {sf.caption_of(s, i)}", "") for i in range(4)]
+        pq.write_table(shard_table(rows, [sf.key_of(s, i) for i in range(4)]), out / f"{s:05d}.parquet")
+    rc, _, err = run(["--rewrites", out, "--out", tmp_path / "r", "--images", tmp_path / "data",
+                      "--model", "LaCLIP-test-tiny", "--pretrained", path, "--device", "cpu"], capsys)
+    assert rc == 0, err
+    images = json.loads((tmp_path / "r" / "report.json").read_text())["images"]
+    assert images["lines_scored"] == 8 and images["skipped"] == {}
+    assert images["columns"]["bard"]["n"] == 0  # blank rewrites are not scored
+    tok = open_clip.get_tokenizer("LaCLIP-test-tiny")
+    with torch.no_grad():  # an independent computation of the original captions' mean score
+        pixels = torch.stack([preprocess(Image.open(io.BytesIO(sf.jpeg(100 * s + i))).convert("RGB"))
+                              for s in range(2) for i in range(4)])
+        texts = [sf.caption_of(s, i) for s in range(2) for i in range(4)]
+        cos = (F.normalize(model.encode_image(pixels), dim=-1) * F.normalize(model.encode_text(tok(texts)), dim=-1)).sum(-1)
+    assert images["columns"]["original"]["mean"] == pytest.approx(cos.mean().item(), abs=1e-5)
+    assert (tmp_path / "r" / "clip.png").exists() and "clip.png" in (tmp_path / "r" / "index.html").read_text()
