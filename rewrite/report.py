@@ -24,7 +24,8 @@ from common.locking import FileLock
 from rewrite.flag_list import FlagList
 from rewrite import report_inputs as inputs_mod
 from rewrite.report_images import ImageSpec, image_agreement
-from rewrite.report_metrics import BetweenModes, ModeStats, Reservoir, TextStats, normalised, sketch_note, words
+from rewrite.report_metrics import (BetweenModes, Column, ModeStats, Reservoir, TextStats, fallback_text, normalised,
+                                    sketch_note)
 from rewrite.report_page import first_note, page, text_table
 
 REPORT_VERSION = 1
@@ -118,16 +119,16 @@ class Analysis:
                 col = batch.rewrites[m]
                 self.per_mode[m].counts["rewrites_of_blank_captions"] += sum(
                     1 for k, c in enumerate(batch.captions) if not c.strip() and col[k].strip())
-        captions = [batch.captions[k] for k in keep]
-        rewrites = {m: [batch.rewrites[m][k] for k in keep] for m in self.modes}
-        caption_words = [words(c) for c in captions]
-        self.original.add(captions, caption_words)
+        captions = Column.of([batch.captions[k] for k in keep])
+        columns = {m: Column.of([batch.rewrites[m][k] for k in keep]) for m in self.modes}
+        fallbacks = [fallback_text(c) for c in captions.texts]
+        self.original.add(captions)
         for m in self.modes:
-            self.per_mode[m].add(captions, caption_words, rewrites[m])
+            self.per_mode[m].add(captions, fallbacks, columns[m])
         if len(self.modes) > 1:
-            self.between.add(rewrites)
+            self.between.add(columns)
         for i, k in enumerate(keep):
-            self.reservoir.offer((batch.ids[k], captions[i], {m: rewrites[m][i] for m in self.modes}))
+            self.reservoir.offer((batch.ids[k], captions.texts[i], {m: columns[m].texts[i] for m in self.modes}))
 
 
 def analyse(inputs: inputs_mod.Inputs, pools: dict, c: Config) -> tuple[dict, list]:

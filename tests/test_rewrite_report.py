@@ -15,7 +15,7 @@ import pytest
 
 import shard_fixtures as sf
 from rewrite import report
-from rewrite.report_metrics import DistinctCounter
+from rewrite.report_metrics import Column, DistinctCounter, words
 
 # line: (caption, chatgpt rewrite, bard rewrite); line 1's caption is blank
 LINES = [
@@ -257,3 +257,18 @@ def test_clip_scores_of_shards(tmp_path, tiny_open_clip, capsys):
         cos = (F.normalize(model.encode_image(pixels), dim=-1) * F.normalize(model.encode_text(tok(texts)), dim=-1)).sum(-1)
     assert images["columns"]["original"]["mean"] == pytest.approx(cos.mean().item(), abs=1e-5)
     assert (tmp_path / "r" / "clip.png").exists() and "clip.png" in (tmp_path / "r" / "index.html").read_text()
+
+
+def test_words_and_bigram_hashes():
+    import random
+    import re
+    rng = random.Random(0)
+    alphabet = "abcXYZ \t\n.,=>'-_0123éüßİﬁ\u2028\x07\ufffd"
+    for _ in range(2000):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randrange(30)))
+        assert words(text) == re.findall(r"[a-z]+", text.lower()), repr(text)
+    # bigrams never join two lines, blank lines included; equal bigrams hash equal
+    col = Column.of(["", "a b c", "", "d", "A  b", "x y", ""])
+    hashes = col.bigram_hashes()
+    assert len(hashes) == 4 and len(set(hashes.tolist())) == 3
+    assert set(hashes.tolist()) == set(Column.of(["a b", "b c", "x y"]).bigram_hashes().tolist())
