@@ -116,8 +116,15 @@ class DistinctCounter:
             self._merge()
 
     def _merge(self) -> None:
+        """kept := the k smallest distinct of kept and pending. Sorting kept (one sorted run) and the
+        sorted pending (another) with timsort is a linear merge; np.unique (numpy 2.4 hashes uint64)
+        was ~100x slower here."""
         if self.pending:
-            self.kept = np.unique(np.concatenate([self.kept, *self.pending]))[:self.k]
+            merged = np.sort(np.concatenate([self.kept, np.sort(np.concatenate(self.pending))]), kind="stable")
+            first = np.empty(len(merged), dtype=bool)
+            first[:1] = True
+            np.not_equal(merged[1:], merged[:-1], out=first[1:])
+            self.kept = merged[first][:self.k]
             self.pending, self.n_pending = [], 0
 
     def count(self) -> tuple[float, bool]:
