@@ -4,8 +4,9 @@ outputs (no baseline: no other tool computes these metrics).
     python -m bench.bench_report [--lines 1000000] [--modes 2] [--shards 0] [--exact-limit 1048576]
 
 Captions are alt-text-like lines of 4-24 words drawn from a Zipf-distributed 30k-word
-vocabulary; each mode's rewrite keeps most of the caption's words, adds a few, and falls back
-to the caption (or is blank) on a few percent of lines, so every metric has work to do. Text
+vocabulary (or --captions FILE); each mode's rewrite keeps the caption's words, adds a few,
+and falls back to the caption (or is blank) on a few percent of lines, so every metric has
+work to do. `--captions rewrite/text/source.txt --out DIR` made docs/report_example.png. Text
 outputs (--source + one file per mode) by default; --shards N writes N NNNNN.parquet shards of
 the same rows instead. Prints the pass's captions/s (lines x modes and lines), wall and CPU
 time, the peak RSS, and a table row for bench/README.md. The page's PNGs are included in the
@@ -26,21 +27,29 @@ from rewrite import report
 MODES = ("chatgpt", "bard", "mscoco", "human")
 
 
-def synthetic(lines: int, modes: int, seed: int = 0) -> tuple[list[str], dict[str, list[str]]]:
-    rng = np.random.default_rng(seed)
+def synthetic_captions(lines: int, rng: np.random.Generator) -> list[str]:
     vocab = np.array([f"w{i}" for i in range(30_000)], dtype=object)
     ranks = np.minimum(rng.zipf(1.3, size=lines * 30) - 1, len(vocab) - 1)
     words = vocab[ranks]
     lengths = rng.integers(4, 25, size=lines)
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-    captions = [" ".join(words[s:s + n]) for s, n in zip(starts.tolist(), lengths.tolist())]
+    return [" ".join(words[s:s + n]) for s, n in zip(starts.tolist(), lengths.tolist())]
+
+
+EXTRA = ("small", "bright", "old", "busy", "quiet", "wooden", "sunny", "crowded", "scenic", "vintage")
+
+
+def synthetic_rewrites(captions: list[str], modes: int, rng: np.random.Generator) -> dict[str, list[str]]:
+    """Per mode: ~3% fall back (the caption), ~1% blank, the rest the caption with three added words
+    (mode k draws them from its own part of EXTRA, so modes differ)."""
     rewrites = {}
     for k in range(modes):
-        extra = vocab[rng.integers(0, 2000, size=(lines, 3))]
-        fate = rng.random(lines)
-        rewrites[MODES[k]] = [c if f < 0.03 else "" if f < 0.04 else f"a {e[0]} {c} with {e[1]} {e[2]}"
-                              for c, e, f in zip(captions, extra.tolist(), fate.tolist())]
-    return captions, rewrites
+        pick = rng.integers(0, 4, size=(len(captions), 3)) + 2 * k
+        fate = rng.random(len(captions))
+        rewrites[MODES[k]] = [c if f < 0.03 else "" if f < 0.04 else
+                              f"a {EXTRA[e[0] % 10]} view: {c}, {EXTRA[e[1] % 10]} and {EXTRA[e[2] % 10]}"
+                              for c, e, f in zip(captions, pick.tolist(), fate.tolist())]
+    return rewrites
 
 
 def write_inputs(folder: Path, captions: list[str], rewrites: dict[str, list[str]], shards: int) -> list[str]:
@@ -69,16 +78,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--modes", type=int, default=2, choices=range(1, len(MODES) + 1))
     parser.add_argument("--shards", type=int, default=0, help="write N parquet shards instead of text files")
     parser.add_argument("--exact-limit", type=int, default=1 << 20)
+    parser.add_argument("--captions", help="rewrite these captions (a text file) instead of synthetic ones")
+    parser.add_argument("--out", help="keep the report in this folder")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
-        captions, rewrites = synthetic(args.lines, args.modes)
-        flags = write_inputs(Path(tmp), captions, rewrites, args.shards)
-        del captions, rewrites
+        rng = np.random.default_rng(0)
+        captions = Path(args.captions).read_text().splitlines() if args.captions else \
+            synthetic_captions(args.lines, rng)
+        args.lines = len(captions)
+        flags = write_inputs(Path(tmp), captions, synthetic_rewrites(captions, args.modes, rng), args.shards)
+        del captions
         print(f"wrote {args.lines} lines x {args.modes} modes in {time.perf_counter() - t:.1f} s")
         rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         wall, cpu = time.perf_counter(), time.process_time()
-        rc = report.cli(flags + ["--out", str(Path(tmp) / "report"), "--exact_limit", str(args.exact_limit),
+        rc = report.cli(flags + ["--out", args.out or str(Path(tmp) / "report"), "--exact_limit", str(args.exact_limit),
                                  "--noprogress"])
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
         assert rc == 0, "the report failed"

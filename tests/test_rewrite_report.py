@@ -272,3 +272,23 @@ def test_words_and_bigram_hashes():
     hashes = col.bigram_hashes()
     assert len(hashes) == 4 and len(set(hashes.tolist())) == 3
     assert set(hashes.tolist()) == set(Column.of(["a b", "b c", "x y"]).bigram_hashes().tolist())
+
+
+def test_clip_scores_of_a_training_csv(tmp_path, tiny_open_clip, capsys):
+    import train_fixtures
+    path, _, _ = tiny_open_clip
+    data = train_fixtures.make_train_data(tmp_path, n=6, corrupt=(2,))
+    captions = [f'original {i}, a "quoted" caption' for i in range(6)]
+    captions[4] = "not the CSV's caption"
+    (tmp_path / "source.txt").write_text("".join(c + "\n" for c in captions))
+    rc, _, err = run(["--source", tmp_path / "source.txt", "--rewrites", ",".join(data["rewrites"]),
+                      "--modes", "chatgpt,bard", "--out", tmp_path / "r", "--images", data["csv"], "--root",
+                      data["root"], "--model", "LaCLIP-test-tiny", "--pretrained", path], capsys)
+    assert rc == 0, err
+    images = json.loads((tmp_path / "r" / "report.json").read_text())["images"]
+    assert images["lines_sampled"] == 6 and images["lines_scored"] == 4
+    assert images["skipped"] == {"unreadable_image": 1, "caption_mismatch": 1}
+    assert all(images["columns"][c]["n"] == 4 for c in ("original", "chatgpt", "bard"))
+    rc, _, err = run(["--source", tmp_path / "source.txt", "--rewrites", ",".join(data["rewrites"]),
+                      "--modes", "chatgpt,bard", "--out", tmp_path / "r2", "--images", data["csv"]], capsys)
+    assert rc == 2 and "--images needs --model and --pretrained" in err
