@@ -73,16 +73,32 @@ class Column:
 
     def bigram_hashes(self) -> np.ndarray:
         """64-bit hashes of every word bigram (hashes of the two tokens mixed; lines never joined)."""
-        from pandas.util import hash_array
-        flat = [w for t in self.tokens for w in t]
-        if len(flat) < 2:
-            return np.empty(0, dtype=np.uint64)
-        h = hash_array(np.asarray(flat, dtype=object))
-        ends = np.cumsum([len(t) for t in self.tokens])
-        same_line = np.ones(len(flat) - 1, dtype=bool)
-        same_line[ends[(ends > 0) & (ends < len(flat))] - 1] = False  # the pair (last of a line, first of the next)
-        with np.errstate(over="ignore"):
-            return _mix(h[:-1][same_line] * np.uint64(0x9E3779B97F4A7C15) ^ h[1:][same_line])
+        return self._bigrams()[0]
+
+    def bigram_sets(self) -> tuple[np.ndarray, np.ndarray]:
+        """(line, hash) of each line's distinct bigrams, sorted by line then hash."""
+        hashes, lines = self._bigrams()
+        order = np.lexsort((hashes, lines))
+        lines, hashes = lines[order], hashes[order]
+        first = np.ones(len(lines), dtype=bool)
+        first[1:] = (lines[1:] != lines[:-1]) | (hashes[1:] != hashes[:-1])
+        return lines[first], hashes[first]
+
+    def _bigrams(self) -> tuple[np.ndarray, np.ndarray]:
+        if getattr(self, "_cached", None) is None:
+            from pandas.util import hash_array
+            flat = [w for t in self.tokens for w in t]
+            lengths = np.fromiter((len(t) for t in self.tokens), dtype=np.int64, count=len(self.tokens))
+            if len(flat) < 2:
+                self._cached = (np.empty(0, dtype=np.uint64), np.empty(0, dtype=np.int64))
+                return self._cached
+            h = hash_array(np.asarray(flat, dtype=object))
+            line_of = np.repeat(np.arange(len(lengths)), lengths)
+            same_line = line_of[1:] == line_of[:-1]  # never the pair (last of a line, first of the next)
+            with np.errstate(over="ignore"):
+                mixed = _mix(h[:-1][same_line] * np.uint64(0x9E3779B97F4A7C15) ^ h[1:][same_line])
+            self._cached = (mixed, line_of[:-1][same_line])
+        return self._cached
 
 
 def _mix(x: np.ndarray) -> np.ndarray:
@@ -199,8 +215,7 @@ class ModeStats:
             c["non_printable"] += not rewrite.isprintable() or "\ufffd" in rewrite
             c["original_words"] += len(cw)
             if rw:
-                known = set(cw)
-                c["novel_words"] += sum(w not in known for w in rw)
+                c["novel_words"] += len(rw) - sum(map(set(cw).__contains__, rw))
         self.text.add(col)
 
     def summary(self, recorded: Optional[dict]) -> dict:
@@ -229,18 +244,24 @@ class BetweenModes:
     lines: int = 0
 
     def add(self, columns: dict[str, Column]) -> None:
-        for row in zip(*(columns[m].tokens for m in self.modes)):
-            self.lines += 1
-            self.all_identical += all(t == row[0] for t in row[1:])
-            sets = [set(zip(t, t[1:])) for t in row]
-            for (i, a), (j, b) in combinations(enumerate(sets), 2):
-                union = len(a | b)
-                if not union:
-                    self.no_bigrams += 1
-                    continue
-                key = f"{self.modes[i]}|{self.modes[j]}"
-                self.sums[key] = self.sums.get(key, 0.0) + len(a & b) / union
-                self.pairs[key] = self.pairs.get(key, 0) + 1
+        """Per line and pair: |A & B| from the (line, hash) pairs the two sets share, vectorised."""
+        n = len(columns[self.modes[0]].texts)
+        self.lines += n
+        self.all_identical += sum(len(set(row)) == 1 for row in zip(*(columns[m].norms for m in self.modes)))
+        sets = {m: columns[m].bigram_sets() for m in self.modes}
+        for a, b in combinations(self.modes, 2):
+            (la, ha), (lb, hb) = sets[a], sets[b]
+            lines, hashes = np.concatenate([la, lb]), np.concatenate([ha, hb])
+            order = np.lexsort((hashes, lines))
+            lines, hashes = lines[order], hashes[order]
+            shared = (lines[1:] == lines[:-1]) & (hashes[1:] == hashes[:-1])
+            inter = np.bincount(lines[1:][shared], minlength=n)
+            union = np.bincount(la, minlength=n) + np.bincount(lb, minlength=n) - inter
+            ok = union > 0
+            key = f"{a}|{b}"
+            self.no_bigrams += int(n - ok.sum())
+            self.sums[key] = self.sums.get(key, 0.0) + float(np.sum(inter[ok] / union[ok]))
+            self.pairs[key] = self.pairs.get(key, 0) + int(ok.sum())
 
     def summary(self) -> Optional[dict]:
         if len(self.modes) < 2:
