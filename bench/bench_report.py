@@ -6,7 +6,7 @@ outputs (no baseline: no other tool computes these metrics).
 Captions are alt-text-like lines of 4-24 words drawn from a Zipf-distributed 30k-word
 vocabulary (or --captions FILE); each mode's rewrite keeps the caption's words, adds a few,
 and falls back to the caption (or is blank) on a few percent of lines, so every metric has
-work to do. `--captions rewrite/text/source.txt --out DIR` made docs/report_example.png. Text
+work to do (docs/report_example.png shows a report on such rewrites of rewrite/text/source.txt). Text
 outputs (--source + one file per mode) by default; --shards N writes N NNNNN.parquet shards of
 the same rows instead. Prints the pass's captions/s (lines x modes and lines), wall and CPU
 time, the peak RSS, and a table row for bench/README.md. The page's PNGs are included in the

@@ -131,11 +131,11 @@ def pictures(report: dict) -> dict[str, bytes]:
     return out
 
 
-def _html_table(rows: list[list[str]]) -> str:
+def _html_table(rows: list[list[str]], numbers: bool = True) -> str:
     def cells(row: list[str], tag: str) -> str:
         return "".join(f"<{tag}>{html.escape(c)}</{tag}>" for c in row)
     body = "".join(f"<tr>{cells(r, 'td')}</tr>" for r in rows[1:])
-    return f"<table><tr>{cells(rows[0], 'th')}</tr>{body}</table>"
+    return f"<table{' class=num' if numbers else ''}><tr>{cells(rows[0], 'th')}</tr>{body}</table>"
 
 
 def _samples_table(report: dict) -> str:
@@ -143,13 +143,14 @@ def _samples_table(report: dict) -> str:
     rows = [["line", "original", *modes]]
     for s in report["samples"]:
         rows.append([str(s["id"]), s["caption"], *(s["rewrites"][m] for m in modes)])
-    return _html_table(rows)
+    return _html_table(rows, numbers=False)
 
 
 STYLE = ("body{font-family:sans-serif;max-width:1200px;margin:1em auto;color:#222}"
          "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:3px 8px;"
-         "vertical-align:top;font-size:14px}th{background:#f0f0f0}td:not(:first-child){text-align:left}"
-         "img{max-width:100%}.note{color:#555;font-size:13px}")
+         "vertical-align:top;font-size:14px}th{background:#f0f0f0}table.num td:not(:first-child){text-align:right}"
+         "img{max-width:100%}.note{color:#555;font-size:13px}.row{display:flex;flex-wrap:wrap;gap:16px;"
+         "align-items:flex-start}")
 
 
 def index_html(report: dict, names: list[str]) -> str:
@@ -161,8 +162,8 @@ def index_html(report: dict, names: list[str]) -> str:
              + (f"; source {html.escape(inp['source'])}" if inp.get("source") else "")
              + f". {report['lines']:,} lines read, {report['blank_captions']:,} with a blank caption left out."
              " Every metric is defined in docs/report.md.</p>",
-             "<h2>Metrics per mode</h2>", _html_table(table_rows(report)),
-             "<img src='metrics.png' alt='metrics per mode'>",
+             "<h2>Metrics per mode</h2><div class=row>", _html_table(table_rows(report)),
+             "<img src='metrics.png' alt='metrics per mode'></div>",
              "<h2>Lengths</h2><img src='lengths.png' alt='word-count histograms'>"]
     if between:
         pairs = [["pair", "mean bigram Jaccard"]] + [[k.replace("|", " / "), fmt(v, "num")]
