@@ -85,9 +85,25 @@ def validate(flags: dict) -> Config:
         raise ValueError("--images needs --model and --pretrained (the CLIP model that scores the images)")
     if c.images is None and (image_flags or c.root is not None):
         raise ValueError(f"--{(image_flags or ['root'])[0]} is for image agreement: give --images too")
-    if c.images is not None and not storage.exists(str(c.images)) and "{" not in str(c.images):
-        raise ValueError(f"--images {c.images}: not found")
+    if c.images is not None:
+        check_image_flags(c)
     return c
+
+
+def check_image_flags(c: Config) -> None:
+    """What image agreement needs, checked before the pass (which may take hours)."""
+    from evaluation.models import check_model_name
+    if not storage.exists(str(c.images)) and "{" not in str(c.images):
+        raise ValueError(f"--images {c.images}: not found")
+    check_model_name(str(c.model))
+    if not os.path.isfile(str(c.pretrained)):
+        raise ValueError(f"--pretrained {c.pretrained}: file not found")
+    if c.device is not None and str(c.device) not in ("cpu", "cuda") and not str(c.device).startswith("cuda:"):
+        raise ValueError(f"--device {c.device!r}: give cpu or cuda")
+    if c.device is not None and str(c.device).startswith("cuda"):
+        import torch
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {c.device}: no CUDA device is visible")
 
 
 def open_inputs(c: Config) -> inputs_mod.Inputs:
@@ -162,6 +178,8 @@ def output_claim(out: str):
     """Two runs never write one report: flock locally, a claim object on S3, none elsewhere (said)."""
     target = storage.join(out, "report")
     if not storage.is_url(out):
+        if os.path.exists(storage.local_path(out)) and not os.path.isdir(storage.local_path(out)):
+            raise ValueError(f"--out {out} is a file; give a folder")
         os.makedirs(storage.local_path(out), exist_ok=True)
         return FileLock(target, f"--out {out}").acquire()
     if storage.protocol(out) == "s3":

@@ -15,6 +15,7 @@ Every refusal is one line naming the flag and the file (ValueError; the CLI exit
 from __future__ import annotations
 
 import itertools
+import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -82,8 +83,9 @@ def text_inputs(source: str, rewrites: list[str], modes: list[str]) -> Inputs:
         raise ValueError(f"--modes {','.join(modes)}: {len(modes)} modes for {len(rewrites)} --rewrites files")
     files, settings, recorded = {}, {}, {}
     for k, path in enumerate(rewrites):
-        if not storage.exists(path):
-            raise ValueError(f"--rewrites {path}: file not found")
+        if not storage.exists(path) or (not storage.is_url(path) and os.path.isdir(storage.local_path(path))):
+            raise ValueError(f"--rewrites {path}: file not found" + (" (a folder: shard outputs take no --source)"
+                                                                       if storage.exists(path) else ""))
         record = _read_json(path + RECORD_SUFFIX, "--rewrites")
         fingerprint = (record or {}).get("fingerprint", {})
         mode = modes[k] if modes else fingerprint.get("settings", {}).get("sample_mode") or _mode_of_name(path)

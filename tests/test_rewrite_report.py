@@ -316,3 +316,20 @@ def test_between_modes_against_python_sets():
     assert got["pairs_without_bigrams"] == empty > 0 and got["lines"] == 300
     assert got["bigram_jaccard"] == pytest.approx(total / pairs, rel=1e-12)
     assert got["all_identical"] == sum(len({" ".join(t.lower().split()) for t in row}) == 1 for row in rows) / 300
+
+
+def test_a_locked_output_is_refused(tmp_path, capsys):
+    from common.locking import FileLock
+    f = write_text(tmp_path / "in")
+    out = tmp_path / "r"
+    out.mkdir()
+    argv = ["--source", f["source"], "--rewrites", f["chatgpt"], "--examples", f["pool"], "--out", out]
+    with FileLock(out / "report", "another report"):
+        rc, _, err = run(argv, capsys)
+    assert rc == 2 and err.count("\n") == 1 and f"--out {out}" in err and "in use" in err
+    assert not (out / "report.json").exists()
+    rc, _, err = run(argv, capsys)
+    assert rc == 0, err
+    (tmp_path / "file").write_text("")
+    rc, _, err = run(argv[:-1] + [tmp_path / "file"], capsys)
+    assert rc == 2 and "--out" in err and "is a file" in err
