@@ -92,6 +92,7 @@ def text_inputs(source: str, rewrites: list[str], modes: list[str]) -> Inputs:
         if mode is None:
             raise ValueError(f"--rewrites {path}: its mode is unknown (no progress record {path}{RECORD_SUFFIX}, no "
                              "'.<mode>.' in its name); name the modes with --modes")
+        mode = MODE_ALIASES.get(mode.lower(), mode.lower())
         if mode in files:
             raise ValueError(f"--rewrites {path}: a second file of mode {mode}; name the modes with --modes")
         files[mode] = path
@@ -156,29 +157,40 @@ def shard_inputs(folder: str, modes: list[str]) -> Inputs:
     record = _read_json(storage.join(folder, RUN_RECORD), "--rewrites") or {}
     run_settings = record.get("settings", {})
     files = {n.split(".")[0]: storage.join(folder, n) for n in names}
-    first = _parquet(next(iter(files.values())))
-    columns = [f.name for f in first.schema_arrow if str(f.type) in ("string", "large_string")]
+    columns = [f.name for f in _parquet(next(iter(files.values()))).schema_arrow if str(f.type) in ("string", "large_string")]
     modes = modes or as_list(run_settings.get("sample_mode")) or [c for c in columns if c not in ("key", "caption")]
     if not modes:
         raise ValueError(f"--rewrites {folder}: the shards have no rewrite column besides key and caption")
     recorded, total = dict.fromkeys(STAT_KEYS, 0), 0
-    for stem, path in files.items():
-        pf = first if path == files[next(iter(files))] else _parquet(path)
-        have = pf.schema_arrow.names
+    for path, have, stats, rows in _footers(list(files.values())):  # every shard checked before the pass
         for col in ("caption", *modes):
             if col not in have:
                 raise ValueError(f"--rewrites {path} has no column {col!r} (its columns: {', '.join(have)})"
                                  + ("" if col == "caption" else "; choose the modes with --modes"))
-        meta = (pf.schema_arrow.metadata or {}).get(METADATA_KEY)
-        stats = _json_or_empty(meta).get("stats", {})
         recorded = {k: recorded[k] + int(stats.get(k, 0)) for k in STAT_KEYS}
-        total += pf.metadata.num_rows
+        total += rows
     examples = run_settings.get("examples", {})
     settings = {m: {**run_settings, "examples": examples.get(m) if isinstance(examples, dict) else None}
                 for m in modes}
     # a shard's counts sum rewritten/fallbacks over its modes: per mode only when there is one
     per_mode = {modes[0]: recorded} if len(modes) == 1 and recorded["lines"] else {}
     return Inputs("shards", tuple(modes), files, settings=settings, recorded=per_mode, total=total)
+
+
+def _footer(path: str) -> tuple[str, list[str], dict, int]:
+    """(path, column names, the rewriter's recorded stats, rows) from a shard's footer."""
+    pf = _parquet(path)
+    stats = _json_or_empty((pf.schema_arrow.metadata or {}).get(METADATA_KEY)).get("stats", {})
+    return path, pf.schema_arrow.names, stats if isinstance(stats, dict) else {}, pf.metadata.num_rows
+
+
+def _footers(paths: list[str]) -> Iterator[tuple[str, list[str], dict, int]]:
+    """Footers in order; object storage is read 16 at a time (one request's latency each)."""
+    if not paths or not storage.is_url(paths[0]):
+        return map(_footer, paths)
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(16) as pool:
+        return iter(list(pool.map(_footer, paths)))
 
 
 def _json_or_empty(raw: Optional[bytes]) -> dict:
