@@ -144,7 +144,10 @@ class Analysis:
         if len(self.modes) > 1:
             self.between.add(columns)
         for i, k in enumerate(keep):
-            self.reservoir.offer((batch.ids[k], captions.texts[i], {m: columns[m].texts[i] for m in self.modes}))
+            slot = self.reservoir.slot()
+            if slot is not None:  # the row is built only when it is kept
+                self.reservoir.rows[slot] = (batch.ids[k], captions.texts[i],
+                                             {m: columns[m].texts[i] for m in self.modes})
 
 
 def analyse(inputs: inputs_mod.Inputs, pools: dict, c: Config) -> tuple[dict, list]:

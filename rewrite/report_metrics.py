@@ -278,14 +278,14 @@ class Reservoir:
     def __init__(self, size: int, seed: int) -> None:
         self.size, self.rng, self.seen, self.rows = size, random.Random(seed), 0, []
 
-    def offer(self, row: tuple) -> None:
-        if len(self.rows) < self.size:
-            self.rows.append(row)
-        else:
-            j = self.rng.randrange(self.seen + 1)
-            if j < self.size:
-                self.rows[j] = row
+    def slot(self) -> Optional[int]:
+        """Where the next row goes (rows[slot] = row), or None: it is not kept."""
         self.seen += 1
+        if len(self.rows) < self.size:
+            self.rows.append(None)
+            return len(self.rows) - 1
+        j = self.rng.randrange(self.seen)
+        return j if j < self.size else None
 
 
 def sketch_note(k: int) -> dict:

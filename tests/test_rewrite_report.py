@@ -333,3 +333,17 @@ def test_a_locked_output_is_refused(tmp_path, capsys):
     (tmp_path / "file").write_text("")
     rc, _, err = run(argv[:-1] + [tmp_path / "file"], capsys)
     assert rc == 2 and "--out" in err and "is a file" in err
+
+
+def test_reservoir_is_uniform():
+    from rewrite.report_metrics import Reservoir
+    counts = np.zeros(20)
+    for seed in range(4000):
+        r = Reservoir(5, seed)
+        for item in range(20):
+            slot = r.slot()
+            if slot is not None:
+                r.rows[slot] = item
+        assert sorted(set(r.rows)) == sorted(r.rows) and len(r.rows) == 5
+        counts[r.rows] += 1
+    assert np.abs(counts / 4000 - 5 / 20).max() < 0.03  # ~4 standard errors of 0.0068
