@@ -37,12 +37,14 @@ def table_rows(report: dict) -> list[list[str]]:
     rows += [[label, *(fmt(modes[m].get(key), kind) for m in modes)] for key, label, kind in ROWS]
     between = report.get("between_modes")
     if between:
-        rows.append(["bigram Jaccard between modes", fmt(between["bigram_jaccard"], "num"), *[""] * (len(modes) - 1)])
+        rows.append(["bigram Jaccard, all pairs of modes", fmt(between["bigram_jaccard"], "num"),
+                     *[""] * (len(modes) - 1)])
     images = report.get("images")
     if images:
         cols = images["columns"]
-        rows.append(["CLIP score (original)", fmt(cols["original"]["mean"], "num"), *[""] * (len(modes) - 1)])
-        rows.append(["CLIP score", *(fmt(cols[m]["mean"], "num") for m in modes)])
+        rows.append(["CLIP score, mean", *(fmt(cols[m]["mean"], "num") for m in modes)])
+        rows.append(["CLIP score, original", *(fmt(cols["original"]["mean"], "num") for _ in modes)])
+        rows.append(["CLIP score above original", *(fmt(cols[m]["above_original"], "share") for m in modes)])
     return rows
 
 
@@ -146,6 +148,19 @@ def _samples_table(report: dict) -> str:
     return _html_table(rows, numbers=False)
 
 
+def _clip_table(images: dict) -> str:
+    rows = [["texts", "scored", "mean", *(f"p{p}" for p in (5, 25, 50, 75, 95)), "above original"]]
+    for name, col in images["columns"].items():
+        pct = col["percentiles"] or {}
+        rows.append([name, fmt(col["n"], "int"), fmt(col["mean"], "num"),
+                     *(fmt(pct.get(str(p)), "num") for p in (5, 25, 50, 75, 95)),
+                     "" if name == "original" else fmt(col["above_original"], "share")])
+    skipped = ", ".join(f"{k} {v}" for k, v in images["skipped"].items()) or "none"
+    return (_html_table(rows) + f"<p class='note'>{images['lines_scored']} of {images['lines_sampled']} sampled lines "
+            f"scored with {html.escape(images['model'])} ({html.escape(images['pretrained'])}); left out: "
+            f"{html.escape(skipped)}</p>")
+
+
 STYLE = ("body{font-family:sans-serif;max-width:1200px;margin:1em auto;color:#222}"
          "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:3px 8px;"
          "vertical-align:top;font-size:14px}th{background:#f0f0f0}table.num td:not(:first-child){text-align:right}"
@@ -172,7 +187,8 @@ def index_html(report: dict, names: list[str]) -> str:
                   f"<p class='note'>all modes' rewrites identical on {fmt(between['all_identical'], 'share')} of "
                   "lines</p>"]
     if "clip.png" in names:
-        parts += ["<h2>Image agreement</h2><img src='clip.png' alt='CLIP score histograms'>"]
+        parts += ["<h2>Image agreement</h2>", _clip_table(report["images"]),
+                  "<img src='clip.png' alt='CLIP score histograms'>"]
     parts += [f"<h2>Sampled lines ({len(report['samples'])}, uniform, seed {report['seed']})</h2>",
               _samples_table(report), "</body></html>"]
     return "\n".join(parts)
