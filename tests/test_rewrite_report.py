@@ -347,3 +347,29 @@ def test_reservoir_is_uniform():
         assert sorted(set(r.rows)) == sorted(r.rows) and len(r.rows) == 5
         counts[r.rows] += 1
     assert np.abs(counts / 4000 - 5 / 20).max() < 0.03  # ~4 standard errors of 0.0068
+
+
+@pytest.mark.parametrize("argv", [["--ckpt_dir", "x", "--seed", "3"], ["--ckpt-dir=x", "--dry_run"], ["--nodry_run"],
+                                  ["--sampel_mode", "bard"], ["-s", "1"], ["-c", "x"], ["stray"], ["--help"],
+                                  ["--seed", "-1", "--", "--verbose"], ["--nonsense"]])
+def test_flag_list_reads_argv_as_the_rewriter_does(argv):
+    """rewrite/flag_list.py is cli_args.check_argv made generic: the same argv, the same verdict."""
+    from rewrite import cli_args
+    from rewrite.flag_list import FlagList
+
+    def verdict(check):
+        try:
+            check(argv)
+        except ValueError as e:
+            return str(e)
+        return None
+
+    assert verdict(FlagList(cli_args.Config).check_argv) == verdict(cli_args.check_argv)
+
+
+def test_flag_list_gathers_several_values():
+    flags = report.FLAGS
+    assert flags.gather(["--rewrites", "a.txt", "b.txt", "--out", "r"]) == ["--rewrites=a.txt,b.txt", "--out", "r"]
+    assert flags.gather(["--rewrites", "a.txt", "--out", "r"]) == ["--rewrites", "a.txt", "--out", "r"]
+    with pytest.raises(ValueError, match="unexpected argument 'b.txt'"):
+        flags.check_argv(["--out", "r", "b.txt"])
