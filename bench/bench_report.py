@@ -103,7 +103,8 @@ def main(argv: list[str] | None = None) -> None:
           f"peak RSS {peak:.0f} MB (before the pass {rss_before / 1024:.0f} MB, the synthetic lists included)")
     print(f"| `bench_report` | the rewrite report (`python -m rewrite.report`), {args.lines} synthetic captions x "
           f"{args.modes} modes, {kind} | **{args.lines / wall:,.0f} captions/s** (CPU {args.lines / cpu:,.0f}); "
-          f"peak RSS {peak:.0f} MB | MACHINE | DATE | `python -m bench.bench_report --lines {args.lines}` |")
+          f"peak RSS {peak:.0f} MB | MACHINE | DATE | `python -m bench.bench_report --lines {args.lines} --modes {args.modes}"
+          + (f" --shards {args.shards}" if args.shards else "") + "` |")
 
 
 if __name__ == "__main__":
