@@ -373,3 +373,33 @@ def test_flag_list_gathers_several_values():
     assert flags.gather(["--rewrites", "a.txt", "--out", "r"]) == ["--rewrites", "a.txt", "--out", "r"]
     with pytest.raises(ValueError, match="unexpected argument 'b.txt'"):
         flags.check_argv(["--out", "r", "b.txt"])
+
+
+@pytest.mark.slow
+def test_the_rewriters_own_outputs(tmp_path, capsys, one_thread):
+    """The rewriter's text outputs in two modes (tiny random LLaMA), read back with the modes and
+    counts from its progress records: fallbacks as the rewriter made them."""
+    from conftest import REWRITE_PAIRS, make_tiny_rewrite_setup
+    from rewrite import llama_rewrite
+    captions = ["a dog on grass", "", "red car\tnear a city at night", "a cat", "  a cat  "] * 3
+    source = tmp_path / "captions.txt"
+    source.write_text("".join(c + "\n" for c in captions))
+    tiny = make_tiny_rewrite_setup(tmp_path, captions, REWRITE_PAIRS)
+    llama_rewrite.main(**tiny, prompt_filename=str(source), output_filename=str(tmp_path / "out.txt"),
+                       sample_mode="chatgpt,bard", max_seq_len=256, max_gen_len=8, max_batch_size=4)
+    files = [tmp_path / "out.chatgpt.txt", tmp_path / "out.bard.txt"]
+    rc, _, err = run(["--source", source, "--rewrites", *files, "--examples", tiny["examples"], "--out",
+                      tmp_path / "r"], capsys)
+    assert rc == 0, err
+    result = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert list(result["modes"]) == ["chatgpt", "bard"] and result["blank_captions"] == 3
+    for m, path in zip(MODES, files):
+        got, rec = result["modes"][m], result["modes"][m]["recorded"]
+        assert rec == json.loads(Path(str(path) + ".progress.json").read_text())["state"]["stats"]
+        assert got["lines"] == rec["lines"] - rec["empty"] == 12 and got["empty"] == 0
+        # a rewrite equal to its caption reads as a fallback: never fewer fallbacks than recorded
+        assert got["rewritten"] + got["fallbacks"] == rec["rewritten"] + rec["fallbacks"]
+        assert got["fallbacks"] >= rec["fallbacks"]
+        lines = path.read_text().split("\n")[:-1]
+        copies = sum(r == c.replace("\t", " ").strip() for r, c in zip(lines, captions) if c.strip())
+        assert got["fallbacks"] == copies
