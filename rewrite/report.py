@@ -204,7 +204,7 @@ def run(c: Config) -> dict:
         if c.images is not None:
             spec = ImageSpec(str(c.model), str(c.pretrained), str(c.images), None if c.root is None else str(c.root),
                              c.quickgelu, c.trust_checkpoint, c.batch_size, c.device)
-            report["images"] = image_agreement(spec, inputs.kind, sampled, inputs.modes)
+            report["images"] = image_agreement(spec, inputs.kind, sampled[:c.clip_samples], inputs.modes)
         for name, data in page(report).items():
             storage.write_bytes(storage.join(str(c.out), name), data)
         storage.write_bytes(storage.join(str(c.out), "report.json"),

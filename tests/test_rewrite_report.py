@@ -289,6 +289,13 @@ def test_clip_scores_of_a_training_csv(tmp_path, tiny_open_clip, capsys):
     assert images["skipped"] == {"unreadable_image": 1, "caption_mismatch": 1}
     assert all(images["columns"][c]["n"] == 4 for c in ("original", "chatgpt", "bard"))
     rc, _, err = run(["--source", tmp_path / "source.txt", "--rewrites", ",".join(data["rewrites"]),
+                      "--modes", "chatgpt,bard", "--out", tmp_path / "r3", "--images", data["csv"], "--root",
+                      data["root"], "--model", "LaCLIP-test-tiny", "--pretrained", path, "--clip_samples", 3,
+                      "--samples", 5], capsys)
+    assert rc == 0, err
+    result = json.loads((tmp_path / "r3" / "report.json").read_text())
+    assert result["images"]["lines_sampled"] == 3 and len(result["samples"]) == 5
+    rc, _, err = run(["--source", tmp_path / "source.txt", "--rewrites", ",".join(data["rewrites"]),
                       "--modes", "chatgpt,bard", "--out", tmp_path / "r2", "--images", data["csv"]], capsys)
     assert rc == 2 and "--images needs --model and --pretrained" in err
 
