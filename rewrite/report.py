@@ -95,6 +95,13 @@ def check_image_flags(c: Config) -> None:
     from evaluation.models import check_model_name
     if not storage.exists(str(c.images)) and "{" not in str(c.images):
         raise ValueError(f"--images {c.images}: not found")
+    if c.source is not None:  # text outputs: the training CSV and its image folder
+        if storage.is_url(str(c.images)) or not os.path.isfile(str(c.images)):
+            raise ValueError(f"--images {c.images}: for text outputs give the training CSV, a local file")
+        if c.root is None or not os.path.isdir(str(c.root)):
+            raise ValueError(f"--root {c.root}: not a folder (the folder the --images CSV's paths are under)")
+    elif c.root is not None:
+        raise ValueError("--root is for a training CSV (text outputs); shard outputs read their images from tars")
     check_model_name(str(c.model))
     if not os.path.isfile(str(c.pretrained)):
         raise ValueError(f"--pretrained {c.pretrained}: file not found")

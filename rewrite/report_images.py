@@ -25,6 +25,7 @@ import numpy as np
 from common import storage
 from common.images import IMAGE_EXTENSIONS, open_rgb
 from common.tar_keys import keyed_samples
+from common.tar_stream import is_storage_failure
 from rewrite.report_metrics import ratio
 
 PERCENTILES = (5, 25, 50, 75, 95)
@@ -90,7 +91,14 @@ def _tar_images(spec: ImageSpec, sampled: list[tuple], skipped: Counter) -> Iter
             skipped["no_tar"] += len(rows)
             continue
         broken = []
-        for sample in keyed_samples(tars[stem], handler=lambda e: broken.append(e) or True):
+
+        def damaged(exn: Exception, url: str = tars[stem]) -> bool:
+            if is_storage_failure(url, exn):  # a dropped connection is not a damaged tar: stop, say so
+                raise storage.StorageError(f"--images {url}: reading failed ({exn})") from exn
+            broken.append(exn)
+            return True  # webdataset goes on after the damage where it can
+
+        for sample in keyed_samples(tars[stem], handler=damaged):
             row = rows.pop(sample["__key__"], None)
             if row is None:
                 continue
@@ -101,6 +109,8 @@ def _tar_images(spec: ImageSpec, sampled: list[tuple], skipped: Counter) -> Iter
                 skipped["unreadable_image"] += 1
                 continue
             yield (*row, image)
+        if broken:
+            skipped["damaged_tar"] += 1
         if rows:
             skipped["no_image_in_tar"] += len(rows)
 

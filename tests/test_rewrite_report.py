@@ -170,7 +170,8 @@ def test_recorded_counts_and_modes_from_records(tmp_path, capsys):
     assert rc == 2 and err.count("\n") == 1 and "--examples" in err and str(plain) in err and digest in err
 
 
-@pytest.mark.parametrize("case", ["short", "long", "no_caption", "no_pool", "unknown_flag", "no_mode", "no_source"])
+@pytest.mark.parametrize("case", ["short", "long", "no_caption", "no_pool", "unknown_flag", "no_mode", "no_source",
+                                  "root_with_shards", "csv_without_root"])
 def test_bad_inputs(tmp_path, capsys, case):
     f = write_text(tmp_path / "in")
     argv = ["--source", f["source"], "--rewrites", f["chatgpt"], f["bard"], "--out", tmp_path / "r"]
@@ -194,11 +195,20 @@ def test_bad_inputs(tmp_path, capsys, case):
         argv[3], named = str(plain), str(plain)
     elif case == "no_source":
         argv = argv[2:]
+    elif case == "root_with_shards":
+        folder = write_shards(tmp_path / "shards")
+        argv = ["--rewrites", folder, "--out", tmp_path / "r", "--images", folder, "--root", folder,
+                "--model", "CLIP_TINY", "--pretrained", f["pool"]]
+        named = "--root"
+    elif case == "csv_without_root":
+        argv += ["--images", f["source"], "--model", "CLIP_TINY", "--pretrained", f["pool"]]
+        named = "--images"
     rc, _, err = run(argv, capsys)
     assert rc == 2 and err.count("\n") == 1, err
     assert named in err and "--" in err
     flag = {"short": "--rewrites", "long": "--rewrites", "no_caption": "'caption'", "no_pool": "--examples",
-            "unknown_flag": "--sampels", "no_mode": "--modes", "no_source": "--source"}[case]
+            "unknown_flag": "--sampels", "no_mode": "--modes", "no_source": "--source",
+            "root_with_shards": "tars", "csv_without_root": "--root"}[case]
     assert flag in err
     assert not (tmp_path / "r" / "report.json").exists()
     if case == "short":
@@ -235,8 +245,7 @@ def test_clip_scores_of_shards(tmp_path, tiny_open_clip, capsys):
     import io
     import open_clip
     path, model, preprocess = tiny_open_clip
-    shards = sf.make_shards(tmp_path / "data", n_shards=2, per_shard=4, bad=False)
-    shards.corrupt_image = set()
+    sf.make_shards(tmp_path / "data", n_shards=2, per_shard=4, bad=True)  # shard 1's tar cut after 2 samples
     out = tmp_path / "rewrites"
     out.mkdir()
     for s in range(2):
@@ -246,13 +255,14 @@ def test_clip_scores_of_shards(tmp_path, tiny_open_clip, capsys):
                       "--model", "LaCLIP-test-tiny", "--pretrained", path, "--device", "cpu"], capsys)
     assert rc == 0, err
     images = json.loads((tmp_path / "r" / "report.json").read_text())["images"]
-    assert images["lines_scored"] == 8 and images["skipped"] == {}
+    assert images["lines_scored"] == 6 and images["skipped"] == {"damaged_tar": 1, "no_image_in_tar": 2}
     assert images["columns"]["bard"]["n"] == 0  # blank rewrites are not scored
     tok = open_clip.get_tokenizer("LaCLIP-test-tiny")
+    readable = [(0, 0), (0, 1), (0, 2), (0, 3), (1, 0), (1, 1)]
     with torch.no_grad():  # an independent computation of the original captions' mean score
         pixels = torch.stack([preprocess(Image.open(io.BytesIO(sf.jpeg(100 * s + i))).convert("RGB"))
-                              for s in range(2) for i in range(4)])
-        texts = [sf.caption_of(s, i) for s in range(2) for i in range(4)]
+                              for s, i in readable])
+        texts = [sf.caption_of(s, i) for s, i in readable]
         cos = (F.normalize(model.encode_image(pixels), dim=-1) * F.normalize(model.encode_text(tok(texts)), dim=-1)).sum(-1)
     assert images["columns"]["original"]["mean"] == pytest.approx(cos.mean().item(), abs=1e-5)
     assert (tmp_path / "r" / "clip.png").exists() and "clip.png" in (tmp_path / "r" / "index.html").read_text()
