@@ -56,7 +56,8 @@ def metas(tmp_path_factory) -> dict[str, Path]:
 def exported(metas, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("hf")
     # llama2 in files of ~40 KB: several safetensors files with an index
-    return {name: export_hf(str(path), root / name, max_file_bytes=40_000 if name == "llama2" else hf_export.MAX_FILE_BYTES).path
+    sizes = {"llama2": 40_000}
+    return {name: export_hf(str(path), root / name, max_file_bytes=sizes.get(name, hf_export.MAX_FILE_BYTES)).path
             for name, path in metas.items()}
 
 

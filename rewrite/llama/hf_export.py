@@ -176,7 +176,8 @@ def write_folder(ckpt: MetaCheckpoint, tok_file: Path, identity: dict, dest: Pat
         del tensors  # one file's tensors in memory at a time
     if len(groups) > 1:
         total = sum(s.numel() for s in source.shapes.values()) * dtype.itemsize
-        _write_json(dest / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
+        _write_json(dest / "model.safetensors.index.json",
+                    {"metadata": {"total_size": total}, "weight_map": weight_map})
     config = hf_config(args, dtype, tokenizer, identity["max_position_embeddings"])
     _write_json(dest / "config.json", config)
     _write_json(dest / "generation_config.json", {k: config[k] for k in ("bos_token_id", "eos_token_id")})
