@@ -207,3 +207,18 @@ def test_a_second_process_waits_for_the_first_and_reuses(metas, exported, tmp_pa
         fcntl.flock(held, fcntl.LOCK_UN)
     t.join(60)
     assert result["r"].reused and _files(out) == before
+
+
+@pytest.mark.slow  # two interpreters importing torch
+def test_two_processes_convert_once(metas, tmp_path):
+    """Whatever the interleaving, exactly one of two processes converts and the other reuses."""
+    import subprocess
+    import sys
+    code = ("import sys; from rewrite.llama import export_hf; "
+            "print(export_hf(sys.argv[1], sys.argv[2]).reused)")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(metas["llama31"]), str(tmp_path / "hf")],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err for _, err in outs]
+    assert sorted(out.strip() for out, _ in outs) == ["False", "True"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".hf.lock", "hf"]
