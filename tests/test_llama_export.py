@@ -161,6 +161,12 @@ def test_rerun_reuses_and_other_folders_are_refused(metas, tmp_path):
     with pytest.raises(CheckpointError, match=f"{foreign} exists and was not written by this converter"):
         export_hf(str(src), foreign)
     assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
+    with pytest.raises(CheckpointError, match=f"no tokenizer at {tmp_path / 'none.model'}"):
+        export_hf(str(src), tmp_path / "other", tokenizer_path=str(tmp_path / "none.model"))
+    (src / "tokenizer.model").unlink()
+    with pytest.raises(CheckpointError, match=f"{src} has no tokenizer.model"):
+        export_hf(str(src), tmp_path / "other")
+    assert not (tmp_path / "other").exists()
     # a Hugging Face folder has nothing to convert
     with pytest.raises(CheckpointError, match="already a Hugging Face folder"):
         export_hf(str(out), tmp_path / "again")

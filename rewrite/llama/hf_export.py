@@ -66,9 +66,12 @@ def export_hf(ckpt: Union[str, Checkpoint], out_dir: Union[str, Path], tokenizer
     ckpt = open_checkpoint(str(ckpt)) if isinstance(ckpt, (str, Path)) else ckpt
     if not isinstance(ckpt, MetaCheckpoint):
         raise CheckpointError(f"{ckpt.path} is already a Hugging Face folder (config.json): nothing to convert")
-    tok_file = Path(tokenizer_path or find_tokenizer(str(ckpt.path)) or "")
-    if not tok_file.is_file():
+    found = tokenizer_path or find_tokenizer(str(ckpt.path))
+    if found is None:
         raise CheckpointError(f"{ckpt.path} has no tokenizer.model (nor its parent): give the tokenizer's path")
+    tok_file = Path(found)
+    if not tok_file.is_file():
+        raise CheckpointError(f"no tokenizer at {tok_file}")
     max_pos = max_position_embeddings or context_length(ckpt.params)
     identity = source_identity(ckpt, tok_file, max_pos)
     out = Path(out_dir)
