@@ -103,6 +103,14 @@ def start_llm(s: VllmSettings):
     return _ENGINES[s]
 
 
+def shutdown_engines() -> None:
+    """Stop every engine this process started (its engine process and workers): before the
+    interpreter's exit, where vLLM's own shutdown logs into streams that may be closed by then."""
+    while _ENGINES:
+        _, llm = _ENGINES.popitem()
+        llm.llm_engine.engine_core.shutdown()
+
+
 @dataclass
 class VllmGenerator:
     """The native Generator's interface (generate, tokenizer, stats, compile_note) over vLLM's LLM."""

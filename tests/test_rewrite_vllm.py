@@ -49,6 +49,14 @@ def tiny(tmp_path_factory) -> dict:
             "convert_dir": str(root / "meta7.hf")}  # one conversion, hence one vLLM engine, for the module
 
 
+@pytest.fixture(scope="module", autouse=True)
+def engines_stopped():
+    """The module's vLLM engines stopped at its end, while pytest's streams are still open."""
+    yield
+    from rewrite.vllm_engine import shutdown_engines
+    shutdown_engines()
+
+
 def captions_file(path: Path, n: int) -> Path:
     path.write_text("".join(f"{CAPTIONS[i % len(CAPTIONS)]} {i // len(CAPTIONS)}\n" if CAPTIONS[i % len(CAPTIONS)]
                             else "\n" for i in range(n)))
@@ -88,7 +96,8 @@ def test_text_two_modes_records_and_engine_switch(tiny, tmp_path, capsys):
     rc, text, _ = run(capsys, *argv(tiny, src, out, sample_mode="chatgpt,bard"))
     assert rc == 0 and "already complete" in text
     native = {k: v for k, v in FLAGS.items() if k in ("max_seq_len", "max_gen_len", "max_batch_size")}
-    flags = {**tiny, "prompt_filename": str(src), "output_filename": str(out), "sample_mode": "chatgpt,bard", **native}
+    model = {k: v for k, v in tiny.items() if k != "convert_dir"}
+    flags = {**model, "prompt_filename": str(src), "output_filename": str(out), "sample_mode": "chatgpt,bard", **native}
     rc, _, err = run(capsys, *[f"--{k}={v}" for k, v in flags.items()])
     assert rc == 2
     assert f"'vllm {vllm.__version__}' -> 'native'" in err and len(err.strip().splitlines()) == 1
@@ -217,7 +226,7 @@ def test_refusals_name_the_flag(tiny, tmp_path, capsys):
     before vLLM starts."""
     from testkit.tiny_llama import make_tiny_llama
     src = captions_file(tmp_path / "src.txt", 4)
-    small = make_tiny_llama(tmp_path / "hd16", CAPTIONS, dim=32, n_layers=1, n_heads=2, vocab_size=120)
+    small = make_tiny_llama(tmp_path / "hd16", CAPTIONS, dim=32, n_layers=1, n_heads=2, vocab_size=300)
     cases = [
         ({"ckpt_dir": str(small), "tokenizer_path": str(small / "tokenizer.model")}, "--ckpt_dir"),
         ({"dtype": "fp16"}, "--dtype fp16"),
@@ -225,7 +234,7 @@ def test_refusals_name_the_flag(tiny, tmp_path, capsys):
         ({"vllm_args": '{"seed":3}'}, "--seed"),
         ({"vllm_args": "[1]"}, "--vllm_args"),
         ({"gpu_memory_utilization": 1.5}, "--gpu_memory_utilization"),
-        ({"engine": "native"}, "--gpu_memory_utilization"),
+        ({"engine": "native"}, "is read by --engine vllm only"),
         ({"engine": "tgi"}, "--engine"),
     ]
     for extra, flag in cases:
@@ -233,3 +242,15 @@ def test_refusals_name_the_flag(tiny, tmp_path, capsys):
         assert rc == 2 and flag in err and "Traceback" not in err, (extra, err)
         assert len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "o.txt").exists()
+
+
+def test_gpu_check_tiny_runs_every_vllm_arm(tmp_path, monkeypatch):
+    """bench/gpu_check.py --tiny runs its vLLM arms here, so a GPU session does not meet their bugs
+    first; the rewriter's vLLM engine writes exactly vLLM's own tokens (same seeds and lengths)."""
+    from bench import gpu_check
+    monkeypatch.setenv("OUT", str(tmp_path))
+    assert gpu_check.main(["--tiny", "--n", "80", "--batch", "40"]) == 0
+    summary = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert isinstance(summary["vllm"], dict), summary["vllm"]
+    assert summary["vllm"]["captions_per_s"] > 0 and summary["vllm"]["generated"] > 0
+    assert summary["vllm"]["rewriter"]["identical"] == 80
