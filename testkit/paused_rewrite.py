@@ -12,14 +12,14 @@ next one is read, so "before window K" is "after K windows committed".
 --kill-before-window K: there, SIGKILL this process.
 --kill-in-commit K: SIGKILL this process inside commit K (from 0), after the window's lines are
   appended and fsynced and before the progress record names them.
-Run it with the repository root as the working directory (`python -m` puts that on the path).
+Run it with the repository root as the working directory (`python -m` puts that on the path);
+testkit/processes.py waits for the ready file and kills process trees.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -86,18 +86,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     install(args)
     from rewrite.cli import cli
     return cli([f for f in args.flags if f != "--"])
-
-
-def wait_until_paused(ready: Path, proc: subprocess.Popen, limit_s: float = 300.0) -> None:
-    """In the test: return once the paused run has created `ready`. The run's end before that,
-    or no pause within limit_s (a safety net, not what decides the outcome), fails loudly."""
-    end = time.monotonic() + limit_s
-    while not ready.exists():
-        if proc.poll() is not None:
-            raise AssertionError(f"the run ended (exit status {proc.returncode}) before it paused at {ready}")
-        if time.monotonic() > end:
-            raise AssertionError(f"the run did not pause at {ready} within {limit_s:g} s")
-        time.sleep(0.01)
 
 
 if __name__ == "__main__":

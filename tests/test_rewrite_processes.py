@@ -15,7 +15,7 @@ import torch
 from conftest import REWRITE_PAIRS as PAIRS, clean_dist_env, make_tiny_rewrite_setup
 from rewrite import llama_rewrite
 from rewrite.output import record_path
-from testkit.paused_rewrite import wait_until_paused
+from testkit.processes import wait_until_paused
 
 REPO = Path(__file__).resolve().parents[1]
 REWRITE = REPO / "rewrite"
