@@ -272,7 +272,8 @@ def plan_units(cfg: Config, settings: dict[str, dict], dp_size: int) -> tuple[Un
             log(f"--overwrite: removed {removed} finished shards of this input from {cfg.output_filename}")
         check_run_record(cfg.output_filename, combined, cfg.overwrite)
         check_finished(cfg.output_filename, pairs, combined)  # finished only for this input and these settings
-        return ShardUnits(shards, cfg.output_filename, cfg.text_key, tuple(settings), combined, cfg.claim_timeout), True
+        units = ShardUnits(shards, cfg.output_filename, cfg.text_key, tuple(settings), combined, cfg.claim_timeout)
+        return units, some_unit_free(units)
     info = scan_input(cfg.prompt_filename)
     units = TextUnits(cfg.prompt_filename, cfg.output_filename, info,
                       {m: {"input": info.fingerprint(), "settings": s} for m, s in settings.items()})
@@ -281,7 +282,19 @@ def plan_units(cfg: Config, settings: dict[str, dict], dp_size: int) -> tuple[Un
     for m in set(units.outputs) - set(units.pending):
         log(f"{units.outputs[m]} is already complete ({info.lines} lines; record {units.outputs[m].name}"
             ".progress.json); nothing to do. Pass --overwrite to redo it.")
-    return units, bool(units.pending)
+    return units, bool(units.pending) and some_unit_free(units)
+
+
+def some_unit_free(units: Units) -> bool:
+    """On global rank 0, before any weight is read: False (with the summary) when every unit
+    left is held by another live run, so such a run ends now instead of after loading the model.
+    A unit freed after this look is left to a rerun, as a walk that found it held would leave it."""
+    if units.any_free():
+        return True
+    log("no unit is free (each is finished or held by another live run): nothing for this run to do; "
+        "the model is not loaded")
+    log(units.conclude(RunTotals(), 0.0))  # also merges a caption file whose units all finished
+    return False
 
 
 def prepare(cfg: Config) -> Job:
@@ -297,13 +310,13 @@ def prepare(cfg: Config) -> Job:
     pools = {m: load_pool(m, cfg.examples) for m in configs}
     for m in configs:
         check_context(configs[m], pools[m], tokenizer)
-    dtype = cfg.dtype or DTYPE_NAMES[default_dtype(parallel.device, ckpt.stored_dtype())]
-    if cfg.engine == "vllm":
-        args = ckpt.model_args()
-        check_supported(args.dim // args.n_heads, TORCH_DTYPES[dtype], f"--ckpt_dir {cfg.ckpt_dir}")
+    dtype = cfg.dtype or DTYPE_NAMES[default_dtype(parallel.device, ckpt.stored_dtype)]  # asked only on a GPU
     identity = checkpoint_identity(ckpt, cfg.tokenizer_path)
     settings = {m: settings_fingerprint(configs[m], pools[m], dtype, identity) for m in configs}
     units, todo = on_rank0(lambda: plan_units(cfg, settings, parallel.dp_size), parallel.rank)
+    if todo and cfg.engine == "vllm":  # what vLLM cannot run, before it starts (and not when nothing is to do)
+        args = ckpt.model_args()
+        check_supported(args.dim // args.n_heads, TORCH_DTYPES[dtype], f"--ckpt_dir {cfg.ckpt_dir}")
     return Job(parallel, tokenizer, ckpt, configs, pools, units, TORCH_DTYPES[dtype], todo)
 
 
