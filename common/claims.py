@@ -147,13 +147,19 @@ class S3Claim:
             return True
         return False
 
+    def free(self) -> bool:
+        """Whether try_acquire would find no live holder (no claim object, or a stale one);
+        only reads, so asking never keeps anyone from the claim."""
+        record, etag = self.read()
+        return etag is None or _age(record) > self.timeout
+
     def try_acquire(self) -> bool:
         if self._put(IfNoneMatch="*") or self._ours():
             return self._start_heartbeat()
         record, etag = self.read()
         if etag is None:  # released meanwhile: try the create once more
             return self._put(IfNoneMatch="*") and self._start_heartbeat()
-        age = time.time() - float((record or {}).get("heartbeat", 0))
+        age = _age(record)
         if age <= self.timeout:
             return False
         if not self._put(IfMatch=etag):  # another taker (or the holder's refresh) came first
@@ -204,6 +210,11 @@ class S3Claim:
     def holder(self) -> str:
         record, _ = self.read()
         return describe(record) if record is not None else "nobody (released)"
+
+
+def _age(record: Optional[dict]) -> float:
+    """Seconds since the holder's last heartbeat (a damaged claim: since the epoch)."""
+    return time.time() - float((record or {}).get("heartbeat", 0))
 
 
 def describe(record: Optional[dict]) -> str:

@@ -63,6 +63,16 @@ class Config:
                                         "claim is taken to be a dead run's and taken over.")
     compile: bool = _flag(False, "torch.compile the one-token decode step (CUDA graphs on a GPU, inductor on the "
                                  "CPU): pays once a run outlasts its compile time (see bench/README.md).")
+    engine: str = _flag("native", "native (this repository's LLaMA engine, torchrun + fairscale) or vllm (vLLM's "
+                                  "offline engine: pip install -e '.[vllm]'); same units, outputs and records.")
+    convert_dir: Optional[str] = _flag(None, "--engine vllm with a Meta folder: where its Hugging Face conversion is "
+                                             "written once and reused (default: CKPT_NAME.hf beside a local output; "
+                                             "for an s3:// output ~/.cache/laclip/hf/).")
+    gpu_memory_utilization: Optional[float] = _flag(None, "--engine vllm: the share of GPU memory vLLM may take "
+                                                          "(its CPU build: of RAM); default 0.9.")
+    vllm_args: Optional[dict] = _flag(None, "--engine vllm: more LLM(...) arguments, e.g. "
+                                            "'{\"kv_cache_dtype\": \"fp8\", \"enforce_eager\": True}' (recorded "
+                                            "with the output: they may change its texts).")
 
 
 FLAG_NAMES = tuple(f.name for f in fields(Config))
@@ -250,7 +260,7 @@ def validate(raw: dict[str, Any]) -> Config:
         overwrite=_switch("overwrite", c.overwrite), model_parallel_size=mp,
         dtype=None if c.dtype is None else DTYPES[str(c.dtype).lower()], text_key=text_key,
         share_prefixes=_switch("share_prefixes", c.share_prefixes), compile=_switch("compile", c.compile),
-        claim_timeout=_claim_timeout(c.claim_timeout), **numbers)
+        claim_timeout=_claim_timeout(c.claim_timeout), **numbers, **_engine_flags(c, dry_run))
 
 
 def _claim_timeout(value: object) -> float:
@@ -258,3 +268,41 @@ def _claim_timeout(value: object) -> float:
     if seconds <= 0:
         raise ValueError(f"--claim_timeout must be > 0 seconds, got {seconds:g}")
     return seconds
+
+
+ENGINES = ("native", "vllm")
+VLLM_ONLY = ("convert_dir", "gpu_memory_utilization", "vllm_args")
+# LLM(...) arguments the flags set: a --vllm_args key among them is refused, naming the flag to use
+VLLM_FROM_FLAGS = {"model": "ckpt_dir", "tokenizer": "tokenizer_path", "skip_tokenizer_init": "engine",
+                   "dtype": "dtype", "max_model_len": "max_seq_len", "max_num_seqs": "max_batch_size",
+                   "tensor_parallel_size": "model_parallel_size", "seed": "seed",
+                   "gpu_memory_utilization": "gpu_memory_utilization", "enable_prefix_caching": "share_prefixes"}
+
+
+def _engine_flags(c: Config, dry_run: bool) -> dict:
+    """--engine and the flags that only vLLM reads, checked (vLLM imported only for a run with it)."""
+    engine = str(c.engine).lower()
+    if engine not in ENGINES:
+        raise ValueError(f"--engine {c.engine!r} is not an engine; choose native or vllm")
+    given = [f for f in VLLM_ONLY if getattr(c, f) is not None]
+    if engine == "native" and given:
+        raise ValueError(f"--{given[0]} is read by --engine vllm only (this run uses --engine native)")
+    if engine == "vllm" and c.compile:
+        raise ValueError("--compile is the native engine's: vLLM compiles and captures CUDA graphs by default "
+                         "(--vllm_args '{\"enforce_eager\": True}' turns that off)")
+    memory = None if c.gpu_memory_utilization is None else _float("gpu_memory_utilization", c.gpu_memory_utilization)
+    if memory is not None and not 0 < memory <= 1:
+        raise ValueError(f"--gpu_memory_utilization must be in (0, 1], got {memory:g}")
+    args = c.vllm_args
+    if args is not None:
+        if not isinstance(args, dict) or not all(isinstance(k, str) for k in args):
+            raise ValueError(f"--vllm_args must be a dict of LLM(...) arguments, e.g. "
+                             f"'{{\"enforce_eager\": True}}', got {args!r}")
+        taken = sorted(set(args) & set(VLLM_FROM_FLAGS))
+        if taken:
+            raise ValueError(f"--vllm_args {taken[0]!r} is set by --{VLLM_FROM_FLAGS[taken[0]]}; give that flag instead")
+    if engine == "vllm" and not dry_run:
+        from rewrite.vllm_engine import vllm_version
+        vllm_version()  # not installed: one line naming the install command
+    return {"engine": engine, "convert_dir": _optional_str(c.convert_dir), "gpu_memory_utilization": memory,
+            "vllm_args": args}

@@ -3,16 +3,19 @@ model-parallel size chosen for the checkpoint, fairscale's groups (the engine), 
 teardown, and the engine's errors given the flag that named the file."""
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from datetime import timedelta
 from typing import Optional
 
 import torch
 
-from common.distributed import cleanup_distributed, init_distributed_mode, is_dist_avail_and_initialized
-from rewrite.llama import (CheckpointError, ParallelError, ParallelInfo, TokenizerError, check_mapping,
+from common.distributed import (cleanup_distributed, init_distributed_mode, is_dist_avail_and_initialized,
+                                launched_as_rank0)
+from rewrite.llama import (CheckpointError, ParallelError, ParallelInfo, TokenizerError, check_mapping, export_hf,
                            init_model_parallel, open_checkpoint, teardown_model_parallel)
 
 # Timeout of the default group's collectives. Besides the lock-step model-parallel
@@ -81,3 +84,46 @@ def teardown_parallel() -> None:
     if is_dist_avail_and_initialized():
         teardown_model_parallel()
         cleanup_distributed()
+
+
+def setup_vllm_processes() -> ParallelInfo:
+    """--engine vllm: every process is a data-parallel group of its own (vLLM runs a model's tensor-
+    parallel ranks itself, --model_parallel_size of them); the process group, gloo, carries only the
+    run's control exchanges (the plan, the totals), so it never competes with vLLM's own."""
+    info = init_distributed_mode("cpu", CONTROL_TIMEOUT)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # decides the default dtype only
+    return ParallelInfo.layout(info.rank, info.world_size, info.local_rank, 1, device)
+
+
+def hf_folder(cfg, ckpt) -> Path:
+    """The Hugging Face folder vLLM loads: --ckpt_dir itself, or its conversion (written once,
+    reused on rerun: rewrite.llama.export_hf) in --convert_dir, by default CKPT.hf beside a local
+    output, or under ~/.cache/laclip/hf/ for an object-storage output."""
+    if ckpt.kind == "hf":
+        return Path(ckpt.path)
+    if cfg.convert_dir:
+        target = Path(cfg.convert_dir)
+    elif isinstance(cfg.output_filename, Path):
+        target = cfg.output_filename.resolve().parent / f"{ckpt.path.name}.hf"
+    else:
+        target = Path.home() / ".cache" / "laclip" / "hf" / f"{ckpt.path.name}.hf"
+    try:
+        made = export_hf(ckpt, target, cfg.tokenizer_path, log=lambda line: print(line, flush=True))
+    except CheckpointError as e:
+        raise ValueError(f"--convert_dir: {e}") from None
+    if launched_as_rank0():
+        print(made.line, flush=True)
+    return made.path
+
+
+def load_vllm(cfg, ckpt, tokenizer, dtype: torch.dtype, parallel: ParallelInfo):
+    """vLLM's engine on this process's GPUs (or the CPU), behind the native engine's interface."""
+    from rewrite.vllm_engine import VllmGenerator, VllmSettings, start_llm, visible_devices
+    tp = cfg.model_parallel_size or 1
+    devices = visible_devices(parallel.local_rank, tp) if parallel.world_size > 1 else None
+    if devices is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = devices  # read by vLLM's engine process, started below
+    settings = VllmSettings(hf_folder(cfg, ckpt), dtype, cfg.max_seq_len, cfg.max_batch_size, tp, cfg.seed,
+                            cfg.gpu_memory_utilization or 0.9, cfg.share_prefixes,
+                            json.dumps(cfg.vllm_args or {}, sort_keys=True))
+    return VllmGenerator(start_llm(settings), tokenizer, cfg.max_seq_len)

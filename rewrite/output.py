@@ -116,6 +116,10 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 def describe_changes(old: dict, new: dict) -> str:
     a, b = _flatten(old), _flatten(new)
+    for k in a.keys() | b.keys():  # the engine is recorded only when it is not the native one
+        if k.rsplit(".", 1)[-1] == "engine":
+            a.setdefault(k, "native")
+            b.setdefault(k, "native")
     keys = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
     return "; ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys[:6]) or "(no difference)"
 

@@ -23,7 +23,7 @@ from common.distributed import from_group_source, launched_as_rank0, on_every_ra
 from common import storage
 from rewrite.cli_args import Config
 from rewrite.input_lines import Line, read_lines, scan_input
-from rewrite.launch import engine_errors_name_flags, setup_parallel, teardown_parallel
+from rewrite.launch import engine_errors_name_flags, load_vllm, setup_parallel, setup_vllm_processes, teardown_parallel
 from rewrite.llama import (Generator, ParallelInfo, TokenizerBase, default_dtype, load_generator, load_tokenizer,
                            open_checkpoint)
 from rewrite.output import Claim, RunTotals
@@ -33,6 +33,7 @@ from rewrite.shard_input import ShardLines, expand_shards, is_shard_input, shard
 from rewrite.shard_checks import check_finished, check_overwrite_keeps_one_setting
 from rewrite.shard_output import ShardUnits, check_run_record, clear_for_overwrite, shard_output_path
 from rewrite.text_units import TextUnits, mode_output
+from rewrite.vllm_engine import check_supported
 
 T = TypeVar("T")
 Units = Union[TextUnits, ShardUnits]
@@ -137,26 +138,63 @@ def windows(items: Iterable[T], size: int) -> Iterable[list[T]]:
         yield window
 
 
-def rewrite_window(cfg: Config, pool: Pool, generator: Generator, window: list[Line]) -> tuple[list[str], list[dict]]:
-    """Output lines (without newlines) and each line's counts (STAT_KEYS) for a window of input lines."""
-    out = [""] * len(window)
-    counts = [{"lines": 1, "undecodable": int(line.undecodable)} for line in window]
-    requests, where = [], []
+@dataclass
+class WindowPlan:
+    """One mode's requests for a window of lines: which lines are asked (`where`), and each line's counts."""
+    requests: list[LineRequest]
+    where: list[int]
+    counts: list[dict]
+
+
+def plan_window(cfg: Config, pool: Pool, tokenizer: TokenizerLike, window: list[Line]) -> WindowPlan:
+    plan = WindowPlan([], [], [{"lines": 1, "undecodable": int(line.undecodable)} for line in window])
     for k, line in enumerate(window):
         if not line.text.strip():
-            counts[k]["empty"] = 1  # an empty line stays empty: nothing to rewrite
+            plan.counts[k]["empty"] = 1  # an empty line stays empty: nothing to rewrite
             continue
-        req = line_request(cfg, pool, generator.tokenizer, line.index, line.text)
-        counts[k]["truncated"] = int(req.truncated)
-        requests.append(req)
-        where.append(k)
-    if requests:
-        results = generator.generate([r.tokens for r in requests], cfg.max_gen_len, cfg.temperature, cfg.top_p,
-                                     [r.seed for r in requests])
-        for k, ids in zip(where, results):
-            out[k], fell_back = finish_line(window[k].text, generator.tokenizer.decode(ids))
-            counts[k]["fallbacks" if fell_back else "rewritten"] = 1
-    return out, counts
+        req = line_request(cfg, pool, tokenizer, line.index, line.text)
+        plan.counts[k]["truncated"] = int(req.truncated)
+        plan.requests.append(req)
+        plan.where.append(k)
+    return plan
+
+
+def finish_window(plan: WindowPlan, window: list[Line], results: list[list[int]],
+                  tokenizer: TokenizerLike) -> tuple[list[str], list[dict]]:
+    """Output lines (without newlines) and each line's counts (STAT_KEYS)."""
+    out = [""] * len(window)
+    for k, ids in zip(plan.where, results):
+        out[k], fell_back = finish_line(window[k].text, tokenizer.decode(ids))
+        plan.counts[k]["fallbacks" if fell_back else "rewritten"] = 1
+    return out, plan.counts
+
+
+def _generate(cfg: Config, generator: Generator, requests: list[LineRequest]) -> list[list[int]]:
+    if not requests:
+        return []
+    return generator.generate([r.tokens for r in requests], cfg.max_gen_len, cfg.temperature, cfg.top_p,
+                              [r.seed for r in requests])
+
+
+def rewrite_window(cfg: Config, pool: Pool, generator: Generator, window: list[Line]) -> tuple[list[str], list[dict]]:
+    """Output lines and counts for a window of input lines in one mode."""
+    plan = plan_window(cfg, pool, generator.tokenizer, window)
+    return finish_window(plan, window, _generate(cfg, generator, plan.requests), generator.tokenizer)
+
+
+def rewrite_modes(job: "Job", generator: Generator, window: list[Line]) -> dict[str, tuple[list[str], list[dict]]]:
+    """A window in every mode: one engine call per mode, or one for all where the engine schedules
+    whole queues (vLLM: more prompts in flight, and prefixes shared across modes' calls alike).
+    The modes differ only in their examples, so one call's sampling settings serve them all."""
+    if not getattr(generator, "joins_modes", False) or len(job.configs) == 1:
+        return {m: rewrite_window(c, job.pools[m], generator, window) for m, c in job.configs.items()}
+    plans = {m: plan_window(c, job.pools[m], generator.tokenizer, window) for m, c in job.configs.items()}
+    results = _generate(next(iter(job.configs.values())), generator, [r for p in plans.values() for r in p.requests])
+    per_mode, at = {}, 0
+    for m, plan in plans.items():
+        per_mode[m] = finish_window(plan, window, results[at:at + len(plan.requests)], generator.tokenizer)
+        at += len(plan.requests)
+    return per_mode
 
 
 # ---------------------------------------------------------------- the run
@@ -204,6 +242,11 @@ def settings_fingerprint(cfg: Config, pool: Pool, dtype: str, identity: dict) ->
         settings["share_prefixes"] = False
     if cfg.compile:
         settings["compile"] = True
+    if cfg.engine != "native":  # recorded only for vLLM, so native records written before still resume
+        from rewrite.vllm_engine import vllm_version
+        settings["engine"] = f"{cfg.engine} {vllm_version()}"
+        if cfg.vllm_args:
+            settings["vllm_args"] = cfg.vllm_args
     return settings
 
 
@@ -229,7 +272,8 @@ def plan_units(cfg: Config, settings: dict[str, dict], dp_size: int) -> tuple[Un
             log(f"--overwrite: removed {removed} finished shards of this input from {cfg.output_filename}")
         check_run_record(cfg.output_filename, combined, cfg.overwrite)
         check_finished(cfg.output_filename, pairs, combined)  # finished only for this input and these settings
-        return ShardUnits(shards, cfg.output_filename, cfg.text_key, tuple(settings), combined, cfg.claim_timeout), True
+        units = ShardUnits(shards, cfg.output_filename, cfg.text_key, tuple(settings), combined, cfg.claim_timeout)
+        return units, some_unit_free(units)
     info = scan_input(cfg.prompt_filename)
     units = TextUnits(cfg.prompt_filename, cfg.output_filename, info,
                       {m: {"input": info.fingerprint(), "settings": s} for m, s in settings.items()})
@@ -238,23 +282,41 @@ def plan_units(cfg: Config, settings: dict[str, dict], dp_size: int) -> tuple[Un
     for m in set(units.outputs) - set(units.pending):
         log(f"{units.outputs[m]} is already complete ({info.lines} lines; record {units.outputs[m].name}"
             ".progress.json); nothing to do. Pass --overwrite to redo it.")
-    return units, bool(units.pending)
+    return units, bool(units.pending) and some_unit_free(units)
+
+
+def some_unit_free(units: Units) -> bool:
+    """On global rank 0, before any weight is read: False (with the summary) when every unit
+    left is held by another live run, so such a run ends now instead of after loading the model.
+    A unit freed after this look is left to a rerun, as a walk that found it held would leave it."""
+    if units.any_free():
+        return True
+    log("no unit is free (each is finished or held by another live run): nothing for this run to do; "
+        "the model is not loaded")
+    log(units.conclude(RunTotals(), 0.0))  # also merges a caption file whose units all finished
+    return False
 
 
 def prepare(cfg: Config) -> Job:
     """The checkpoint folder and tokenizer (opened once), process groups, context checks, and
     on rank 0 the plan of the units (sent to every rank)."""
     ckpt = open_checkpoint(cfg.ckpt_dir)  # its errors get the flag's name in run_cli
-    parallel = setup_parallel(ckpt, cfg.model_parallel_size)
+    if cfg.engine == "vllm":
+        parallel = setup_vllm_processes()
+    else:
+        parallel = setup_parallel(ckpt, cfg.model_parallel_size)
     tokenizer = load_tokenizer(cfg.tokenizer_path, cfg.ckpt_dir)
     configs = mode_configs(cfg)
     pools = {m: load_pool(m, cfg.examples) for m in configs}
     for m in configs:
         check_context(configs[m], pools[m], tokenizer)
-    dtype = cfg.dtype or DTYPE_NAMES[default_dtype(parallel.device, ckpt.stored_dtype())]
+    dtype = cfg.dtype or DTYPE_NAMES[default_dtype(parallel.device, ckpt.stored_dtype)]  # asked only on a GPU
     identity = checkpoint_identity(ckpt, cfg.tokenizer_path)
     settings = {m: settings_fingerprint(configs[m], pools[m], dtype, identity) for m in configs}
     units, todo = on_rank0(lambda: plan_units(cfg, settings, parallel.dp_size), parallel.rank)
+    if todo and cfg.engine == "vllm":  # what vLLM cannot run, before it starts (and not when nothing is to do)
+        args = ckpt.model_args()
+        check_supported(args.dim // args.n_heads, TORCH_DTYPES[dtype], f"--ckpt_dir {cfg.ckpt_dir}")
     return Job(parallel, tokenizer, ckpt, configs, pools, units, TORCH_DTYPES[dtype], todo)
 
 
@@ -274,7 +336,7 @@ def rewrite_unit(job: Job, generator: Generator, claim: Claim, bar: tqdm, warned
     done, writer = 0, bool(claim.writers)
     some_cfg = next(iter(job.configs.values()))
     for window in windows(job.units.lines(claim), WINDOW_BATCHES * some_cfg.max_batch_size):
-        per_mode = {m: rewrite_window(c, job.pools[m], generator, window) for m, c in job.configs.items()}
+        per_mode = rewrite_modes(job, generator, window)
         if writer:
             for line in window:
                 if line.undecodable and warned[0] < MAX_WARNINGS:
@@ -325,8 +387,11 @@ def run(cfg: Config) -> None:
     job = prepare(cfg)
     if not job.todo:
         return
-    generator = load_generator(job.checkpoint, cfg.tokenizer_path, cfg.max_seq_len, cfg.max_batch_size,
-                               job.parallel, job.dtype, job.tokenizer, cfg.share_prefixes, cfg.compile)
+    if cfg.engine == "vllm":
+        generator = load_vllm(cfg, job.checkpoint, job.tokenizer, job.dtype, job.parallel)
+    else:
+        generator = load_generator(job.checkpoint, cfg.tokenizer_path, cfg.max_seq_len, cfg.max_batch_size,
+                                   job.parallel, job.dtype, job.tokenizer, cfg.share_prefixes, cfg.compile)
     t0 = time.perf_counter()
     mine = run_group(job, generator)
     seconds = time.perf_counter() - t0

@@ -59,6 +59,17 @@ def claim_shard(out: Shard, timeout: float = claims.DEFAULT_TIMEOUT_S) -> Option
     return claim if claim.try_acquire() else None
 
 
+def shard_free(out: Shard, timeout: float = claims.DEFAULT_TIMEOUT_S) -> bool:
+    """Whether no live process holds the shard's claim. On a local disk the flock is taken and
+    released at once; on object storage the claim object is only read."""
+    if isinstance(out, str):
+        return claims.S3Claim(out + claims.CLAIM_SUFFIX, timeout).free()
+    lock = FileLock(out, f"--output_filename shard {shard_name(out)}")
+    free = lock.try_acquire()
+    lock.release()
+    return free
+
+
 def shard_holder(out: Shard) -> str:
     if isinstance(out, str):
         return claims.S3Claim(out + claims.CLAIM_SUFFIX, 0).holder()
@@ -203,6 +214,14 @@ class ShardUnits:
             claim.close()
             raise
         return claim
+
+    def any_free(self) -> bool:
+        """Whether some shard is unfinished and held by no live run; asked before the model is
+        loaded. A shard whose output exists is never claimed (a part beside it is a crash's
+        leftover), so one listing of OUT tells the finished ones."""
+        names = set(storage.list_names(str(self.out_dir)))
+        return any(shard_name(self.output(u)) not in names and shard_free(self.output(u), self.claim_timeout)
+                   for u in range(self.count))
 
     def lines(self, claim: Claim) -> Iterator[Line]:
         reader = ShardLines(self.shards[claim.unit], self.text_key)

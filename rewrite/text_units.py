@@ -156,6 +156,24 @@ class TextUnits:
         claim.start, claim.offset = first.state.next_line, first.state.in_offset
         return claim
 
+    def any_free(self) -> bool:
+        """Whether some unit is unfinished and held by no live run; asked before the model is
+        loaded. Only locks are tried (no writer opened, no output read), each released at once:
+        a run that tries the unit in that instant leaves it, and this one, having found it
+        free, walks all units next."""
+        for u in range(self.count if self.pending else 0):
+            paths = [unit_file(self.outputs[m], u, self.count) for m in self.pending]
+            if all((r := read_record(record_path(p))) is not None and r.get("complete") for p in paths):
+                continue
+            locks = [FileLock(p, f"--output_filename {p}") for p in paths]
+            try:
+                if all(lock.try_acquire() for lock in locks):
+                    return True
+            finally:
+                for lock in locks:
+                    lock.release()
+        return False
+
     def lines(self, claim: Claim) -> Iterator[Line]:
         return read_lines(self.prompt, claim.offset, claim.start, self.share(claim.unit)[1])
 

@@ -4,12 +4,8 @@ train 2 epochs on 2 gloo processes from the shards with the rewrites, interrupte
 (equal to an uninterrupted run) -> evaluate the checkpoint."""
 from __future__ import annotations
 
-import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -20,6 +16,8 @@ import shard_fixtures as sf
 from conftest import REWRITE_PAIRS, clean_dist_env, make_tiny_rewrite_setup
 from rewrite import llama_rewrite
 from rewrite.shard_output import read_metadata
+from testkit.paused_rewrite import ready_path
+from testkit.processes import kill_tree, wait_until_paused
 from train_fixtures import WNIDS, make_imagenet_root, read_log
 
 pytestmark = pytest.mark.slow
@@ -58,34 +56,21 @@ def rewrite_cmd(laion, out: Path) -> list[str]:
     return [*TORCHRUN, str(REPO / "rewrite" / "llama_rewrite.py"), *(f"--{k}={v}" for k, v in flags.items())]
 
 
-def committed(out: Path) -> bool:
-    """Some window of some shard is committed (or a shard is finished)."""
-    for record in out.glob("*.part.progress.json"):
-        try:
-            if json.loads(record.read_text())["state"]["next_line"] > 0:
-                return True
-        except (OSError, ValueError, KeyError):
-            pass  # caught mid-replace
-    return any(out.glob("*.parquet"))
-
-
 def test_two_groups_killed_and_resumed_equal_one_process(laion, tmp_path):
-    out = tmp_path / "two"
-    proc = subprocess.Popen(rewrite_cmd(laion, out), env=env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    out, ready = tmp_path / "two", tmp_path / "paused"
+    cmd = rewrite_cmd(laion, out)  # each rank stops after its first window, mid-shard (testkit/paused_rewrite.py)
+    cmd = [*TORCHRUN, "-m", "testkit.paused_rewrite", "--pause-before-window=1", f"--ready={ready}", "--",
+           *cmd[len(TORCHRUN) + 1:]]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 120
-        while not committed(out) and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert proc.poll() is None, "the run ended before it could be killed"
-        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both workers, as a node failure would
+        for rank in ("0", "1"):
+            wait_until_paused(ready_path(ready, rank), proc)
     finally:
-        proc.wait()
-    finished = len(list(out.glob("*.parquet")))
-    assert finished < 8 and list(out.glob("*.part"))
+        kill_tree(proc)  # torchrun and both workers (each in a session of its own), as a node failure would
+    assert not list(out.glob("*.parquet")) and len(list(out.glob("*.part"))) == 2  # one shard begun per rank
     done = subprocess.run(rewrite_cmd(laion, out), env=env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "done: 8 of 8 shards finished" in done.stdout
+    assert "done: 8 of 8 shards finished" in done.stdout, done.stdout
     names = sorted(p.name for p in laion["one"].glob("*.parquet"))
     # no part, lock or temp file; the inputs' remembered hashes (rewrite/shard_checks.py)
     assert sorted(p.name for p in out.iterdir()) == sorted(names + ["rewrite.json", "input_fingerprints.jsonl"])

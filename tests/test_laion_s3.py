@@ -7,9 +7,7 @@ an empty output folder (equal to an uninterrupted run; one training process)."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -25,6 +23,8 @@ from common import storage
 from conftest import REWRITE_PAIRS, clean_dist_env, make_tiny_rewrite_setup
 from rewrite import llama_rewrite
 from rewrite.shard_output import read_metadata
+from testkit.paused_rewrite import ready_path
+from testkit.processes import kill_tree, wait_until_paused
 from testkit.s3server import upload_folder
 from train_fixtures import read_log
 
@@ -66,43 +66,6 @@ def rewrite_cmd(laion, out: str, launcher: list[str], **extra) -> list[str]:
     return [*launcher, str(REPO / "rewrite" / "llama_rewrite.py"), *(f"--{k}={v}" for k, v in flags.items())]
 
 
-def committed(out: str) -> bool:
-    """Some window of some shard is committed (its progress object lists one), or a shard is done."""
-    names = storage.list_names(out)
-    for name in names:
-        if name.endswith(".progress.json"):
-            try:
-                if storage.read_json(storage.join(out, name))["state"]["next_line"] > 0:
-                    return True
-            except (OSError, ValueError, KeyError):
-                pass
-    return any(n.endswith(".parquet") for n in names)
-
-
-def kill_tree(pid: int) -> None:
-    """SIGKILL a process and all its descendants. torchrun starts each worker in a session of
-    its own, so killing torchrun's process group would leave the workers running."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    todo, tree = [pid], []
-    while todo:
-        p = todo.pop()
-        tree.append(p)
-        todo.extend(children.get(p, []))
-    for p in tree:
-        try:
-            os.kill(p, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
 def same_as_local(laion, out: str) -> None:
     """Every shard's table equals the local run's; so do its settings, counts and skips (the
     input fingerprint differs by design: an object's ETag, a file's BLAKE2b)."""
@@ -121,19 +84,18 @@ def same_as_local(laion, out: str) -> None:
 def test_two_groups_killed_and_resumed_equal_local(laion, s3_server):
     out = f"s3://{laion['bucket']}/rewrites"
     timeout = 8
+    ready = laion["root"] / "paused"  # each rank stops after its first window, mid-shard (testkit/paused_rewrite.py)
     cmd = rewrite_cmd(laion, out, TORCHRUN, claim_timeout=timeout)
-    proc = subprocess.Popen(cmd, env=env(s3_server), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    paused = [*TORCHRUN, "-m", "testkit.paused_rewrite", "--pause-before-window=1", f"--ready={ready}", "--",
+              *cmd[len(TORCHRUN) + 1:]]
+    proc = subprocess.Popen(paused, cwd=REPO, env=env(s3_server), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 180
-        while not committed(out) and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert proc.poll() is None, "the run ended before it could be killed"
-        kill_tree(proc.pid)  # torchrun and both workers, as a node failure would
+        for rank in ("0", "1"):
+            wait_until_paused(ready_path(ready, rank), proc)
     finally:
-        proc.wait()
+        kill_tree(proc)  # torchrun and both workers, as a node failure would
     names = storage.list_names(out)
-    assert sum(n.endswith(".parquet") for n in names) < N_SHARDS and any(n.endswith(".claim") for n in names)
+    assert not any(n.endswith(".parquet") for n in names) and sum(n.endswith(".claim") for n in names) == 2
     time.sleep(timeout + 1)  # the killed run's claims go stale
     done = subprocess.run(cmd, env=env(s3_server), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -42,14 +42,14 @@ def test_windows_commit_resume_and_refuse_changes(s3_bucket):
 def test_commit_after_the_claim_was_taken_over_writes_nothing(s3_bucket):
     import time
     out = f"s3://{s3_bucket}/out/00001.parquet"
-    mine = claims.claim_for(out, "shard", timeout=1.0)
+    mine = claims.claim_for(out, "shard", timeout=600.0)  # its first refresh would come after 150 s
     assert mine.try_acquire()
     w = ObjectShareWriter(out + ".part", FINGERPRINT, LAYOUT, False, claim=mine)
     w.open(0, 0)
-    w.commit(rows(0, 2), 2, 2, {"lines": 2})
-    mine._stop.set()  # this run stalls past the timeout
-    time.sleep(1.5)
-    taker = claims.claim_for(out, "shard", timeout=1.0)
+    w.commit(rows(0, 2), 2, 2, {"lines": 2})  # refreshes the heartbeat
+    mine._stop.set()  # this run stalls
+    time.sleep(0.2)
+    taker = claims.claim_for(out, "shard", timeout=0.1)  # past the taker's timeout: stale to it
     assert taker.try_acquire()
     with pytest.raises(claims.ClaimLost):
         w.commit(rows(2, 4), 4, 4, {"lines": 2})

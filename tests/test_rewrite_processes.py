@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,8 +15,10 @@ import torch
 from conftest import REWRITE_PAIRS as PAIRS, clean_dist_env, make_tiny_rewrite_setup
 from rewrite import llama_rewrite
 from rewrite.output import record_path
+from testkit.processes import wait_until_paused
 
-REWRITE = Path(__file__).resolve().parents[1] / "rewrite"
+REPO = Path(__file__).resolve().parents[1]
+REWRITE = REPO / "rewrite"
 
 pytestmark = pytest.mark.slow
 
@@ -58,26 +59,28 @@ def committed_lines(out: Path) -> int:
         return -1  # not there yet, or caught mid-replace
 
 
-@pytest.mark.parametrize("kill_after_lines, then_wait", [(0, 0.0), (16, 0.2)])
-def test_resume_after_sigkill_is_byte_identical(tiny, tmp_path, kill_after_lines, then_wait):
-    """Killed right after the first record, and at an arbitrary moment mid-run."""
+def paused_run(tiny, src: Path, out: Path, *hooks: str, **popen) -> subprocess.Popen:
+    """llama_rewrite.py in a child process, stopped at a known point (testkit/paused_rewrite.py)."""
+    return subprocess.Popen([sys.executable, "-m", "testkit.paused_rewrite", *hooks, "--", *argv(tiny, src, out)],
+                            cwd=REPO, env=env(), **popen)
+
+
+@pytest.mark.parametrize("hook, committed", [("--kill-before-window=0", 0), ("--kill-in-commit=2", 16)])
+def test_resume_after_sigkill_is_byte_identical(tiny, tmp_path, hook, committed):
+    """Killed right after the unit's first record, and inside a commit: the window's lines are
+    on disk but the record does not name them yet (the rerun drops and redoes them)."""
     src = tmp_path / "src.txt"
     src.write_text("".join(f"{c} {i}\n" for i in range(30) for c in CAPTIONS))  # 300 lines
     expected = reference(tiny, src, tmp_path / "ref.txt")
     out = tmp_path / "out.txt"
-    proc = subprocess.Popen([sys.executable, str(REWRITE / "llama_rewrite.py"), *argv(tiny, src, out)],
-                            env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = paused_run(tiny, src, out, hook, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 120
-        while committed_lines(out) < kill_after_lines and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.01)
-        time.sleep(then_wait)
-        assert proc.poll() is None, "the run ended before it could be killed; give it more lines"
-        os.kill(proc.pid, signal.SIGKILL)
+        assert proc.wait(timeout=300) == -signal.SIGKILL
     finally:
-        proc.wait()
-    done = committed_lines(out)
-    assert 0 <= done < 300
+        proc.kill()  # a no-op once it has ended
+    assert committed_lines(out) == committed
+    if committed:  # 8-line windows: the third one's bytes follow the committed ones
+        assert out.stat().st_size > json.loads(record_path(out).read_text())["state"]["out_bytes"]
     assert llama_rewrite.cli(argv(tiny, src, out, max_batch_size=3)) == 0
     assert out.read_bytes() == expected
 
@@ -110,16 +113,16 @@ def test_second_run_leaves_the_held_unit_and_ctrl_c_keeps_the_work(tiny, tmp_pat
     src.write_text("".join(f"{c} {i}\n" for i in range(12) for c in CAPTIONS))  # 120 lines
     expected = reference(tiny, src, tmp_path / "ref.txt")
     out = tmp_path / "out.txt"
-    proc = subprocess.Popen([sys.executable, str(REWRITE / "llama_rewrite.py"), *argv(tiny, src, out)],
-                            env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    ready = tmp_path / "paused"
+    proc = paused_run(tiny, src, out, "--pause-before-window=1", f"--ready={ready}", stdout=subprocess.DEVNULL,
+                      stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 120
-        while committed_lines(out) < 4 and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert proc.poll() is None, "the run ended before the second one could start; give it more lines"
+        wait_until_paused(ready, proc)  # its first window committed, the unit still claimed
+        assert committed_lines(out) == 8
         capsys.readouterr()
         assert llama_rewrite.cli(argv(tiny, src, out)) == 0
-        assert f"done: {out} is not finished" in capsys.readouterr().out
+        printed = capsys.readouterr().out
+        assert f"done: {out} is not finished" in printed and "the model is not loaded" in printed
         os.kill(proc.pid, signal.SIGINT)
         _, err = proc.communicate(timeout=120)
     finally:
@@ -127,7 +130,7 @@ def test_second_run_leaves_the_held_unit_and_ctrl_c_keeps_the_work(tiny, tmp_pat
             proc.kill()
     assert proc.returncode == 130 and "Traceback" not in err
     (message,) = [line for line in err.replace("\r", "\n").splitlines() if line.startswith("llama_rewrite.py")]
-    assert message.startswith("llama_rewrite.py: interrupted; ") and "rerun the same command" in message
+    assert message.startswith("llama_rewrite.py: interrupted; 8 of 120 lines") and "rerun the same command" in message
     assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name or p.name.endswith(".lock")]
     assert llama_rewrite.cli(argv(tiny, src, out)) == 0
     assert out.read_bytes() == expected

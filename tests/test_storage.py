@@ -136,9 +136,12 @@ def test_stale_claim_taken_over_once(s3_bucket):
     timeout = 2.0
     proc = start_holder(url, timeout)
     try:
-        live = claims.claim_for(url, "shard", timeout=timeout)
-        t_end = time.time() + 2.5 * timeout  # the live holder refreshes every timeout/4
-        while time.time() < t_end:
+        live = claims.claim_for(url, "shard", timeout=60.0)  # longer than any stall of a loaded machine
+        first, last, end = live.read()[0]["heartbeat"], 0.0, time.monotonic() + 300
+        while last < first + 2.5 * timeout:  # the holder refreshes every timeout/4: watch it go on
+            record, _ = live.read()
+            assert record["pid"] == proc.pid and proc.poll() is None and time.monotonic() < end
+            last = record["heartbeat"]
             assert not live.try_acquire(), "took over a live holder's claim"
             time.sleep(0.2)
     finally:
@@ -166,11 +169,11 @@ def test_stale_claim_taken_over_once(s3_bucket):
 def test_holder_that_lost_its_claim_stops(s3_bucket):
     """A holder stalled beyond the timeout finds at its next check that the claim was taken."""
     url = f"s3://{s3_bucket}/out/00001.parquet"
-    stalled = claims.claim_for(url, "shard", timeout=1.0)
+    stalled = claims.claim_for(url, "shard", timeout=600.0)  # its first refresh would come after 150 s
     assert stalled.try_acquire()
     stalled._stop.set()  # its heartbeat thread stops, as in a process that hangs
-    time.sleep(1.5)
-    taker = claims.claim_for(url, "shard", timeout=1.0)
+    time.sleep(0.2)
+    taker = claims.claim_for(url, "shard", timeout=0.1)  # the heartbeat is at least 0.2 s old: stale to it
     assert taker.try_acquire()
     with pytest.raises(claims.ClaimLost, match="took this claim over"):
         stalled.check()

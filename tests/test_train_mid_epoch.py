@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +16,7 @@ import train
 from conftest import clean_dist_env
 from openclip_fixtures import write_tiny_config
 from shard_fixtures import make_shards
+from testkit.processes import kill_tree, wait_until_paused
 from train_fixtures import make_train_data, read_log, train_argv
 
 REPO = Path(__file__).resolve().parents[1]
@@ -115,19 +115,25 @@ def test_a_mid_epoch_checkpoint_from_other_data_or_batch_size_is_refused(tmp_pat
         train.main(csv_argv(other, tmp_path / "cut", "--save-every-steps", "2"))
 
 
+# train.py, paused right after its first mid-epoch checkpoint is written (FILE created then)
+PAUSE_AFTER_FIRST_SAVE = (
+    "import pathlib, sys, time\nimport train\nreal = train.save_mid_epoch\n\n"
+    "def save(*args, **kwargs):\n    real(*args, **kwargs)\n    pathlib.Path(sys.argv[1]).touch()\n"
+    "    time.sleep(600)\n    sys.exit('nobody ended the pause after the first mid-epoch checkpoint')\n\n"
+    "train.save_mid_epoch = save\ntrain.main(sys.argv[2:])\n")
+
+
 def kill_at_first_checkpoint(argv: list[str], out: Path) -> None:
-    """Start train.py, kill -9 it as soon as its first checkpoint (mid-epoch 0) exists."""
+    """Start train.py, kill -9 it (and its loader workers) once its first checkpoint (mid-epoch 0)
+    is written: it waits there, so the kill lands at that point however slow the machine is."""
     env = {**clean_dist_env(), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "train.py", *argv], cwd=REPO, env=env,
+    ready = out.with_name(out.name + ".paused")
+    proc = subprocess.Popen([sys.executable, "-c", PAUSE_AFTER_FIRST_SAVE, str(ready), *argv], cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.time() + 300
-        while not (out / "checkpoint.pt").exists():
-            assert proc.poll() is None and time.time() < deadline, "train.py ended before its first checkpoint"
-            time.sleep(0.01)
-        proc.send_signal(signal.SIGKILL)
+        wait_until_paused(ready, proc)
     finally:
-        proc.wait()
+        kill_tree(proc)
     assert proc.returncode == -signal.SIGKILL
     assert weights(out)["data_state"]["batches"] > 0  # killed inside an epoch
 

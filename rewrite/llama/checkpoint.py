@@ -101,7 +101,7 @@ def load_model(ckpt_dir: str | Checkpoint, tokenizer: TokenizerBase, parallel: P
     ckpt.check_mp(parallel.mp_size)
     args, vocab_from_tokenizer = model_args(ckpt, tokenizer)
     if dtype is None:
-        dtype = default_dtype(parallel.device, ckpt.stored_dtype())
+        dtype = default_dtype(parallel.device, ckpt.stored_dtype)
     with torch.device("meta"):  # no allocation, no random init: the files supply every weight
         model = Transformer(args, parallel.mp_size)
     source = ckpt.open_weights(args)

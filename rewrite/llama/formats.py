@@ -56,14 +56,18 @@ def open_checkpoint(ckpt_dir: str) -> Checkpoint:
     raise CheckpointError(f"{ckpt_dir} has no params.json (Meta's format) or config.json (Hugging Face's)")
 
 
-def default_dtype(device: torch.device, stored: Optional[torch.dtype]) -> torch.dtype:
+def default_dtype(device: torch.device,
+                  stored: Union[Optional[torch.dtype], Callable[[], Optional[torch.dtype]]]) -> torch.dtype:
     """float32 on CPU; on CUDA bfloat16 for weights saved in it (LLaMA-3) where the GPU has it,
-    else float16 (LLaMA-1's own dtype)."""
+    else float16 (LLaMA-1's own dtype). stored may be a checkpoint's stored_dtype method: it is
+    called only where it decides (a Meta folder answers it from inside its first weight file)."""
     if device.type != "cuda":
         return torch.float32
-    if stored == torch.bfloat16 and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float16
+    if not torch.cuda.is_bf16_supported():
+        return torch.float16
+    if callable(stored):
+        stored = stored()
+    return torch.bfloat16 if stored == torch.bfloat16 else torch.float16
 
 
 def load_tokenizer(path: str, ckpt_dir: Optional[str] = None) -> TokenizerBase:

@@ -34,6 +34,9 @@ _LAYER_NAMES = {
 _NAMES = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
           "lm_head.weight": "output.weight"}
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+_HF_LAYER_NAMES = {meta: hf for hf, meta in _LAYER_NAMES.items()}
+_HF_NAMES = {meta: hf for hf, meta in _NAMES.items()}
+_META_LAYER = re.compile(r"layers\.(\d+)\.(.+)")
 WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
@@ -47,6 +50,17 @@ def meta_name(hf_key: str) -> Optional[str]:
     if m and m.group(2) in _LAYER_NAMES:
         return f"layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}"
     return _NAMES.get(hf_key, hf_key)
+
+
+def hf_name(key: str) -> str:
+    """The inverse of meta_name: a model (Meta) tensor name under Hugging Face's LlamaForCausalLM
+    names; raises CheckpointError for a name LLaMA does not have."""
+    m = _META_LAYER.fullmatch(key)
+    name = f"model.layers.{m.group(1)}.{_HF_LAYER_NAMES[m.group(2)]}" if m and m.group(2) in _HF_LAYER_NAMES \
+        else _HF_NAMES.get(key)
+    if name is None:
+        raise CheckpointError(f"tensor {key} has no Hugging Face LLaMA name")
+    return name
 
 
 def read_config(ckpt_dir: str) -> dict:

@@ -63,3 +63,9 @@ def interleave_heads(w: torch.Tensor, head_dim: int) -> torch.Tensor:
     rest = w.shape[1:]
     return w.reshape(-1, 2, head_dim // 2, *rest).transpose(1, 2).reshape(w.shape)
 
+
+def rotate_half_heads(w: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """The inverse of interleave_heads: rows of a q/k projection from Meta's interleaved layout
+    to Hugging Face's rotate-half one (what a Meta -> Hugging Face conversion writes)."""
+    rest = w.shape[1:]
+    return w.reshape(-1, head_dim // 2, 2, *rest).transpose(1, 2).reshape(w.shape)
