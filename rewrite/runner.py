@@ -335,7 +335,8 @@ def rewrite_unit(job: Job, generator: Generator, claim: Claim, bar: tqdm, warned
     the writer commits each window and finishes the unit. Returns the lines done."""
     done, writer = 0, bool(claim.writers)
     some_cfg = next(iter(job.configs.values()))
-    for window in windows(job.units.lines(claim), WINDOW_BATCHES * some_cfg.max_batch_size):
+    batches = getattr(generator, "window_batches", WINDOW_BATCHES)
+    for window in windows(job.units.lines(claim), batches * some_cfg.max_batch_size):
         per_mode = rewrite_modes(job, generator, window)
         if writer:
             for line in window:

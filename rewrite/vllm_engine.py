@@ -126,6 +126,10 @@ class VllmGenerator:
     max_seq_len: int
     per_line_seeds: bool = True
     order_prefixes: bool = True  # bench: False hands the prompts over in the window's order
+    # Batches per window (one engine call and one commit each; the native engine takes 4): vLLM keeps its
+    # batch full from a queue, so a longer queue per call leaves fewer half-empty steps at its end.
+    window_batches: int = 16
+    joins_modes: bool = True  # every mode's prompts of a window in one call (runner.rewrite_modes)
     stats: dict = field(default_factory=lambda: dict.fromkeys(
         ("prompts", "prompt_tokens", "generated_tokens", "seconds"), 0))
 
