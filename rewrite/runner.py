@@ -313,10 +313,10 @@ def prepare(cfg: Config) -> Job:
     dtype = cfg.dtype or DTYPE_NAMES[default_dtype(parallel.device, ckpt.stored_dtype)]  # asked only on a GPU
     identity = checkpoint_identity(ckpt, cfg.tokenizer_path)
     settings = {m: settings_fingerprint(configs[m], pools[m], dtype, identity) for m in configs}
-    units, todo = on_rank0(lambda: plan_units(cfg, settings, parallel.dp_size), parallel.rank)
-    if todo and cfg.engine == "vllm":  # what vLLM cannot run, before it starts (and not when nothing is to do)
+    if cfg.engine == "vllm":  # what vLLM cannot run, before the plan binds the output to these settings
         args = ckpt.model_args()
         check_supported(args.dim // args.n_heads, TORCH_DTYPES[dtype], f"--ckpt_dir {cfg.ckpt_dir}")
+    units, todo = on_rank0(lambda: plan_units(cfg, settings, parallel.dp_size), parallel.rank)
     return Job(parallel, tokenizer, ckpt, configs, pools, units, TORCH_DTYPES[dtype], todo)
 
 
