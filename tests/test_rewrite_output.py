@@ -1,4 +1,4 @@
-"""rewrite/input_lines.py, rewrite/output.py and rewrite/text_units.py without a model: line index, shares,
+"""rewrite/units.py and rewrite/units_text.py without a model: line index, shares,
 decoding policy, the commit protocol, layout refusals and the final merge."""
 from __future__ import annotations
 
@@ -7,9 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from rewrite.input_lines import decode_line, offset_of_line, read_lines, scan_input, share_range
-from rewrite.output import STAT_KEYS, ResumeError, ShareWriter, read_record, record_path
-from rewrite.text_units import TextUnits, unit_file
+from rewrite.units import STAT_KEYS, ResumeError, ShareWriter, decode_line, read_record, record_path
+from rewrite.units_text import TextUnits, offset_of_line, read_lines, scan_input, share_range, unit_file
 
 FP = {"input": {"size": 1}, "settings": {"seed": 1}}
 

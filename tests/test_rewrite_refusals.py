@@ -15,7 +15,7 @@ import pytest
 from common.locking import FileLock
 from conftest import REWRITE_PAIRS as PAIRS, make_tiny_rewrite_setup, unwritable_dir
 from rewrite import cli_args, llama_rewrite, runner
-from rewrite.output import record_path
+from rewrite.units import record_path
 
 CAPTIONS = ["person rides a bike", "a bowl of soup", "boats in the harbour", "snow on the hills",
             "tea and cake", "a cat on a mat", "the old bridge", "kids play football", "a lamp"]
@@ -123,8 +123,8 @@ def test_lock_of_a_killed_run_does_not_block(tiny, src, tmp_path, capsys):
 def test_text_units_are_claimed_one_holder_each(tmp_path):
     """A unit held by a live process is not claimed; the others are, and a second claim of
     a held unit fails while its holder lives."""
-    from rewrite.input_lines import scan_input
-    from rewrite.text_units import TextUnits, unit_file
+    from rewrite.units_text import scan_input
+    from rewrite.units_text import TextUnits, unit_file
     src = tmp_path / "src.txt"
     src.write_text("".join(f"caption {i}\n" for i in range(10)))
     units = TextUnits(src, tmp_path / "out.txt", scan_input(src), {"chatgpt": {"input": 1}})
