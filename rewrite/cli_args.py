@@ -1,12 +1,12 @@
 """The flags of llama_rewrite.py, written once: `Config` lists each flag with its default
-and help; the fire signature and help text of `llama_rewrite.main` are made from it,
-and `validate` checks every value at the edge (messages name the flag and the file)
-before any process group or model exists."""
+and help; the fire signature and help text of `llama_rewrite.main` are made from it. fire
+parses argv; `check_names` refuses what it bound that is not a flag, and `validate` checks
+every value at the edge (messages name the flag and the file) before any process group or
+model exists."""
 from __future__ import annotations
 
 import difflib
 import inspect
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -77,51 +77,43 @@ class Config:
 
 FLAG_NAMES = tuple(f.name for f in fields(Config))
 BOOL_FLAGS = tuple(f.name for f in fields(Config) if isinstance(f.default, bool))
-HELP_FLAGS = ("-h", "--help")  # fire shows the help for these wherever they stand
+HELP_FLAGS = ("-h", "--help")
 
 
-def _is_flag(arg: str) -> bool:
-    """fire's rule: '--anything', or '-' and a letter ('-0.5' is a value)."""
-    return arg.startswith("--") or re.match(r"-[a-zA-Z]", arg) is not None
+def _typed(key: str, argv: Sequence[str]) -> str:
+    """The flag as it was typed (--max-batchsize), for messages: fire hands over max_batchsize."""
+    for arg in argv:
+        name = arg.split("=", 1)[0]
+        if arg.startswith("-") and name.lstrip("-").replace("-", "_") in (key, f"no{key}"):
+            return name
+    return f"--{key}"
 
 
-def _check_flag(arg: str, key: str, bare: bool) -> None:
-    if key in FLAG_NAMES or (bare and key.startswith("no") and key[2:] in BOOL_FLAGS):
-        return
-    typed = arg.split("=", 1)[0]
-    if len(key) == 1:  # fire's shortcut: -p for the one flag starting with p
-        matches = [name for name in FLAG_NAMES if name[0] == key]
-        if len(matches) == 1:
-            return
-        if matches:
-            raise ValueError(f"flag {typed} is ambiguous: it could be --" + ", --".join(matches))
+def _unknown(typed: str) -> str:
+    key = typed.lstrip("-").replace("-", "_")
     close = difflib.get_close_matches(key, FLAG_NAMES + tuple(f"no{b}" for b in BOOL_FLAGS), n=1, cutoff=0.6)
     hint = f"did you mean --{close[0]}?" if close else "the flags are --" + ", --".join(FLAG_NAMES)
-    raise ValueError(f"unknown flag {typed}; {hint}")
+    return f"unknown flag {typed}; {hint}"
 
 
-def check_argv(argv: Sequence[str]) -> None:
-    """Refuse, before any work, what fire would not bind: fire binds the flags it knows,
-    runs main with defaults for the rest and only complains about a leftover after main
-    returns (a whole run with a mistyped flag ignored). Reads argv as fire does:
-    --a_b or --a-b, --flag=value or --flag value, a bare --flag (True) or --noflag
-    (False), -x for the one flag starting with x; after a lone '--' come fire's own flags."""
-    args = list(argv)
-    if "--" in args:
-        args = args[:len(args) - 1 - args[::-1].index("--")]
-    i = 0
-    while i < len(args):
-        arg = args[i]
-        if arg in HELP_FLAGS:
-            i += 1
-            continue
-        if not _is_flag(arg):
-            raise ValueError(f"unexpected argument {arg!r}: every value follows its flag "
-                             "(--name value or --name=value)")
-        has_value = "=" in arg
-        bare = not has_value and (i + 1 == len(args) or _is_flag(args[i + 1]))
-        _check_flag(arg, arg.lstrip("-").split("=", 1)[0].replace("-", "_"), bare)
-        i += 1 if has_value or bare else 2
+def check_names(flags: dict[str, Any], stray: Sequence[Any] = (), argv: Sequence[str] = ()) -> dict[str, Any]:
+    """What fire bound -> the flags by their Config names, refused before any work if a name is
+    not a flag. fire itself binds the flags a function names, runs it with defaults for the rest
+    and only complains about a leftover after it returns (a whole run with a mistyped flag
+    ignored); so the CLI lets fire bind every flag (**flags) and stray value (*stray) and checks
+    them here. Taking **flags turns off fire's -x shortcut (the one flag starting with x): done here."""
+    if stray:
+        raise ValueError(f"unexpected argument {stray[0]!r}: every value follows its flag "
+                         "(--name value or --name=value)")
+    named = {}
+    for key, value in flags.items():
+        matches = [name for name in FLAG_NAMES if name[0] == key] if len(key) == 1 else [key]
+        if len(matches) > 1:
+            raise ValueError(f"flag {_typed(key, argv)} is ambiguous: it could be --" + ", --".join(matches))
+        if not matches or matches[0] not in FLAG_NAMES:
+            raise ValueError(_unknown(_typed(key, argv)))
+        named[matches[0]] = value
+    return named
 
 
 def signature() -> inspect.Signature:
@@ -225,10 +217,7 @@ def _tokenizer_path(c: Config, dry_run: bool) -> Optional[str]:
 
 def validate(raw: dict[str, Any]) -> Config:
     """The flags as typed (names of Config, as fire passes them) -> a checked Config."""
-    unknown = sorted(set(raw) - set(FLAG_NAMES))
-    if unknown:
-        raise ValueError(f"unknown flag --{unknown[0]}; the flags are --" + ", --".join(FLAG_NAMES))
-    c = Config(**raw)
+    c = Config(**check_names(raw))
     modes = normalize_sample_modes(c.sample_mode)
     dry_run = _switch("dry_run", c.dry_run)
     tokenizer_path = _tokenizer_path(c, dry_run)

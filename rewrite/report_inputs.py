@@ -22,14 +22,12 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from common import storage
-from rewrite.input_lines import decode_line
-from rewrite.output import RECORD_SUFFIX, STAT_KEYS
 from rewrite.prompts import MODE_ALIASES, SAMPLE_MODES, Pool, load_pool
-from rewrite.shard_input import RUN_RECORD
+from rewrite.shard_input import METADATA_KEY, RUN_RECORD
+from rewrite.units import RECORD_SUFFIX, STAT_KEYS, decode_line
 
 BATCH_LINES = 8192
 SHARD_NAME = re.compile(r"^\d+\.parquet$")
-METADATA_KEY = b"laclip_rewrite"  # rewrite/shard_output.py
 
 
 @dataclass

@@ -1,6 +1,6 @@
-"""A rewriting run over units of work: the line ranges of a caption file (rewrite/text_units.py)
-or the shards of a pattern (rewrite/shard_output.py). Each data-parallel group's writer
-(model-parallel rank 0) claims the next unit nobody has finished or holds and sends (unit, resume
+"""A rewriting run over units of work (rewrite/units.py's `Units`): the line ranges of a caption
+file (rewrite/units_text.py) or the shards of a pattern (rewrite/units_shards.py). Each data-parallel
+group's writer (model-parallel rank 0) claims the next unit nobody has finished or holds and sends (unit, resume
 point) to its group; the group rewrites it window by window in every sample mode, the writer
 commits each window and finishes the unit. A caption's rewrite depends on (seed, mode, line or
 key, caption) only (rewrite/prompts.py), so the output is the same whatever the number of groups,
@@ -14,7 +14,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Optional, TypeVar, Union
+from typing import Iterable, Optional, TypeVar
 
 import torch
 from tqdm import tqdm
@@ -22,21 +22,19 @@ from tqdm import tqdm
 from common.distributed import from_group_source, launched_as_rank0, on_every_rank, on_rank0
 from common import storage
 from rewrite.cli_args import Config
-from rewrite.input_lines import Line, read_lines, scan_input
 from rewrite.launch import engine_errors_name_flags, load_vllm, setup_parallel, setup_vllm_processes, teardown_parallel
 from rewrite.llama import (Generator, ParallelInfo, TokenizerBase, default_dtype, load_generator, load_tokenizer,
                            open_checkpoint)
-from rewrite.output import Claim, RunTotals
 from rewrite.prompts import (Pool, TokenizerLike, build_prompt, choose_examples, finish_line, fit_prompt, load_pool,
                              longest_prefix_tokens, normalize_sample_modes, one_line, sampling_seed)
-from rewrite.shard_input import ShardLines, expand_shards, is_shard_input, shard_stem
-from rewrite.shard_checks import check_finished, check_overwrite_keeps_one_setting
-from rewrite.shard_output import ShardUnits, check_run_record, clear_for_overwrite, shard_output_path
-from rewrite.text_units import TextUnits, mode_output
+from rewrite.shard_input import (ShardLines, check_finished, check_overwrite_keeps_one_setting, expand_shards,
+                                 is_shard_input, shard_stem)
+from rewrite.units import Line, RunTotals, UnitClaim, Units
+from rewrite.units_shards import ShardUnits, check_run_record, clear_for_overwrite, shard_output_path
+from rewrite.units_text import TextUnits, mode_output, read_lines, scan_input
 from rewrite.vllm_engine import check_supported
 
 T = TypeVar("T")
-Units = Union[TextUnits, ShardUnits]
 WINDOW_BATCHES = 4  # batches handed to the engine per call: it sorts them by length; one commit each
 MIN_ROOM = 16  # tokens a prompt needs beyond its examples: some caption (max_seq_len - 10 kept) + generation
 TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -330,7 +328,7 @@ class Interrupted(KeyboardInterrupt):
     """Ctrl-C during the run, with what was kept (the committed lines stay; rerun to resume)."""
 
 
-def rewrite_unit(job: Job, generator: Generator, claim: Claim, bar: tqdm, warned: list[int]) -> int:
+def rewrite_unit(job: Job, generator: Generator, claim: UnitClaim, bar: tqdm, warned: list[int]) -> int:
     """Rewrite one claimed unit from its resume point in every mode (every rank of the group);
     the writer commits each window and finishes the unit. Returns the lines done."""
     done, writer = 0, bool(claim.writers)
@@ -363,7 +361,7 @@ def run_group(job: Job, generator: Generator) -> RunTotals:
     with tqdm(total=job.units.total_lines, unit="line", disable=p.rank != 0 or not job.units.total_lines,
               dynamic_ncols=True) as bar:  # closed before any error's message; shards print a line each
         while True:
-            claimed: list[Optional[Claim]] = [None]
+            claimed: list[Optional[UnitClaim]] = [None]
 
             def decide() -> Optional[tuple[int, int, int]]:  # on the writer; a failure reaches the whole group
                 claimed[0] = next((c for c in map(job.units.claim, order) if c is not None), None)
@@ -372,7 +370,7 @@ def run_group(job: Job, generator: Generator) -> RunTotals:
             sent = from_group_source(decide, p.is_writer, p.rank - p.mp_rank, group)
             if sent is None:
                 return totals
-            claim = claimed[0] if p.is_writer else Claim(*sent)
+            claim = claimed[0] if p.is_writer else UnitClaim(*sent)
             try:
                 lines = rewrite_unit(job, generator, claim, bar, warned)
             except KeyboardInterrupt:

@@ -1,6 +1,6 @@
 """Shard input of the rewriter: a brace pattern of img2dataset parquet files or webdataset
-tars (`laion/{00000..41407}.parquet`), checked at the edge, and read one shard at a time
-as keyed lines.
+tars (`laion/{00000..41407}.parquet`), checked at the edge, read one shard at a time as keyed
+lines, and identified by a fingerprint that finished outputs are checked against.
 
 A parquet shard gives its `key` column and the caption column (--text_key, default
 `caption`); rows whose img2dataset `status` is not "success" (images that were never
@@ -10,12 +10,27 @@ a sample without one, or a tar that ends early, is counted. A key that names two
 two rows of a parquet shard) gets no row and is counted as `duplicate_key` (common/tar_keys.py):
 training joins rewrites by key and could not tell such samples apart. Reading is deterministic, so
 a resumed shard skips exactly the lines it already committed.
+
+A finished OUT/NNNNN.parquet records in its metadata (rewrite/units_shards.py) the settings that
+shaped it and its input shard's fingerprint (name, size, BLAKE2b of the bytes read). Before any
+group starts, every finished output of the run's shards is compared with both: a shard of
+another data set or a re-downloaded one, or an output written with other settings, is refused
+with one line naming the shard and the difference (--overwrite redoes it). Hashing every input
+again on each rerun would read the whole data set (terabytes at LAION scale), so each input's
+hash is remembered in OUT/input_fingerprints.jsonl under its path, size, modification time,
+inode and status-change time (one JSON line appended when a shard is claimed or checked; the
+last line of a path wins). Objects (s3:// input) need no memo: their fingerprint is the server's
+ETag and size, one HEAD request. An s3:// output keeps no memo either (objects cannot be
+appended to): a local input shard is hashed again at each check. --overwrite on some of a
+folder's shards with other settings would leave the others with the old ones while
+OUT/rewrite.json names the new: refused, so the folder's record describes every shard in it.
 """
 from __future__ import annotations
 
 import hashlib
+import json
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Optional, Union
 
@@ -24,14 +39,16 @@ import braceexpand
 from common import storage
 from common.tar_keys import duplicated_keys, keyed_samples
 from common.tar_stream import is_storage_failure
-from rewrite.input_lines import Line, decode_line
+from rewrite.units import Line, ResumeError, decode_line, describe_changes
 
 SHARD_SUFFIXES = (".parquet", ".tar")
 DEFAULT_TEXT_KEYS = {".parquet": "caption", ".tar": "txt"}
 KEY_COLUMN = "key"  # img2dataset's sample key, also the tar member prefix
 STATUS_COLUMN, STATUS_OK = "status", "success"
 HASH_CHUNK = 8 << 20
-RUN_RECORD = "rewrite.json"  # the settings record of an output folder (rewrite/shard_output.py)
+RUN_RECORD = "rewrite.json"  # the settings record of an output folder (rewrite/units_shards.py)
+METADATA_KEY = b"laclip_rewrite"  # parquet schema metadata of a finished shard: settings, input, counts
+MEMO = "input_fingerprints.jsonl"  # the remembered input hashes of a local output folder
 
 
 Shard = Union[Path, str]  # a local path, or a URL (s3://, gs://, ...) kept as a string
@@ -52,7 +69,8 @@ def expand_shards(pattern: str | Path) -> list[Shard]:
     return [as_location(p) for p in braceexpand.braceexpand(str(pattern))]
 
 
-def shard_name(path: Shard) -> str:
+def base_name(path: Shard) -> str:
+    """laion/00012.tar -> 00012.tar: a shard's or an output's file name (its stem: shard_stem)."""
     return str(path).rstrip("/").rsplit("/", 1)[-1]
 
 
@@ -62,7 +80,7 @@ def shard_suffix(path: Shard) -> str:
 
 def shard_stem(path: Shard) -> str:
     """00012.parquet / 00012.tar -> 00012: the name of its output OUT/00012.parquet."""
-    name = shard_name(path)
+    name = base_name(path)
     for suffix in SHARD_SUFFIXES:
         if name.endswith(suffix):
             return name[: -len(suffix)]
@@ -146,7 +164,7 @@ def input_fingerprint(path: Shard) -> dict:
     if isinstance(path, str):
         fs, inner = storage.filesystem(path)
         info = storage.call("stat", path, lambda: fs.info(inner))
-        return {"name": shard_name(path), "size": int(info["size"]),
+        return {"name": base_name(path), "size": int(info["size"]),
                 "etag": str(info.get("ETag") or info.get("etag") or info.get("md5Hash") or "")}
     h = hashlib.blake2b(digest_size=16)
     with open(path, "rb") as f:
@@ -230,3 +248,91 @@ class ShardLines:
                 continue
             text, bad = decode_line(raw)
             yield sample["__key__"], text, bad
+
+
+def _stat(path: Path) -> dict:
+    st = path.stat()
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino, "ctime_ns": st.st_ctime_ns}
+
+
+def read_memo(out_dir: Shard) -> dict[str, dict]:
+    memo: dict[str, dict] = {}
+    if isinstance(out_dir, str):
+        return memo  # object storage: no memo (see above)
+    try:
+        with open(out_dir / MEMO, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    entry = json.loads(line)
+                    memo[entry["path"]] = entry
+                except (ValueError, KeyError, TypeError):
+                    continue  # a line cut by a crash: that input is hashed again
+    except OSError:
+        pass
+    return memo
+
+
+def remembered_fingerprint(out_dir: Shard, shard: Shard, memo: Optional[dict] = None) -> dict:
+    """The shard's fingerprint: from `memo` when its stat matches, else hashed and remembered."""
+    if isinstance(shard, str) or isinstance(out_dir, str):
+        return input_fingerprint(shard)  # an object's ETag (cheap), or a local shard hashed for an s3:// output
+    where, stat = str(shard.resolve()), _stat(shard)
+    entry = (memo or {}).get(where)
+    if entry is not None and all(entry.get(k) == v for k, v in stat.items()):
+        return entry["fingerprint"]
+    fingerprint = input_fingerprint(shard)
+    line = json.dumps({"path": where, **stat, "fingerprint": fingerprint}) + "\n"
+    with open(out_dir / MEMO, "a", encoding="utf-8") as f:  # one short line: appends do not interleave
+        f.write(line)
+    return fingerprint
+
+
+def read_output_metadata(out: Shard) -> dict:
+    import pyarrow.parquet as pq
+    try:
+        meta = pq.read_schema(storage.open_read(out) if isinstance(out, str) else out).metadata or {}
+        return json.loads(meta.get(METADATA_KEY, b"{}"))
+    except Exception as e:  # pyarrow's own errors: a damaged output is not finished work
+        raise ResumeError(f"--output_filename: {out} is not a readable parquet file ({e}); pass --overwrite to "
+                          "redo that shard") from None
+
+
+def check_finished(out_dir: Shard, pairs: Iterable[tuple[Shard, Shard]], settings: dict) -> int:
+    """(input shard, output) pairs whose output exists must match; returns how many were checked."""
+    memo, checked = read_memo(out_dir), 0
+    present = set(storage.list_names(str(out_dir)))  # one listing, not a request per shard
+    for shard, out in pairs:
+        if base_name(out) not in present:
+            continue
+        meta = read_output_metadata(out)
+        if meta.get("settings") != settings:
+            raise ResumeError(f"--output_filename: shard {out} was rewritten with other settings: "
+                              f"{describe_changes(meta.get('settings') or {}, settings)}; pass --overwrite to "
+                              f"redo it with these")
+        recorded, name = meta.get("input") or {}, base_name(shard)
+        size = storage.size(str(shard))
+        now = {"name": name, "size": size} if recorded.get("size") != size else \
+            remembered_fingerprint(out_dir, shard, memo)
+        if any(recorded.get(k) != now[k] for k in now):
+            digest = "etag" if "etag" in now else "blake2b"  # an object's ETag, a file's BLAKE2b
+            what = (f"size {recorded.get('size')} then, {size} now" if recorded.get("size") != size
+                    else f"content hash {recorded.get(digest)} then, {now[digest]} now"
+                    if recorded.get("name") == name else f"input {recorded.get('name')} then, {name} now")
+            raise ResumeError(f"--output_filename: shard {out} was rewritten from another {name} ({what}): "
+                              "another data set, or a shard downloaded again? Pass --overwrite to redo it")
+        checked += 1
+    return checked
+
+
+def check_overwrite_keeps_one_setting(out_dir: Shard, run_outputs: Iterable[Shard], settings: dict) -> None:
+    """--overwrite of a subset with new settings must not leave other shards with the old ones."""
+    mine = {base_name(p) for p in run_outputs}  # outputs of one folder: their names tell them apart
+    for name in storage.list_names(str(out_dir)):
+        if not name.endswith(".parquet") or name in mine:
+            continue
+        out = storage.join(str(out_dir), name) if isinstance(out_dir, str) else out_dir / name
+        held = read_output_metadata(out).get("settings")
+        if held is not None and held != settings:
+            raise ResumeError(f"--overwrite: {out} is not among this run's shards and keeps other settings "
+                              f"({describe_changes(held, settings)}); one folder holds shards of one setting: "
+                              f"redo all of its shards, or write to another --output_filename")

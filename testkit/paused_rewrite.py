@@ -55,8 +55,8 @@ def _pause(ready: Path) -> None:
 
 def install(args: argparse.Namespace) -> None:
     """Wrap the runner's window iterator and the writer's commit at the points asked for."""
-    from rewrite import output, runner
-    real_windows, real_commit = runner.windows, output.ShareWriter.commit
+    from rewrite import runner, units
+    real_windows, real_commit = runner.windows, units.ShareWriter.commit
     counted = {"windows": 0, "commits": 0}
 
     def windows(items: Iterable, size: int):
@@ -76,7 +76,7 @@ def install(args: argparse.Namespace) -> None:
             self._write_record = lambda: os.kill(os.getpid(), signal.SIGKILL)
         return real_commit(self, *a, **kw)
 
-    runner.windows, output.ShareWriter.commit = windows, commit
+    runner.windows, units.ShareWriter.commit = windows, commit
 
 
 def main(argv: Optional[list[str]] = None) -> int:

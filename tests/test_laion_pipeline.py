@@ -15,7 +15,7 @@ import torch
 import shard_fixtures as sf
 from conftest import REWRITE_PAIRS, clean_dist_env, make_tiny_rewrite_setup
 from rewrite import llama_rewrite
-from rewrite.shard_output import read_metadata
+from rewrite.units_shards import read_metadata
 from testkit.paused_rewrite import ready_path
 from testkit.processes import kill_tree, wait_until_paused
 from train_fixtures import WNIDS, make_imagenet_root, read_log
@@ -72,7 +72,7 @@ def test_two_groups_killed_and_resumed_equal_one_process(laion, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "done: 8 of 8 shards finished" in done.stdout, done.stdout
     names = sorted(p.name for p in laion["one"].glob("*.parquet"))
-    # no part, lock or temp file; the inputs' remembered hashes (rewrite/shard_checks.py)
+    # no part, lock or temp file; the inputs' remembered hashes (rewrite/shard_input.py)
     assert sorted(p.name for p in out.iterdir()) == sorted(names + ["rewrite.json", "input_fingerprints.jsonl"])
     for name in names:
         assert pq.read_table(out / name).equals(pq.read_table(laion["one"] / name)), name

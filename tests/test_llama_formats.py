@@ -12,7 +12,7 @@ from conftest import REWRITE_PAIRS as PAIRS
 from rewrite import llama_rewrite, runner
 from rewrite.cli_args import validate
 from rewrite.llama import CheckpointError, ParallelInfo, TokenizerError, load_generator, load_tokenizer, open_checkpoint
-from rewrite.output import record_path
+from rewrite.units import record_path
 from testkit.hf_llama import llama_config, random_llama, write_hf
 from testkit.tiny_llama import TINY_TEXTS, make_tiny_llama, train_tokenizer
 

@@ -11,7 +11,7 @@ import torch
 from conftest import REWRITE_PAIRS as PAIRS, make_tiny_rewrite_setup
 from rewrite import cli_args, llama_rewrite, runner
 from rewrite.llama import Tokenizer
-from rewrite.output import ShareWriter, record_path
+from rewrite.units import ShareWriter, record_path
 
 REWRITE = Path(__file__).resolve().parents[1] / "rewrite"
 
@@ -120,12 +120,12 @@ def test_two_modes_in_one_pass_equal_single_mode_runs(tiny, tmp_path, monkeypatc
 def test_more_units_than_processes_resume_to_the_same_file(tiny, tmp_path, monkeypatch):
     """A caption file planned as 3 units, interrupted, then resumed by one process that
     claims them in turn: the units concatenated equal an uninterrupted run."""
-    from rewrite import text_units
+    from rewrite import units_text
     src = write_lines(tmp_path / "src.txt", CAPTIONS * 2)
     reference = rewrite(tiny, src, tmp_path / "ref.txt")
     out = tmp_path / "out.txt"
     with monkeypatch.context() as m:
-        m.setattr(text_units, "UNIT_LINES", 10)  # 28 lines: 3 units
+        m.setattr(units_text, "UNIT_LINES", 10)  # 28 lines: 3 units
         interrupt_after(m, 2)
         with pytest.raises(Interrupt):
             rewrite(tiny, src, out)

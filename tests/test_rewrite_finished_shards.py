@@ -16,7 +16,7 @@ import webdataset as wds
 
 import shard_fixtures as sf
 from conftest import REWRITE_PAIRS, make_tiny_rewrite_setup
-from rewrite import llama_rewrite, shard_checks
+from rewrite import llama_rewrite, shard_input
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 FLAGS = {"max_seq_len": 256, "max_gen_len": 4, "max_batch_size": 4, "sample_mode": "chatgpt"}
@@ -47,8 +47,8 @@ def test_outputs_of_another_input_are_refused_not_counted_finished(setup, tmp_pa
     rewrite(setup, out, prompt=str(inputs / "{00000..00002}.parquet"))
     before = outputs(out)
     hashed = []
-    real = shard_checks.input_fingerprint
-    monkeypatch.setattr(shard_checks, "input_fingerprint", lambda p: hashed.append(p) or real(p))
+    real = shard_input.input_fingerprint
+    monkeypatch.setattr(shard_input, "input_fingerprint", lambda p: hashed.append(p) or real(p))
     rewrite(setup, out, prompt=str(inputs / "{00000..00002}.parquet"))  # same input: every shard is finished
     assert outputs(out) == before and hashed == []  # checked against the hashes remembered when claimed
     (inputs / "00000.parquet").touch()  # touched, not changed: hashed again, and still the same input

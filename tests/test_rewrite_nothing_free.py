@@ -14,9 +14,9 @@ import torch
 import shard_fixtures as sf
 from common.locking import FileLock
 from conftest import REWRITE_PAIRS, make_tiny_rewrite_setup
-from rewrite import llama_rewrite, runner, text_units
+from rewrite import llama_rewrite, runner, units_text as text_units
 from rewrite.llama import default_dtype, hf, meta
-from rewrite.text_units import unit_file
+from rewrite.units_text import unit_file
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 FLAGS = {"max_seq_len": 256, "max_gen_len": 4, "max_batch_size": 2}

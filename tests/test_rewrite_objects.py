@@ -1,12 +1,12 @@
 """The rewriter's shards on object storage (moto's S3 server on 127.0.0.1): a shard in
-progress as window objects plus a progress record (rewrite/object_parts.py)."""
+progress as window objects plus a progress record (rewrite/units_shards.py)."""
 from __future__ import annotations
 
 import pytest
 
 from common import claims, storage
-from rewrite.object_parts import ObjectShareWriter, remove_partial
-from rewrite.output import ResumeError
+from rewrite.units_shards import ObjectShareWriter, remove_partial
+from rewrite.units import ResumeError
 
 FINGERPRINT = {"input": {"name": "00000.parquet", "size": 10, "etag": "x"}, "settings": {"seed": 0}}
 LAYOUT = {"shard": "00000"}
@@ -126,7 +126,7 @@ def test_storage_failure_mid_tar_stops_not_skips(s3_shards, s3_server, s3_bucket
 
 def test_finished_rows_keep_unicode_line_separators(s3_bucket):
     """Rows are split at newlines only (json.dumps keeps U+2028 and \\x85 raw in a caption)."""
-    from rewrite.shard_output import encode_row, part_lines
+    from rewrite.units_shards import encode_row, part_lines
     part = f"s3://{s3_bucket}/out/00002.parquet.part"
     w = ObjectShareWriter(part, FINGERPRINT, LAYOUT, overwrite=False)
     w.open(0, 0)

@@ -1,4 +1,4 @@
-"""rewrite/input_lines.py, rewrite/output.py and rewrite/text_units.py without a model: line index, shares,
+"""rewrite/units.py and rewrite/units_text.py without a model: line index, shares,
 decoding policy, the commit protocol, layout refusals and the final merge."""
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from rewrite.input_lines import decode_line, offset_of_line, read_lines, scan_input, share_range
-from rewrite.output import STAT_KEYS, ResumeError, ShareWriter, read_record, record_path
-from rewrite.text_units import TextUnits, unit_file
+from rewrite.units import STAT_KEYS, ResumeError, ShareWriter, Units, decode_line, read_record, record_path
+from rewrite.units_shards import ShardUnits
+from rewrite.units_text import TextUnits, offset_of_line, read_lines, scan_input, share_range, unit_file
 
 FP = {"input": {"size": 1}, "settings": {"seed": 1}}
 
@@ -182,3 +182,13 @@ def test_record_written_before_checksums_still_resumes(tmp_path):
     out.write_text("x\nb\nc\n")
     with pytest.raises(ResumeError, match="checksum"):
         writer(out).open(0, 0)
+
+
+def test_both_unit_kinds_have_what_the_run_walks(tmp_path):
+    """The run loop knows units only through rewrite.units.Units: each kind has all of it."""
+    members = [n for n, v in vars(Units).items() if callable(v) and not n.startswith("_")] + ["count", "total_lines"]
+    assert {"claim", "lines", "commit", "finish", "progress", "where", "conclude"} <= set(members)
+    text = text_units(tmp_path / "out.txt")
+    shards = ShardUnits([Path("00000.tar")], Path("out"), "txt", ("chatgpt",), {})
+    for units in (text, shards):
+        assert [m for m in members if not hasattr(units, m)] == []

@@ -14,7 +14,7 @@ import torch
 
 from conftest import REWRITE_PAIRS as PAIRS, clean_dist_env, make_tiny_rewrite_setup
 from rewrite import llama_rewrite
-from rewrite.output import record_path
+from rewrite.units import record_path
 from testkit.processes import wait_until_paused
 
 REPO = Path(__file__).resolve().parents[1]
@@ -139,7 +139,7 @@ def test_second_run_leaves_the_held_unit_and_ctrl_c_keeps_the_work(tiny, tmp_pat
 def test_resume_with_another_process_count(tiny, tmp_path, monkeypatch):
     """A caption file planned as 2 units, interrupted in one process, resumed by 2 torchrun
     processes (one unit each, from where it stopped): the same file as an uninterrupted run."""
-    from rewrite import runner, text_units
+    from rewrite import runner, units_text
     src = tmp_path / "src.txt"
     src.write_text("".join(f"{c} {i}\n" for i in range(3) for c in CAPTIONS) + "last line without newline")
     expected = reference(tiny, src, tmp_path / "one.txt")
@@ -153,7 +153,7 @@ def test_resume_with_another_process_count(tiny, tmp_path, monkeypatch):
         return real(*args, **kwargs)
 
     with monkeypatch.context() as m:
-        m.setattr(text_units, "UNIT_LINES", 16)  # 31 lines: 2 units, as 2 processes would plan them
+        m.setattr(units_text, "UNIT_LINES", 16)  # 31 lines: 2 units, as 2 processes would plan them
         m.setattr(runner, "rewrite_window", interrupted)
         assert llama_rewrite.cli(argv(tiny, src, out)) == 130
     assert json.loads(record_path(out.with_name("two.txt.part-00000-of-00002")).read_text())["state"]["next_line"] == 8

@@ -13,7 +13,8 @@ import shard_fixtures as sf
 from common.locking import FileLock
 from conftest import REWRITE_PAIRS, make_tiny_rewrite_setup
 from rewrite import llama_rewrite, runner
-from rewrite.shard_output import RUN_RECORD, read_metadata
+from rewrite.shard_input import RUN_RECORD
+from rewrite.units_shards import read_metadata
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 FLAGS = {"max_seq_len": 256, "max_gen_len": 6, "max_batch_size": 2, "sample_mode": "chatgpt,bard"}
@@ -43,7 +44,7 @@ def tables(out: Path) -> dict[str, list[dict]]:
 def test_one_keyed_parquet_per_shard_in_every_mode(setup):
     out = setup["reference"]
     assert sorted(p.name for p in out.iterdir()) == [f"{s:05d}.parquet" for s in range(4)] + \
-        ["input_fingerprints.jsonl", RUN_RECORD]  # the inputs' hashes, remembered (rewrite/shard_checks.py)
+        ["input_fingerprints.jsonl", RUN_RECORD]  # the inputs' hashes, remembered (rewrite/shard_input.py)
     rows = tables(out)
     assert pq.read_schema(out / "00000.parquet").names == ["key", "caption", "chatgpt", "bard"]
     assert [r["key"] for r in rows["00003.parquet"]] == [sf.key_of(3, i) for i in (0, 1, 3, 4)]  # 2: not downloaded

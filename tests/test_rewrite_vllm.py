@@ -21,7 +21,7 @@ import torch
 
 from conftest import REWRITE_PAIRS as PAIRS, clean_dist_env
 from rewrite import llama_rewrite
-from rewrite.output import record_path
+from rewrite.units import record_path
 
 if os.environ.get("LACLIP_REQUIRE_VLLM") != "1":
     pytest.importorskip("vllm", reason="vLLM is tested in its own environment (.ci/run)")

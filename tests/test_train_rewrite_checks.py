@@ -174,7 +174,7 @@ def test_empty_tars_are_left_out_at_start_and_sample_counts_noted(shards, tmp_pa
 
 
 def test_the_join_reads_text_as_the_rewriter_does():
-    from rewrite.input_lines import decode_line
+    from rewrite.units import decode_line
     from training.rewrite_join import rewriter_text
     for raw in (b"a cat\n", b"a cat\r\n", b"caf\xe9 au lait", b"two\n\n", b"", b"\r", "東京".encode()):
         assert rewriter_text(raw) == decode_line(raw)[0]

@@ -1,23 +1,19 @@
-"""The aligned, resumable output: one writer per data-parallel group appends its
-share's lines and commits after every window; a small JSON progress record beside
-the file says how much of it is committed, for which input and settings.
+"""What both kinds of unit share (a caption file's line ranges, rewrite/units_text.py; the shards
+of a pattern, rewrite/units_shards.py): the `Units` protocol the run loop (rewrite/runner.py)
+walks, the `UnitClaim` a data-parallel group holds, `RunTotals`, and the committing writer.
 
-Crash safety: a commit is (append + flush + fsync of the output), then the record
-rewritten atomically (common.fileio: temp file + fsync + os.replace). A resumed run first truncates
-the output to the recorded byte count, so bytes appended after the last record are
-discarded and redone; lines depend only on (seed, mode, line), so the redone bytes
-are the same and the final file equals an uninterrupted run's.
+A commit is (append + flush + fsync of the output), then the JSON progress record beside it
+rewritten atomically (common.fileio: temp file + fsync + os.replace). A resumed run first
+truncates the output to the recorded byte count, so bytes appended after the last record are
+discarded and redone; lines depend only on (seed, mode, line), so the redone bytes are the same
+and the final file equals an uninterrupted run's. A finished run keeps OUT.progress.json with
+"complete": true, so the same command again reports that it is complete.
 
-Which files (units of a caption file, parts of a shard): rewrite/text_units.py and
-rewrite/shard_output.py. A finished run keeps OUT.progress.json with "complete": true, so
-the same command again reports that it is complete instead of redoing the work.
-
-Every record holds the size and a BLAKE2b checksum of the committed bytes, and every
-start checks the file against them, finished or not: a file cut, edited or appended to
-since is refused instead of being resumed or called complete. That reads the committed
-bytes once per start, sequentially (a 40 GB LAION-400M output at ~1 GB/s: under a
-minute, against hours of rewriting); the same read seeds the running checksum that
-later commits extend. Writers hold a lock (a claim) on their file.
+Every record holds the size and a BLAKE2b checksum of the committed bytes, and every start
+checks the file against them, finished or not: a file cut, edited or appended to since is
+refused instead of being resumed or called complete. That reads the committed bytes once per
+start, sequentially (a 40 GB LAION-400M output at ~1 GB/s: under a minute, against hours of
+rewriting); the same read seeds the running checksum that later commits extend.
 """
 from __future__ import annotations
 
@@ -27,7 +23,7 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator, NamedTuple, Optional, Protocol
 
 from common.fileio import write_json_atomic
 from common.locking import FileLock
@@ -256,7 +252,7 @@ class ShareWriter:
 
 
 @dataclass
-class Claim:
+class UnitClaim:
     """A unit of work (a range of caption lines, or a shard) held by a data-parallel group: where
     its lines resume; on the group's writer, its writers (per mode, or one) and locks."""
     unit: int
@@ -282,7 +278,7 @@ class RunTotals:
     skipped: Counter = field(default_factory=Counter)
     tokens: int = 0
 
-    def add(self, lines: int, claim: Claim) -> None:
+    def add(self, lines: int, claim: UnitClaim) -> None:
         self.units += 1
         self.lines += lines
         if claim.writers:
@@ -294,3 +290,52 @@ class RunTotals:
         return RunTotals(sum(t.units for t in everyone), sum(t.lines for t in everyone),
                          sum_stats(t.stats for t in everyone), sum((t.skipped for t in everyone), Counter()),
                          sum(t.tokens for t in everyone))
+
+
+class Line(NamedTuple):
+    """One input line as read."""
+    index: int | str  # line number, from 0; for shard input the sample key
+    text: str  # without its line ending
+    undecodable: bool  # had bytes that are not UTF-8 (replaced by U+FFFD)
+    end: int  # byte offset just after the line (a shard: its row position): where the next one starts
+
+
+def decode_line(raw: bytes) -> tuple[str, bool]:
+    """(text without its line ending, had undecodable bytes?). Lines are split on b"\\n" only; the
+    trailing "\\n" and one "\\r" are removed; bytes that are not UTF-8 become U+FFFD and are counted."""
+    if raw.endswith(b"\n"):
+        raw = raw[:-1]
+    if raw.endswith(b"\r"):
+        raw = raw[:-1]
+    try:
+        return raw.decode("utf-8"), False
+    except UnicodeDecodeError:
+        return raw.decode("utf-8", errors="replace"), True
+
+
+class Units(Protocol):
+    """The units of a run as rewrite/runner.py walks them; made on global rank 0 (TextUnits, ShardUnits)."""
+    count: int  # units, numbered 0..count-1
+    total_lines: Optional[int]  # for the progress bar; None when only known as units are read
+
+    def claim(self, unit: int) -> Optional[UnitClaim]:
+        """The unit's writers (resumed) if it is unfinished and no live process holds it."""
+
+    def lines(self, claim: UnitClaim) -> Iterator[Line]:
+        """The claimed unit's lines from its resume point."""
+
+    def commit(self, claim: UnitClaim, window: list[Line],
+               per_mode: dict[str, tuple[list[str], list[dict]]]) -> None:
+        """On the writer: the window's rewrites (and per-line counts) in every mode, made durable."""
+
+    def finish(self, claim: UnitClaim) -> None:
+        """On the writer: the unit is complete; its claim is released."""
+
+    def progress(self, claim: UnitClaim) -> str:
+        """What is committed of the claimed unit (for the message of an interrupted run)."""
+
+    def where(self, claim: UnitClaim, line: Line) -> str:
+        """A line's place in the input, for a warning."""
+
+    def conclude(self, totals: RunTotals, seconds: float) -> str:
+        """On global rank 0 when the groups are done: the run's summary (a caption file's modes merged)."""

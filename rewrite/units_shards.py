@@ -8,7 +8,7 @@ Design (crash safety and claims):
   live runs never write the same shard.
 - While a shard is in progress its rows go to an append-only part file OUT/NNNNN.parquet.part
   (one JSON object per line), committed window by window with the same writer and progress
-  record as the text-file path (rewrite/output.py: append + fsync, then the record replaced
+  record as the text-file path (rewrite/units.py: append + fsync, then the record replaced
   atomically; a resume truncates to the recorded size and continues from the recorded line).
 - When the shard is complete its rows become OUT/NNNNN.parquet in one atomic replace, then
   the part and its record are removed. OUT/NNNNN.parquet exists only complete: a finished
@@ -16,31 +16,129 @@ Design (crash safety and claims):
   shard; whoever claims the shard next removes it.
 - OUT/rewrite.json holds the settings that shape every rewrite (seed, modes, examples, model,
   sampling); a run with other settings is refused before any shard is touched.
-- On object storage (OUT is an s3:// URL) the claim is a conditional-PUT claim object
-  (common.claims) and the part is window objects plus a progress object
-  (rewrite/object_parts.py); the finished OUT/NNNNN.parquet is one upload.
+- On object storage (OUT is an s3:// URL), where objects cannot be appended to, the claim is a
+  conditional-PUT claim object (common.claims) and the part is one object per committed window,
+  OUT/NNNNN.parquet.part/<first line, 9 digits>.jsonl (the rows as the local part file holds
+  them), plus the progress object OUT/NNNNN.parquet.part.progress.json (the local record's fields
+  and the list of committed windows). A commit checks the claim (a run whose claim was taken
+  over stops there), uploads the window, then the record; a window the record does not list (a
+  crash between the two) is written again, the same, by the resumed run. A resume checks the
+  listed windows against the recorded size and BLAKE2b; the finished OUT/NNNNN.parquet, made
+  from the same bytes, is one upload and equals a local run's.
 """
 from __future__ import annotations
 
+import hashlib
 import json
-from pathlib import Path
 from typing import Iterable, Iterator, Optional, Sequence, Union
 
 from common import claims, storage
 from common.locking import FileLock, describe_holder, lock_path
-from rewrite.input_lines import Line
-from rewrite.object_parts import ObjectShareWriter, remove_partial
-from rewrite.output import (RECORD_SUFFIX, Claim, ResumeError, RunTotals, ShareWriter, add_stats, describe_changes,
-                            record_path, sum_stats)
-from rewrite.shard_checks import remembered_fingerprint
-from rewrite.shard_input import RUN_RECORD, Shard, ShardLines, shard_name, shard_stem
+from rewrite.shard_input import METADATA_KEY, RUN_RECORD, Shard, ShardLines, base_name, remembered_fingerprint, \
+    shard_stem
+from rewrite.units import (RECORD_SUFFIX, RECORD_VERSION, Line, ResumeError, RunTotals, ShareState, ShareWriter,
+                           UnitClaim, add_stats, describe_changes, record_path, share_state, sum_stats)
 
 RUN_RECORD_VERSION = 1
 PART_SUFFIX = ".part"
-METADATA_KEY = b"laclip_rewrite"  # parquet schema metadata: settings, input fingerprint, counts
+WINDOW_DIGITS = 9
+ShardLock = Union[FileLock, claims.S3Claim]
 
 
-ShardClaim = Union[FileLock, claims.S3Claim]
+def window_name(first_line: int) -> str:
+    return f"{first_line:0{WINDOW_DIGITS}d}.jsonl"
+
+
+class ObjectShareWriter:
+    """ShareWriter's interface (open, commit, finish, close, state, fingerprint) over objects."""
+
+    def __init__(self, out_url: str, fingerprint: dict, layout: dict, overwrite: bool, claim=None) -> None:
+        self.out_path, self.record_path = out_url, out_url + RECORD_SUFFIX
+        self.fingerprint, self.layout, self.overwrite, self.claim = fingerprint, layout, overwrite, claim
+        self.state: Optional[ShareState] = None
+        self.windows: list[int] = []  # first line of every committed window, in order
+        self._checksum = hashlib.blake2b(digest_size=16)
+
+    def window_url(self, first_line: int) -> str:
+        return storage.join(self.out_path, window_name(first_line))
+
+    def open(self, start_line: int, start_offset: int) -> ShareState:
+        record = None
+        if not self.overwrite and storage.exists(self.record_path):
+            try:
+                record = storage.read_json(self.record_path)
+            except ValueError as e:
+                raise ResumeError(f"progress record {self.record_path} is unreadable ({e}); pass --overwrite to "
+                                  "start over") from None
+        if record is None:
+            self.state = ShareState(next_line=start_line, in_offset=start_offset, out_bytes=0)
+            self._write_record()
+        else:
+            self._resume(record)
+        return self.state
+
+    def _resume(self, record: dict) -> None:
+        where = f"--output_filename: the partial shard {self.out_path} ({self.record_path.rsplit('/', 1)[-1]})"
+        if record.get("version") != RECORD_VERSION or not isinstance(record.get("windows"), list):
+            raise ResumeError(f"{where} is not one this version writes; pass --overwrite to start over")
+        for key in ("fingerprint", "layout"):
+            if record.get(key) != getattr(self, key):
+                raise ResumeError(f"{where} was made from a different input, settings or layout: "
+                                  f"{describe_changes(record.get(key) or {}, getattr(self, key))}. Rerun with the "
+                                  "same input and flags to continue, or pass --overwrite to start over")
+        self.state = share_state(record, self.record_path)  # the path only names it in messages
+        self.windows = [int(w) for w in record["windows"]]
+        data = self.committed_bytes()
+        if len(data) != self.state.out_bytes or self._checksum.hexdigest() != self.state.out_blake2b:
+            raise ResumeError(f"{where}: its committed windows differ from the recorded size or checksum; they were "
+                              "changed outside this program. Pass --overwrite to start over")
+
+    def committed_bytes(self) -> bytes:
+        """The committed rows, window after window: the bytes of the local part file (read once)."""
+        self._checksum = hashlib.blake2b(digest_size=16)
+        chunks = []
+        for first in self.windows:
+            chunk = storage.read_bytes(self.window_url(first))
+            self._checksum.update(chunk)
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _write_record(self) -> None:
+        storage.write_json(self.record_path, {
+            "version": RECORD_VERSION, "fingerprint": self.fingerprint, "layout": self.layout,
+            "complete": self.state.complete, "state": self.state.__dict__, "windows": self.windows})
+
+    def commit(self, lines: list[str], next_line: int, in_offset: int, stats: dict) -> None:
+        """Upload the window's rows as one object, then the record that lists it."""
+        if self.claim is not None:
+            self.claim.check()  # ClaimLost: another run took the shard over; write nothing more
+        data = "".join(f"{line}\n" for line in lines).encode("utf-8")
+        s = self.state
+        storage.write_bytes(self.window_url(s.next_line), data)
+        self._checksum.update(data)
+        self.windows.append(s.next_line)
+        s.next_line, s.in_offset, s.out_bytes = next_line, in_offset, s.out_bytes + len(data)
+        s.out_blake2b = self._checksum.hexdigest()
+        s.stats = add_stats(s.stats, stats)
+        self._write_record()
+
+    def finish(self) -> None:
+        self.state.complete = True
+
+    def remove(self) -> None:
+        """After the finished parquet is uploaded: the windows and the record go."""
+        remove_partial(self.out_path)
+
+    def close(self) -> None:
+        """Nothing is held open between commits."""
+
+
+def remove_partial(out_url: str) -> None:
+    """Every window object and the progress record of OUT (listed ones and orphans alike)."""
+    part = out_url
+    for name in storage.list_names(part):
+        storage.remove(storage.join(part, name))
+    storage.remove(part + RECORD_SUFFIX)
 
 
 def shard_output_path(out_dir: Shard, stem: str) -> Shard:
@@ -51,10 +149,10 @@ def shard_part_path(out: Shard) -> Shard:
     return out + PART_SUFFIX if isinstance(out, str) else out.with_name(out.name + PART_SUFFIX)
 
 
-def claim_shard(out: Shard, timeout: float = claims.DEFAULT_TIMEOUT_S) -> Optional[ShardClaim]:
+def claim_shard(out: Shard, timeout: float = claims.DEFAULT_TIMEOUT_S) -> Optional[ShardLock]:
     """The shard's claim if it was free (or stale, on object storage), else None (a live
     process is writing it)."""
-    what = f"--output_filename shard {shard_name(out)}"
+    what = f"--output_filename shard {base_name(out)}"
     claim = claims.S3Claim(out + claims.CLAIM_SUFFIX, timeout) if isinstance(out, str) else FileLock(out, what)
     return claim if claim.try_acquire() else None
 
@@ -64,7 +162,7 @@ def shard_free(out: Shard, timeout: float = claims.DEFAULT_TIMEOUT_S) -> bool:
     released at once; on object storage the claim object is only read."""
     if isinstance(out, str):
         return claims.S3Claim(out + claims.CLAIM_SUFFIX, timeout).free()
-    lock = FileLock(out, f"--output_filename shard {shard_name(out)}")
+    lock = FileLock(out, f"--output_filename shard {base_name(out)}")
     free = lock.try_acquire()
     lock.release()
     return free
@@ -190,7 +288,7 @@ class ShardUnits:
     def output(self, unit: int) -> Shard:
         return shard_output_path(self.out_dir, shard_stem(self.shards[unit]))
 
-    def claim(self, unit: int) -> Optional[Claim]:
+    def claim(self, unit: int) -> Optional[UnitClaim]:
         """The shard's writer, if it is neither finished nor held."""
         out = self.output(unit)
         if storage.exists(str(out)) and not part_exists(out):
@@ -198,7 +296,7 @@ class ShardUnits:
         lock = claim_shard(out, self.claim_timeout)
         if lock is None:
             return None  # a live process holds it: it will finish it
-        claim = Claim(unit, 0, 0, locks=[lock])
+        claim = UnitClaim(unit, 0, 0, locks=[lock])
         if storage.exists(str(out)):  # finished by another run after all, or a part left by a crash after the finish
             remove_part(out)
             claim.close()
@@ -220,21 +318,21 @@ class ShardUnits:
         loaded. A shard whose output exists is never claimed (a part beside it is a crash's
         leftover), so one listing of OUT tells the finished ones."""
         names = set(storage.list_names(str(self.out_dir)))
-        return any(shard_name(self.output(u)) not in names and shard_free(self.output(u), self.claim_timeout)
+        return any(base_name(self.output(u)) not in names and shard_free(self.output(u), self.claim_timeout)
                    for u in range(self.count))
 
-    def lines(self, claim: Claim) -> Iterator[Line]:
+    def lines(self, claim: UnitClaim) -> Iterator[Line]:
         reader = ShardLines(self.shards[claim.unit], self.text_key)
         claim.skipped = reader.skipped  # counted as it reads
         return reader.read(claim.start)
 
-    def commit(self, claim: Claim, window: list[Line], per_mode: dict[str, tuple[list[str], list[dict]]]) -> None:
+    def commit(self, claim: UnitClaim, window: list[Line], per_mode: dict[str, tuple[list[str], list[dict]]]) -> None:
         rows = [encode_row(line.index, line.text, {m: per_mode[m][0][k] for m in per_mode})
                 for k, line in enumerate(window)]
         claim.writers[""].commit(rows, next_line=window[-1].end, in_offset=window[-1].end,
                                  stats=combine_mode_stats([per_line for _, per_line in per_mode.values()]))
 
-    def finish(self, claim: Claim) -> None:
+    def finish(self, claim: UnitClaim) -> None:
         """The finished part -> OUT/NNNNN.parquet, with what shaped it in its metadata."""
         writer, path, out = claim.writers[""], self.shards[claim.unit], self.output(claim.unit)
         writer.finish()
@@ -245,10 +343,10 @@ class ShardUnits:
         print(f"shard {path} -> {out}: {rows} rows" + (f", skipped {dict(claim.skipped)}" if claim.skipped
                                                          else ""), flush=True)
 
-    def progress(self, claim: Claim) -> str:
+    def progress(self, claim: UnitClaim) -> str:
         return f"{claim.writers[''].state.next_line} rows of shard {self.shards[claim.unit]} committed"
 
-    def where(self, claim: Claim, line: Line) -> str:
+    def where(self, claim: UnitClaim, line: Line) -> str:
         return f"{self.shards[claim.unit]} sample {line.index}"
 
     def conclude(self, totals: RunTotals, seconds: float) -> str:
@@ -256,7 +354,7 @@ class ShardUnits:
         rate = f"{lines / seconds:.2f} samples/s, {totals.tokens / seconds:.1f} generated tokens/s" \
             if lines and seconds else ""
         names = set(storage.list_names(str(self.out_dir)))  # one listing, not a request per shard
-        finished = sum(shard_name(self.output(u)) in names for u in range(self.count))
+        finished = sum(base_name(self.output(u)) in names for u in range(self.count))
         left = self.count - finished
         return (f"done: {finished} of {self.count} shards finished in {self.out_dir}"
                 + (f" ({left} still held by another run or unfinished: rerun the same command to complete them)"

@@ -1,6 +1,10 @@
 """A caption text file as units of work: N contiguous line ranges, each written by whoever
 claims it (rewrite/runner.py), then concatenated in order into the output.
 
+Reading: one pass counts lines, hashes the content and keeps a sparse line index (so a unit or
+a resumed run seeks to its first line without reading the lines before it); lines are decoded
+by rewrite/units.py's decode_line (one output line per input line whatever the bytes).
+
 Files for --output_filename OUT, per --sample_mode (OUT itself for one mode, else the mode
 before its suffix, target.txt -> target.bard.txt): one unit writes OUT itself (record
 OUT.progress.json); N units write OUT.part-UUUUU-of-NNNNN (+ .progress.json each, layout
@@ -8,24 +12,89 @@ OUT.progress.json); N units write OUT.part-UUUUU-of-NNNNN (+ .progress.json each
 the files the data-parallel groups of earlier versions wrote, so their partial runs resume.
 A fresh plan has one unit per data-parallel group (at least one per UNIT_LINES lines); once
 on disk the units stay, and any number of processes or jobs claim those left (an flock on
-the unit's file in every mode). Commits and records: rewrite/output.py.
+the unit's file in every mode). Commits and records: rewrite/units.py.
 """
 from __future__ import annotations
 
+import bisect
+import hashlib
 import math
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
 
 from common.fileio import atomic_write, write_json_atomic
 from common.locking import FileLock
-from rewrite.input_lines import InputInfo, Line, offset_of_line, read_lines, share_range
-from rewrite.output import (COMMITTED_TYPES, READ_CHUNK, RECORD_VERSION, Claim, ResumeError, RunTotals,
-                            ShareWriter, check_committed, check_fits, describe_changes, new_checksum,
-                            read_record, record_path, sum_stats, typed_state)
+from rewrite.units import (COMMITTED_TYPES, READ_CHUNK, RECORD_VERSION, Line, ResumeError, RunTotals, ShareWriter,
+                           UnitClaim, check_committed, check_fits, decode_line, describe_changes, new_checksum,
+                           read_record, record_path, sum_stats, typed_state)
 
+SCAN_CHUNK = 8 << 20  # bytes read per step of the scan; one index entry per chunk
 UNIT_LINES = 1 << 20  # a fresh plan has at least one unit per this many lines
 _PART_RE = re.compile(r"\.part-(\d{5})-of-(\d{5})$")
+
+
+@dataclass(frozen=True)
+class InputInfo:
+    size: int
+    lines: int
+    digest: str  # BLAKE2b of the whole content: a changed file refuses to resume
+    # (line number, byte offset) of the first line starting inside each scan chunk
+    index: tuple[tuple[int, int], ...] = field(default=((0, 0),), repr=False)
+
+    def fingerprint(self) -> dict:
+        return {"size": self.size, "lines": self.lines, "blake2b": self.digest}
+
+
+def scan_input(path: str | Path, chunk_size: int = SCAN_CHUNK) -> InputInfo:
+    """Count lines (a last line without '\\n' counts), hash, and index the file."""
+    h = hashlib.blake2b(digest_size=16)
+    newlines = offset = 0
+    index = [(0, 0)]
+    last = b""
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_size):
+            h.update(chunk)
+            first = chunk.find(b"\n")
+            if 0 <= first < len(chunk) - 1:  # a line starts inside this chunk
+                index.append((newlines + 1, offset + first + 1))
+            newlines += chunk.count(b"\n")
+            offset += len(chunk)
+            last = chunk[-1:]
+    lines = newlines + (1 if offset and last != b"\n" else 0)
+    return InputInfo(size=offset, lines=lines, digest=h.hexdigest(), index=tuple(index))
+
+
+def share_range(n_lines: int, dp_size: int, dp_rank: int) -> tuple[int, int]:
+    """Contiguous share [start, end) of data-parallel group dp_rank; sizes differ
+    by at most one line."""
+    return n_lines * dp_rank // dp_size, n_lines * (dp_rank + 1) // dp_size
+
+
+def offset_of_line(path: str | Path, info: InputInfo, line: int) -> int:
+    """Byte offset where `line` starts: seek to the nearest indexed line at or
+    before it and skip forward (at most one scan chunk of lines)."""
+    if line >= info.lines:
+        return info.size
+    k = bisect.bisect_right(info.index, (line, float("inf"))) - 1
+    at, offset = info.index[k]
+    with open(path, "rb") as f:
+        f.seek(offset)
+        for _ in range(line - at):
+            f.readline()
+        return f.tell()
+
+
+def read_lines(path: str | Path, offset: int, start: int, end: int) -> Iterator[Line]:
+    """Lines start..end-1, the first one starting at byte `offset`."""
+    with open(path, "rb") as f:
+        f.seek(offset)
+        for i in range(start, end):
+            text, bad = decode_line(f.readline())
+            if i == 0 and text.startswith("\ufeff"):
+                text = text[1:]  # a UTF-8 byte order mark is not part of the caption
+            yield Line(i, text, bad, f.tell())
 
 
 def mode_output(out: Path, mode: str, modes: tuple[str, ...]) -> Path:
@@ -128,9 +197,9 @@ class TextUnits:
     def share(self, unit: int) -> tuple[int, int]:
         return share_range(self.info.lines, self.count, unit)
 
-    def claim(self, unit: int) -> Optional[Claim]:
+    def claim(self, unit: int) -> Optional[UnitClaim]:
         """The unit's writers (resumed), if no live process holds it and some mode is unfinished."""
-        claim = Claim(unit, 0, 0)
+        claim = UnitClaim(unit, 0, 0)
         start, end = self.share(unit)
         try:
             for m in self.pending:
@@ -174,10 +243,10 @@ class TextUnits:
                     lock.release()
         return False
 
-    def lines(self, claim: Claim) -> Iterator[Line]:
+    def lines(self, claim: UnitClaim) -> Iterator[Line]:
         return read_lines(self.prompt, claim.offset, claim.start, self.share(claim.unit)[1])
 
-    def commit(self, claim: Claim, window: list[Line], per_mode: dict[str, tuple[list[str], list[dict]]]) -> None:
+    def commit(self, claim: UnitClaim, window: list[Line], per_mode: dict[str, tuple[list[str], list[dict]]]) -> None:
         """Each mode's writer takes the lines it has not committed yet (after a crash between
         two modes' commits one file can be a window ahead)."""
         first = window[0].index
@@ -188,18 +257,18 @@ class TextUnits:
                 writer.commit(out[skip:], next_line=window[-1].index + 1, in_offset=window[-1].end,
                               stats=sum_stats(per_line[skip:]))
 
-    def finish(self, claim: Claim) -> None:
+    def finish(self, claim: UnitClaim) -> None:
         for writer in claim.writers.values():
             writer.finish()
         claim.close()
 
-    def progress(self, claim: Claim) -> str:
+    def progress(self, claim: UnitClaim) -> str:
         m, writer = next(iter(claim.writers.items()))
         start, end = self.share(claim.unit)
         where = self.outputs[m] if self.count == 1 else writer.out_path
         return f"{writer.state.next_line - start} of {end - start} lines of {where} committed"
 
-    def where(self, claim: Claim, line: Line) -> str:
+    def where(self, claim: UnitClaim, line: Line) -> str:
         return f"{self.prompt} line {line.index + 1}"
 
     def conclude(self, totals: RunTotals, seconds: float) -> str:
@@ -238,7 +307,7 @@ class TextUnits:
         return result
 
 
-def _copy_checked(parts: list[Path], records: list[dict], out) -> "hashlib.blake2b":  # noqa: F821
+def _copy_checked(parts: list[Path], records: list[dict], out) -> "hashlib.blake2b":
     """Append the parts to `out`, checking each against its record; the checksum of the whole."""
     whole = new_checksum()
     for part, record in zip(parts, records):
