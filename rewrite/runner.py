@@ -284,9 +284,10 @@ def plan_units(cfg: Config, settings: dict[str, dict], dp_size: int) -> tuple[Un
 
 
 def some_unit_free(units: Units) -> bool:
-    """On global rank 0, before any weight is read: False (with the summary) when every unit
-    left is held by another live run, so such a run ends now instead of after loading the model.
-    A unit freed after this look is left to a rerun, as a walk that found it held would leave it."""
+    """On global rank 0, before any weight is read: False (with the summary) when no unit is
+    free, each finished or held by another live run, so such a run ends now instead of after
+    loading the model. A unit freed after this look is left to a rerun, as a walk that found it
+    held would leave it; one found free is claimed by the walk (or by whoever came first)."""
     if units.any_free():
         return True
     log("no unit is free (each is finished or held by another live run): nothing for this run to do; "

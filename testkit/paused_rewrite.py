@@ -84,6 +84,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     if (args.pause_before_window is None) != (args.ready is None):
         raise SystemExit("paused_rewrite: --pause-before-window and --ready go together")
     install(args)
+    # Ctrl-C as a user's terminal gives it: a process started from a background job of a
+    # non-interactive shell (a CI script, nohup ... &) inherits SIGINT ignored, and Python then
+    # installs no KeyboardInterrupt handler, so the test's SIGINT would do nothing.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     from rewrite.cli import cli
     return cli([f for f in args.flags if f != "--"])
 

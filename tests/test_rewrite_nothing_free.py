@@ -143,3 +143,19 @@ def test_the_stored_dtype_is_asked_only_where_it_decides():
     assert default_dtype(torch.device("cpu"), lambda: asked.append(1) or torch.bfloat16) == torch.float32
     assert default_dtype(torch.device("cpu"), torch.bfloat16) == torch.float32
     assert not asked
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_a_meta_folder_tells_its_stored_dtype_from_the_pickle_alone(tmp_path, monkeypatch, dtype):
+    """Where the stored dtype decides (a GPU with bfloat16, no --dtype), consolidated.00.pth's
+    pickle names it: no tensor is loaded or mapped; a file that is not a torch zip is loaded."""
+    (tmp_path / "params.json").write_text('{"dim": 8, "n_layers": 1, "n_heads": 2, "vocab_size": -1}')
+    torch.save({"tok_embeddings.weight": torch.zeros(4, 8, dtype=dtype), "norm.weight": torch.ones(8, dtype=dtype)},
+               tmp_path / "consolidated.00.pth")
+    ckpt = meta.MetaCheckpoint(str(tmp_path))
+    with monkeypatch.context() as m:
+        m.setattr(meta, "load_shard", lambda path: pytest.fail("the shard was loaded"))
+        assert ckpt.stored_dtype() == dtype
+    (tmp_path / "consolidated.00.pth").write_bytes(b"not a zip")
+    with pytest.raises(meta.CheckpointError, match="cannot read shard"):
+        ckpt.stored_dtype()

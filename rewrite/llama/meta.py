@@ -12,7 +12,9 @@ A run with model-parallel size M loads N shards when M divides N or N divides M.
 from __future__ import annotations
 
 import json
+import pickletools
 import re
+import zipfile
 from dataclasses import fields
 from pathlib import Path
 from typing import Callable, Optional
@@ -87,6 +89,22 @@ def load_shard(path: Path) -> dict[str, torch.Tensor]:
                                   f"truncated by an interrupted copy): {err}") from err
 
 
+_STORAGE_DTYPES = {"torch HalfStorage": torch.float16, "torch BFloat16Storage": torch.bfloat16,
+                   "torch FloatStorage": torch.float32}
+
+
+def _pickled_dtype(path: Path) -> Optional[torch.dtype]:
+    """The dtype of the first storage a torch.save zip file's pickle names (None: not found)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            name = next((n for n in z.namelist() if n.endswith("/data.pkl") or n == "data.pkl"), None)
+            ops = pickletools.genops(z.read(name)) if name else ()
+            storage = next((arg for op, arg, _ in ops if op.name == "GLOBAL" and str(arg).endswith("Storage")), None)
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile):
+        return None
+    return _STORAGE_DTYPES.get(storage)
+
+
 class MetaWeights:
     """The tensors of N shards, read as slices of the full tensors (memory-mapped; a shard is
     opened only when a slice needs it)."""
@@ -153,6 +171,12 @@ class MetaCheckpoint:
         return MetaWeights(self.weight_files, args)
 
     def stored_dtype(self) -> Optional[torch.dtype]:
+        """The first tensor's dtype in consolidated.00.pth, from the storage type its pickle names
+        (the zip member data.pkl, a few KB, scanned, never unpickled); a file in another layout
+        is loaded (memory-mapped) to ask."""
+        stored = _pickled_dtype(self.weight_files[0])
+        if stored is not None:
+            return stored
         first = next(iter(load_shard(self.weight_files[0]).values()), None)
         return None if first is None else first.dtype
 
