@@ -3,7 +3,7 @@ batches of aligned (caption, one rewrite per mode) rows with bounded memory, loc
 fsspec URL (common/storage.py).
 
 - Text outputs: --source CAPTIONS.txt and one --rewrites file per mode, read line by line in
-  lockstep, each line decoded as the rewriter decodes its input (rewrite/input_lines.py). A
+  lockstep, each line decoded as the rewriter decodes its input (rewrite/units.py). A
   file's mode is --modes, else its progress record's `sample_mode`, else the `.<mode>.` in its
   name (target.bard.txt).
 - Shard outputs: --rewrites FOLDER_OR_PREFIX holding NNNNN.parquet (`key`, `caption`, one column
@@ -105,7 +105,7 @@ def _lines(f, first: bool) -> Iterator[str]:
     for k, raw in enumerate(f):
         text, _ = decode_line(raw)
         if first and k == 0 and text.startswith("\ufeff"):
-            text = text[1:]  # a byte order mark is not part of the caption (rewrite/input_lines.py)
+            text = text[1:]  # a byte order mark is not part of the caption (rewrite/units.py)
         yield text
 
 
