@@ -24,9 +24,10 @@ from evaluation import results
 from evaluation.catalog import CATALOG
 from evaluation.content_keys import checkpoint_sha256
 from evaluation.features import FeatureCache, RunOptions
-from evaluation.models import check_model_name, load_for_eval
+from evaluation.models import load_for_eval
 from evaluation.jobs import FEWSHOT_K, TASKS, Settings, plan_job, resolve_task, run_job
 from evaluation.tasks import ClassifierCache
+from models import open_clip_arch
 
 
 def _bool(value: str) -> bool:
@@ -180,7 +181,7 @@ def main(argv: list[str] | None = None) -> list[dict] | str:
     if not os.path.isfile(args.pretrained):
         raise FileNotFoundError(f"--pretrained: checkpoint file {args.pretrained!r} does not exist")
     settings = settings_from(args)
-    model_kind = check_model_name(args.model)
+    model_kind = open_clip_arch.kind(args.model)
     jobs = plan_all(args, settings, model_kind)
     device = resolve_device(args.device)
     with contextlib.ExitStack() as locks:  # a second run on the same result stops here, at once

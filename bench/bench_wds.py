@@ -54,12 +54,13 @@ def write_shards(data: dict, folder: Path, n_shards: int) -> tuple[str, str]:
     return str(folder / f"{{00000..{last}}}.tar"), str(folder / f"{{00000..{last}}}.parquet")
 
 
-def loader_args(**kw) -> argparse.Namespace:
-    from train import get_args_parser
+def loader_args(**kw):
+    """train.py's resolved flags (training.params.RunConfig) with these values."""
+    from training.params import get_args_parser, resolve
     args = get_args_parser().parse_args(["--train-data", "x", "--aug-text"])
     for k, v in kw.items():
         setattr(args, k.replace("-", "_"), v)
-    return args
+    return resolve(args)
 
 
 def throughput(cli: argparse.Namespace, folder: str) -> tuple[float, float]:

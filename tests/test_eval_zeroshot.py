@@ -278,9 +278,9 @@ def test_laion_open_clip_training_checkpoints_load(tmp_path, make_imagenet, tiny
                 "state_dict": {**state, "module.logit_bias": torch.tensor(-7.5)}}, biased)
     with_bias = eval_zeroshot_imagenet_laion.main(base + ["--ckpt-path", str(biased)])
     assert with_bias["top1"] == expected["top1"] and with_bias["images"] == 6
-    loaded, _ = eval_zeroshot_imagenet_laion.load_model(
+    loaded = eval_zeroshot_imagenet_laion.load_model(
         eval_zeroshot_imagenet_laion.get_args_parser().parse_args(base + ["--ckpt-path", str(biased)]),
-        torch.device("cpu"))
+        torch.device("cpu")).model
     assert float(loaded.logit_bias.detach()) == -7.5
     # a config with a logit_bias (SigLIP-style) and a file without one: 0, as open_clip does
     cfg_dir = tmp_path / "configs_bias"

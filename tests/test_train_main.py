@@ -262,6 +262,6 @@ def test_loader_workers_fork_so_caption_tables_are_shared(tmp_path):
     from tokenizer import SimpleTokenizer
     from common.distributed import DistInfo
     data = make_train_data(tmp_path, n=4)
-    args = train.get_args_parser().parse_args(train_argv(data, tmp_path / "out", "--workers", "2"))
+    args = train.parse(train_argv(data, tmp_path / "out", "--workers", "2"))
     loader = train.build_loader(args, DistInfo(), SimpleTokenizer())
     assert loader.loader.multiprocessing_context.get_start_method() == "fork"

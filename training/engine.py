@@ -42,25 +42,27 @@ class CosineSchedule:
         return self.final_lr + 0.5 * (self.base_lr - self.final_lr) * (1 + math.cos(math.pi * i / n))
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """SLIP's rule: no decay for 0/1-D tensors (biases, norm weights, logit_scale) and any
-    name containing 'bias', 'ln' or 'bn'. Positional embeddings and the class token are
-    2-D/3-D and therefore decayed, as in the released models' training."""
+def param_groups(model: nn.Module, weight_decay: float, no_decay_first: bool = False) -> list[dict[str, Any]]:
+    """SLIP's rule, which open_clip_train's is too: no decay for 0/1-D tensors (biases, norm weights,
+    logit_scale, open_clip's class embedding) and any name containing 'bias', 'ln', 'bn' or
+    'logit_scale'. Positional and token embeddings and the presets' class token are 2-D/3-D and
+    decayed, as in the released models' training. Groups in SLIP's order (decay first), or in
+    open_clip_train's (no_decay_first), so each one's optimizer state loads."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if p.ndim < 2 or "bias" in name or "ln" in name or "bn" in name:
+        if p.ndim < 2 or "bias" in name or "ln" in name or "bn" in name or "logit_scale" in name:
             no_decay.append(p)
         else:
             decay.append(p)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return groups[::-1] if no_decay_first else groups
 
 
 def build_optimizer(model: nn.Module, lr: float, wd: float, betas: tuple[float, float],
-                    eps: float) -> torch.optim.AdamW:
-    return torch.optim.AdamW(param_groups(model, wd), lr=lr, betas=betas, eps=eps)
+                    eps: float, no_decay_first: bool = False) -> torch.optim.AdamW:
+    return torch.optim.AdamW(param_groups(model, wd, no_decay_first), lr=lr, betas=tuple(betas), eps=eps)
 
 
 @dataclass(kw_only=True)
