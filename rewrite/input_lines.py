@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, NamedTuple
 
+from common.rewrite_format import decode_line
+
 SCAN_CHUNK = 8 << 20  # bytes read per step of the scan; one index entry per chunk
 
 
@@ -66,18 +68,6 @@ def offset_of_line(path: str | Path, info: InputInfo, line: int) -> int:
         for _ in range(line - at):
             f.readline()
         return f.tell()
-
-
-def decode_line(raw: bytes) -> tuple[str, bool]:
-    """(text without its line ending, had undecodable bytes?)."""
-    if raw.endswith(b"\n"):
-        raw = raw[:-1]
-    if raw.endswith(b"\r"):
-        raw = raw[:-1]
-    try:
-        return raw.decode("utf-8"), False
-    except UnicodeDecodeError:
-        return raw.decode("utf-8", errors="replace"), True
 
 
 class Line(NamedTuple):

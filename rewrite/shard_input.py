@@ -24,7 +24,8 @@ import braceexpand
 from common import storage
 from common.tar_keys import duplicated_keys, keyed_samples
 from common.tar_stream import is_storage_failure
-from rewrite.input_lines import Line, decode_line
+from common.rewrite_format import decode_line
+from rewrite.input_lines import Line
 
 SHARD_SUFFIXES = (".parquet", ".tar")
 DEFAULT_TEXT_KEYS = {".parquet": "caption", ".tar": "txt"}

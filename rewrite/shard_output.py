@@ -28,6 +28,7 @@ from typing import Iterable, Iterator, Optional, Sequence, Union
 
 from common import claims, storage
 from common.locking import FileLock, describe_holder, lock_path
+from common.rewrite_format import METADATA_KEY
 from rewrite.input_lines import Line
 from rewrite.object_parts import ObjectShareWriter, remove_partial
 from rewrite.output import (RECORD_SUFFIX, Claim, ResumeError, RunTotals, ShareWriter, add_stats, describe_changes,
@@ -37,7 +38,6 @@ from rewrite.shard_input import RUN_RECORD, Shard, ShardLines, shard_name, shard
 
 RUN_RECORD_VERSION = 1
 PART_SUFFIX = ".part"
-METADATA_KEY = b"laclip_rewrite"  # parquet schema metadata: settings, input fingerprint, counts
 
 
 ShardClaim = Union[FileLock, claims.S3Claim]
@@ -150,14 +150,6 @@ def write_shard(out: Shard, modes: Sequence[str], metadata: dict, lines: Iterabl
     storage.write_atomic(str(out), lambda tmp: pq.write_table(table, tmp))
     remove_part(out)
     return table.num_rows
-
-
-def read_metadata(out: Shard) -> dict:
-    """What write_shard stored about a finished shard (settings, input, counts)."""
-    import pyarrow.parquet as pq
-    source = storage.open_read(out) if isinstance(out, str) else out
-    meta = pq.ParquetFile(source).schema_arrow.metadata or {}
-    return json.loads(meta.get(METADATA_KEY, b"{}"))
 
 
 def combine_mode_stats(per_mode: list[list[dict]]) -> dict:

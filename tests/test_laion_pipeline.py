@@ -19,7 +19,7 @@ import torch
 import shard_fixtures as sf
 from conftest import REWRITE_PAIRS, clean_dist_env, make_tiny_rewrite_setup
 from rewrite import llama_rewrite
-from rewrite.shard_output import read_metadata
+from common.rewrite_format import read_metadata
 from train_fixtures import WNIDS, make_imagenet_root, read_log
 
 pytestmark = pytest.mark.slow

@@ -24,7 +24,7 @@ import shard_fixtures as sf
 from common import storage
 from conftest import REWRITE_PAIRS, clean_dist_env, make_tiny_rewrite_setup
 from rewrite import llama_rewrite
-from rewrite.shard_output import read_metadata
+from common.rewrite_format import read_metadata
 from testkit.s3server import upload_folder
 from train_fixtures import read_log
 

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from rewrite.input_lines import decode_line, offset_of_line, read_lines, scan_input, share_range
+from common.rewrite_format import decode_line
+from rewrite.input_lines import offset_of_line, read_lines, scan_input, share_range
 from rewrite.output import STAT_KEYS, ResumeError, ShareWriter, read_record, record_path
 from rewrite.text_units import TextUnits, unit_file
 

@@ -6,6 +6,7 @@ import os
 import pytest
 import torch
 
+import models
 import train
 from train_fixtures import make_imagenet_root, make_train_data, read_log, train_argv
 
@@ -43,7 +44,7 @@ def test_checkpoint_holds_released_format(trained):
     assert {"epoch", "state_dict", "optimizer", "scaler", "best_acc1", "args"} <= set(ckpt)
     assert ckpt["epoch"] == 1 and ckpt["args"]["model"] == "CLIP_TINY"
     assert all(k.startswith("module.") for k in ckpt["state_dict"])
-    fresh = train.models.get_model("CLIP_TINY").state_dict()
+    fresh = models.get_model("CLIP_TINY").state_dict()
     assert {k[len("module."):] for k in ckpt["state_dict"]} == set(fresh)
     best = torch.load(trained["out"] / "checkpoint_best.pt", map_location="cpu", weights_only=True)
     assert all(torch.equal(best["state_dict"][k], v) for k, v in ckpt["state_dict"].items())

@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 
+import models
 import train
 from common.locking import FileLock
 from conftest import unwritable_dir, write_payload_checkpoint
@@ -105,7 +106,7 @@ def test_resume_with_other_settings_is_refused_unless_overridden(tmp_path, capsy
 def test_resume_from_a_checkpoint_that_would_run_code_needs_trust(tmp_path):
     data = make_train_data(tmp_path, n=4)
     marker = tmp_path / "payload_ran"
-    path = write_payload_checkpoint(tmp_path / "evil.pt", train.models.get_model("CLIP_TINY").state_dict(), marker)
+    path = write_payload_checkpoint(tmp_path / "evil.pt", models.get_model("CLIP_TINY").state_dict(), marker)
     argv = train_argv(data, tmp_path / "out", "--resume", path)
     with pytest.raises(ValueError, match=f"--resume: {path!r} .*mkdir.*--trust-checkpoint"):
         train.main(argv)

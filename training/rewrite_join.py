@@ -9,9 +9,8 @@ CLIP); the columns used are printed. Shards without a rewrite file are noted.
 Join (`read_shard_rewrites`, `join`): a row is used only for the sample it was written for.
 Keys alone cannot tell: img2dataset numbers keys the same way in every download, so rewrites of
 another data set, or of an earlier download, match by key. The row's `caption` (what the
-rewriter read) must equal the sample's text as the rewriter reads it (`rewriter_text`:
-UTF-8 with U+FFFD for bad bytes, one trailing "\\n" and "\\r" removed; rewrite/input_lines.py
-decode_line, whose rule this repeats so that training does not import the rewriter). A
+rewriter read) must equal the sample's text as the rewriter reads it (common/rewrite_format.py
+decode_line: UTF-8 with U+FFFD for bad bytes, one trailing "\\n" and "\\r" removed). A
 mismatch trains on the original caption and is counted as rewrite_caption_mismatch; above
 --rewrite-mismatch-limit (a share of the epoch's samples) the run stops (`MismatchGuard`).
 A key that names two samples of a tar or two rows of a file is never joined (duplicate_key).
@@ -23,8 +22,8 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 from common import storage
+from common.rewrite_format import METADATA_KEY, decode_line, read_schema
 
-REWRITER_METADATA = b"laclip_rewrite"  # rewrite/shard_output.py METADATA_KEY
 NOT_REWRITES = ("key", "caption")
 MISMATCH, DUPLICATE, MISSING = "rewrite_caption_mismatch", "duplicate_key", "missing_rewrites"
 NON_UTF8 = "non_utf8_captions"
@@ -32,17 +31,8 @@ NEW_COUNTS = (MISMATCH, DUPLICATE, NON_UTF8)  # logged only when not zero (older
 DEFAULT_MISMATCH_LIMIT = 0.01
 
 
-def rewriter_text(raw: bytes) -> str:
-    """A sample's text as the rewriter read it into its `caption` column."""
-    if raw.endswith(b"\n"):
-        raw = raw[:-1]
-    if raw.endswith(b"\r"):
-        raw = raw[:-1]
-    return raw.decode("utf-8", errors="replace")
-
-
 def _same_text(row_caption: str, raw: bytes) -> bool:
-    return rewriter_text(row_caption.encode("utf-8")) == rewriter_text(raw)
+    return decode_line(row_caption.encode("utf-8"))[0] == decode_line(raw)[0]
 
 
 @dataclass(frozen=True)
@@ -53,9 +43,8 @@ class FileCheck:
 
 
 def _schema(path: str):
-    import pyarrow.parquet as pq
-    try:  # a URL: its footer by ranged reads (common.storage), not the whole file
-        return pq.read_schema(storage.open_read(path) if storage.is_url(path) else path)
+    try:
+        return read_schema(path)
     except storage.StorageError as e:
         raise ValueError(f"--rewrite-data: {e}") from None
     except Exception as e:  # pyarrow's own errors
@@ -74,8 +63,8 @@ def _rewrite_columns(path: str, schema, given: Sequence[str]) -> tuple[str, ...]
             raise ValueError(f"--rewrite-columns: {path} has no column {absent[0]!r}; it has {', '.join(names)}")
         columns = tuple(given)
     else:
-        if REWRITER_METADATA not in (schema.metadata or {}):
-            raise ValueError(f"--rewrite-data: {path} is not the rewriter's output (no {REWRITER_METADATA.decode()} "
+        if METADATA_KEY not in (schema.metadata or {}):
+            raise ValueError(f"--rewrite-data: {path} is not the rewriter's output (no {METADATA_KEY.decode()} "
                              f"metadata; img2dataset's own parquet has the same names as the tars); if its string "
                              f"columns are rewrites, name them with --rewrite-columns A B ...")
         columns = tuple(c for c in names if c not in NOT_REWRITES)
