@@ -12,7 +12,7 @@ import sys
 import torch
 
 from evaluation.models import load_open_clip
-from zeroshot import add_eval_args, check_eval_args, run_eval_cli
+from evaluation.imagenet_eval import add_eval_args, resolve_eval_args, run_eval_cli
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -30,7 +30,7 @@ def load_model(args: argparse.Namespace, device: torch.device):
 
 def main(argv: list[str] | argparse.Namespace | None = None) -> dict:
     args = argv if isinstance(argv, argparse.Namespace) else get_args_parser().parse_args(argv)
-    device = check_eval_args(args)
+    device = resolve_eval_args(args)
     parts = load_model(args, device)
     return run_eval_cli(args, parts.model, parts.tokenizer, parts.eval_transform, device)
 

@@ -52,7 +52,7 @@ from training.params import RunConfig, get_args_parser, parse, resolve  # noqa: 
 from training.output_dir import claim_output_dir
 from training.remote_sync import RemoteSync
 from training.rewrite_join import NEW_COUNTS
-from zeroshot import evaluate_imagenet
+from evaluation.imagenet_eval import evaluate_imagenet
 
 
 def steps_per_epoch(args: RunConfig, loader: TrainLoader, info: DistInfo) -> int:

@@ -17,10 +17,9 @@ from torch.utils.data import DataLoader
 import shard_fixtures as sf
 import train
 import training.wds as wds_mod
-from training.shard_rewrites import open_rewrite_source
+from training.rewrite_join import open_rewrite_source
 from training.loaders import ShardLoader
-from training.wds import ShardStream, StreamSpec
-from training.shard_startup import known_sample_count, start_notes
+from training.wds import ShardStream, StreamSpec, known_sample_count, start_notes
 
 pytestmark = pytest.mark.usefixtures("one_thread", "single_process")
 META = {b"laclip_rewrite": b"{}"}

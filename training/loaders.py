@@ -21,10 +21,8 @@ from torch.utils.data import DataLoader
 from common import storage
 from common.distributed import DistInfo, on_every_rank
 from training.data import CaptionImageDataset, EpochSampler, check_root, train_transform
-from training.rewrite_join import DEFAULT_MISMATCH_LIMIT, MISMATCH, MismatchGuard
-from training.shard_rewrites import open_rewrite_source
-from training.shard_startup import empty_note, start_notes, without_empty_tars
-from training.wds import COUNT_KEYS, ShardStream, StreamSpec
+from training.rewrite_join import DEFAULT_MISMATCH_LIMIT, MISMATCH, MismatchGuard, open_rewrite_source
+from training.wds import COUNT_KEYS, ShardStream, StreamSpec, empty_note, start_notes, without_empty_tars
 
 UNCHECKED = ("pipe:", "http://", "https://")  # webdataset opens these itself (s3:// etc. go through fsspec)
 WDS_ONLY = ("train_num_samples", "dataset_resampled", "rewrite_data", "rewrite_json_keys", "rewrite_columns",

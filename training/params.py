@@ -61,7 +61,8 @@ def _data_args(add) -> None:
              "written for another caption (default 0.01)")
     add("--multi-text", action="store_true", help="LaCLIP-MT: each image with all its texts in one step, "
         "the loss averaged over the texts (needs --aug-text)")
-    add("-j", "--workers", type=int, default=10, help="data-loading processes per training process")
+    add("-j", "--workers", "--num_workers", dest="workers", type=int, default=10,
+        help="data-loading processes per training process")
 
 
 def _run_args(add) -> None:
@@ -83,7 +84,7 @@ def _run_args(add) -> None:
     add("--resume-override", action="store_true",
         help="resume although flags that decide the training (batch size, lr schedule, epochs, seed, data, ...) "
              "differ from the checkpoint's; without it such a resume is refused")
-    add("--trust-checkpoint", action="store_true",
+    add("--trust-checkpoint", "--trust_checkpoint", dest="trust_checkpoint", action="store_true",
         help="fully unpickle the --resume file (it can then run code); needed only for files that pickle "
              "objects beyond tensors, plain values and argparse.Namespace")
     add("--save-every-steps", type=int, default=0, metavar="N",
