@@ -203,3 +203,23 @@ def test_member_names_read_from_headers_equal_tarfiles(tmp_path, fmt):
     assert duplicated_keys(str(path)) == {f"a/{long}/k1"}  # k1 comes back after k2
     path.write_bytes(path.read_bytes()[:2100])  # cut: no error, what was read is kept
     assert list(member_names(str(path)))[:1] == names[:1]
+
+
+def test_flags_resolve_in_one_pass_reading_each_rewrite_footer_once(shards, tmp_path, monkeypatch):
+    """train.py's start-up reads every --rewrite-data footer once per process (validation and the loader
+    used to read them two or three times), and resolving never changes the parsed flags."""
+    import training.rewrite_join as rj
+    reads, real = [], rj.read_schema
+    monkeypatch.setattr(rj, "read_schema", lambda path: reads.append(path) or real(path))
+    argv = ["--train-data", shards.tars, "--rewrite-data", shards.parquets, "--rewrite-columns", "caption",
+            "--aug-text", "--aug-text-weights", "1", "1", "--train-num-samples", "4", "--output-dir",
+            str(tmp_path / "out"), "--model", "CLIP_TINY", "--batch-size", "2", "--workers", "0", "--epochs", "1",
+            "--max-steps-per-epoch", "1", "--precision", "amp_bf16", "--device", "cpu"]
+    args = train.get_args_parser().parse_args(argv)
+    before = dict(vars(args))
+    cfg = train.resolve(args)
+    assert vars(args) == before and cfg.precision == "amp_bf16" and cfg.warmup_epochs == 1
+    assert sorted(reads) == sorted(str(shards.folder / f"{s:05d}.parquet") for s in range(shards.n_shards))
+    reads.clear()
+    train.main(argv)
+    assert len(reads) == shards.n_shards  # the whole run: each footer once (workers read rows, not footers)
