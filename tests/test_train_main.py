@@ -172,20 +172,20 @@ def test_failed_zero_shot_keeps_training_and_checkpointing(tmp_path, monkeypatch
 def test_best_checkpoint_keeps_its_epoch_when_a_later_one_is_not_best(tmp_path, monkeypatch):
     """checkpoint_best.pt is a hard link to the best epoch's file (no copy of the weights);
     later checkpoint.pt writes must not change it, and without hard links it is a copy."""
-    from training import train_state as ckpt_io
-    latest, best = tmp_path / ckpt_io.LATEST, tmp_path / ckpt_io.BEST
-    ckpt_io.save_checkpoint({"epoch": 1}, str(tmp_path), is_best=True)
+    from training import train_state
+    latest, best = tmp_path / train_state.LATEST, tmp_path / train_state.BEST
+    train_state.save_checkpoint({"epoch": 1}, str(tmp_path), is_best=True)
     assert os.stat(best).st_ino == os.stat(latest).st_ino
-    ckpt_io.save_checkpoint({"epoch": 2}, str(tmp_path), is_best=False)
+    train_state.save_checkpoint({"epoch": 2}, str(tmp_path), is_best=False)
     assert torch.load(latest)["epoch"] == 2 and torch.load(best)["epoch"] == 1
 
     def no_links(src, dst):
         raise OSError("hard links not supported")
 
     monkeypatch.setattr(os, "link", no_links)
-    ckpt_io.save_checkpoint({"epoch": 3}, str(tmp_path), is_best=True)
+    train_state.save_checkpoint({"epoch": 3}, str(tmp_path), is_best=True)
     assert torch.load(best)["epoch"] == 3 and os.stat(best).st_ino != os.stat(latest).st_ino
-    assert sorted(p.name for p in tmp_path.iterdir()) == [ckpt_io.LATEST, ckpt_io.BEST]  # no temp files left
+    assert sorted(p.name for p in tmp_path.iterdir()) == [train_state.LATEST, train_state.BEST]  # no temp files left
 
 
 def test_wrong_root_fails_before_the_model_is_built(tmp_path, monkeypatch):

@@ -12,7 +12,7 @@ import train
 from common.locking import FileLock
 from conftest import unwritable_dir, write_payload_checkpoint
 from train_fixtures import make_train_data, read_log, train_argv
-from training import train_state as ckpt_io
+from training import train_state
 from training.output_dir import lock_target
 
 pytestmark = pytest.mark.usefixtures("single_process")
@@ -57,7 +57,7 @@ def test_failed_save_is_one_line_naming_the_folder_and_free_space(tmp_path, monk
         raise RuntimeError("[enforce fail at inline_container.cc:778] . PytorchStreamWriter failed writing file "
                            "data/3: file write failed")
 
-    monkeypatch.setattr(ckpt_io.torch, "save", disk_full)
+    monkeypatch.setattr(train_state.torch, "save", disk_full)
     with pytest.raises(ValueError) as err:
         train.main(train_argv(data, out))
     message = str(err.value)
