@@ -28,6 +28,7 @@ import torch
 
 from bench.bench_train import bench_data, make_data
 from common.distributed import DistInfo
+from common.rewrite_format import METADATA_KEY
 from tokenizer import SimpleTokenizer
 
 
@@ -49,7 +50,7 @@ def write_shards(data: dict, folder: Path, n_shards: int) -> tuple[str, str]:
         table = pa.table({"key": keys, "caption": [rows[i][1] for i in mine],
                           **{f"mode{k}": [r[i] for i in mine] for k, r in enumerate(rewrites)}})
         # the rewriter's metadata key: train.py reads only its output without --rewrite-columns
-        pq.write_table(table.replace_schema_metadata({b"laclip_rewrite": b"{}"}), folder / f"{s:05d}.parquet")
+        pq.write_table(table.replace_schema_metadata({METADATA_KEY: b"{}"}), folder / f"{s:05d}.parquet")
     last = f"{n_shards - 1:05d}"
     return str(folder / f"{{00000..{last}}}.tar"), str(folder / f"{{00000..{last}}}.parquet")
 
