@@ -206,7 +206,7 @@ def setup(args: RunConfig, info: DistInfo, arch: Architecture) -> Setup:
     optimizer = build_optimizer(model, args.lr, args.wd, args.betas, args.eps, no_decay_first=arch.open_clip)
     amp_dtype, scaler = precision(args.precision, info.device)
     start_epoch, best_acc1, resumed = args.start_epoch, None, None
-    path = args.resume_from
+    path = train_state.resume_path(args.resume, args.output_dir)  # after --remote-sync filled --output-dir
     if info.rank == 0:
         warn_resume_over_latest(args.resume, args.output_dir)
 

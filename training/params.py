@@ -148,7 +148,6 @@ class RunConfig:
     data: str  # "csv" or "webdataset"
     stream: Optional[StreamSpec]  # shards: the shard list and rewrite sources, read once
     open_clip: bool  # --model is an open_clip model (else a LaCLIP preset)
-    resume_from: Optional[str]  # the checkpoint a run resumes from, if any
 
     def __getattr__(self, name: str) -> Any:
         if name == "args":  # not set yet (copy, unpickling)
@@ -258,8 +257,10 @@ def resolve(args: argparse.Namespace) -> RunConfig:
             print(f"=> {note}")
     if args.eval_benchmark:
         plan_jobs(args)  # a bad folder fails now, not after the first epoch
-    return RunConfig(args, precision, warmup_epochs, data, stream, open_clip,
-                     resume_path(args.resume, args.output_dir))
+    # An explicit --resume must exist; which file a run resumes from is settled at set-up, after
+    # --remote-sync may have filled --output-dir.
+    resume_path(args.resume, args.output_dir)
+    return RunConfig(args, precision, warmup_epochs, data, stream, open_clip)
 
 
 def open_clip_train_flags() -> set[str]:
