@@ -24,9 +24,10 @@ from evaluation import results
 from evaluation.catalog import CATALOG
 from evaluation.content_keys import checkpoint_sha256
 from evaluation.features import FeatureCache, RunOptions
-from evaluation.models import check_model_name, load_for_eval
+from evaluation.models import load_for_eval
 from evaluation.jobs import FEWSHOT_K, TASKS, Settings, plan_job, resolve_task, run_job
 from evaluation.tasks import ClassifierCache
+from models import open_clip_arch
 
 
 def _bool(value: str) -> bool:
@@ -50,7 +51,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--output", default="{dataset}_{pretrained}_{model}_{language}_{task}.json",
         help="result file; placeholders {dataset} {pretrained} {pretrained_full_path} {model} {language} {task}")
     add("--batch_size", type=int, default=64, help="images per batch")
-    add("--num_workers", type=int, default=4, help="data loading processes")
+    add("--workers", "-j", "--num_workers", dest="num_workers", type=int, default=4,
+        help="data loading processes (--num_workers: CLIP_benchmark's spelling)")
     add("--split", default=None, help="test split (default: CLIP_benchmark's for zero-shot, 'test' otherwise)")
     add("--train_split", default=None, help="linear probe / few-shot training split (default: the dataset's)")
     add("--val_split", default=None, help="split that chooses the regularisation (default: the dataset's, if any)")
@@ -67,10 +69,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--language", default="en", choices=["en"], help="class names and prompts: CLIP's English ones")
     add("--custom_classname_file", default=None, help="JSON {dataset: [class names]} replacing CLIP's")
     add("--custom_template_file", default=None, help="JSON {dataset: [templates with {}]} replacing CLIP's")
-    add("--no_amp", dest="amp", action="store_false", help="float32 on CUDA too (the CPU always uses float32)")
+    add("--precision", choices=("amp", "fp32"), default="amp",
+        help="amp: fp16 autocast on CUDA (the default); fp32: float32 on CUDA too (the CPU always uses float32)")
+    add("--no_amp", dest="precision", action="store_const", const="fp32", help="= --precision fp32 (the old spelling)")
     add("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda if available)")
     add("--skip_bad_images", action="store_true", help="leave unreadable images out (counted and reported)")
-    add("--trust_checkpoint", "--trust-checkpoint", action="store_true",
+    add("--trust-checkpoint", "--trust_checkpoint", dest="trust_checkpoint", action="store_true",
         help="allow a --pretrained file that pickles more than weights (it can run code: only for files you trust)")
     add("--skip_existing", action="store_true", help="skip a job whose --output exists")
     add("--quiet", dest="verbose", action="store_false", help="no progress bars")
@@ -180,14 +184,14 @@ def main(argv: list[str] | None = None) -> list[dict] | str:
     if not os.path.isfile(args.pretrained):
         raise FileNotFoundError(f"--pretrained: checkpoint file {args.pretrained!r} does not exist")
     settings = settings_from(args)
-    model_kind = check_model_name(args.model)
+    model_kind = open_clip_arch.kind(args.model)
     jobs = plan_all(args, settings, model_kind)
     device = resolve_device(args.device)
     with contextlib.ExitStack() as locks:  # a second run on the same result stops here, at once
         for job in jobs:
             locks.enter_context(FileLock(Path(job.output), f"--output {job.output}"))
         em = load_for_eval(args.model, args.pretrained, args.quickgelu, device, trust=args.trust_checkpoint)
-        opts = RunOptions(args.batch_size, args.num_workers, device, args.amp, args.skip_bad_images, args.verbose)
+        opts = RunOptions(args.batch_size, args.num_workers, device, args.precision == "amp", args.skip_bad_images, args.verbose)
         cache, classifiers, records = FeatureCache(args.feature_root), ClassifierCache(em, opts), []
         for job in jobs:
             record = run_job(job, em, cache, classifiers, opts, settings)

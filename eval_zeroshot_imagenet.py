@@ -12,7 +12,7 @@ import torch
 import models
 from evaluation.models import eval_transform, load_preset
 from tokenizer import SimpleTokenizer
-from zeroshot import add_eval_args, check_eval_args, run_eval_cli
+from evaluation.imagenet_eval import add_eval_args, resolve_eval_args, run_eval_cli
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -27,7 +27,7 @@ def load_model(name: str, ckpt_path: str, device: torch.device, trust: bool = Fa
 
 def main(argv: list[str] | argparse.Namespace | None = None) -> dict:
     args = argv if isinstance(argv, argparse.Namespace) else get_args_parser().parse_args(argv)
-    device = check_eval_args(args)
+    device = resolve_eval_args(args)
     model = load_model(args.model, args.ckpt_path, device, args.trust_checkpoint)
     return run_eval_cli(args, model, SimpleTokenizer(), eval_transform(), device)
 

@@ -9,11 +9,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-import open_clip
 import torch
 
 from evaluation.models import load_open_clip
-from zeroshot import add_eval_args, check_eval_args, run_eval_cli
+from evaluation.imagenet_eval import add_eval_args, resolve_eval_args, run_eval_cli
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -25,16 +24,15 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def load_model(args: argparse.Namespace, device: torch.device):
-    """open_clip model + its validation transform, with the checkpoint loaded strictly."""
+    """open_clip model + its tokenizer and validation transform, with the checkpoint loaded strictly."""
     return load_open_clip(args.model, args.ckpt_path, args.quickgelu, device, trust=args.trust_checkpoint)
 
 
 def main(argv: list[str] | argparse.Namespace | None = None) -> dict:
     args = argv if isinstance(argv, argparse.Namespace) else get_args_parser().parse_args(argv)
-    device = check_eval_args(args)
-    model, preprocess_val = load_model(args, device)
-    tokenizer = open_clip.get_tokenizer(args.model)
-    return run_eval_cli(args, model, tokenizer, preprocess_val, device)
+    device = resolve_eval_args(args)
+    parts = load_model(args, device)
+    return run_eval_cli(args, parts.model, parts.tokenizer, parts.eval_transform, device)
 
 
 if __name__ == "__main__":

@@ -12,8 +12,9 @@ or on webdataset shards (img2dataset output, training/wds.py).
     # an open_clip model (LaCLIP's LAION rows), checkpointed every 2000 steps
     ... train.py --model ViT-B-32 --warmup 2000 --save-every-steps 2000 ...
 
-Setup lives here; the pieces are in `training/` (loaders, data, loss, engine, train_state; open_clip
-models and open_clip_train's flags in interop; process groups in common/distributed.py). `python train.py --help` lists every flag.
+Setup lives here; the flags in training/params.py, the pieces in `training/` (loaders, data, loss, engine,
+train_state, architecture: a preset or an open_clip model), process groups in common/distributed.py.
+`python train.py --help` lists every flag.
 """
 from __future__ import annotations
 
@@ -29,141 +30,32 @@ from typing import Any
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-import models
 from common.distributed import (
     DistInfo,
     all_reduce_min_max,
     barrier,
     cleanup_distributed,
     init_distributed_mode,
-    launched_as_rank0,
     on_every_rank,
     on_rank0,
 )
 from common.locking import FileLock
-from evaluation.imagenet_folders import imagenet_val, not_evaluated_note
-from evaluation.periodic import add_benchmark_args, check_benchmark_args, run_benchmarks
+from evaluation.periodic import run_benchmarks
 from imagenet_templates import SIMPLE_TEMPLATES
 from tokenizer import SimpleTokenizer
-from training import interop
-from training import train_state as ckpt_io
+from training import remote_sync, train_state
+from training.architecture import Architecture, architecture
 from training.data import sample_seed
-from training.engine import CosineSchedule, EpochProgress, Trainer, train_one_epoch
-from training.loaders import TrainLoader, build_loader, check_data_args
-from training import remote_sync
+from training.engine import CosineSchedule, EpochProgress, Trainer, build_optimizer, train_one_epoch
+from training.loaders import TrainLoader, build_loader
+from training.params import RunConfig, get_args_parser, parse, resolve  # noqa: F401  (get_args_parser: the CLI's)
 from training.output_dir import claim_output_dir
 from training.remote_sync import RemoteSync
 from training.rewrite_join import NEW_COUNTS
-from zeroshot import evaluate_imagenet
+from evaluation.imagenet_eval import evaluate_imagenet
 
 
-def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="LaCLIP / CLIP training", add_help=True)
-    add = p.add_argument
-    add("--train-data", required=True, help="caption CSV: rows image_path,caption (header optional); or "
-        "webdataset shards as a brace pattern, 'laion/{00000..41407}.tar'")
-    add("--root", default="./data/", help="folder the CSV's image paths are relative to")
-    add("--aug-text", action="store_true", help="LaCLIP: pick among original + rewritten captions")
-    add("--augmented_caption_filelist", "--augmented-caption-filelist", nargs="+", default=[],
-        metavar="FILE", help="rewrite files, one caption per line aligned with the CSV's samples")
-    # webdataset shards (open_clip's spelling) and LaCLIP-MT
-    add("--dataset-type", choices=("auto", "csv", "webdataset"), default="auto",
-        help="auto: webdataset when --train-data names .tar shards, else csv")
-    add("--train-num-samples", type=int, default=None, help="webdataset: samples per epoch, all processes together")
-    add("--dataset-resampled", action="store_true", help="webdataset: draw shards with replacement")
-    add("--rewrite-data", default=None, metavar="PATTERN", help="webdataset + --aug-text: the rewriter's output, "
-        "'out/{00000..41407}.parquet', joined by sample key (shard 00012.tar <-> 00012.parquet)")
-    add("--rewrite-json-keys", nargs="+", default=[], metavar="KEY",
-        help="webdataset + --aug-text: rewrites inside each sample's KEY.json under these keys (e.g. re_caption)")
-    add("--rewrite-columns", nargs="+", default=[], metavar="COLUMN",
-        help="webdataset + --rewrite-data: the string columns to use as rewrites (needed for files that are not "
-             "the rewriter's output)")
-    add("--rewrite-mismatch-limit", type=float, default=None, metavar="SHARE",
-        help="webdataset + --rewrite-data: stop when more than this share of an epoch's samples have a rewrite "
-             "written for another caption (default 0.01)")
-    add("--multi-text", action="store_true", help="LaCLIP-MT: each image with all its texts in one step, "
-        "the loss averaged over the texts (needs --aug-text)")
-    add("--imagenet-root", default=None, help="ImageNet folder with val/<wnid>/: zero-shot top-1 after each epoch")
-    add("--output-dir", default="./output", help="checkpoints, log.txt and TensorBoard logs go here")
-    add("--remote-sync", default=None, metavar="URL", help="also keep a copy of --output-dir at this object-storage "
-        "URL (s3://bucket/runs/name): changed files uploaded whole after each epoch; an --output-dir without "
-        "checkpoint.pt is filled from it first, to resume (docs/laion.md)")
-    add("--claim-timeout", type=float, default=300.0, help="--remote-sync: seconds without a heartbeat after which "
-        "the URL's claim is taken to be a dead run's")
-    add("--model", default="CLIP_VITB16", help=f"a LaCLIP preset ({', '.join(models.PRESETS)}), an open_clip "
-        "model name (ViT-B-32, ViT-B-16, ViT-L-14, RN50, ...) or an open_clip model config JSON file")
-    add("--resume", default="", help="checkpoint to resume from (default: <output-dir>/checkpoint.pt if present)")
-    add("--resume-override", action="store_true",
-        help="resume although flags that decide the training (batch size, lr schedule, epochs, seed, data, ...) "
-             "differ from the checkpoint's; without it such a resume is refused")
-    add("--trust-checkpoint", action="store_true",
-        help="fully unpickle the --resume file (it can then run code); needed only for files that pickle "
-             "objects beyond tensors, plain values and argparse.Namespace")
-    add("--epochs", type=int, default=25)
-    add("--warmup-epochs", type=int, default=None, help="warmup in epochs (default 1; or --warmup STEPS)")
-    add("--start-epoch", type=int, default=0, help="first epoch of a fresh run (a resume uses the checkpoint's)")
-    add("--batch-size", type=int, default=64, help="samples per process per micro-batch")
-    add("--lr", type=float, default=3e-3, help="peak learning rate")
-    add("--lr-start", type=float, default=1e-6, help="learning rate at the first warmup step")
-    add("--lr-end", type=float, default=1e-5, help="learning rate at the end of the cosine decay")
-    add("--update-freq", "--accum-freq", type=int, default=1, help="micro-batches per optimizer step (gradient accumulation)")
-    add("--wd", type=float, default=0.1, help="AdamW weight decay (not on biases, norms, 1-D tensors)")
-    add("--betas", type=float, nargs=2, default=(0.9, 0.98))
-    add("--eps", type=float, default=1e-8)
-    add("--disable-amp", action="store_true", help="float32 on CUDA too (the CPU always uses float32)")
-    add("--amp-dtype", choices=("fp16", "bf16"), default="fp16",
-        help="mixed precision on CUDA: fp16 with a GradScaler (as the released models) or bf16")
-    add("--save-every-steps", type=int, default=0, metavar="N",
-        help="also write checkpoint.pt every N optimizer steps inside an epoch (atomic, with the data "
-             "position): rerunning the same command after a crash continues there, exactly")
-    add("--print-freq", type=int, default=10, help="progress-bar update interval in optimizer steps")
-    add("-j", "--workers", type=int, default=10, help="data-loading processes per training process")
-    add("--seed", type=int, default=0)
-    add("--device", default=None, help="cpu, cuda or cuda:N (default: this process's GPU, else CPU)")
-    add("--eval-batch-size", type=int, default=256, help="images per batch for zero-shot evaluation")
-    add("--max-steps-per-epoch", type=int, default=None,
-        help="cut every epoch to this many optimizer steps (smoke runs; the lr schedule follows)")
-    add("--dist-timeout", type=float, default=60.0, help="minutes a collective may wait (zero-shot eval runs on rank 0 alone)")
-    add("--local_rank", "--local-rank", type=int, default=0, help=argparse.SUPPRESS)  # torch.distributed.launch
-    add_benchmark_args(p)  # --eval-benchmark DATASET=ROOT ... --eval-tasks --eval-every
-    interop.add_interop_args(p)  # open_clip models and open_clip_train's spellings
-    return p
-
-
-def _positive(args: argparse.Namespace, **minimums: int) -> None:
-    for name, low in minimums.items():
-        value = getattr(args, name)
-        if value is not None and value < low:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
-
-
-def validate_args(args: argparse.Namespace) -> None:
-    """Every check that needs no model: errors name the flag and the file."""
-    interop.check_interop_args(args)  # first: it resolves --precision and --warmup
-    check_data_args(args)
-    interop.check_text_weights(args)
-    if args.multi_text and not args.aug_text:
-        raise ValueError("--multi-text (LaCLIP-MT) pairs each image with its original and rewritten texts: "
-                         "it needs --aug-text and the rewrites")
-    _positive(args, epochs=1, warmup_epochs=0, start_epoch=0, batch_size=1, update_freq=1, save_every_steps=0,
-              workers=0, print_freq=1, seed=0, eval_batch_size=1, max_steps_per_epoch=1)
-    if args.warmup_epochs is not None and args.warmup_epochs > args.epochs:
-        raise ValueError(f"--warmup-epochs {args.warmup_epochs} exceeds --epochs {args.epochs}")
-    if min(args.lr, args.lr_start, args.lr_end, args.wd, args.eps) < 0:
-        raise ValueError("--lr, --lr-start, --lr-end, --wd and --eps must be >= 0")
-    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
-        raise ValueError(f"--output-dir {args.output_dir!r} exists and is not a folder")
-    if args.claim_timeout <= 0:
-        raise ValueError(f"--claim-timeout must be > 0 seconds, got {args.claim_timeout:g}")
-    if args.imagenet_root:
-        note = not_evaluated_note(imagenet_val(args.imagenet_root, transform=None)[0])
-        if note and launched_as_rank0():
-            print(f"=> {note}")
-    check_benchmark_args(args)
-    ckpt_io.resume_path(args.resume, args.output_dir)
-
-
-def steps_per_epoch(args: argparse.Namespace, loader: TrainLoader, info: DistInfo) -> int:
+def steps_per_epoch(args: RunConfig, loader: TrainLoader, info: DistInfo) -> int:
     steps = len(loader) // args.update_freq
     if args.max_steps_per_epoch:
         steps = min(steps, args.max_steps_per_epoch)
@@ -175,15 +67,15 @@ def steps_per_epoch(args: argparse.Namespace, loader: TrainLoader, info: DistInf
     return steps
 
 
-def precision(args: argparse.Namespace, device: torch.device) -> tuple[torch.dtype | None, torch.amp.GradScaler]:
-    """(autocast dtype or None for float32, GradScaler enabled only for fp16 on CUDA)."""
-    if device.type != "cuda" or args.disable_amp:
+def precision(name: str, device: torch.device) -> tuple[torch.dtype | None, torch.amp.GradScaler]:
+    """(autocast dtype or None for float32, GradScaler enabled only for fp16 on CUDA) of --precision."""
+    if device.type != "cuda" or name == "fp32":
         return None, torch.amp.GradScaler("cuda", enabled=False)
-    if args.amp_dtype == "bf16" and not torch.cuda.is_bf16_supported(including_emulation=False):
+    if name == "amp_bf16" and not torch.cuda.is_bf16_supported(including_emulation=False):
         # Pre-Ampere GPUs (V100) only emulate bf16: many times slower than fp16, not an error.
-        raise ValueError(f"--amp-dtype bf16: {torch.cuda.get_device_name(device)} has no native "
-                         f"bfloat16; use --amp-dtype fp16 (the default)")
-    dtype = torch.bfloat16 if args.amp_dtype == "bf16" else torch.float16
+        raise ValueError(f"--precision amp_bf16: {torch.cuda.get_device_name(device)} has no native "
+                         f"bfloat16; use --precision amp (the default)")
+    dtype = torch.bfloat16 if name == "amp_bf16" else torch.float16
     return dtype, torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
 
 
@@ -238,10 +130,10 @@ def end_of_epoch(args, epoch: int, stats: dict, zs: dict | None, best_acc1: floa
         record["benchmark"] = benchmark
 
     def save_and_log() -> None:
-        ckpt = ckpt_io.make_checkpoint(epoch + 1, tr.raw_model, tr.optimizer, tr.scaler, best_acc1, args,
-                                       info.world_size)
-        latest = ckpt_io.save_checkpoint({**ckpt, "data_state": data_state}, args.output_dir, is_best)
-        interop.keep_epoch_file(latest, epoch + 1, args.epochs, args.save_frequency, args.delete_previous_checkpoint)
+        ckpt = train_state.make_checkpoint(epoch + 1, tr.raw_model, tr.optimizer, tr.scaler, best_acc1,
+                                           args.settings(), info.world_size)
+        latest = train_state.save_checkpoint({**ckpt, "data_state": data_state}, args.output_dir, is_best)
+        train_state.keep_epoch_file(latest, epoch + 1, args.epochs, args.save_frequency, args.delete_previous_checkpoint)
         with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
             f.write(json.dumps(record) + "\n")
         if tr.writer is not None:
@@ -266,10 +158,11 @@ def save_mid_epoch(args, tr: Trainer, info: DistInfo, epoch: int, progress: Epoc
                           info.world_size)
 
     def save() -> None:
-        ckpt = ckpt_io.make_checkpoint(epoch, tr.raw_model, tr.optimizer, tr.scaler, best_acc1, args, info.world_size)
+        ckpt = train_state.make_checkpoint(epoch, tr.raw_model, tr.optimizer, tr.scaler, best_acc1, args.settings(),
+                                           info.world_size)
         ckpt["epoch_progress"] = {"steps": progress.steps, "seconds": progress.seconds,
                                   **{key: [r.get(key) for r in ranks] for key in ranks[0]}}
-        ckpt_io.save_checkpoint({**ckpt, "data_state": data_state}, args.output_dir, is_best=False)
+        train_state.save_checkpoint({**ckpt, "data_state": data_state}, args.output_dir, is_best=False)
 
     on_rank0(save, info.rank)
 
@@ -288,7 +181,7 @@ def warn_resume_over_latest(resume: str, output_dir: str) -> None:
     """An explicit --resume wins over <output-dir>/checkpoint.pt (SLIP's rule, and the way
     to roll back); say so, since rerunning such a command after a preemption would
     otherwise silently drop the progress saved since PATH."""
-    latest = os.path.join(output_dir, ckpt_io.LATEST)
+    latest = os.path.join(output_dir, train_state.LATEST)
     if resume and os.path.isfile(latest) and not os.path.samefile(resume, latest):
         print(f"=> note: resuming from --resume {resume!r}, not from {latest!r}, which will be "
               f"overwritten after this epoch; leave --resume out to continue from {latest!r}")
@@ -303,31 +196,27 @@ class Setup:
     scaler: torch.amp.GradScaler
     start_epoch: int
     best_acc1: float | None
-    resumed: ckpt_io.Resumed | None  # None for a fresh run
+    resumed: train_state.Resumed | None  # None for a fresh run
 
 
-def setup(args: argparse.Namespace, info: DistInfo, arch: interop.Architecture) -> Setup:
+def setup(args: RunConfig, info: DistInfo, arch: Architecture) -> Setup:
     """Model, optimizer, scaler and (if any) the resumed state."""
     torch.manual_seed(args.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
     model = arch.build(args.grad_checkpointing).to(info.device)
-    optimizer = torch.optim.AdamW(arch.param_groups(model, args.wd), lr=args.lr, betas=tuple(args.betas),
-                                  eps=args.eps)
-    amp_dtype, scaler = precision(args, info.device)
+    optimizer = build_optimizer(model, args.lr, args.wd, args.betas, args.eps, no_decay_first=arch.open_clip)
+    amp_dtype, scaler = precision(args.precision, info.device)
     start_epoch, best_acc1, resumed = args.start_epoch, None, None
-    path = ckpt_io.resume_path(args.resume, args.output_dir)
+    path = train_state.resume_path(args.resume, args.output_dir)  # after --remote-sync filled --output-dir
     if info.rank == 0:
         warn_resume_over_latest(args.resume, args.output_dir)
 
     def check(ckpt) -> None:  # every rank reads the same file, so every rank refuses alike
-        notes = ckpt_io.check_resume_settings(ckpt, args, info.world_size, path)
-        if interop.is_open_clip_train_checkpoint(ckpt):
-            notes.append(interop.open_clip_train_resume_note(path, ckpt))
-        for note in notes:
+        for note in train_state.check_resume_settings(ckpt, args.settings(), info.world_size, path):
             if info.rank == 0:
                 print(f"=> note: {note}")
 
     if path:
-        resumed = ckpt_io.load_training_state(path, model, args.model, optimizer, scaler,
+        resumed = train_state.load_training_state(path, model, args.model, optimizer, scaler,
                                               trust=args.trust_checkpoint, check=check, load=arch.load)
         start_epoch, best_acc1 = resumed.epoch, resumed.best_acc1
         print(f"=> rank {info.rank}: resumed from {path!r} after epoch {start_epoch} (best_acc1 {best_acc1})")
@@ -344,10 +233,10 @@ def wrap_ddp(model: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
     return DistributedDataParallel(model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
 
 
-def run(args: argparse.Namespace, info: DistInfo, sync: RemoteSync | None = None) -> list[dict]:
+def run(args: RunConfig, info: DistInfo, sync: RemoteSync | None = None) -> list[dict]:
     is_main = info.rank == 0
     torch.backends.cudnn.benchmark = True  # fixed 224x224 inputs: pick the fastest conv once
-    arch = interop.architecture(args, SimpleTokenizer())
+    arch = architecture(args.model, args.open_clip, args.quickgelu, SimpleTokenizer())
     tokenizer = arch.tokenizer
     # Data first: a bad CSV, rewrite file or --root fails in seconds, before a large model
     # is built and a checkpoint read. (Neither touches the global RNG, so order is free.)
@@ -399,12 +288,7 @@ def run(args: argparse.Namespace, info: DistInfo, sync: RemoteSync | None = None
 
 def main(argv: list[str] | argparse.Namespace | None = None) -> list[dict]:
     """Train; returns one stats dict per epoch run. Raises ValueError on bad flags or files."""
-    if isinstance(argv, argparse.Namespace):
-        args = argv
-    else:
-        args, unknown = get_args_parser().parse_known_args(argv)
-        interop.refuse_unknown_flags(unknown)  # open_clip_train's flags are named as such
-    validate_args(args)
+    args = resolve(argv) if isinstance(argv, argparse.Namespace) else parse(argv)
     info = init_distributed_mode(args.device, timedelta(minutes=args.dist_timeout))
     locks: list[FileLock] = []
     syncs: list[RemoteSync] = []

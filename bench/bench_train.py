@@ -29,6 +29,7 @@ import models
 from tokenizer import SimpleTokenizer
 from train import precision
 from training.loaders import build_loader
+from training.params import get_args_parser, resolve
 from common.distributed import DistInfo
 from training.engine import CosineSchedule, Trainer, micro_step, optimizer_step, build_optimizer
 
@@ -72,8 +73,9 @@ def bench_data(loader, batches: int) -> float:
 
 def timed_step(tr: Trainer, batch) -> float:
     start = time.perf_counter()
-    micro_step(tr, batch, True, 0)
+    ms = micro_step(tr, batch, True, 0)
     optimizer_step(tr)
+    ms.loss.item()  # waits for the device: the step is done
     return time.perf_counter() - start
 
 
@@ -107,16 +109,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         n = cli.batch_size * (4 * cli.steps + 2)  # data is timed over 4x more batches
         data = make_data(folder, n, tuple(cli.image_size))
-        args = argparse.Namespace(train_data=data["csv"], root=data["root"], aug_text=True,
-                                  augmented_caption_filelist=data["rewrites"], seed=0,
-                                  dataset_type="csv", multi_text=False,
-                                  batch_size=cli.batch_size, workers=cli.workers,
-                                  disable_amp=False, amp_dtype="fp16")
+        args = resolve(get_args_parser().parse_args([
+            "--train-data", data["csv"], "--root", data["root"], "--aug-text", "--augmented_caption_filelist",
+            *data["rewrites"], "--dataset-type", "csv", "--batch-size", str(cli.batch_size),
+            "--workers", str(cli.workers), "--output-dir", folder]))
         info = DistInfo(device=device)
         loader = build_loader(args, info, SimpleTokenizer())
         torch.manual_seed(0)
         model = models.get_model(cli.model).to(device)
-        amp_dtype, scaler = precision(args, device)
+        amp_dtype, scaler = precision(args.precision, device)
         steps = len(loader) - 1
         tr = Trainer(model=model, raw_model=model, optimizer=build_optimizer(model, 1e-4, 0.1, (0.9, 0.98), 1e-8),
                      scaler=scaler, loader=loader, schedule=CosineSchedule(1e-4, 1e-5, 1e-6, steps, 1),

@@ -28,6 +28,7 @@ import torch
 
 from bench.bench_train import bench_data, make_data
 from common.distributed import DistInfo
+from common.rewrite_format import METADATA_KEY
 from tokenizer import SimpleTokenizer
 
 
@@ -49,17 +50,18 @@ def write_shards(data: dict, folder: Path, n_shards: int) -> tuple[str, str]:
         table = pa.table({"key": keys, "caption": [rows[i][1] for i in mine],
                           **{f"mode{k}": [r[i] for i in mine] for k, r in enumerate(rewrites)}})
         # the rewriter's metadata key: train.py reads only its output without --rewrite-columns
-        pq.write_table(table.replace_schema_metadata({b"laclip_rewrite": b"{}"}), folder / f"{s:05d}.parquet")
+        pq.write_table(table.replace_schema_metadata({METADATA_KEY: b"{}"}), folder / f"{s:05d}.parquet")
     last = f"{n_shards - 1:05d}"
     return str(folder / f"{{00000..{last}}}.tar"), str(folder / f"{{00000..{last}}}.parquet")
 
 
-def loader_args(**kw) -> argparse.Namespace:
-    from train import get_args_parser
+def loader_args(**kw):
+    """train.py's resolved flags (training.params.RunConfig) with these values."""
+    from training.params import get_args_parser, resolve
     args = get_args_parser().parse_args(["--train-data", "x", "--aug-text"])
     for k, v in kw.items():
         setattr(args, k.replace("-", "_"), v)
-    return args
+    return resolve(args)
 
 
 def throughput(cli: argparse.Namespace, folder: str) -> tuple[float, float]:

@@ -1,10 +1,8 @@
 """What the feature cache is keyed on: file contents, not only paths and times.
 
 - A checkpoint is known by the SHA-256 of its bytes. Hashing a large file takes seconds, so the
-  digest is remembered in ``<feature root>/checkpoint_sha256.json`` under the file's path, size,
-  modification time, inode and status-change time: a cache hit stats the file and reads nothing.
-  The status-change time (ctime) cannot be set back by a user, so a file rewritten in place with
-  its old size and mtime restored is hashed again.
+  digest is remembered in ``<feature root>/checkpoint_sha256.jsonl`` under the file's stat
+  (common/stat_memo.py): a cache hit stats the file and reads nothing.
 - A split is known by its image list (path, label, size, mtime of each file, or each array
   file's size and mtime) plus the SHA-256 of a sample of the images' bytes (up to
   ``SAMPLE_FILES`` files spread over the list, or ``SAMPLE_BYTES`` from the start, middle and
@@ -17,9 +15,9 @@ import hashlib
 import json
 import os
 
-from common.fileio import atomic_write
+from common.stat_memo import StatMemo
 
-MEMO_NAME = "checkpoint_sha256.json"
+MEMO_NAME = "checkpoint_sha256.jsonl"
 SAMPLE_FILES = 64
 SAMPLE_BYTES = 1 << 16
 CHUNK = 1 << 20
@@ -33,39 +31,12 @@ def file_sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def _stat_key(st: os.stat_result) -> dict:
-    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino, "ctime_ns": st.st_ctime_ns}
-
-
-def _read_memo(path: str) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            memo = json.load(f)
-        return memo if isinstance(memo, dict) else {}
-    except (OSError, ValueError):  # none yet, or damaged: digests are recomputed, never trusted
-        return {}
-
-
 def checkpoint_sha256(path: str, memo_dir: str | None) -> str:
     """The file's SHA-256, from the memo in ``memo_dir`` when the file's stat matches it."""
-    st = os.stat(path)
-    where = os.path.abspath(path)
-    memo_path = os.path.join(memo_dir, MEMO_NAME) if memo_dir else None
-    if memo_path:
-        entry = _read_memo(memo_path).get(where)
-        if isinstance(entry, dict) and {k: entry.get(k) for k in _stat_key(st)} == _stat_key(st):
-            return entry["sha256"]
-    digest = file_sha256(path)
-    if memo_path:
-        os.makedirs(memo_dir, exist_ok=True)
-        memo = _read_memo(memo_path)  # again: another run may have added its files meanwhile
-        memo[where] = {**_stat_key(st), "sha256": digest}
-
-        def write(tmp: str) -> None:
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump(memo, f, indent=1, sort_keys=True)
-        atomic_write(memo_path, write)
-    return digest
+    if not memo_dir:
+        return file_sha256(path)
+    os.makedirs(memo_dir, exist_ok=True)
+    return StatMemo(os.path.join(memo_dir, MEMO_NAME), "sha256").value(path, lambda: file_sha256(path))
 
 
 def _sampled(n: int) -> list[int]:

@@ -7,6 +7,7 @@ epochs, on the main process while the other ranks wait; the metrics go into log.
 Each task runs on the datasets it applies to ('auto': retrieval for caption datasets, zero-shot
 classification otherwise). Features are computed afresh each time (the weights changed) and
 kept in memory only; unreadable images are skipped and counted, as in the ImageNet evaluation.
+The flags are training/params.py's.
 """
 from __future__ import annotations
 
@@ -17,16 +18,6 @@ from evaluation.features import FeatureCache, RunOptions
 from evaluation.models import PRESET, EvalModel, eval_transform
 from evaluation.jobs import RETRIEVE, Settings, plan_job, run_job
 from evaluation.tasks import ClassifierCache
-
-
-def add_benchmark_args(parser: argparse.ArgumentParser) -> None:
-    add = parser.add_argument
-    add("--eval-benchmark", nargs="+", default=[], metavar="DATASET=ROOT",
-        help="downstream datasets to evaluate during training (names and layouts as eval_benchmark.py)")
-    add("--eval-tasks", nargs="+", default=["auto"],
-        choices=("zeroshot_classification", "zeroshot_retrieval", "linear_probe", "few_shot", "auto"),
-        help="tasks run on each --eval-benchmark dataset they apply to")
-    add("--eval-every", type=int, default=1, help="run --eval-benchmark after every N epochs and after the last")
 
 
 def _dataset_roots(args: argparse.Namespace) -> list[tuple[str, str]]:
@@ -53,13 +44,6 @@ def plan_jobs(args: argparse.Namespace) -> list:
     if unused:
         raise ValueError(f"--eval-tasks {unused[0]}: none of the --eval-benchmark datasets is of its kind")
     return jobs
-
-
-def check_benchmark_args(args: argparse.Namespace) -> None:
-    if args.eval_every < 1:
-        raise ValueError(f"--eval-every must be >= 1, got {args.eval_every}")
-    if args.eval_benchmark:
-        plan_jobs(args)  # a bad folder fails now, not after the first epoch
 
 
 def run_benchmarks(args: argparse.Namespace, model, tokenizer, rank: int, device, epoch: int, amp: bool) -> dict | None:

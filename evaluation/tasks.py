@@ -1,5 +1,5 @@
 """Zero-shot classification and zero-shot retrieval on cached image features, with the metric
-definitions of CLIP_benchmark (fractions in [0, 1]); the zero-shot routine zeroshot.py's ImageNet
+definitions of CLIP_benchmark (fractions in [0, 1]); the zero-shot routine evaluation/imagenet_eval.py's ImageNet
 evaluation shares (text encoding, the classifier, the top-1/top-5 rule):
 
 - ``acc1``/``acc5``: share of images whose class is the argmax / among the 5 largest logits

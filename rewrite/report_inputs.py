@@ -24,7 +24,8 @@ from typing import Optional
 from common import storage
 from rewrite.prompts import MODE_ALIASES, SAMPLE_MODES, Pool, load_pool
 from rewrite.shard_input import METADATA_KEY, RUN_RECORD
-from rewrite.units import RECORD_SUFFIX, STAT_KEYS, decode_line
+from common.rewrite_format import decode_line
+from rewrite.units import RECORD_SUFFIX, STAT_KEYS
 
 BATCH_LINES = 8192
 SHARD_NAME = re.compile(r"^\d+\.parquet$")

@@ -39,7 +39,9 @@ import braceexpand
 from common import storage
 from common.tar_keys import duplicated_keys, keyed_samples
 from common.tar_stream import is_storage_failure
-from rewrite.units import Line, ResumeError, decode_line, describe_changes
+from common.rewrite_format import METADATA_KEY, decode_line, read_metadata
+from common.stat_memo import StatMemo
+from rewrite.units import Line, ResumeError, describe_changes
 
 SHARD_SUFFIXES = (".parquet", ".tar")
 DEFAULT_TEXT_KEYS = {".parquet": "caption", ".tar": "txt"}
@@ -47,7 +49,6 @@ KEY_COLUMN = "key"  # img2dataset's sample key, also the tar member prefix
 STATUS_COLUMN, STATUS_OK = "status", "success"
 HASH_CHUNK = 8 << 20
 RUN_RECORD = "rewrite.json"  # the settings record of an output folder (rewrite/units_shards.py)
-METADATA_KEY = b"laclip_rewrite"  # parquet schema metadata of a finished shard: settings, input, counts
 MEMO = "input_fingerprints.jsonl"  # the remembered input hashes of a local output folder
 
 
@@ -250,48 +251,21 @@ class ShardLines:
             yield sample["__key__"], text, bad
 
 
-def _stat(path: Path) -> dict:
-    st = path.stat()
-    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino, "ctime_ns": st.st_ctime_ns}
+def read_memo(out_dir: Shard, read: bool = True) -> Optional[StatMemo]:
+    """The input fingerprints remembered in out_dir; None for object storage (see above)."""
+    return None if isinstance(out_dir, str) else StatMemo(out_dir / MEMO, "fingerprint", read)
 
 
-def read_memo(out_dir: Shard) -> dict[str, dict]:
-    memo: dict[str, dict] = {}
-    if isinstance(out_dir, str):
-        return memo  # object storage: no memo (see above)
-    try:
-        with open(out_dir / MEMO, encoding="utf-8") as f:
-            for line in f:
-                try:
-                    entry = json.loads(line)
-                    memo[entry["path"]] = entry
-                except (ValueError, KeyError, TypeError):
-                    continue  # a line cut by a crash: that input is hashed again
-    except OSError:
-        pass
-    return memo
-
-
-def remembered_fingerprint(out_dir: Shard, shard: Shard, memo: Optional[dict] = None) -> dict:
+def remembered_fingerprint(out_dir: Shard, shard: Shard, memo: Optional[StatMemo] = None) -> dict:
     """The shard's fingerprint: from `memo` when its stat matches, else hashed and remembered."""
     if isinstance(shard, str) or isinstance(out_dir, str):
         return input_fingerprint(shard)  # an object's ETag (cheap), or a local shard hashed for an s3:// output
-    where, stat = str(shard.resolve()), _stat(shard)
-    entry = (memo or {}).get(where)
-    if entry is not None and all(entry.get(k) == v for k, v in stat.items()):
-        return entry["fingerprint"]
-    fingerprint = input_fingerprint(shard)
-    line = json.dumps({"path": where, **stat, "fingerprint": fingerprint}) + "\n"
-    with open(out_dir / MEMO, "a", encoding="utf-8") as f:  # one short line: appends do not interleave
-        f.write(line)
-    return fingerprint
+    return (memo or read_memo(out_dir, read=False)).value(shard, lambda: input_fingerprint(shard))
 
 
 def read_output_metadata(out: Shard) -> dict:
-    import pyarrow.parquet as pq
     try:
-        meta = pq.read_schema(storage.open_read(out) if isinstance(out, str) else out).metadata or {}
-        return json.loads(meta.get(METADATA_KEY, b"{}"))
+        return read_metadata(out)
     except Exception as e:  # pyarrow's own errors: a damaged output is not finished work
         raise ResumeError(f"--output_filename: {out} is not a readable parquet file ({e}); pass --overwrite to "
                           "redo that shard") from None

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, NamedTuple, Optional, Protocol
 
+from common.rewrite_format import decode_line  # noqa: F401 (one rule for the rewriter and the join)
 from common.fileio import write_json_atomic
 from common.locking import FileLock
 
@@ -298,19 +299,6 @@ class Line(NamedTuple):
     text: str  # without its line ending
     undecodable: bool  # had bytes that are not UTF-8 (replaced by U+FFFD)
     end: int  # byte offset just after the line (a shard: its row position): where the next one starts
-
-
-def decode_line(raw: bytes) -> tuple[str, bool]:
-    """(text without its line ending, had undecodable bytes?). Lines are split on b"\\n" only; the
-    trailing "\\n" and one "\\r" are removed; bytes that are not UTF-8 become U+FFFD and are counted."""
-    if raw.endswith(b"\n"):
-        raw = raw[:-1]
-    if raw.endswith(b"\r"):
-        raw = raw[:-1]
-    try:
-        return raw.decode("utf-8"), False
-    except UnicodeDecodeError:
-        return raw.decode("utf-8", errors="replace"), True
 
 
 class Units(Protocol):

@@ -34,7 +34,8 @@ from typing import Iterable, Iterator, Optional, Sequence, Union
 
 from common import claims, storage
 from common.locking import FileLock, describe_holder, lock_path
-from rewrite.shard_input import METADATA_KEY, RUN_RECORD, Shard, ShardLines, base_name, remembered_fingerprint, \
+from common.rewrite_format import METADATA_KEY
+from rewrite.shard_input import RUN_RECORD, Shard, ShardLines, base_name, remembered_fingerprint, \
     shard_stem
 from rewrite.units import (RECORD_SUFFIX, RECORD_VERSION, Line, ResumeError, RunTotals, ShareState, ShareWriter,
                            UnitClaim, add_stats, describe_changes, record_path, share_state, sum_stats)
@@ -259,14 +260,6 @@ def write_shard(out: Shard, modes: Sequence[str], metadata: dict, lines: Iterabl
     storage.write_atomic(str(out), lambda tmp: pq.write_table(table, tmp))
     remove_part(out)
     return table.num_rows
-
-
-def read_metadata(out: Shard) -> dict:
-    """What write_shard stored about a finished shard (settings, input, counts)."""
-    import pyarrow.parquet as pq
-    source = storage.open_read(out) if isinstance(out, str) else out
-    meta = pq.ParquetFile(source).schema_arrow.metadata or {}
-    return json.loads(meta.get(METADATA_KEY, b"{}"))
 
 
 def combine_mode_stats(per_mode: list[list[dict]]) -> dict:

@@ -198,7 +198,7 @@ def test_features_are_cached_and_reused_across_tasks(tmp_path, ckpt, monkeypatch
     second = run(tmp_path, ckpt, "dtd", root, task=("zeroshot_classification", "linear_probe"))
     assert len(calls) == 3 and all(r["features_from_cache"] for r in second)
     assert [r["metrics"] for r in second] == [r["metrics"] for r in first]
-    cached = sorted(f for f in os.listdir(tmp_path / "features") if f != "checkpoint_sha256.json")
+    cached = sorted(f for f in os.listdir(tmp_path / "features") if f != "checkpoint_sha256.jsonl")
     assert len(cached) == 3 and all(f.endswith(".safetensors") for f in cached)
     os.utime(ckpt, ns=(1, 1))  # a retouched checkpoint is the same model (keyed on content) ...
     run(tmp_path, ckpt, "dtd", root)

@@ -1,4 +1,4 @@
-"""eval_zeroshot_imagenet_laion.py (through evaluation/models.py) builds the three LAION architectures of LaCLIP's released
+"""eval_zeroshot_imagenet_laion.py (through models/open_clip_arch.py) builds the three LAION architectures of LaCLIP's released
 checkpoints (ViT-B/32, ViT-B/16, ViT-L/14 with QuickGELU) with the keys and shapes of
 OpenAI's CLIP layout, which open_clip's training saves; checked on the meta device (no weights),
 against shapes written here from the architecture, not taken from open_clip."""
@@ -8,7 +8,7 @@ import pytest
 import torch
 from open_clip.transformer import QuickGELU
 
-from evaluation import models as laion
+from models import open_clip_arch as laion
 
 # (image width, layers, patch, embed dim, text width, text layers): CLIP paper, Table 20
 ARCHITECTURES = {"ViT-B-32": (768, 12, 32, 512, 512, 12), "ViT-B-16": (768, 12, 16, 512, 512, 12),
@@ -41,7 +41,7 @@ def clip_vit_shapes(width, layers, patch, embed, text_width, text_layers, image=
 
 @pytest.mark.parametrize("name, quickgelu", [("ViT-B-32", False), ("ViT-B-16", False), ("ViT-L-14", True)])
 def test_released_architectures_have_the_checkpoint_layout(name, quickgelu):
-    model, _ = laion.create_open_clip(name, quickgelu, device="meta")
+    model = laion.create(name, quickgelu, device="meta").model
     assert next(model.parameters()).device.type == "meta"
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     assert shapes == clip_vit_shapes(*ARCHITECTURES[name])
@@ -55,7 +55,7 @@ def test_vit_l_14_without_quickgelu_is_noted_and_mismatches_are_named():
     assert laion.quickgelu_note("ViT-L-14", True) is None
     assert laion.quickgelu_note("ViT-L-14-quickgelu", False) is None
     assert laion.quickgelu_note("ViT-B-16", False) is None
-    b16, _ = laion.create_open_clip("ViT-B-16", False, device="meta")
+    b16 = laion.create("ViT-B-16", False, device="meta").model
     l14_file = {"visual.conv1.weight": torch.empty(1024, 3, 14, 14, device="meta")}
     assert "fits ViT-L-14: try --model ViT-L-14 --quickgelu" in laion.patch_size_hint(b16, l14_file)
     b32_file = {"visual.conv1.weight": torch.empty(768, 3, 32, 32, device="meta")}

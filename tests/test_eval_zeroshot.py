@@ -15,9 +15,9 @@ import eval_zeroshot_imagenet
 import eval_zeroshot_imagenet_laion
 import imagenet_templates
 import models
-import zeroshot
 from common.distributed import resolve_device
 from conftest import TINY_OPEN_CLIP, unwritable_dir, write_image, write_payload_checkpoint
+from evaluation import imagenet_eval
 from evaluation.features import Features
 from evaluation.imagenet_classes import IMAGENET_CLASSNAMES, IMAGENET_WNIDS, OPENAI_TEMPLATES, SIMPLE_TEMPLATES
 from evaluation.imagenet_folders import imagenet_val
@@ -42,7 +42,7 @@ def eval_args(root, ckpt, *extra):
 
 
 def reference_top1(model, encode_text, tokenize, root, folders, names, templates, preprocess):
-    """Per-image, per-template loop, written apart from zeroshot.py."""
+    """Per-image, per-template loop, written apart from evaluation/imagenet_eval.py."""
     with torch.no_grad():
         weights = []
         for name in names:
@@ -226,7 +226,7 @@ def test_repeated_class_names_share_one_column_and_ties_go_to_the_first():
     classifier[:, 4] = classifier[:, 0]
     gen = torch.Generator().manual_seed(0)
     feats = torch.rand(64, 5, generator=gen) + torch.tensor([2.0, 0, 0, 0, 0])
-    res = zeroshot.percent_metrics(feats @ classifier, Features(feats, torch.zeros(64, dtype=torch.long), []))
+    res = imagenet_eval.percent_metrics(feats @ classifier, Features(feats, torch.zeros(64, dtype=torch.long), []))
     assert res["top1"] == 100.0 and res["top5"] == 100.0 and res["mean_per_class"] == 100.0
     # eval_benchmark.py's metrics apply the same rule
     assert classification_metrics(feats @ classifier, torch.zeros(64, dtype=torch.long))["acc1"] == 1.0
@@ -278,9 +278,9 @@ def test_laion_open_clip_training_checkpoints_load(tmp_path, make_imagenet, tiny
                 "state_dict": {**state, "module.logit_bias": torch.tensor(-7.5)}}, biased)
     with_bias = eval_zeroshot_imagenet_laion.main(base + ["--ckpt-path", str(biased)])
     assert with_bias["top1"] == expected["top1"] and with_bias["images"] == 6
-    loaded, _ = eval_zeroshot_imagenet_laion.load_model(
+    loaded = eval_zeroshot_imagenet_laion.load_model(
         eval_zeroshot_imagenet_laion.get_args_parser().parse_args(base + ["--ckpt-path", str(biased)]),
-        torch.device("cpu"))
+        torch.device("cpu")).model
     assert float(loaded.logit_bias.detach()) == -7.5
     # a config with a logit_bias (SigLIP-style) and a file without one: 0, as open_clip does
     cfg_dir = tmp_path / "configs_bias"

@@ -15,7 +15,7 @@ import torch
 import shard_fixtures as sf
 from conftest import REWRITE_PAIRS, clean_dist_env, make_tiny_rewrite_setup
 from rewrite import llama_rewrite
-from rewrite.units_shards import read_metadata
+from common.rewrite_format import read_metadata
 from testkit.paused_rewrite import ready_path
 from testkit.processes import kill_tree, wait_until_paused
 from train_fixtures import WNIDS, make_imagenet_root, read_log

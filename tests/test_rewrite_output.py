@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from rewrite.units import STAT_KEYS, ResumeError, ShareWriter, Units, decode_line, read_record, record_path
+from rewrite.units import STAT_KEYS, ResumeError, ShareWriter, Units, read_record, record_path
 from rewrite.units_shards import ShardUnits
 from rewrite.units_text import TextUnits, offset_of_line, read_lines, scan_input, share_range, unit_file
+from common.rewrite_format import decode_line
 
 FP = {"input": {"size": 1}, "settings": {"seed": 1}}
 

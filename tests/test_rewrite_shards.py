@@ -13,8 +13,8 @@ import shard_fixtures as sf
 from common.locking import FileLock
 from conftest import REWRITE_PAIRS, make_tiny_rewrite_setup
 from rewrite import llama_rewrite, runner
+from common.rewrite_format import read_metadata
 from rewrite.shard_input import RUN_RECORD
-from rewrite.units_shards import read_metadata
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 FLAGS = {"max_seq_len": 256, "max_gen_len": 6, "max_batch_size": 2, "sample_mode": "chatgpt,bard"}

@@ -6,7 +6,6 @@ CPU bf16 autocast for the bf16 path, and a stand-in for DDP's `no_sync`.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import warnings
 
@@ -134,22 +133,18 @@ def test_bf16_autocast_path_keeps_float32_weights(batches):
     assert_same_weights(plain, model, atol=5e-3)
 
 
-def amp_args(**kw) -> argparse.Namespace:
-    return argparse.Namespace(**{"disable_amp": False, "amp_dtype": "fp16", **kw})
-
-
 def test_precision_choices(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
-    dtype, scaler = train.precision(amp_args(), cpu)
+    dtype, scaler = train.precision("amp", cpu)
     assert dtype is None and not scaler.is_enabled()
-    assert train.precision(amp_args(disable_amp=True), cuda)[0] is None
+    assert train.precision("fp32", cuda)[0] is None
     with warnings.catch_warnings():  # a CUDA GradScaler on a CPU-only build warns and disables itself
         warnings.simplefilter("ignore")
-        assert train.precision(amp_args(), cuda)[0] == torch.float16
+        assert train.precision("amp", cuda)[0] == torch.float16
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
-    dtype, scaler = train.precision(amp_args(amp_dtype="bf16"), cuda)
+    dtype, scaler = train.precision("amp_bf16", cuda)
     assert dtype == torch.bfloat16 and not scaler.is_enabled()  # bf16 needs no loss scaling
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100-SXM2-32GB")
-    with pytest.raises(ValueError, match="--amp-dtype bf16: Tesla V100.*--amp-dtype fp16"):
-        train.precision(amp_args(amp_dtype="bf16"), cuda)
+    with pytest.raises(ValueError, match="--precision amp_bf16: Tesla V100.*--precision amp"):
+        train.precision("amp_bf16", cuda)

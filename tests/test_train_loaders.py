@@ -24,7 +24,7 @@ def args(request, tmp_path):
         shards = sf.make_shards(tmp_path / "shards")
         argv = ["--train-data", shards.tars, "--train-num-samples", "20", "--workers", "2", "--batch-size", "2",
                 "--output-dir", str(tmp_path / "out")]
-    return train.get_args_parser().parse_args(argv)
+    return train.resolve(train.get_args_parser().parse_args(argv))
 
 
 def epoch(loader: TrainLoader, e: int) -> list[tuple[torch.Tensor, torch.Tensor]]:

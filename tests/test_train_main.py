@@ -6,6 +6,7 @@ import os
 import pytest
 import torch
 
+import models
 import train
 from train_fixtures import make_imagenet_root, make_train_data, read_log, train_argv
 
@@ -43,7 +44,7 @@ def test_checkpoint_holds_released_format(trained):
     assert {"epoch", "state_dict", "optimizer", "scaler", "best_acc1", "args"} <= set(ckpt)
     assert ckpt["epoch"] == 1 and ckpt["args"]["model"] == "CLIP_TINY"
     assert all(k.startswith("module.") for k in ckpt["state_dict"])
-    fresh = train.models.get_model("CLIP_TINY").state_dict()
+    fresh = models.get_model("CLIP_TINY").state_dict()
     assert {k[len("module."):] for k in ckpt["state_dict"]} == set(fresh)
     best = torch.load(trained["out"] / "checkpoint_best.pt", map_location="cpu", weights_only=True)
     assert all(torch.equal(best["state_dict"][k], v) for k, v in ckpt["state_dict"].items())
@@ -171,20 +172,20 @@ def test_failed_zero_shot_keeps_training_and_checkpointing(tmp_path, monkeypatch
 def test_best_checkpoint_keeps_its_epoch_when_a_later_one_is_not_best(tmp_path, monkeypatch):
     """checkpoint_best.pt is a hard link to the best epoch's file (no copy of the weights);
     later checkpoint.pt writes must not change it, and without hard links it is a copy."""
-    from training import train_state as ckpt_io
-    latest, best = tmp_path / ckpt_io.LATEST, tmp_path / ckpt_io.BEST
-    ckpt_io.save_checkpoint({"epoch": 1}, str(tmp_path), is_best=True)
+    from training import train_state
+    latest, best = tmp_path / train_state.LATEST, tmp_path / train_state.BEST
+    train_state.save_checkpoint({"epoch": 1}, str(tmp_path), is_best=True)
     assert os.stat(best).st_ino == os.stat(latest).st_ino
-    ckpt_io.save_checkpoint({"epoch": 2}, str(tmp_path), is_best=False)
+    train_state.save_checkpoint({"epoch": 2}, str(tmp_path), is_best=False)
     assert torch.load(latest)["epoch"] == 2 and torch.load(best)["epoch"] == 1
 
     def no_links(src, dst):
         raise OSError("hard links not supported")
 
     monkeypatch.setattr(os, "link", no_links)
-    ckpt_io.save_checkpoint({"epoch": 3}, str(tmp_path), is_best=True)
+    train_state.save_checkpoint({"epoch": 3}, str(tmp_path), is_best=True)
     assert torch.load(best)["epoch"] == 3 and os.stat(best).st_ino != os.stat(latest).st_ino
-    assert sorted(p.name for p in tmp_path.iterdir()) == [ckpt_io.LATEST, ckpt_io.BEST]  # no temp files left
+    assert sorted(p.name for p in tmp_path.iterdir()) == [train_state.LATEST, train_state.BEST]  # no temp files left
 
 
 def test_wrong_root_fails_before_the_model_is_built(tmp_path, monkeypatch):
@@ -262,6 +263,6 @@ def test_loader_workers_fork_so_caption_tables_are_shared(tmp_path):
     from tokenizer import SimpleTokenizer
     from common.distributed import DistInfo
     data = make_train_data(tmp_path, n=4)
-    args = train.get_args_parser().parse_args(train_argv(data, tmp_path / "out", "--workers", "2"))
+    args = train.parse(train_argv(data, tmp_path / "out", "--workers", "2"))
     loader = train.build_loader(args, DistInfo(), SimpleTokenizer())
     assert loader.loader.multiprocessing_context.get_start_method() == "fork"

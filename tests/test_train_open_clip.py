@@ -19,7 +19,7 @@ from openclip_fixtures import run_open_clip_train, tiny_config, write_tiny_confi
 from shard_fixtures import make_shards
 from testkit.loss_parity import parity
 from train_fixtures import make_imagenet_root, make_train_data, read_log, train_argv
-from training import interop
+from training.engine import param_groups
 from training.data import pick_caption
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -41,7 +41,7 @@ def shard_argv(shards, out, config, *extra):
 # ------------------------------------------------------------------ models, names, configs
 def test_unknown_open_clip_name_gets_the_closest_names():
     with pytest.raises(ValueError, match=r"--model 'ViT-B-23' .*did you mean ViT-B-32"):
-        train.validate_args(train.get_args_parser().parse_args(["--train-data", "x.csv", "--model", "ViT-B-23"]))
+        train.resolve(train.get_args_parser().parse_args(["--train-data", "x.csv", "--model", "ViT-B-23"]))
 
 
 @pytest.mark.parametrize("change, field", [
@@ -75,8 +75,9 @@ def test_open_clip_train_flags_are_accepted_or_refused_by_name(tmp_path):
     argv = train_argv(data, tmp_path / "o", "--precision", "amp_bf16", "--accum-freq", "2", "--warmup", "100")
     del argv[argv.index("--warmup-epochs"):argv.index("--warmup-epochs") + 2]
     args = parse(argv)
-    train.validate_args(args)
-    assert (args.disable_amp, args.amp_dtype, args.update_freq, args.warmup_epochs) == (False, "bf16", 2, None)
+    cfg = train.resolve(args)
+    assert (cfg.precision, cfg.update_freq, cfg.warmup_epochs) == ("amp_bf16", 2, None)
+    assert (cfg.settings()["disable_amp"], cfg.settings()["amp_dtype"]) == (False, "bf16")  # as checkpoints record them
     with pytest.raises(ValueError, match=r"--lock-image \(an open_clip_train flag .*not implement\), "
                                          r"--beta1 \(open_clip_train's; here --betas"):
         train.main(train_argv(data, tmp_path / "o", "--lock-image", "--beta1", "0.9"))
@@ -90,7 +91,7 @@ def test_weight_decay_follows_open_clip_train():
     """open_clip_train: no decay under 2-D or for names with bn/ln/bias/logit_scale; that group first."""
     torch.manual_seed(0)
     model = open_clip_arch.create("ViT-B-32", device="meta").model
-    no_decay, decay = interop.param_groups(model, 0.2)
+    no_decay, decay = param_groups(model, 0.2, no_decay_first=True)
     names = {id(p): n for n, p in model.named_parameters()}
     skipped = {names[id(p)] for p in no_decay["params"]}
     assert no_decay["weight_decay"] == 0.0 and decay["weight_decay"] == 0.2

@@ -7,11 +7,12 @@ import os
 import pytest
 import torch
 
+import models
 import train
 from common.locking import FileLock
 from conftest import unwritable_dir, write_payload_checkpoint
 from train_fixtures import make_train_data, read_log, train_argv
-from training import train_state as ckpt_io
+from training import train_state
 from training.output_dir import lock_target
 
 pytestmark = pytest.mark.usefixtures("single_process")
@@ -56,7 +57,7 @@ def test_failed_save_is_one_line_naming_the_folder_and_free_space(tmp_path, monk
         raise RuntimeError("[enforce fail at inline_container.cc:778] . PytorchStreamWriter failed writing file "
                            "data/3: file write failed")
 
-    monkeypatch.setattr(ckpt_io.torch, "save", disk_full)
+    monkeypatch.setattr(train_state.torch, "save", disk_full)
     with pytest.raises(ValueError) as err:
         train.main(train_argv(data, out))
     message = str(err.value)
@@ -105,7 +106,7 @@ def test_resume_with_other_settings_is_refused_unless_overridden(tmp_path, capsy
 def test_resume_from_a_checkpoint_that_would_run_code_needs_trust(tmp_path):
     data = make_train_data(tmp_path, n=4)
     marker = tmp_path / "payload_ran"
-    path = write_payload_checkpoint(tmp_path / "evil.pt", train.models.get_model("CLIP_TINY").state_dict(), marker)
+    path = write_payload_checkpoint(tmp_path / "evil.pt", models.get_model("CLIP_TINY").state_dict(), marker)
     argv = train_argv(data, tmp_path / "out", "--resume", path)
     with pytest.raises(ValueError, match=f"--resume: {path!r} .*mkdir.*--trust-checkpoint"):
         train.main(argv)

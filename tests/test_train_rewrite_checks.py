@@ -17,10 +17,9 @@ from torch.utils.data import DataLoader
 import shard_fixtures as sf
 import train
 import training.wds as wds_mod
-from training.shard_rewrites import open_rewrite_source
+from training.rewrite_join import open_rewrite_source
 from training.loaders import ShardLoader
-from training.wds import ShardStream, StreamSpec
-from training.shard_startup import known_sample_count, start_notes
+from training.wds import ShardStream, StreamSpec, known_sample_count, start_notes
 
 pytestmark = pytest.mark.usefixtures("one_thread", "single_process")
 META = {b"laclip_rewrite": b"{}"}
@@ -174,10 +173,11 @@ def test_empty_tars_are_left_out_at_start_and_sample_counts_noted(shards, tmp_pa
 
 
 def test_the_join_reads_text_as_the_rewriter_does():
-    from rewrite.units import decode_line
-    from training.rewrite_join import rewriter_text
-    for raw in (b"a cat\n", b"a cat\r\n", b"caf\xe9 au lait", b"two\n\n", b"", b"\r", "東京".encode()):
-        assert rewriter_text(raw) == decode_line(raw)[0]
+    """One rule on both sides (common.rewrite_format.decode_line): one line ending off, U+FFFD for bad bytes."""
+    from training.rewrite_join import _same_text
+    assert _same_text("a cat", b"a cat\r\n") and _same_text("caf\ufffd au lait", b"caf\xe9 au lait")
+    assert _same_text("東京", "東京\n".encode()) and _same_text("", b"\r")
+    assert not _same_text("a cat", b"a cat\n\n") and not _same_text("a cat", b"a cat ")
 
 
 @pytest.mark.parametrize("fmt", ["pax", "gnu", "ustar"])
@@ -203,3 +203,23 @@ def test_member_names_read_from_headers_equal_tarfiles(tmp_path, fmt):
     assert duplicated_keys(str(path)) == {f"a/{long}/k1"}  # k1 comes back after k2
     path.write_bytes(path.read_bytes()[:2100])  # cut: no error, what was read is kept
     assert list(member_names(str(path)))[:1] == names[:1]
+
+
+def test_flags_resolve_in_one_pass_reading_each_rewrite_footer_once(shards, tmp_path, monkeypatch):
+    """train.py's start-up reads every --rewrite-data footer once per process (validation and the loader
+    used to read them two or three times), and resolving never changes the parsed flags."""
+    import training.rewrite_join as rj
+    reads, real = [], rj.read_schema
+    monkeypatch.setattr(rj, "read_schema", lambda path: reads.append(path) or real(path))
+    argv = ["--train-data", shards.tars, "--rewrite-data", shards.parquets, "--rewrite-columns", "caption",
+            "--aug-text", "--aug-text-weights", "1", "1", "--train-num-samples", "4", "--output-dir",
+            str(tmp_path / "out"), "--model", "CLIP_TINY", "--batch-size", "2", "--workers", "0", "--epochs", "1",
+            "--max-steps-per-epoch", "1", "--precision", "amp_bf16", "--device", "cpu"]
+    args = train.get_args_parser().parse_args(argv)
+    before = dict(vars(args))
+    cfg = train.resolve(args)
+    assert vars(args) == before and cfg.precision == "amp_bf16" and cfg.warmup_epochs == 1
+    assert sorted(reads) == sorted(str(shards.folder / f"{s:05d}.parquet") for s in range(shards.n_shards))
+    reads.clear()
+    train.main(argv)
+    assert len(reads) == shards.n_shards  # the whole run: each footer once (workers read rows, not footers)

@@ -16,7 +16,7 @@ import train
 import training.wds as wds_mod
 from common import storage
 from testkit.s3server import upload_folder
-from training.shard_rewrites import open_rewrite_source
+from training.rewrite_join import open_rewrite_source
 from training.loaders import ShardLoader
 from training.wds import ShardStream, StreamSpec
 from torch.utils.data import DataLoader

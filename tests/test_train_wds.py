@@ -1,4 +1,4 @@
-"""Training from webdataset shards (training/wds.py, training/shard_rewrites.py): passes over
+"""Training from webdataset shards (training/wds.py, training/rewrite_join.py): passes over
 shards split by rank and worker, counted bad samples, rewrites joined by key, positions that
 a resumed run continues from, LaCLIP-MT, and flag errors; in-process, no model unless noted."""
 from __future__ import annotations
@@ -13,8 +13,7 @@ import shard_fixtures as sf
 import train
 import training.wds as wds_mod
 from training.loss import clip_loss, multi_text_loss
-from training.rewrite_join import NEW_COUNTS
-from training.shard_rewrites import open_rewrite_source
+from training.rewrite_join import NEW_COUNTS, open_rewrite_source
 from training.loaders import ShardLoader
 from training.wds import ShardStream, StreamSpec
 from torch.utils.data import DataLoader

@@ -42,25 +42,27 @@ class CosineSchedule:
         return self.final_lr + 0.5 * (self.base_lr - self.final_lr) * (1 + math.cos(math.pi * i / n))
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """SLIP's rule: no decay for 0/1-D tensors (biases, norm weights, logit_scale) and any
-    name containing 'bias', 'ln' or 'bn'. Positional embeddings and the class token are
-    2-D/3-D and therefore decayed, as in the released models' training."""
+def param_groups(model: nn.Module, weight_decay: float, no_decay_first: bool = False) -> list[dict[str, Any]]:
+    """SLIP's rule, which open_clip_train's is too: no decay for 0/1-D tensors (biases, norm weights,
+    logit_scale, open_clip's class embedding) and any name containing 'bias', 'ln', 'bn' or
+    'logit_scale'. Positional and token embeddings and the presets' class token are 2-D/3-D and
+    decayed, as in the released models' training. Groups in SLIP's order (decay first), or in
+    open_clip_train's (no_decay_first), so each one's optimizer state loads."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if p.ndim < 2 or "bias" in name or "ln" in name or "bn" in name:
+        if p.ndim < 2 or "bias" in name or "ln" in name or "bn" in name or "logit_scale" in name:
             no_decay.append(p)
         else:
             decay.append(p)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return groups[::-1] if no_decay_first else groups
 
 
 def build_optimizer(model: nn.Module, lr: float, wd: float, betas: tuple[float, float],
-                    eps: float) -> torch.optim.AdamW:
-    return torch.optim.AdamW(param_groups(model, wd), lr=lr, betas=betas, eps=eps)
+                    eps: float, no_decay_first: bool = False) -> torch.optim.AdamW:
+    return torch.optim.AdamW(param_groups(model, wd, no_decay_first), lr=lr, betas=tuple(betas), eps=eps)
 
 
 @dataclass(kw_only=True)
@@ -95,8 +97,8 @@ class EpochProgress:
 
 
 class MicroStep(NamedTuple):
-    loss: float
-    acc: float  # in-batch image->text accuracy, percent
+    loss: torch.Tensor  # scalar, on the device (read at sync points only: no device sync per step)
+    acc: torch.Tensor  # in-batch image->text accuracy, percent
     samples: int  # rows of the micro-batch
 
 
@@ -120,14 +122,8 @@ def micro_step(tr: Trainer, batch, sync: bool, step: int) -> MicroStep:
                                           out["logit_scale"])
             else:
                 metrics = clip_loss(out["image_embed"], out["text_embed"], out["logit_scale"])
-        loss = metrics["loss"]
-        loss_value = loss.item()
-        if not math.isfinite(loss_value):
-            raise FloatingPointError(
-                f"loss is {loss_value} at optimizer step {step}; stopping. Lower --lr, try "
-                f"--amp-dtype bf16 or --disable-amp, or resume from the last checkpoint.")
-        tr.scaler.scale(loss / tr.update_freq).backward()
-    return MicroStep(loss_value, metrics["clip_acc"].item(), rows)
+        tr.scaler.scale(metrics["loss"] / tr.update_freq).backward()
+    return MicroStep(metrics["loss"].detach(), metrics["clip_acc"].detach(), rows)
 
 
 def embeddings(out: dict) -> dict:
@@ -154,14 +150,19 @@ def train_one_epoch(tr: Trainer, epoch: int, resumed: EpochProgress | None = Non
     Batches past steps_per_epoch * update_freq are not used, so no gradient leaks
     into the next epoch. Returns the epoch's statistics, summed over all ranks, with the
     loader's counts of skipped inputs (tr.loader: a training/loaders.py TrainLoader).
+    Loss and accuracy are summed on the device and read every --print-freq steps (as open_clip_train
+    reads them every --log-every-n-steps), at mid-epoch saves and at the end: a non-finite loss stops
+    the run there, before any checkpoint holds its weights.
     """
     tr.model.train()
     first = resumed.steps if resumed else 0
     sums = dict(resumed.sums) if resumed else {"loss": 0.0, "acc": 0.0, "samples": 0.0}
+    # Summed in float64 in the order the host summed them, so the epoch's figures are the same.
+    running = torch.tensor([sums["loss"], sums["acc"]], dtype=torch.float64, device=tr.device)
     start = time.time() - (resumed.seconds if resumed else 0.0)
     bar = tqdm(total=tr.steps_per_epoch, initial=first, desc=f"epoch {epoch}", disable=not tr.is_main,
                dynamic_ncols=True)
-    batches = iter(tr.loader)
+    batches, checked = iter(tr.loader), epoch * tr.steps_per_epoch + first  # first step not yet checked
     for micro in range(first * tr.update_freq, tr.steps_per_epoch * tr.update_freq):
         local_step, sub = divmod(micro, tr.update_freq)
         step = epoch * tr.steps_per_epoch + local_step  # global optimizer step
@@ -170,32 +171,42 @@ def train_one_epoch(tr: Trainer, epoch: int, resumed: EpochProgress | None = Non
                 group["lr"] = tr.schedule(step)
         last = sub == tr.update_freq - 1
         ms = micro_step(tr, next(batches), last, step)
-        for key, value in (("loss", ms.loss * ms.samples), ("acc", ms.acc * ms.samples), ("samples", ms.samples)):
-            sums[key] += value
+        running += torch.stack((ms.loss, ms.acc)).double() * ms.samples
+        sums["samples"] += ms.samples
         if not last:
             continue
         optimizer_step(tr)
-        _show_progress(tr, bar, step, local_step, ms.loss, ms.acc, sums["samples"], start)
         done = local_step + 1
-        if tr.save_every and tr.on_save and done % tr.save_every == 0 and done < tr.steps_per_epoch:
+        save = tr.save_every and tr.on_save and done % tr.save_every == 0 and done < tr.steps_per_epoch
+        if save or local_step % tr.print_freq == 0 or done == tr.steps_per_epoch:
+            sums["loss"], sums["acc"], loss, acc = torch.cat((running, torch.stack((ms.loss, ms.acc)).double())).tolist()
+            _check_finite(sums["loss"], checked, step)
+            checked = step + 1
+            bar.update(done - bar.n)  # the bar moves at sync points only: a refresh costs ~2 ms
+            _show_progress(tr, bar, step, loss, acc, sums["samples"], start)
+        if save:
             tr.on_save(epoch, EpochProgress(done, dict(sums), time.time() - start))
     bar.close()
     return _epoch_stats(tr, sums, tr.loader.report(), time.time() - start)
 
 
-def _show_progress(tr: Trainer, bar, step: int, local_step: int, loss: float, acc: float,
-            samples: float, start: float) -> None:
+def _check_finite(loss_sum: float, first: int, step: int) -> None:
+    if not math.isfinite(loss_sum):
+        where = f"at optimizer step {step}" if first == step else f"in optimizer steps {first}..{step}"
+        raise FloatingPointError(f"loss is {loss_sum} {where}; stopping. Lower --lr, try --precision amp_bf16 "
+                                 "or fp32, or resume from the last checkpoint.")
+
+
+def _show_progress(tr: Trainer, bar, step: int, loss: float, acc: float, samples: float, start: float) -> None:
+    """The progress bar and TensorBoard at a sync point (the last micro-batch's loss and accuracy)."""
     lr = tr.optimizer.param_groups[0]["lr"]
-    bar.update(1)
     if tr.writer is not None:
         for key, value in (("train/loss", loss), ("train/clip_acc", acc), ("train/lr", lr),
                            ("train/logit_scale", tr.raw_model.logit_scale.exp().item()),
                            ("train/amp_scale", tr.scaler.get_scale())):
             tr.writer.add_scalar(key, value, step)
-    if local_step % tr.print_freq == 0 or local_step == tr.steps_per_epoch - 1:
-        rate = samples * tr.world_size / max(time.time() - start, 1e-9)  # global samples/s
-        bar.set_postfix(loss=f"{loss:.4f}", acc=f"{acc:.1f}", lr=f"{lr:.2e}",
-                        samples_per_s=f"{rate:.1f}")
+    rate = samples * tr.world_size / max(time.time() - start, 1e-9)  # global samples/s
+    bar.set_postfix(loss=f"{loss:.4f}", acc=f"{acc:.1f}", lr=f"{lr:.2e}", samples_per_s=f"{rate:.1f}")
 
 
 def _epoch_stats(tr: Trainer, sums: dict[str, float], counts: dict[str, int], seconds: float) -> dict:

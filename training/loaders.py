@@ -4,7 +4,8 @@ training/wds.py); train.py builds one with build_loader and never asks which. st
 was handed out, {"epoch": e, "batches": k}, plus, for shards, each rank's and worker's read
 position after those batches: the checkpoint's `data_state`. After restore(state), an epoch
 after e starts fresh (CSV) or where the shard passes stopped; running epoch e itself again
-would be a mid-epoch resume (its first k batches are done). Also: the data flags' checks."""
+would be a mid-epoch resume (its first k batches are done). Also: the data flags' checks, which
+training/params.py's resolve runs (the shard list and rewrite sources are built there, once)."""
 from __future__ import annotations
 
 import argparse
@@ -20,10 +21,8 @@ from torch.utils.data import DataLoader
 from common import storage
 from common.distributed import DistInfo, on_every_rank
 from training.data import CaptionImageDataset, EpochSampler, check_root, train_transform
-from training.rewrite_join import DEFAULT_MISMATCH_LIMIT, MISMATCH, MismatchGuard
-from training.shard_rewrites import open_rewrite_source
-from training.shard_startup import empty_note, start_notes, without_empty_tars
-from training.wds import COUNT_KEYS, ShardStream, StreamSpec
+from training.rewrite_join import DEFAULT_MISMATCH_LIMIT, MISMATCH, MismatchGuard, open_rewrite_source
+from training.wds import COUNT_KEYS, ShardStream, StreamSpec, empty_note, start_notes, without_empty_tars
 
 UNCHECKED = ("pipe:", "http://", "https://")  # webdataset opens these itself (s3:// etc. go through fsspec)
 WDS_ONLY = ("train_num_samples", "dataset_resampled", "rewrite_data", "rewrite_json_keys", "rewrite_columns",
@@ -214,8 +213,9 @@ def missing_shards(pattern: str, urls: list[str]) -> list[str]:
         raise ValueError(f"--train-data: {e}") from None
 
 
-def check_webdataset_args(args: argparse.Namespace) -> StreamSpec:
-    """The shard list, epoch size and rewrite sources of a webdataset run."""
+def resolve_stream(args: argparse.Namespace) -> StreamSpec:
+    """The shard list, epoch size and rewrite sources of a webdataset run (every rewrite file's footer
+    is read: call once per process)."""
     urls = list(braceexpand.braceexpand(args.train_data or ""))
     missing = missing_shards(args.train_data, urls)
     if not urls or missing:
@@ -236,16 +236,9 @@ def check_webdataset_args(args: argparse.Namespace) -> StreamSpec:
         raise ValueError("--rewrite-columns names columns of the --rewrite-data files; give --rewrite-data")
     rewrites = open_rewrite_source(args.rewrite_data, tuple(args.rewrite_json_keys), tuple(args.rewrite_columns),
                                    tuple(urls), limit) if args.aug_text else None
-    weights = getattr(args, "aug_text_weights", None)
+    weights = args.aug_text_weights
     return StreamSpec(tuple(urls), args.train_num_samples, args.dataset_resampled, rewrites, args.multi_text,
                       args.seed, tuple(weights) if weights else None)
-
-
-def check_data_args(args: argparse.Namespace) -> None:
-    if dataset_type(args) == "webdataset":
-        check_webdataset_args(args)
-    else:
-        check_csv_args(args)
 
 
 def _data_loader(dataset, args: argparse.Namespace, info: DistInfo, **kw) -> DataLoader:
@@ -257,8 +250,8 @@ def _data_loader(dataset, args: argparse.Namespace, info: DistInfo, **kw) -> Dat
                       pin_memory=info.device.type == "cuda", **kw)
 
 
-def build_shard_loader(args: argparse.Namespace, info: DistInfo, tokenizer, transform=None) -> ShardLoader:
-    spec, empty = without_empty_tars(check_webdataset_args(args))
+def build_shard_loader(args, info: DistInfo, tokenizer, transform=None) -> ShardLoader:
+    spec, empty = without_empty_tars(args.stream)
     readers = info.world_size * max(1, args.workers)
     if not spec.resampled and len(spec.urls) < readers:
         left = f" once {len(empty)} empty tars are left out (e.g. {empty[0]})" if empty else ""
@@ -271,20 +264,21 @@ def build_shard_loader(args: argparse.Namespace, info: DistInfo, tokenizer, tran
     return loader
 
 
-def build_csv_loader(args: argparse.Namespace, info: DistInfo, tokenizer, transform=None) -> CsvLoader:
+def build_csv_loader(args, info: DistInfo, tokenizer, transform=None) -> CsvLoader:
     rewrites = args.augmented_caption_filelist if args.aug_text else []
     dataset = CaptionImageDataset(args.train_data, args.root, transform or train_transform(), tokenizer, rewrites,
                                   seed=args.seed, multi_text=args.multi_text,
-                                  text_weights=getattr(args, "aug_text_weights", None))
+                                  text_weights=args.aug_text_weights)
     check_root(dataset)
     sampler = EpochSampler(dataset, info.world_size, info.rank, args.seed)
     return CsvLoader(dataset, _data_loader(dataset, args, info, sampler=sampler), sampler)
 
 
-def build_loader(args: argparse.Namespace, info: DistInfo, tokenizer, transform=None) -> TrainLoader:
+def build_loader(args, info: DistInfo, tokenizer, transform=None) -> TrainLoader:
     """The loader of --train-data, CSV or shards; bad files fail here, before a model is built.
+    args: training.params.RunConfig (its `stream`: the shards, read once by resolve).
     transform: the model's training transform (default: the presets', training.data.train_transform)."""
-    loader = build_shard_loader(args, info, tokenizer, transform) if dataset_type(args) == "webdataset" \
+    loader = build_shard_loader(args, info, tokenizer, transform) if args.data == "webdataset" \
         else build_csv_loader(args, info, tokenizer, transform)
     given = [f for f in ("augmented_caption_filelist", "rewrite_data", "rewrite_json_keys") if getattr(args, f)]
     if given and not args.aug_text:

@@ -9,6 +9,8 @@ batch would compute (tests/test_train_distributed.py checks this).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -16,8 +18,10 @@ import torch.nn.functional as F
 from common.distributed import get_rank, get_world_size
 
 # SLIP/LaCLIP clamp the logit-scale *parameter* to [0, ln 100] after every step, so the
-# temperature exp(logit_scale) never exceeds 100.
+# temperature exp(logit_scale) never exceeds 100: SLIP writes ln 100 out as 4.6052 (the presets
+# keep it, as the released models were trained), open_clip_train uses math.log(100).
 LOGIT_SCALE_MAX = 4.6052
+OPEN_CLIP_LOGIT_SCALE_MAX = math.log(100)
 
 
 class GatherWithGrad(torch.autograd.Function):

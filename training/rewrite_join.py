@@ -1,6 +1,17 @@
-"""Rewrite files checked at start-up and rewrites checked against their samples when joined.
+"""Rewrites for webdataset training, joined to samples by key, one shard at a time.
 
-Start-up (`check_rewrite_files`, footers only): every file of --rewrite-data must be the
+Two sources, usable together:
+- the rewriter's shard output (`--rewrite-data 'out/{00000..41407}.parquet'`): the file whose
+  name matches the tar's (`laion/00012.tar` <-> `out/00012.parquet`) is read when the tar is
+  opened, inside the loader worker, and dropped with it; every column other than `key` and
+  `caption` is a rewrite (one per sample mode). Only one shard's table is in memory at a
+  time, so memory does not grow with the number of shards (bench/bench_wds.py measures it);
+- keys of each sample's `KEY.json` (`--rewrite-json-keys re_caption`), for datasets that
+  ship their rewrites inside the shards.
+The candidate list (its order is what the uniform pick and LaCLIP-MT's text slots use) is
+fixed at start-up from the first rewrite file's columns, then the JSON keys.
+
+Start-up (`open_rewrite_source`, footers only): every file of --rewrite-data must be the
 rewriter's output (its parquet metadata `laclip_rewrite`) unless --rewrite-columns names the
 columns to use; every rewrite column must hold strings; all files must have the same rewrite
 columns (a file with other columns would leave its shards without rewrites, quietly training
@@ -9,9 +20,8 @@ CLIP); the columns used are printed. Shards without a rewrite file are noted.
 Join (`read_shard_rewrites`, `join`): a row is used only for the sample it was written for.
 Keys alone cannot tell: img2dataset numbers keys the same way in every download, so rewrites of
 another data set, or of an earlier download, match by key. The row's `caption` (what the
-rewriter read) must equal the sample's text as the rewriter reads it (`rewriter_text`:
-UTF-8 with U+FFFD for bad bytes, one trailing "\\n" and "\\r" removed; rewrite/input_lines.py
-decode_line, whose rule this repeats so that training does not import the rewriter). A
+rewriter read) must equal the sample's text as the rewriter reads it (common/rewrite_format.py
+decode_line: UTF-8 with U+FFFD for bad bytes, one trailing "\\n" and "\\r" removed). A
 mismatch trains on the original caption and is counted as rewrite_caption_mismatch; above
 --rewrite-mismatch-limit (a share of the epoch's samples) the run stops (`MismatchGuard`).
 A key that names two samples of a tar or two rows of a file is never joined (duplicate_key).
@@ -19,43 +29,36 @@ A key that names two samples of a tar or two rows of a file is never joined (dup
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
 from common import storage
+from common.rewrite_format import METADATA_KEY, decode_line, read_schema
 
-REWRITER_METADATA = b"laclip_rewrite"  # rewrite/shard_output.py METADATA_KEY
 NOT_REWRITES = ("key", "caption")
 MISMATCH, DUPLICATE, MISSING = "rewrite_caption_mismatch", "duplicate_key", "missing_rewrites"
 NON_UTF8 = "non_utf8_captions"
 NEW_COUNTS = (MISMATCH, DUPLICATE, NON_UTF8)  # logged only when not zero (older logs stay as they were)
 DEFAULT_MISMATCH_LIMIT = 0.01
 
-
-def rewriter_text(raw: bytes) -> str:
-    """A sample's text as the rewriter read it into its `caption` column."""
-    if raw.endswith(b"\n"):
-        raw = raw[:-1]
-    if raw.endswith(b"\r"):
-        raw = raw[:-1]
-    return raw.decode("utf-8", errors="replace")
+log = logging.getLogger(__name__)
 
 
 def _same_text(row_caption: str, raw: bytes) -> bool:
-    return rewriter_text(row_caption.encode("utf-8")) == rewriter_text(raw)
+    return decode_line(row_caption.encode("utf-8"))[0] == decode_line(raw)[0]
 
 
 @dataclass(frozen=True)
-class FileCheck:
+class RewriteColumns:
     columns: tuple[str, ...]  # the rewrite columns, in the first file's order
     has_caption: bool  # every file has the `caption` column the join checks
     notes: tuple[str, ...]
 
 
 def _schema(path: str):
-    import pyarrow.parquet as pq
-    try:  # a URL: its footer by ranged reads (common.storage), not the whole file
-        return pq.read_schema(storage.open_read(path) if storage.is_url(path) else path)
+    try:
+        return read_schema(path)
     except storage.StorageError as e:
         raise ValueError(f"--rewrite-data: {e}") from None
     except Exception as e:  # pyarrow's own errors
@@ -74,8 +77,8 @@ def _rewrite_columns(path: str, schema, given: Sequence[str]) -> tuple[str, ...]
             raise ValueError(f"--rewrite-columns: {path} has no column {absent[0]!r}; it has {', '.join(names)}")
         columns = tuple(given)
     else:
-        if REWRITER_METADATA not in (schema.metadata or {}):
-            raise ValueError(f"--rewrite-data: {path} is not the rewriter's output (no {REWRITER_METADATA.decode()} "
+        if METADATA_KEY not in (schema.metadata or {}):
+            raise ValueError(f"--rewrite-data: {path} is not the rewriter's output (no {METADATA_KEY.decode()} "
                              f"metadata; img2dataset's own parquet has the same names as the tars); if its string "
                              f"columns are rewrites, name them with --rewrite-columns A B ...")
         columns = tuple(c for c in names if c not in NOT_REWRITES)
@@ -89,7 +92,7 @@ def _rewrite_columns(path: str, schema, given: Sequence[str]) -> tuple[str, ...]
     return columns
 
 
-def check_rewrite_files(paths: Sequence[str], given: Sequence[str] = ()) -> FileCheck:
+def read_rewrite_columns(paths: Sequence[str], given: Sequence[str] = ()) -> RewriteColumns:
     """Every file's footer: the rewriter's metadata (or --rewrite-columns), string columns, one column set."""
     first: Optional[tuple[str, tuple[str, ...]]] = None
     captions = True
@@ -107,7 +110,7 @@ def check_rewrite_files(paths: Sequence[str], given: Sequence[str] = ()) -> File
     if not captions:
         notes.append("--rewrite-data files without a 'caption' column: rewrites cannot be checked against their "
                      "samples' text")
-    return FileCheck(first[1], captions, tuple(notes))
+    return RewriteColumns(first[1], captions, tuple(notes))
 
 
 def coverage_note(n_tars: int, bare: Sequence[str]) -> Optional[str]:
@@ -184,3 +187,91 @@ class MismatchGuard:
             raise ValueError(f"--rewrite-data: {self.count} samples this epoch have rewrites written for another "
                              f"caption (above --rewrite-mismatch-limit, {self.allowed:g} samples); first: key {key} "
                              f"in {path}. Are these rewrites of another data set or an earlier download?")
+
+
+def shard_stem(url: str) -> str:
+    """laion/00012.tar, out/00012.parquet -> 00012: how a tar finds its rewrite file."""
+    name = url.rstrip("/").rsplit("/", 1)[-1]
+    for suffix in (".tar", ".parquet"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+@dataclass(frozen=True)
+class RewriteSource:
+    files: dict  # shard name -> rewrite parquet path
+    columns: tuple[str, ...]  # rewrite columns of the parquet files
+    json_keys: tuple[str, ...]  # keys of KEY.json
+    missing: tuple[str, ...] = ()  # files of the pattern that do not exist (yet): their shards train on originals
+    notes: tuple[str, ...] = ()  # printed at start-up: the columns used, what the files do not cover
+    mismatch_limit: float = DEFAULT_MISMATCH_LIMIT  # share of an epoch's samples with a foreign rewrite that stops
+
+    @property
+    def slots(self) -> int:
+        """Rewrites per sample: the candidates besides the original caption."""
+        return len(self.columns) + len(self.json_keys)
+
+
+def open_rewrite_source(pattern: Optional[str], json_keys: tuple[str, ...] = (), columns: tuple[str, ...] = (),
+                        tar_urls: tuple[str, ...] = (),
+                        mismatch_limit: float = DEFAULT_MISMATCH_LIMIT) -> RewriteSource:
+    """Check --rewrite-data at start-up: some files exist (a few missing ones, say shards the
+    rewriter has not finished, are reported and their samples counted), names are unique, every
+    file's footer passes read_rewrite_columns (--rewrite-columns: the columns to use)."""
+    if not pattern:
+        return RewriteSource({}, (), tuple(json_keys), mismatch_limit=mismatch_limit)
+    try:
+        paths, missing_list = storage.expand(pattern)  # local files, or one listing per s3:// prefix
+    except storage.StorageError as e:
+        raise ValueError(f"--rewrite-data: {e}") from None
+    missing = tuple(missing_list)
+    if not paths:
+        raise ValueError(f"--rewrite-data {pattern}: {len(missing)} of {len(missing)} files not found, e.g. "
+                         f"{missing[0]}")
+    files = {shard_stem(p): p for p in paths}
+    if len(files) != len(paths):
+        raise ValueError(f"--rewrite-data {pattern}: two files share a shard name; each tar finds its rewrites "
+                         "by name (laion/00012.tar <-> out/00012.parquet)")
+    check = read_rewrite_columns(paths, columns)
+    named = set(files) | {shard_stem(m) for m in missing}  # missing files of the pattern are noted apart
+    cover = coverage_note(len(tar_urls), [u for u in tar_urls if shard_stem(u) not in named])
+    notes = check.notes + ((cover,) if cover else ())
+    return RewriteSource(files, check.columns, tuple(json_keys), missing, notes, mismatch_limit)
+
+
+def load_shard_rewrites(source: RewriteSource, url: str) -> Optional[ShardRewrites]:
+    """The rows of the rewrite file of the tar at `url`; None when the shard has no rewrite file or
+    it cannot be read (its samples then train on their originals, counted)."""
+    path = source.files.get(shard_stem(url))
+    if path is None:  # reported once at start-up (train.py), counted per sample
+        return None
+    try:
+        return read_shard_rewrites(path, source.columns)
+    except storage.StorageError:
+        raise  # a storage failure (after retries) stops the run: it is not a damaged file
+    except Exception as e:  # a damaged file must not stop a long run: counted per sample instead
+        log.warning("cannot read rewrites %s (%s): its samples train on their original captions", path, e)
+        return None
+
+
+def sample_rewrites(source: RewriteSource, table: Optional[ShardRewrites], sample: dict,
+                    duplicate: bool) -> tuple[Optional[tuple[str, ...]], Optional[str]]:
+    """(the sample's rewrites (source.slots strings) or None when a source has nothing for it, and
+    the count that says why: missing_rewrites, duplicate_key, rewrite_caption_mismatch)."""
+    found: list[str] = []
+    if source.columns:
+        row, why = join(table, sample["__key__"], sample.get("txt"), duplicate)
+        if row is None:
+            return None, why
+        found.extend(row)
+    if source.json_keys:
+        json_bytes = sample.get("json")
+        try:
+            meta = json.loads(json_bytes) if json_bytes is not None else None
+        except ValueError:
+            meta = None
+        if not isinstance(meta, dict) or not any(isinstance(meta.get(k), str) for k in source.json_keys):
+            return None, "missing_rewrites"
+        found.extend(meta.get(k) if isinstance(meta.get(k), str) else "" for k in source.json_keys)
+    return tuple(found), None

@@ -49,8 +49,10 @@ def atomic_save(obj: Any, path: str) -> None:
 
 
 def make_checkpoint(epoch: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    scaler: torch.amp.GradScaler, best_acc1: float | None, args: Any, world_size: int = 1) -> dict:
-    """`model` is the bare CLIP (not DDP); its keys get the `module.` prefix here."""
+                    scaler: torch.amp.GradScaler, best_acc1: float | None, settings: Mapping,
+                    world_size: int = 1) -> dict:
+    """`model` is the bare CLIP (not DDP); its keys get the `module.` prefix here. settings: the flags
+    (RunConfig.settings())."""
     state = {f"module.{k}": v for k, v in model.state_dict().items()}
     return {
         "epoch": epoch,
@@ -58,7 +60,7 @@ def make_checkpoint(epoch: int, model: nn.Module, optimizer: torch.optim.Optimiz
         "optimizer": optimizer.state_dict(),
         "scaler": scaler.state_dict(),
         "best_acc1": best_acc1,
-        "args": dict(vars(args)),
+        "args": dict(settings),
         "world_size": world_size,
     }
 
@@ -87,6 +89,19 @@ def _link_or_copy(src: str, dst: str) -> None:
         os.link(src, dst)
     except OSError:
         shutil.copyfile(src, dst)
+
+
+def keep_epoch_file(latest: str, epoch: int, epochs: int, save_frequency: int, delete_previous: bool) -> None:
+    """--save-frequency: epoch_E.pt beside checkpoint.pt (a hard link where possible), named as
+    open_clip_train names them; --delete-previous-checkpoint removes epoch_{E-1}.pt afterwards."""
+    if not save_frequency:
+        return
+    folder = os.path.dirname(latest)
+    if epoch % save_frequency == 0 or epoch == epochs:
+        atomic_write(os.path.join(folder, f"epoch_{epoch}.pt"), lambda tmp: _link_or_copy(latest, tmp))
+    previous = os.path.join(folder, f"epoch_{epoch - 1}.pt")
+    if delete_previous and os.path.isfile(previous):
+        os.remove(previous)
 
 
 def resume_path(resume: str | None, output_dir: str) -> str | None:
@@ -143,19 +158,26 @@ def epochs_change(saved: Mapping, epochs: int) -> tuple[list[str], list[str]]:
     return [f"--epochs {old} (now {epochs})"], []
 
 
-def check_resume_settings(ckpt: Mapping, args: argparse.Namespace, world_size: int, path: str) -> list[str]:
-    """Refuse a resume whose trajectory-deciding flags differ (unless --resume-override);
-    returns the notes to print: overridden and harmless differences, and a longer --epochs."""
+def check_resume_settings(ckpt: Mapping, settings: Mapping, world_size: int, path: str) -> list[str]:
+    """Refuse a resume whose trajectory-deciding flags (`settings`, RunConfig.settings()) differ
+    (unless --resume-override); returns the notes to print: overridden and harmless differences,
+    a longer --epochs, and what does not carry over from an open_clip_train file."""
     saved = saved_settings(ckpt)
-    breaking, harmless = resume_differences(saved, {**vars(args), "world_size": world_size})
-    shorter, longer = epochs_change(saved, args.epochs)
+    breaking, harmless = resume_differences(saved, {**settings, "world_size": world_size})
+    shorter, longer = epochs_change(saved, settings["epochs"])
     breaking += shorter
-    if breaking and not args.resume_override:
+    if breaking and not settings["resume_override"]:
         raise ValueError(f"--resume {path!r}: this run's settings differ from the checkpoint's, which breaks an "
                          f"exact resume: {', '.join(breaking)}; rerun with the checkpoint's settings, or pass "
                          "--resume-override to continue with the new ones")
     notes = [f"--resume-override: continuing {path!r} with {', '.join(breaking)}"] if breaking else []
-    return notes + longer + ([f"resuming {path!r} with {', '.join(harmless)}"] if harmless else [])
+    notes += longer + ([f"resuming {path!r} with {', '.join(harmless)}"] if harmless else [])
+    if "name" in ckpt and "epoch" in ckpt and "args" not in ckpt:  # open_clip_train's: epoch, name, state_dict, ...
+        notes.append(f"{path!r} was written by open_clip_train: its weights, optimizer state and epoch "
+                     f"({int(ckpt['epoch'])}) carry over; its data order and learning-rate schedule do not. From "
+                     "here the samples come in train.py's order and the learning rate follows train.py's schedule "
+                     "(warmup, cosine to --lr-end) at the step the epoch count gives")
+    return notes
 
 
 class Resumed(NamedTuple):

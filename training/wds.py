@@ -23,12 +23,19 @@ unreadable or missing image, or without text, is skipped; a tar that cannot be r
 end) is counted; a sample whose rewrites are missing trains on its original caption. All four
 are counted, travel with the batches and are reported per epoch in log.txt. Crop and caption
 pick are keyed by (seed, epoch, sample key), as the CSV path keys them by index.
+
+Start-up (the end of this file), before any shard streams: empty tars left out (a loader worker
+whose shards hold no sample would fail with a worker traceback), rewrite sources not found or
+partial, and a --train-num-samples above the samples the shards hold when their counts are known
+(img2dataset's NNNNN_stats.json, or a sizes.json as open_clip reads).
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import itertools
+import json
 import logging
 import math
 import os
@@ -45,12 +52,12 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from common.images import IMAGE_EXTENSIONS
 from common.storage import StorageError
-from common.tar_keys import duplicated_keys, keyed_samples
+from common.tar_keys import duplicated_keys, holds_no_member, keyed_samples
 from common.tar_stream import is_storage_failure
 from training.captions import ESCAPED, as_windows_1252
 from training.data import MAX_LOGGED_FAILURES, all_captions, keyed_transform, pick_caption, sample_seed
-from training.rewrite_join import MISMATCH, NEW_COUNTS, NON_UTF8, mismatch_note
-from training.shard_rewrites import RewriteSource, load_shard_rewrites, sample_rewrites
+from training.rewrite_join import (MISMATCH, NEW_COUNTS, NON_UTF8, RewriteSource, load_shard_rewrites, mismatch_note,
+                                   sample_rewrites)
 
 log = logging.getLogger(__name__)
 # Shuffle buffer of raw samples per worker (open_clip: 5000 / 1000), at most a quarter of a
@@ -242,3 +249,66 @@ class ShardStream(IterableDataset):
             caption = as_windows_1252(caption)
         return caption
 
+
+# ---- start-up ----
+
+REMOTE_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://")  # webdataset opens these itself
+
+
+def without_empty_tars(spec: StreamSpec) -> tuple[StreamSpec, list[str]]:
+    """(the spec without the local tars that hold no member, those tars): a loader worker with
+    only empty shards would fail with a worker traceback."""
+    empty = [u for u in spec.urls if not u.startswith(REMOTE_PREFIXES) and holds_no_member(u)]
+    if not empty:
+        return spec, []
+    if len(empty) == len(spec.urls):
+        raise ValueError(f"--train-data: all {len(empty)} shards are empty tars (e.g. {empty[0]})")
+    kept = tuple(u for u in spec.urls if u not in set(empty))
+    return dataclasses.replace(spec, urls=kept), empty
+
+
+def empty_note(empty: list[str]) -> list[str]:
+    return [f"{len(empty)} --train-data shards are empty tars (e.g. {empty[0]}): left out"] if empty else []
+
+
+def _read_json(path: str):
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def known_sample_count(urls: tuple[str, ...]) -> tuple[int, str] | None:
+    """(samples, where from) when every shard's count is known: img2dataset's NNNNN_stats.json
+    ("successes") beside each tar, or a sizes.json ({"NNNNN.tar": n}) in its folder."""
+    total, sources, sizes = 0, set(), {}
+    for url in urls:
+        if url.startswith(REMOTE_PREFIXES):
+            return None
+        folder, name = os.path.split(url)
+        stats = os.path.join(folder, name[: -len(".tar")] + "_stats.json")
+        try:
+            if os.path.isfile(stats):
+                total += int(_read_json(stats)["successes"])
+                sources.add("_stats.json")
+                continue
+            if folder not in sizes:
+                path = os.path.join(folder, "sizes.json")
+                sizes[folder] = _read_json(path) if os.path.isfile(path) else {}
+            total += int(sizes[folder][name])
+            sources.add("sizes.json")
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+    return total, " and ".join(sorted(sources))
+
+
+def start_notes(spec: StreamSpec) -> list[str]:
+    notes = []
+    missing = spec.rewrites.missing if spec.rewrites else ()
+    if missing:
+        notes.append(f"{len(missing)} --rewrite-data files do not exist (e.g. {missing[0]}): the samples of "
+                     "their shards train on their original captions, counted as missing_rewrites in log.txt")
+    notes += spec.rewrites.notes if spec.rewrites else ()
+    known = known_sample_count(spec.urls)
+    if known and not spec.resampled and spec.num_samples > known[0]:
+        notes.append(f"--train-num-samples {spec.num_samples} is above the {known[0]} samples the shards hold "
+                     f"({known[1]}): each epoch reads them {spec.num_samples / max(known[0], 1):.1f} times")
+    return notes

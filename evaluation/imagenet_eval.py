@@ -64,8 +64,13 @@ def add_eval_args(parser: argparse.ArgumentParser, default_templates: str) -> ar
     parser.add_argument("--imagenet-root", required=True, help="ImageNet folder holding val/<class>/...")
     parser.add_argument("--ckpt-path", required=True, help="checkpoint file to evaluate")
     parser.add_argument("--batch-size", type=int, default=128, help="images per batch")
-    parser.add_argument("-j", "--workers", type=int, default=8, help="data loading processes")
-    parser.add_argument("--amp", action="store_true", help="fp16 autocast on CUDA (ignored on CPU)")
+    parser.add_argument("-j", "--workers", "--num_workers", dest="workers", type=int, default=8,
+                        help="data loading processes")
+    parser.add_argument("--precision", choices=("amp", "fp32"), default="fp32",
+                        help="amp: fp16 autocast on CUDA; fp32: float32, the original script's (the default; the "
+                             "CPU always uses float32)")
+    parser.add_argument("--amp", dest="precision", action="store_const", const="amp",
+                        help="= --precision amp (the original's spelling)")
     parser.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda if available)")
     parser.add_argument("--templates", default=default_templates,
                         help=f"'simple' (7), 'openai' (80) or a file of '{{}}' templates (default {default_templates})")
@@ -75,13 +80,13 @@ def add_eval_args(parser: argparse.ArgumentParser, default_templates: str) -> ar
     parser.add_argument("--skip-bad-images", action="store_true",
                         help="skip unreadable images (counted and reported) instead of failing")
     parser.add_argument("--output-json", default=None, help="also write the results to this JSON file")
-    parser.add_argument("--trust-checkpoint", action="store_true",
+    parser.add_argument("--trust-checkpoint", "--trust_checkpoint", dest="trust_checkpoint", action="store_true",
                         help="fully unpickle --ckpt-path (it can then run code); needed only for files that "
                              "pickle objects beyond tensors, plain values and argparse.Namespace")
     return parser
 
 
-def check_eval_args(args: argparse.Namespace) -> torch.device:
+def resolve_eval_args(args: argparse.Namespace) -> torch.device:
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.workers < 0:
@@ -116,7 +121,7 @@ def run_eval_cli(args: argparse.Namespace, model, tokenizer: Callable, transform
     templates = resolve_templates(args.templates)
     start = time.time()
     results = evaluate_imagenet(model, tokenizer, args.imagenet_root, templates, args.batch_size,
-                                args.workers, device, args.amp, transform, args.classnames,
+                                args.workers, device, args.precision == "amp", transform, args.classnames,
                                 args.skip_bad_images)
     results.update(model=args.model, checkpoint=os.path.abspath(args.ckpt_path),
                    templates=templates, seconds=round(time.time() - start, 2))

@@ -1,0 +1,50 @@
+"""Values remembered per file under the file's stat, so an unchanged file is not read again.
+
+A file is known by its real path, size, modification time, inode and status-change time: the
+ctime cannot be set back by a user, so a file rewritten in place with its old size and mtime
+restored is computed again. Entries are JSON lines appended to one memo file (one short line per
+write, so processes appending at once do not interleave); the last line of a path wins, and a
+line cut by a crash is skipped (that file is computed again). Used for the rewriter's input
+fingerprints and the evaluation's checkpoint hashes.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from typing import Any
+
+
+def stat_key(path: str | os.PathLike) -> dict:
+    st = os.stat(path)
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino, "ctime_ns": st.st_ctime_ns}
+
+
+class StatMemo:
+    """`field` of each entry holds the value. read=False: remember only (every value computed afresh)."""
+
+    def __init__(self, memo_path: str | os.PathLike, field: str, read: bool = True) -> None:
+        self.memo_path, self.field, self.entries = memo_path, field, {}
+        try:
+            with open(memo_path, encoding="utf-8") as f:
+                for line in f if read else ():
+                    try:
+                        entry = json.loads(line)
+                        self.entries[entry["path"]] = entry
+                    except (ValueError, KeyError, TypeError):
+                        continue  # a line cut by a crash: that file is computed again
+        except OSError:  # none yet, or unreadable: values are computed again, never trusted
+            pass
+
+    def value(self, path: str | os.PathLike, compute: Callable[[], Any]) -> Any:
+        """The value remembered for `path` while its stat matches; else compute() (stat taken first,
+        so a file changed meanwhile is computed again next time), remembered."""
+        where, key = os.path.realpath(path), stat_key(path)
+        entry = self.entries.get(where)
+        if isinstance(entry, dict) and all(entry.get(k) == v for k, v in key.items()):
+            return entry[self.field]
+        value = compute()
+        self.entries[where] = entry = {"path": where, **key, self.field: value}
+        with open(self.memo_path, "a", encoding="utf-8") as f:  # one short line: appends do not interleave
+            f.write(json.dumps(entry) + "\n")
+        return value
