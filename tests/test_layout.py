@@ -155,12 +155,10 @@ def uses(name: str, attr: str, called: bool = False) -> bool:
                for n in nodes)
 
 
-CLIS = tuple(name for name in TOP_MODULES if "get_args_parser" in top_level_functions(name))
-# Modules that declare flags for more than one CLI, each flag once: the two ImageNet scripts' shared
-# flags. TO TIGHTEN after issue 24's refactor (branch i24-refactor) merges: train.py's flags move
-# into one module under training/, so drop "training.interop" and "evaluation.periodic" here, and
-# rename "zeroshot" if it moves into evaluation/.
-SHARED_FLAG_MODULES = {"zeroshot", "training.interop", "evaluation.periodic"}
+# The argparse CLIs: scripts that define get_args_parser or take it from their flags module (train.py)
+CLIS = tuple(name for name in TOP_MODULES if "get_args_parser" in MODULES[name].read_text())
+# Modules that declare flags for more than one CLI, each flag once: the two ImageNet scripts' shared flags.
+SHARED_FLAG_MODULES = {"evaluation.imagenet_eval"}
 
 
 def test_each_cli_builds_its_parser_in_one_module():
@@ -177,15 +175,12 @@ def test_each_cli_builds_its_parser_in_one_module():
 
 # Top-level function names that several modules define on purpose. Conventions: each CLI's entry
 # points (docs/design.md: argparse `get_args_parser()` + `main(argv)`, fire's `cli`). Homonyms: the
-# same word for different jobs, module by module. TO DROP after issue 24's refactor merges (it
-# removes the second copies): "_link_or_copy", "param_groups".
+# same word for different jobs, module by module.
 CONVENTIONS = {"main", "get_args_parser", "cli", "run"}
 HOMONYMS = {
     "describe": {"common.storage", "common.claims"},  # a storage error / a claim's holder, in one line
     "join": {"common.storage", "training.rewrite_join"},  # a path under a location / rewrites onto a sample
     "load_model": {"eval_zeroshot_imagenet", "eval_zeroshot_imagenet_laion", "rewrite.llama.checkpoint"},
-    "_link_or_copy": {"training.interop", "training.train_state"},  # being removed (see above)
-    "param_groups": {"training.interop", "training.engine"},  # being removed (see above)
 }
 
 
