@@ -109,9 +109,9 @@ def _given(value: object) -> bool:
 
 def _tokenizer_path(c: Config, dry_run: bool) -> Optional[str]:
     """--tokenizer_path as given, else (outside a dry run) the tokenizer --ckpt_dir comes with."""
-    for flag, value in (("ckpt_dir", c.ckpt_dir), ("tokenizer_path", c.tokenizer_path)):
+    for name, value in (("ckpt_dir", c.ckpt_dir), ("tokenizer_path", c.tokenizer_path)):
         if value is True or (value is not None and str(value) == ""):
-            raise ValueError(f"--{flag} needs a path")
+            raise ValueError(f"--{name} needs a path")
     if not dry_run and c.ckpt_dir is None:
         raise ValueError("--ckpt_dir is required (the LLaMA weights folder), except with --dry_run")
     if not dry_run and not Path(str(c.ckpt_dir)).is_dir():
