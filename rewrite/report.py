@@ -13,16 +13,15 @@ from __future__ import annotations
 import json
 import os
 import sys
-from dataclasses import dataclass, field
-from typing import Any, Optional
+from dataclasses import dataclass
+from typing import Optional
 
-import fire
 from tqdm import tqdm
 
 from common import claims, storage
 from common.locking import FileLock
-from rewrite.flag_list import FlagList
 from rewrite import report_inputs as inputs_mod
+from rewrite.flags import as_int, as_switch, check_names, document, flag, run_fire
 from rewrite.report_images import ImageSpec, image_agreement
 from rewrite.report_metrics import (BetweenModes, Column, ModeStats, Reservoir, TextStats, fallback_text, normalised,
                                     sketch_note)
@@ -31,55 +30,47 @@ from rewrite.report_page import first_note, page, text_table
 REPORT_VERSION = 1
 
 
-def _flag(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
-
-
 @dataclass(frozen=True)
 class Config:
-    rewrites: Optional[str] = _flag(None, "text outputs: one file per mode (OUT.txt OUT.bard.txt, or a comma list); "
-                                          "shard outputs: the folder or prefix of NNNNN.parquet; local or any fsspec URL.")
-    out: Optional[str] = _flag(None, "folder for report.json, index.html and the PNGs (local or a URL).")
-    source: Optional[str] = _flag(None, "text outputs: the caption file that was rewritten.")
-    modes: Optional[str] = _flag(None, "the modes of the --rewrites files, in order (default: their progress records "
-                                       "or .<mode>. names); shards: the columns to report (default: all).")
-    examples: Optional[str] = _flag(None, "the example pool the rewrites were made with, if not the shipped one "
-                                          "(as the rewriter's --examples).")
-    samples: int = _flag(20, "lines shown on the page (a uniform sample).")
-    seed: int = _flag(0, "seed of the sampled lines.")
-    exact_limit: int = _flag(1 << 20, "distinct strings counted exactly up to this many, then estimated (KMV).")
-    images: Optional[str] = _flag(None, "image agreement: the shards' tars (pattern, folder or prefix) or, for text "
-                                        "outputs, the training CSV (image_path,caption; with --root).")
-    root: Optional[str] = _flag(None, "the folder the CSV's image paths are under.")
-    model: Optional[str] = _flag(None, "with --images: a CLIP preset (CLIP_VITB16, ...) or an open_clip name.")
-    pretrained: Optional[str] = _flag(None, "with --images: the CLIP checkpoint (as eval_benchmark.py's --pretrained).")
-    quickgelu: bool = _flag(False, "open_clip models trained with QuickGELU.")
-    trust_checkpoint: bool = _flag(False, "allow a --pretrained file that pickles more than weights.")
-    clip_samples: int = _flag(1000, "lines scored against their images (a uniform sample).")
-    batch_size: int = _flag(64, "images per CLIP forward pass.")
-    device: Optional[str] = _flag(None, "cuda or cpu (default: cuda when available).")
-    progress: bool = _flag(True, "show a progress bar (after 2 s).")
+    rewrites: Optional[str | list] = flag(None, "text outputs: one file per mode (OUT.txt OUT.bard.txt, or a comma "
+                                                "list); shard outputs: the folder or prefix of NNNNN.parquet; local "
+                                                "or any fsspec URL.")
+    out: Optional[str] = flag(None, "folder for report.json, index.html and the PNGs (local or a URL).")
+    source: Optional[str] = flag(None, "text outputs: the caption file that was rewritten.")
+    modes: Optional[str | list] = flag(None, "the modes of the --rewrites files, in order (default: their "
+                                             "progress records or .<mode>. names); shards: the columns to report "
+                                             "(default: all).")
+    examples: Optional[str] = flag(None, "the example pool the rewrites were made with, if not the shipped one "
+                                         "(as the rewriter's --examples).")
+    samples: int = flag(20, "lines shown on the page (a uniform sample).")
+    seed: int = flag(0, "seed of the sampled lines.")
+    exact_limit: int = flag(1 << 20, "distinct strings counted exactly up to this many, then estimated (KMV).")
+    images: Optional[str] = flag(None, "image agreement: the shards' tars (pattern, folder or prefix) or, for text "
+                                       "outputs, the training CSV (image_path,caption; with --root).")
+    root: Optional[str] = flag(None, "the folder the CSV's image paths are under.")
+    model: Optional[str] = flag(None, "with --images: a CLIP preset (CLIP_VITB16, ...) or an open_clip name.")
+    pretrained: Optional[str] = flag(None, "with --images: the CLIP checkpoint (as eval_benchmark.py's --pretrained).")
+    quickgelu: bool = flag(False, "open_clip models trained with QuickGELU.")
+    trust_checkpoint: bool = flag(False, "allow a --pretrained file that pickles more than weights.")
+    clip_samples: int = flag(1000, "lines scored against their images (a uniform sample).")
+    batch_size: int = flag(64, "images per CLIP forward pass.")
+    device: Optional[str] = flag(None, "cuda or cpu (default: cuda when available).")
+    progress: bool = flag(True, "show a progress bar (after 2 s).")
 
 
-FLAGS = FlagList(Config, multi=("rewrites", "modes"))
+MULTI = ("rewrites", "modes")  # --rewrites a.txt b.txt: several values after one flag
 
 
-def _int(name: str, value: object, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"--{name} must be an integer of at least {low}, got {value!r}")
-    return value
-
-
-def validate(flags: dict) -> Config:
-    c = Config(**flags)
+def resolve_report_flags(flags: dict) -> Config:
+    """The flags fire bound (names of Config) -> a checked Config, before any input is read."""
+    c = Config(**check_names(Config, flags))
     for name in ("rewrites", "out"):
         if getattr(c, name) in (None, True, ""):
             raise ValueError(f"--{name} is required")
     for name, low in (("samples", 0), ("seed", 0), ("clip_samples", 1), ("exact_limit", 16), ("batch_size", 1)):
-        _int(name, getattr(c, name), low)
+        as_int(name, getattr(c, name), low)
     for name in ("quickgelu", "trust_checkpoint", "progress"):
-        if not isinstance(getattr(c, name), bool):  # fire binds the token after a bare switch to it
-            raise ValueError(f"--{name} is a switch: give it alone (or --{name}=False), got {getattr(c, name)!r}")
+        as_switch(name, getattr(c, name))
     image_flags = [n for n in ("model", "pretrained") if getattr(c, n) is not None]
     if c.images is not None and len(image_flags) < 2:
         raise ValueError("--images needs --model and --pretrained (the CLIP model that scores the images)")
@@ -223,7 +214,7 @@ def run(c: Config) -> dict:
 
 
 def main(**flags) -> None:
-    c = validate(flags)
+    c = resolve_report_flags(flags)
     report = run(c)
     print(text_table(report))
     note = first_note(report)
@@ -233,23 +224,11 @@ def main(**flags) -> None:
           f"report: {storage.join(str(c.out), 'index.html')}")
 
 
-main.__signature__ = FLAGS.signature()
-main.__doc__ = f"""A quality and diversity report of rewritten captions (docs/report.md).
-
-Args:
-{FLAGS.help()}
-"""
+document(main, Config, "A quality and diversity report of rewritten captions (docs/report.md).")
 
 
 def cli(argv: Optional[list[str]] = None) -> int:
-    argv = FLAGS.gather(sys.argv[1:] if argv is None else list(argv))
-    try:
-        FLAGS.check_argv(argv)
-        fire.Fire(main, command=argv, name="rewrite.report")
-    except (ValueError, OSError) as e:
-        print(f"rewrite.report: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_fire(main, Config, sys.argv[1:] if argv is None else argv, "rewrite.report", multi=MULTI)
 
 
 if __name__ == "__main__":

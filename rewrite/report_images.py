@@ -139,7 +139,8 @@ def _scores(spec: ImageSpec, rows: Iterator[tuple], modes: tuple[str, ...]) -> d
     return {c: np.concatenate(v) if v else np.empty(0) for c, v in scores.items()}
 
 
-def _describe(values: np.ndarray, original: np.ndarray) -> dict:
+def _score_summary(values: np.ndarray, original: np.ndarray) -> dict:
+    """One column's scores (NaN: not scored) against the original captions' scores."""
     ok = ~np.isnan(values)
     v = values[ok]
     both = ok & ~np.isnan(original)
@@ -161,4 +162,4 @@ def image_agreement(spec: ImageSpec, kind: str, sampled: list[tuple], modes: tup
                          f"there ({dict(skipped)})")
     return {"model": spec.model, "pretrained": spec.pretrained, "score": "cosine similarity of the normalised "
             "CLIP image and text embeddings", "lines_sampled": len(sampled), "lines_scored": scored,
-            "skipped": dict(skipped), "columns": {c: _describe(v, scores["original"]) for c, v in scores.items()}}
+            "skipped": dict(skipped), "columns": {c: _score_summary(v, scores["original"]) for c, v in scores.items()}}

@@ -58,7 +58,8 @@ def as_list(value: object) -> list[str]:
     return [str(v).strip() for v in items if str(v).strip()]
 
 
-def _read_json(path: str, flag: str) -> Optional[dict]:
+def _optional_record(path: str, flag: str) -> Optional[dict]:
+    """A progress or run record, None if there is none; unreadable JSON is refused naming `flag`."""
     if not storage.exists(path):
         return None
     try:
@@ -85,7 +86,7 @@ def text_inputs(source: str, rewrites: list[str], modes: list[str]) -> Inputs:
         if not storage.exists(path) or (not storage.is_url(path) and os.path.isdir(storage.local_path(path))):
             raise ValueError(f"--rewrites {path}: file not found" + (" (a folder: shard outputs take no --source)"
                                                                        if storage.exists(path) else ""))
-        record = _read_json(path + RECORD_SUFFIX, "--rewrites")
+        record = _optional_record(path + RECORD_SUFFIX, "--rewrites")
         fingerprint = (record or {}).get("fingerprint", {})
         mode = modes[k] if modes else fingerprint.get("settings", {}).get("sample_mode") or _mode_of_name(path)
         if mode is None:
@@ -153,7 +154,7 @@ def shard_inputs(folder: str, modes: list[str]) -> Inputs:
     names = [n for n in storage.list_names(folder) if SHARD_NAME.match(n)]
     if not names:
         raise ValueError(f"--rewrites {folder}: no NNNNN.parquet shards there (for text outputs give --source)")
-    record = _read_json(storage.join(folder, RUN_RECORD), "--rewrites") or {}
+    record = _optional_record(storage.join(folder, RUN_RECORD), "--rewrites") or {}
     run_settings = record.get("settings", {})
     files = {n.split(".")[0]: storage.join(folder, n) for n in names}
     columns = [f.name for f in _parquet(next(iter(files.values()))).schema_arrow if str(f.type) in ("string", "large_string")]

@@ -366,30 +366,34 @@ def test_reservoir_is_uniform():
     assert np.abs(counts / 4000 - 5 / 20).max() < 0.03  # ~4 standard errors of 0.0068
 
 
-@pytest.mark.parametrize("argv", [["--ckpt_dir", "x", "--seed", "3"], ["--ckpt-dir=x", "--dry_run"], ["--nodry_run"],
-                                  ["--sampel_mode", "bard"], ["-s", "1"], ["-c", "x"], ["stray"], ["--help"],
-                                  ["--seed", "-1", "--", "--verbose"], ["--nonsense"]])
-def test_flag_list_reads_argv_as_the_rewriter_does(argv):
-    """rewrite/flag_list.py is cli_args.check_argv made generic: the same argv, the same verdict."""
-    from rewrite import cli_args
-    from rewrite.flag_list import FlagList
-
-    def verdict(check):
-        try:
-            check(argv)
-        except ValueError as e:
-            return str(e)
-        return None
-
-    assert verdict(FlagList(cli_args.Config).check_argv) == verdict(cli_args.check_argv)
-
-
-def test_flag_list_gathers_several_values():
-    flags = report.FLAGS
-    assert flags.gather(["--rewrites", "a.txt", "b.txt", "--out", "r"]) == ["--rewrites=a.txt,b.txt", "--out", "r"]
-    assert flags.gather(["--rewrites", "a.txt", "--out", "r"]) == ["--rewrites", "a.txt", "--out", "r"]
-    with pytest.raises(ValueError, match="unexpected argument 'b.txt'"):
-        flags.check_argv(["--out", "r", "b.txt"])
+def test_the_report_reads_argv_through_fire(monkeypatch, capsys):
+    """rewrite/flags.py, as for the rewriter: fire binds every flag; the values typed after
+    --rewrites / --modes join it; a value after no such flag, an unknown or ambiguous name is
+    refused in one line before any work; --help wherever it stands."""
+    bound = []
+    monkeypatch.setattr(report, "main", lambda **flags: bound.append(flags))
+    accepted = {("--rewrites", "a.txt", "b.txt", "--out", "r"): {"rewrites": ["a.txt", "b.txt"], "out": "r"},
+                ("--rewrites=a.txt,b.txt", "--out=r"): {"rewrites": "a.txt,b.txt", "out": "r"},
+                ("--rewrites", "a.txt", "--modes", "chatgpt", "bard", "--noprogress"):
+                {"rewrites": "a.txt", "modes": ["chatgpt", "bard"], "progress": False},
+                ("-o", "r", "--seed", "-1", "--exact-limit=64"): {"out": "r", "seed": -1, "exact_limit": 64}}
+    for args, flags in accepted.items():
+        assert report.cli(list(args)) == 0 and bound.pop() == flags
+    refused = {("--out", "r", "b.txt"): "unexpected argument 'b.txt'",
+               ("--rewrites=a.txt", "b.txt"): "unexpected argument 'b.txt'",
+               ("stray", "--rewrites", "a.txt"): "unexpected argument 'stray'",
+               ("--rewrites", "a.txt", "--sampels", "3"): "unknown flag --sampels; did you mean --samples?",
+               ("--rewrits", "a.txt", "b.txt"): "unknown flag --rewrits; did you mean --rewrites?",
+               ("-s", "3"): "flag -s is ambiguous: it could be --source, --samples, --seed"}
+    for args, message in refused.items():
+        assert report.cli(list(args)) == 2 and not bound
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith(f"rewrite.report: error: {message}"), err
+    monkeypatch.undo()
+    with pytest.raises(SystemExit) as stop:
+        report.cli(["--out", "r", "-h"])
+    shown = capsys.readouterr()
+    assert stop.value.code == 0 and "--rewrites" in shown.out + shown.err and "--clip_samples" in shown.out + shown.err
 
 
 @pytest.mark.slow
