@@ -27,6 +27,16 @@ def decode_line(raw: bytes) -> tuple[str, bool]:
         return raw.decode("utf-8", errors="replace"), True
 
 
+def shard_stem(path: str | os.PathLike) -> str:
+    """laion/00012.tar, out/00012.parquet -> 00012: a shard's name without its suffix, which names its
+    rewrites (OUT/00012.parquet) and is how a training tar finds them."""
+    name = str(path).rstrip("/").rsplit("/", 1)[-1]
+    for suffix in (".tar", ".parquet"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
 def read_schema(location: str | os.PathLike):
     """A parquet file's schema from its footer: a URL by ranged reads (common.storage), not the whole
     object. Raises storage.StorageError for storage failures, pyarrow's errors for a damaged file."""

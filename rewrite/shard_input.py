@@ -39,7 +39,7 @@ import braceexpand
 from common import storage
 from common.tar_keys import duplicated_keys, keyed_samples
 from common.tar_stream import is_storage_failure
-from common.rewrite_format import METADATA_KEY, decode_line, read_metadata
+from common.rewrite_format import METADATA_KEY, decode_line, read_metadata, shard_stem  # noqa: F401
 from common.stat_memo import StatMemo
 from rewrite.units import Line, ResumeError, describe_changes
 
@@ -77,15 +77,6 @@ def base_name(path: Shard) -> str:
 
 def shard_suffix(path: Shard) -> str:
     return next((s for s in SHARD_SUFFIXES if str(path).endswith(s)), "")
-
-
-def shard_stem(path: Shard) -> str:
-    """00012.parquet / 00012.tar -> 00012: the name of its output OUT/00012.parquet."""
-    name = base_name(path)
-    for suffix in SHARD_SUFFIXES:
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return name
 
 
 def check_shard_flags(pattern: object, output: object, text_key: object) -> tuple[Path, Path, str]:

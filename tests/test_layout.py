@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import re
 import sys
 from pathlib import Path
 
@@ -198,3 +199,11 @@ def test_no_helper_is_defined_twice():
 def test_the_readme_stays_a_users_page():
     """README.md: commands, release tables, a paragraph per task; depth lives in docs/."""
     assert (ROOT / "README.md").stat().st_size <= 15_000
+
+
+def test_one_open_clip_factory_and_one_rewrite_format():
+    """open_clip models are created in one module (models/open_clip_arch.py), and the rewriter's
+    output format (its parquet metadata key) is defined in one (common/rewrite_format.py)."""
+    creating = {n for n, p in MODULES.items() if re.search(r"create_model(_and_transforms)?\(", p.read_text())}
+    assert creating == {"models.open_clip_arch"}
+    assert {n for n, p in MODULES.items() if 'b"laclip_rewrite"' in p.read_text()} == {"common.rewrite_format"}

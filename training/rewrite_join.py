@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 from common import storage
-from common.rewrite_format import METADATA_KEY, decode_line, read_schema
+from common.rewrite_format import METADATA_KEY, decode_line, read_schema, shard_stem
 
 NOT_REWRITES = ("key", "caption")
 MISMATCH, DUPLICATE, MISSING = "rewrite_caption_mismatch", "duplicate_key", "missing_rewrites"
@@ -187,15 +187,6 @@ class MismatchGuard:
             raise ValueError(f"--rewrite-data: {self.count} samples this epoch have rewrites written for another "
                              f"caption (above --rewrite-mismatch-limit, {self.allowed:g} samples); first: key {key} "
                              f"in {path}. Are these rewrites of another data set or an earlier download?")
-
-
-def shard_stem(url: str) -> str:
-    """laion/00012.tar, out/00012.parquet -> 00012: how a tar finds its rewrite file."""
-    name = url.rstrip("/").rsplit("/", 1)[-1]
-    for suffix in (".tar", ".parquet"):
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return name
 
 
 @dataclass(frozen=True)
