@@ -83,7 +83,7 @@ def resolve_report_flags(flags: dict) -> Config:
 
 def check_image_flags(c: Config) -> None:
     """What image agreement needs, checked before the pass (which may take hours)."""
-    from evaluation.models import check_model_name
+    from models.open_clip_arch import kind
     if not storage.exists(str(c.images)) and "{" not in str(c.images):
         raise ValueError(f"--images {c.images}: not found")
     if c.source is not None:  # text outputs: the training CSV and its image folder
@@ -93,7 +93,7 @@ def check_image_flags(c: Config) -> None:
             raise ValueError(f"--root {c.root}: not a folder (the folder the --images CSV's paths are under)")
     elif c.root is not None:
         raise ValueError("--root is for a training CSV (text outputs); shard outputs read their images from tars")
-    check_model_name(str(c.model))
+    kind(str(c.model))  # a preset or an open_clip name, told the close ones otherwise
     if not os.path.isfile(str(c.pretrained)):
         raise ValueError(f"--pretrained {c.pretrained}: file not found")
     if c.device is not None and str(c.device) not in ("cpu", "cuda") and not str(c.device).startswith("cuda:"):
