@@ -54,13 +54,6 @@ def on_cpu() -> bool:
     return current_platform.is_cpu()
 
 
-def per_line_seeds_supported() -> bool:
-    """Per-request seeds are exact on every build we know; on the CPU build only when no prompt is
-    split across scheduler steps (its CPU generator cannot rewind a discarded draw: 'CPU Generator
-    does not use offset'), which `engine_args` ensures by turning chunked prefill off there."""
-    return True
-
-
 def check_supported(head_dim: int, dtype: torch.dtype, where: str) -> None:
     """What the CPU build cannot run, refused before vLLM starts (it would fail inside its engine
     process with a long traceback)."""
@@ -94,7 +87,8 @@ def engine_args(s: VllmSettings) -> dict:
     args = dict(model=str(s.hf_dir), skip_tokenizer_init=True, dtype=VLLM_DTYPES[s.dtype], max_model_len=s.max_seq_len,
                 max_num_seqs=s.max_batch_size, tensor_parallel_size=s.tensor_parallel, seed=s.seed,
                 gpu_memory_utilization=s.memory, enable_prefix_caching=s.prefix_caching)
-    if on_cpu():  # see per_line_seeds_supported: a seeded prompt must be prefilled in one step
+    if on_cpu():  # its CPU generator cannot rewind a seeded draw discarded when a prompt is split over
+        # scheduler steps ('CPU Generator does not use offset'): each prompt is prefilled in one step
         args.update(enable_chunked_prefill=False, max_num_batched_tokens=max(s.max_seq_len, 4096))
     return {**args, **json.loads(s.extra)}
 
@@ -124,7 +118,6 @@ class VllmGenerator:
     llm: object
     tokenizer: TokenizerBase
     max_seq_len: int
-    per_line_seeds: bool = True
     order_prefixes: bool = True  # bench: False hands the prompts over in the window's order
     # Batches per window (one engine call and one commit each; the native engine takes 4): vLLM keeps its
     # batch full from a queue, so a longer queue per call leaves fewer half-empty steps at its end.
@@ -151,7 +144,7 @@ class VllmGenerator:
             todo.sort(key=lambda i: prompt_tokens[i])
         params = [SamplingParams(temperature=temperature, top_p=top_p if temperature > 0 else 1.0,
                                  max_tokens=limits[i], stop_token_ids=sorted(stop), detokenize=False,
-                                 seed=seeds[i] if self.per_line_seeds else None) for i in todo]
+                                 seed=seeds[i]) for i in todo]
         done = self.llm.generate([TokensPrompt(prompt_token_ids=prompt_tokens[i]) for i in todo], params,
                                  use_tqdm=False) if todo else []
         out: list[list[int]] = [[] for _ in prompt_tokens]
