@@ -11,7 +11,10 @@ died or hung) is taken over by a conditional replace of exactly the version that
 (`If-Match: <ETag read>`): of two takers, the server lets one through, the other gets 412. A
 holder whose refresh gets 412 has lost the claim and stops before its next commit
 (ClaimLost). Release is a conditional delete of its own version, so it never removes another
-holder's claim. The heartbeat is the holder's wall clock compared with the taker's: nodes
+holder's claim. A holder on the taker's own machine (same host name, boot id and pid namespace)
+whose process is gone (no such pid, a zombie, or a pid reused by a process started at another
+time) is taken over at once: a rerun right after kill -9 does not wait out the timeout. Claims
+written without a boot id (an earlier version, or no /proc) wait for the timeout as before. The heartbeat is the holder's wall clock compared with the taker's: nodes
 must agree on the time to well within the timeout (NTP gives milliseconds).
 
 Before the first claim a run checks once that the server really refuses a second
@@ -104,7 +107,8 @@ class S3Claim:
                             lambda: sync(fs.loop, fs._call_s3, op, Bucket=bucket, Key=key, **kwargs))
 
     def _body(self) -> bytes:
-        return json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "token": self.token,
+        return json.dumps({"host": socket.gethostname(), "pid": os.getpid(), **_machine(),
+                           "started": _process_start(os.getpid()), "token": self.token,
                            "heartbeat": time.time(), "command": " ".join(sys.argv)[:300]}).encode("utf-8")
 
     def _put(self, **condition) -> bool:
@@ -151,7 +155,7 @@ class S3Claim:
         """Whether try_acquire would find no live holder (no claim object, or a stale one);
         only reads, so asking never keeps anyone from the claim."""
         record, etag = self.read()
-        return etag is None or _age(record) > self.timeout
+        return etag is None or _age(record) > self.timeout or _dead_here(record)
 
     def try_acquire(self) -> bool:
         if self._put(IfNoneMatch="*") or self._ours():
@@ -160,12 +164,14 @@ class S3Claim:
         if etag is None:  # released meanwhile: try the create once more
             return self._put(IfNoneMatch="*") and self._start_heartbeat()
         age = _age(record)
-        if age <= self.timeout:
+        dead = age <= self.timeout and _dead_here(record)
+        if age <= self.timeout and not dead:
             return False
         if not self._put(IfMatch=etag):  # another taker (or the holder's refresh) came first
             return False
-        print(f"=> {self.url}: took over a stale claim ({describe(record)}, heartbeat {age:.0f} s old > "
-              f"--claim_timeout {self.timeout:g} s)", flush=True)
+        why = "its process is no longer running on this host" if dead else \
+            f"heartbeat {age:.0f} s old > --claim_timeout {self.timeout:g} s"
+        print(f"=> {self.url}: took over a stale claim ({describe(record)}, {why})", flush=True)
         return self._start_heartbeat()
 
     def _start_heartbeat(self) -> bool:
@@ -210,6 +216,59 @@ class S3Claim:
     def holder(self) -> str:
         record, _ = self.read()
         return describe(record) if record is not None else "nobody (released)"
+
+
+def _machine() -> dict:
+    """What tells this machine's processes from others' with the same host name: the boot (a
+    reboot reuses pids) and the pid namespace (containers on one host share host names and boots
+    but not pids). Empty where /proc does not say (then no holder counts as this machine's)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+            return {"boot_id": f.read().strip(), "pid_ns": os.readlink("/proc/self/ns/pid")}
+    except OSError:
+        return {}
+
+
+def _proc_stat(pid: int) -> Optional[list[bytes]]:
+    """/proc/PID/stat's fields from the state on (the command name before may hold spaces)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    return data[data.rindex(b")") + 2:].split()
+
+
+def _process_start(pid: int) -> Optional[str]:
+    """The process's start time in clock ticks since boot (field 22 of /proc/PID/stat)."""
+    fields = _proc_stat(pid)
+    return fields[19].decode() if fields and len(fields) > 19 else None
+
+
+def _dead_here(record: Optional[dict]) -> bool:
+    """The holder ran on this machine and its process is gone: no such pid, a zombie (killed,
+    not yet reaped), or the pid now names a process started at another time (reused). A pid
+    reused by a process whose start tick is the same is not told apart (a risk of one in many
+    millions); a claim without the machine's ids (another machine, an earlier version) never is
+    taken over here: it waits for its timeout."""
+    here = _machine()
+    if not record or not here or record.get("host") != socket.gethostname() or \
+            any(record.get(k) != v for k, v in here.items()):
+        return False
+    pid = record.get("pid")
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass  # running, under another user
+    fields = _proc_stat(pid)
+    if fields is None:
+        return False
+    started = fields[19].decode() if len(fields) > 19 else None
+    return fields[0] == b"Z" or (record.get("started") is not None and started != record.get("started"))
 
 
 def _age(record: Optional[dict]) -> float:
