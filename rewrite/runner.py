@@ -29,10 +29,11 @@ from rewrite.prompts import (Pool, TokenizerLike, build_prompt, choose_examples,
                              longest_prefix_tokens, normalize_sample_modes, one_line, sampling_seed)
 from rewrite.shard_input import (ShardLines, check_finished, check_overwrite_keeps_one_setting, expand_shards,
                                  is_shard_input, shard_stem)
-from rewrite.units import Line, RunTotals, UnitClaim, Units
+from rewrite.units import CONTENT, Line, RunTotals, UnitClaim, Units
 from rewrite.units_shards import ShardUnits, check_run_record, clear_for_overwrite, shard_output_path
 from rewrite.units_text import TextUnits, mode_output, read_lines, scan_input
 from rewrite.vllm_engine import check_supported
+from rewrite.weights_identity import check_output_weights, content_hashes
 
 T = TypeVar("T")
 WINDOW_BATCHES = 4  # batches handed to the engine per call: it sorts them by length; one commit each
@@ -214,9 +215,11 @@ def _digest(path: Path) -> str:
 
 
 def checkpoint_identity(ckpt, tokenizer_path: str) -> dict:
-    """What identifies the weights without reading them: the config's and tokenizer's content,
-    weight file names and sizes (moving the folder keeps a run resumable). A Meta folder keeps
-    the record runs before Hugging Face support wrote (params, shards), so those still resume."""
+    """What identifies the weights: the config's and tokenizer's content, weight file names and
+    sizes, and each weight file's content hash from sampled blocks (rewrite/weights_identity.py;
+    remembered by stat, so a repeat start reads none of it). Moving the folder keeps a run
+    resumable. A Meta folder keeps the keys runs before Hugging Face support wrote (params,
+    shards), so those still resume."""
     files = [[p.name, p.stat().st_size] for p in ckpt.weight_files]
     if ckpt.kind == "meta":
         identity = {"params": _digest(ckpt.config_file), "shards": files}
@@ -225,6 +228,7 @@ def checkpoint_identity(ckpt, tokenizer_path: str) -> dict:
         identity = {"config": _digest(ckpt.config_file), "weights": files,
                     "specials": {p.name: _digest(p) for p in extra if p.is_file()}}
     identity["tokenizer"] = _digest(Path(tokenizer_path))
+    identity[CONTENT] = content_hashes(list(ckpt.weight_files))
     return identity
 
 
@@ -310,12 +314,21 @@ def prepare(cfg: Config) -> Job:
     for m in configs:
         check_context(configs[m], pools[m], tokenizer)
     dtype = cfg.dtype or DTYPE_NAMES[default_dtype(parallel.device, ckpt.stored_dtype)]  # asked only on a GPU
-    identity = checkpoint_identity(ckpt, cfg.tokenizer_path)
-    settings = {m: settings_fingerprint(configs[m], pools[m], dtype, identity) for m in configs}
     if cfg.engine == "vllm":  # what vLLM cannot run, before the plan binds the output to these settings
         args = ckpt.model_args()
         check_supported(args.dim // args.n_heads, TORCH_DTYPES[dtype], f"--ckpt_dir {cfg.ckpt_dir}")
-    units, todo = on_rank0(lambda: plan_units(cfg, settings, parallel.dp_size), parallel.rank)
+
+    def plan() -> tuple[Units, bool]:  # on global rank 0: the identity of --ckpt_dir, whatever the engine loads
+        identity = checkpoint_identity(ckpt, cfg.tokenizer_path)
+        if not cfg.overwrite:
+            note = check_output_weights(cfg.output_filename, cfg.prompt_filename, tuple(configs), identity,
+                                        cfg.ckpt_dir)
+            if note:
+                log(note)
+        settings = {m: settings_fingerprint(configs[m], pools[m], dtype, identity) for m in configs}
+        return plan_units(cfg, settings, parallel.dp_size)
+
+    units, todo = on_rank0(plan, parallel.rank)
     return Job(parallel, tokenizer, ckpt, configs, pools, units, TORCH_DTYPES[dtype], todo)
 
 

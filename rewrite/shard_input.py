@@ -41,7 +41,7 @@ from common.tar_keys import duplicated_keys, keyed_samples
 from common.tar_stream import is_storage_failure
 from common.rewrite_format import METADATA_KEY, decode_line, read_metadata, shard_stem  # noqa: F401
 from common.stat_memo import StatMemo
-from rewrite.units import Line, ResumeError, describe_changes
+from rewrite.units import Line, ResumeError, describe_changes, same_fingerprint
 
 SHARD_SUFFIXES = (".parquet", ".tar")
 DEFAULT_TEXT_KEYS = {".parquet": "caption", ".tar": "txt"}
@@ -270,7 +270,7 @@ def check_finished(out_dir: Shard, pairs: Iterable[tuple[Shard, Shard]], setting
         if base_name(out) not in present:
             continue
         meta = read_output_metadata(out)
-        if meta.get("settings") != settings:
+        if not same_fingerprint(meta.get("settings"), settings):
             raise ResumeError(f"--output_filename: shard {out} was rewritten with other settings: "
                               f"{describe_changes(meta.get('settings') or {}, settings)}; pass --overwrite to "
                               f"redo it with these")
@@ -297,7 +297,7 @@ def check_overwrite_keeps_one_setting(out_dir: Shard, run_outputs: Iterable[Shar
             continue
         out = storage.join(str(out_dir), name) if isinstance(out_dir, str) else out_dir / name
         held = read_output_metadata(out).get("settings")
-        if held is not None and held != settings:
+        if held is not None and not same_fingerprint(held, settings):
             raise ResumeError(f"--overwrite: {out} is not among this run's shards and keeps other settings "
                               f"({describe_changes(held, settings)}); one folder holds shards of one setting: "
                               f"redo all of its shards, or write to another --output_filename")

@@ -111,6 +111,23 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return flat
 
 
+CONTENT = "content"  # a checkpoint identity's content hashes (rewrite/weights_identity.py)
+
+
+def without_content(value: object) -> object:
+    """`value` with the content hashes of every checkpoint identity in it removed."""
+    if not isinstance(value, dict):
+        return value
+    return {k: ({a: b for a, b in v.items() if a != CONTENT} if k == "checkpoint" and isinstance(v, dict)
+                else without_content(v)) for k, v in value.items()}
+
+
+def same_fingerprint(recorded: object, now: object) -> bool:
+    """A record fits this run: equal, or written before weight content hashes existed (none in
+    it) and equal but for them (the run notes that once: rewrite/weights_identity.py)."""
+    return recorded == now or (without_content(recorded) == recorded and without_content(now) == recorded)
+
+
 def describe_changes(old: dict, new: dict) -> str:
     a, b = _flatten(old), _flatten(new)
     for k in a.keys() | b.keys():  # the engine is recorded only when it is not the native one
@@ -165,7 +182,7 @@ def share_state(record: dict, path: Path) -> ShareState:
 def check_fits(record: dict, out: Path, fingerprint: dict, layout: dict) -> None:
     """A partial run's record must be of this input, settings and unit layout."""
     where = f"--output_filename: the partial run in {out} ({record_path(out).name})"
-    if record.get("fingerprint") != fingerprint:
+    if not same_fingerprint(record.get("fingerprint"), fingerprint):
         raise ResumeError(f"{where} was made from a different input or settings: "
                           f"{describe_changes(record.get('fingerprint', {}), fingerprint)}. "
                           "Rerun with the same input and flags to continue, or pass --overwrite to start over")

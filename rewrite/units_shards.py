@@ -38,7 +38,8 @@ from common.rewrite_format import METADATA_KEY
 from rewrite.shard_input import RUN_RECORD, Shard, ShardLines, base_name, remembered_fingerprint, \
     shard_stem
 from rewrite.units import (RECORD_SUFFIX, RECORD_VERSION, Line, ResumeError, RunTotals, ShareState, ShareWriter,
-                           UnitClaim, add_stats, describe_changes, record_path, share_state, sum_stats)
+                           UnitClaim, add_stats, describe_changes, record_path, same_fingerprint, share_state,
+                           sum_stats)
 
 RUN_RECORD_VERSION = 1
 PART_SUFFIX = ".part"
@@ -83,7 +84,7 @@ class ObjectShareWriter:
         if record.get("version") != RECORD_VERSION or not isinstance(record.get("windows"), list):
             raise ResumeError(f"{where} is not one this version writes; pass --overwrite to start over")
         for key in ("fingerprint", "layout"):
-            if record.get(key) != getattr(self, key):
+            if not same_fingerprint(record.get(key), getattr(self, key)):
                 raise ResumeError(f"{where} was made from a different input, settings or layout: "
                                   f"{describe_changes(record.get(key) or {}, getattr(self, key))}. Rerun with the "
                                   "same input and flags to continue, or pass --overwrite to start over")
@@ -200,12 +201,13 @@ def check_run_record(out_dir: Shard, settings: dict, overwrite: bool) -> None:
         except (storage.NotFound, ValueError) as e:
             raise ResumeError(f"--output_filename: {path} is unreadable ({e}); pass --overwrite to start over") \
                 from None
-        if record.get("settings") != settings:
+        if not same_fingerprint(record.get("settings"), settings):
             raise ResumeError(
                 f"--output_filename: the shards in {out_dir} were rewritten with other settings: "
                 f"{describe_changes(record.get('settings', {}), settings)}. Rerun with the same flags to "
                 "continue, or pass --overwrite to redo these shards")
-        return
+        if record.get("settings") == settings:
+            return  # else written before weight content hashes: recorded from now on
     storage.write_json(path, {"version": RUN_RECORD_VERSION, "settings": settings})
 
 

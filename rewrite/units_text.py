@@ -28,7 +28,7 @@ from common.fileio import atomic_write, write_json_atomic
 from common.locking import FileLock
 from rewrite.units import (COMMITTED_TYPES, READ_CHUNK, RECORD_VERSION, Line, ResumeError, RunTotals, ShareWriter,
                            UnitClaim, check_committed, check_fits, decode_line, describe_changes, new_checksum,
-                           read_record, record_path, sum_stats, typed_state)
+                           read_record, record_path, same_fingerprint, sum_stats, typed_state)
 
 SCAN_CHUNK = 8 << 20  # bytes read per step of the scan; one index entry per chunk
 UNIT_LINES = 1 << 20  # a fresh plan has at least one unit per this many lines
@@ -122,7 +122,7 @@ def _finished(output: Path, fingerprint: dict) -> bool:
     record = read_record(record_path(output))
     if record is None or not record.get("complete"):
         return False
-    if record.get("fingerprint") != fingerprint:
+    if not same_fingerprint(record.get("fingerprint"), fingerprint):
         raise ResumeError(
             f"--output_filename: {output} is a finished run of a different input or settings: "
             f"{describe_changes(record.get('fingerprint', {}), fingerprint)}. "

@@ -172,3 +172,16 @@ def s3_server():
 def s3_bucket(s3_server) -> str:
     """A new empty bucket on the session's S3 server; returns its name."""
     return s3_server.new_bucket()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory):
+    """The rewriter remembers weight hashes in $XDG_CACHE_HOME/laclip: a folder of the session's
+    here (child processes inherit it), not the user's cache."""
+    old = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg_cache"))
+    yield
+    if old is None:
+        os.environ.pop("XDG_CACHE_HOME", None)
+    else:
+        os.environ["XDG_CACHE_HOME"] = old
