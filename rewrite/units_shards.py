@@ -345,6 +345,8 @@ class ShardUnits:
         return f"{self.shards[claim.unit]} sample {line.index}"
 
     def conclude(self, totals: RunTotals, seconds: float) -> str:
+        """The shards this run finished, counted whole (as their metadata counts them: a resumed
+        shard's rows committed before count too), and the rate of the samples this run did."""
         lines, stats, skipped = totals.lines, totals.stats, totals.skipped
         rate = f"{lines / seconds:.2f} samples/s, {totals.tokens / seconds:.1f} generated tokens/s" \
             if lines and seconds else ""
@@ -354,7 +356,9 @@ class ShardUnits:
         return (f"done: {finished} of {self.count} shards finished in {self.out_dir}"
                 + (f" ({left} still held by another run or unfinished: rerun the same command to complete them)"
                    if left else "")
-                + f". This run: {totals.units} shards, {lines} samples x {len(self.modes)} modes: {stats['rewritten']} "
-                  f"rewritten, {stats['fallbacks']} fell back to the caption, {stats['empty']} empty captions, "
-                  f"{stats['truncated']} prompts truncated, {stats['undecodable']} with undecodable bytes; skipped "
-                  f"{dict(skipped) or 'none'}; {seconds:.1f} s{', ' + rate if rate else ''}")
+                + f". This run: {totals.units} shards, {stats['lines']} samples x {len(self.modes)} modes: "
+                  f"{stats['rewritten']} rewritten, {stats['fallbacks']} fell back to the caption, {stats['empty']} "
+                  f"empty captions, {stats['truncated']} prompts truncated, {stats['undecodable']} with undecodable "
+                  f"bytes; skipped {dict(skipped) or 'none'}; {seconds:.1f} s"
+                + (f" for {lines} of those samples (the others were committed before a resume)"
+                   if lines != stats["lines"] else "") + (", " + rate if rate else ""))
