@@ -13,7 +13,13 @@ Every record holds the size and a BLAKE2b checksum of the committed bytes, and e
 checks the file against them, finished or not: a file cut, edited or appended to since is
 refused instead of being resumed or called complete. That reads the committed bytes once per
 start, sequentially (a 40 GB LAION-400M output at ~1 GB/s: under a minute, against hours of
-rewriting); the same read seeds the running checksum that later commits extend.
+rewriting); the same read seeds the running checksum that later commits extend, and counts the
+committed lines, which must be the lines the record says are done.
+
+The record itself carries a BLAKE2b checksum of its own content ("checksum"): a record damaged
+on disk (a flipped bit that leaves valid JSON, say in its next line or byte offset, which would
+resume the unit a line off) is refused naming it. A record without one (written by an earlier
+version) is read as before; the line count above still guards its position.
 """
 from __future__ import annotations
 
@@ -47,6 +53,26 @@ def _create_empty(path: Path) -> None:
         os.fsync(f.fileno())
 
 
+def record_checksum(record: dict) -> str:
+    """BLAKE2b of the record's content without its own checksum (keys sorted: one text per content)."""
+    body = json.dumps({k: v for k, v in record.items() if k != "checksum"}, sort_keys=True)
+    return hashlib.blake2b(body.encode("utf-8"), digest_size=16).hexdigest()
+
+
+def sealed(record: dict) -> dict:
+    """The record as it is written: with the checksum of its content."""
+    return {**record, "checksum": record_checksum(record)}
+
+
+def check_seal(record: dict, path: object) -> None:
+    """Refuse a record whose content is not what was written (a record without a checksum, from
+    an earlier version, passes)."""
+    if "checksum" in record and record["checksum"] != record_checksum(record):
+        out = str(path)[:-len(RECORD_SUFFIX)]
+        raise ResumeError(f"progress record {path} is damaged: its content does not match its checksum (changed on "
+                          f"disk or by hand); delete it and {out} to redo that unit, or pass --overwrite to start over")
+
+
 def read_record(path: Path) -> dict | None:
     if not path.exists():
         return None
@@ -56,6 +82,7 @@ def read_record(path: Path) -> dict | None:
         raise ResumeError(f"progress record {path} is unreadable ({e}); pass --overwrite to start over") from None
     if not isinstance(record, dict) or record.get("version") not in (1, RECORD_VERSION):
         raise ResumeError(f"progress record {path} is not one this version writes; pass --overwrite to start over")
+    check_seal(record, path)
     return _from_version_1(record, path.with_name(path.name[:-len(RECORD_SUFFIX)]))
 
 
@@ -78,26 +105,35 @@ def new_checksum() -> "hashlib.blake2b":
 READ_CHUNK = 16 << 20
 
 
-def committed_checksum(path: Path, size: int) -> "hashlib.blake2b":
-    """The running checksum of the first `size` bytes of `path` (read once, in chunks)."""
+def committed_checksum(path: Path, size: int, lines: Optional[list] = None) -> "hashlib.blake2b":
+    """The running checksum of the first `size` bytes of `path` (read once, in chunks); their
+    newlines are counted into `lines[0]` when given."""
     h = new_checksum()
     with open(path, "rb") as f:
         while size > 0 and (chunk := f.read(min(READ_CHUNK, size))):
             h.update(chunk)
+            if lines is not None:
+                lines[0] += chunk.count(b"\n")
             size -= len(chunk)
     return h
 
 
-def check_committed(path: Path, size: int, digest: str, where: str, exact: bool) -> "hashlib.blake2b":
-    """Refuse a file whose committed bytes are not those recorded; exact: no bytes may follow them."""
+def check_committed(path: Path, size: int, digest: str, where: str, exact: bool,
+                    lines: Optional[int] = None) -> "hashlib.blake2b":
+    """Refuse a file whose committed bytes are not those recorded; exact: no bytes may follow
+    them; lines: how many lines the record says they hold (one per input line or row)."""
     actual = path.stat().st_size if path.exists() else -1
     if actual < size or (exact and actual != size):
         raise ResumeError(f"{where}: the file has {max(actual, 0)} bytes but {size} were committed; it was "
                           "changed outside this program. Pass --overwrite to start over")
-    h = committed_checksum(path, size)
+    counted = [0]
+    h = committed_checksum(path, size, counted)
     if h.hexdigest() != digest:
         raise ResumeError(f"{where}: the committed bytes differ from the recorded checksum; it was changed "
                           "outside this program. Pass --overwrite to start over")
+    if lines is not None and counted[0] != lines:
+        raise ResumeError(f"progress record {record_path(path)} is damaged: it says {lines} lines were committed, "
+                          f"{path} holds {counted[0]}; delete both to redo that unit, or pass --overwrite to start over")
     return h
 
 
@@ -208,7 +244,7 @@ class ShareWriter:
         """Resume from the record, or start the share afresh."""
         record = None if self.overwrite else read_record(self.record_path)
         if record is not None:
-            self.state = self._resume(record)
+            self.state = self._resume(record, start_line)
         else:
             if self.out_path.exists() and not self.overwrite:
                 raise ResumeError(
@@ -221,14 +257,15 @@ class ShareWriter:
             self._fh = open(self.out_path, "ab")
         return self.state
 
-    def _resume(self, record: dict) -> ShareState:
+    def _resume(self, record: dict, start_line: int) -> ShareState:
         check_fits(record, self.out_path, self.fingerprint, self.layout)
         state = share_state(record, self.record_path)
         if not self.out_path.exists() and state.out_bytes == 0:
             # killed between the first record and the output's creation: nothing was committed
             _create_empty(self.out_path)
         self._checksum = check_committed(self.out_path, state.out_bytes, state.out_blake2b,
-                                         f"--output_filename {self.out_path}", exact=False)
+                                         f"--output_filename {self.out_path}", exact=False,
+                                         lines=state.next_line - start_line)
         if self.out_path.stat().st_size > state.out_bytes:
             with open(self.out_path, "r+b") as f:  # drop what was written after the last commit
                 f.truncate(state.out_bytes)
@@ -236,9 +273,9 @@ class ShareWriter:
         return state
 
     def _write_record(self) -> None:
-        write_json_atomic(self.record_path, {
+        write_json_atomic(self.record_path, sealed({
             "version": RECORD_VERSION, "fingerprint": self.fingerprint, "layout": self.layout,
-            "complete": self.state.complete, "state": self.state.__dict__})
+            "complete": self.state.complete, "state": self.state.__dict__}))
 
     def commit(self, lines: list[str], next_line: int, in_offset: int, stats: dict) -> None:
         """Append the window's lines (without newlines), make them durable, then

@@ -38,8 +38,8 @@ from common.rewrite_format import METADATA_KEY
 from rewrite.shard_input import RUN_RECORD, Shard, ShardLines, base_name, remembered_fingerprint, \
     shard_stem
 from rewrite.units import (RECORD_SUFFIX, RECORD_VERSION, Line, ResumeError, RunTotals, ShareState, ShareWriter,
-                           UnitClaim, add_stats, describe_changes, record_path, same_fingerprint, share_state,
-                           sum_stats)
+                           UnitClaim, add_stats, check_seal, describe_changes, record_path, same_fingerprint, sealed,
+                           share_state, sum_stats)
 
 RUN_RECORD_VERSION = 1
 PART_SUFFIX = ".part"
@@ -88,12 +88,18 @@ class ObjectShareWriter:
                 raise ResumeError(f"{where} was made from a different input, settings or layout: "
                                   f"{describe_changes(record.get(key) or {}, getattr(self, key))}. Rerun with the "
                                   "same input and flags to continue, or pass --overwrite to start over")
+        check_seal(record, self.record_path)
         self.state = share_state(record, self.record_path)  # the path only names it in messages
         self.windows = [int(w) for w in record["windows"]]
         data = self.committed_bytes()
         if len(data) != self.state.out_bytes or self._checksum.hexdigest() != self.state.out_blake2b:
             raise ResumeError(f"{where}: its committed windows differ from the recorded size or checksum; they were "
                               "changed outside this program. Pass --overwrite to start over")
+        rows = data.count(b"\n")  # one per committed row: the record's position must agree
+        if rows != self.state.next_line:
+            raise ResumeError(f"progress record {self.record_path} is damaged: it says {self.state.next_line} rows "
+                              f"were committed, its windows hold {rows}; delete it and "
+                              f"{self.out_path} to redo that shard, or pass --overwrite to start over")
 
     def committed_bytes(self) -> bytes:
         """The committed rows, window after window: the bytes of the local part file (read once)."""
@@ -106,9 +112,9 @@ class ObjectShareWriter:
         return b"".join(chunks)
 
     def _write_record(self) -> None:
-        storage.write_json(self.record_path, {
+        storage.write_json(self.record_path, sealed({
             "version": RECORD_VERSION, "fingerprint": self.fingerprint, "layout": self.layout,
-            "complete": self.state.complete, "state": self.state.__dict__, "windows": self.windows})
+            "complete": self.state.complete, "state": self.state.__dict__, "windows": self.windows}))
 
     def commit(self, lines: list[str], next_line: int, in_offset: int, stats: dict) -> None:
         """Upload the window's rows as one object, then the record that lists it."""

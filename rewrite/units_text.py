@@ -28,7 +28,8 @@ from common.fileio import atomic_write, write_json_atomic
 from common.locking import FileLock
 from rewrite.units import (COMMITTED_TYPES, READ_CHUNK, RECORD_VERSION, Line, ResumeError, RunTotals, ShareWriter,
                            UnitClaim, check_committed, check_fits, decode_line, describe_changes, new_checksum,
-                           read_record, record_path, same_fingerprint, sum_stats, typed_state)
+                           read_record, record_path, same_fingerprint, sealed, sum_stats,
+                           typed_state)
 
 SCAN_CHUNK = 8 << 20  # bytes read per step of the scan; one index entry per chunk
 UNIT_LINES = 1 << 20  # a fresh plan has at least one unit per this many lines
@@ -336,8 +337,8 @@ def merge_parts(output: Path, parts: list[Path], records: list[dict], fingerprin
             checksum.append(_copy_checked(parts, records, out))
 
     atomic_write(output, concatenate)
-    write_json_atomic(record_path(output), {
+    write_json_atomic(record_path(output), sealed({
         "version": RECORD_VERSION, "fingerprint": fingerprint, "layout": {"dp_size": len(parts)}, "complete": True,
-        "state": {"stats": stats, "out_bytes": output.stat().st_size, "out_blake2b": checksum[0].hexdigest()}})
+        "state": {"stats": stats, "out_bytes": output.stat().st_size, "out_blake2b": checksum[0].hexdigest()}}))
     for p in parts:
         _remove(p)
