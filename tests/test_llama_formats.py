@@ -108,17 +108,19 @@ def test_cli_on_a_hugging_face_folder(hf_dir, tmp_path):
     assert len(lines) == len(CAPTIONS) + 1 and lines[2] == "" and all(lines[k] for k in (0, 1, 3, 4, 5))
     record = json.loads(record_path(tmp_path / "out.txt").read_text())
     ckpt = record["fingerprint"]["settings"]["checkpoint"]
-    assert set(ckpt) == {"config", "weights", "specials", "tokenizer"} and len(ckpt["weights"]) > 2
+    assert set(ckpt) == {"config", "weights", "specials", "tokenizer", "content"} and len(ckpt["weights"]) > 2
+    assert set(ckpt["content"]) == {name for name, _ in ckpt["weights"]}  # each weight file's sampled hash
     assert set(ckpt["specials"]) == {"generation_config.json"}
     assert rewrite(hf_dir, src, tmp_path / "b.txt", temperature=0, max_batch_size=5) == out
 
 
 def test_meta_record_keeps_its_earlier_form(tmp_path):
-    """A run started before Hugging Face support resumes: a Meta folder's identity has the same keys."""
+    """A run started before Hugging Face support resumes: a Meta folder's identity has the same keys,
+    and the content hashes added since (records without them resume: tests/test_rewrite_stale.py)."""
     d = make_tiny_llama(tmp_path / "m", TINY_TEXTS, dim=32, n_heads=4, mp=2)
     src = tmp_path / "src.txt"
     src.write_text("a photo\n")
     cfg = validate({"ckpt_dir": str(d), "prompt_filename": str(src), "output_filename": str(tmp_path / "o")})
     identity = runner.checkpoint_identity(open_checkpoint(cfg.ckpt_dir), cfg.tokenizer_path)
-    assert set(identity) == {"params", "shards", "tokenizer"}
+    assert set(identity) == {"params", "shards", "tokenizer", "content"}
     assert [name for name, _ in identity["shards"]] == ["consolidated.00.pth", "consolidated.01.pth"]

@@ -70,10 +70,19 @@ def argv(tiny, src, out, **extra) -> list[str]:
                                         **extra}.items()]
 
 
+def remember_weight_hashes(ckpt_dir: str) -> None:
+    """What any earlier start on this machine did: the weights' sampled-block hashes (their
+    identity, rewrite/weights_identity.py) remembered by stat, so a start reads no weight bytes."""
+    from rewrite.llama import open_checkpoint
+    from rewrite.weights_identity import content_hashes
+    content_hashes(list(open_checkpoint(ckpt_dir).weight_files))
+
+
 def test_a_held_caption_file_ends_before_the_weights(tiny, tmp_path, capsys):
     src = tmp_path / "src.txt"
     src.write_text("".join(f"{c}\n" for c in CAPTIONS))
     out = tmp_path / "out.txt"
+    remember_weight_hashes(tiny["ckpt_dir"])
     with FileLock(out, "a first run"), weights_forbidden(tiny["ckpt_dir"]):  # OUT's only unit, held
         assert llama_rewrite.cli(argv(tiny, src, out)) == 0
     printed = capsys.readouterr().out

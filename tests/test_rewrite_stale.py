@@ -238,3 +238,18 @@ def test_resumed_shard_summary_adds_up(setup, tmp_path, capsys, monkeypatch):
                                                                for s in (1, 2))
     assert rewritten + fallbacks + modes * empty == samples * modes
     assert rewritten == sum(s["rewritten"] for s in finished)
+
+
+def test_a_record_without_checksum_is_still_checked_by_its_line_count(setup, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out.txt"
+    with monkeypatch.context() as m:
+        interrupt_after(m, 2)
+        assert cli(**flags(setup, out)) == 130
+    record = json.loads(record_path(out).read_text())
+    del record["checksum"]  # as the previous version wrote it
+    record_path(out).write_text(json.dumps(record))
+    flip_last_digit(record_path(out), "next_line")
+    capsys.readouterr()
+    assert cli(**flags(setup, out)) == 2
+    err = one_line_error(capsys)
+    assert f"progress record {record_path(out)} is damaged: it says 17 lines were committed, {out} holds 16" in err
