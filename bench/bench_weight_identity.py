@@ -27,7 +27,8 @@ CHUNK = 64 << 20
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size-gb", type=float, default=1.0, help="total size of the weight files (13.5: LLaMA-7B)")
     p.add_argument("--files", type=int, default=1, help="weight files the size is split over")
     p.add_argument("--random", action="store_true", help="random bytes on disk instead of sparse files")

@@ -14,8 +14,9 @@ holder whose refresh gets 412 has lost the claim and stops before its next commi
 holder's claim. A holder on the taker's own machine (same host name, boot id and pid namespace)
 whose process is gone (no such pid, a zombie, or a pid reused by a process started at another
 time) is taken over at once: a rerun right after kill -9 does not wait out the timeout. Claims
-written without a boot id (an earlier version, or no /proc) wait for the timeout as before. The heartbeat is the holder's wall clock compared with the taker's: nodes
-must agree on the time to well within the timeout (NTP gives milliseconds).
+written without a boot id (an earlier version, or no /proc) wait for the timeout as before.
+The heartbeat is the holder's wall clock compared with the taker's: nodes must agree on the
+time to well within the timeout (NTP gives milliseconds).
 
 Before the first claim a run checks once that the server really refuses a second
 create-if-absent (`check_atomic_create`); a server that ignores the header (an old MinIO or

@@ -133,7 +133,8 @@ def check_committed(path: Path, size: int, digest: str, where: str, exact: bool,
                           "outside this program. Pass --overwrite to start over")
     if lines is not None and counted[0] != lines:
         raise ResumeError(f"progress record {record_path(path)} is damaged: it says {lines} lines were committed, "
-                          f"{path} holds {counted[0]}; delete both to redo that unit, or pass --overwrite to start over")
+                          f"{path} holds {counted[0]}; delete both to redo that unit, or pass --overwrite to start "
+                          "over")
     return h
 
 

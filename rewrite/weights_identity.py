@@ -118,19 +118,22 @@ def recorded_identities(output: Path | str, prompt: object, modes: tuple[str, ..
             record = storage.read_json(path) if storage.exists(path) else {}
         except (storage.NotFound, ValueError):
             return []  # unreadable: check_run_record refuses it, naming the file
-        return [(f"the shards in {output}", _identity(record.get("settings") if isinstance(record, dict) else None))]
+        return [(f"the output folder {output}", _identity(record, "settings"))]
     found = []
     for m in modes:
         out = mode_output(Path(output), m, modes)
         record = read_record(record_path(out))
         parts = existing_parts(out) if record is None else []
         record = read_record(record_path(parts[0][0])) if parts else record
-        found.append((str(out), _identity((record or {}).get("fingerprint", {}).get("settings"))))
+        found.append((str(out), _identity(record, "fingerprint", "settings")))
     return found
 
 
-def _identity(settings: object) -> object:
-    return settings.get("checkpoint") if isinstance(settings, dict) else None
+def _identity(record: object, *keys: str) -> object:
+    """record[keys...]["checkpoint"], or None where any level is missing or not an object."""
+    for key in (*keys, "checkpoint"):
+        record = record.get(key) if isinstance(record, dict) else None
+    return record
 
 
 def check_output_weights(output: Path | str, prompt: object, modes: tuple[str, ...], identity: dict,
@@ -143,4 +146,4 @@ def check_output_weights(output: Path | str, prompt: object, modes: tuple[str, .
         return None
     return (f"note: {older[0]}{f' (and {len(older) - 1} more)' if len(older) > 1 else ''} was recorded before "
             f"weight contents were hashed: --ckpt_dir {ckpt_dir} has its config, tokenizer and weight file names "
-            "and sizes, but the content could not be compared; its hashes are recorded from now on")
+            "and sizes, but the content could not be compared; records written from now on hold its hashes")

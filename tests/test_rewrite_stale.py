@@ -165,7 +165,6 @@ def test_vllm_engine_records_the_identity_of_the_users_folder(setup, tmp_path, m
     monkeypatch.setattr(runner, "check_supported", lambda *a: None)
     cfg = validate(flags(setup, tmp_path / "out.txt", engine="vllm"))
     job = runner.prepare(cfg)
-    job.units.close() if hasattr(job.units, "close") else None
     expected = runner.checkpoint_identity(open_checkpoint(setup["tiny"]["ckpt_dir"]), setup["tiny"]["tokenizer_path"])
     assert job.units.fingerprints["chatgpt"]["settings"]["checkpoint"] == expected
     assert "consolidated.00.pth" in expected["content"]
@@ -253,3 +252,25 @@ def test_a_record_without_checksum_is_still_checked_by_its_line_count(setup, tmp
     assert cli(**flags(setup, out)) == 2
     err = one_line_error(capsys)
     assert f"progress record {record_path(out)} is damaged: it says 17 lines were committed, {out} holds 16" in err
+
+
+def test_object_storage_record_with_a_flipped_byte_is_refused(s3_bucket):
+    """The progress object of a shard in progress on S3 (rewrite/units_shards.py) likewise."""
+    from common import storage
+    from rewrite.units_shards import ObjectShareWriter
+    part = f"s3://{s3_bucket}/out/00000.parquet.part"
+    fingerprint, layout = {"input": {"name": "00000.parquet", "size": 10, "etag": "x"}, "settings": {}}, {"shard": "0"}
+    w = ObjectShareWriter(part, fingerprint, layout, overwrite=False)
+    w.open(0, 0)
+    w.commit([f'{{"key": "{k}"}}' for k in range(16)], 16, 16, {"lines": 16, "rewritten": 16})
+    record = storage.read_bytes(w.record_path)
+    at = record.index(b'"next_line": 16') + len(b'"next_line": 1')
+    storage.write_bytes(w.record_path, record[:at] + bytes([record[at] ^ 1]) + record[at + 1:])
+    with pytest.raises(ValueError, match=rf"progress record {w.record_path} is damaged: its content does not match"):
+        ObjectShareWriter(part, fingerprint, layout, overwrite=False).open(0, 0)
+    unsealed = json.loads(record)
+    del unsealed["checksum"]  # as an earlier version wrote it: its row count still guards it
+    unsealed["state"]["next_line"] = 17
+    storage.write_bytes(w.record_path, json.dumps(unsealed).encode())
+    with pytest.raises(ValueError, match="it says 17 rows were committed, its windows hold 16"):
+        ObjectShareWriter(part, fingerprint, layout, overwrite=False).open(0, 0)
