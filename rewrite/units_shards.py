@@ -83,12 +83,12 @@ class ObjectShareWriter:
         where = f"--output_filename: the partial shard {self.out_path} ({self.record_path.rsplit('/', 1)[-1]})"
         if record.get("version") != RECORD_VERSION or not isinstance(record.get("windows"), list):
             raise ResumeError(f"{where} is not one this version writes; pass --overwrite to start over")
+        check_seal(record, self.record_path)  # damaged on the server: named as such, not as other settings
         for key in ("fingerprint", "layout"):
             if not same_fingerprint(record.get(key), getattr(self, key)):
                 raise ResumeError(f"{where} was made from a different input, settings or layout: "
                                   f"{describe_changes(record.get(key) or {}, getattr(self, key))}. Rerun with the "
                                   "same input and flags to continue, or pass --overwrite to start over")
-        check_seal(record, self.record_path)
         self.state = share_state(record, self.record_path)  # the path only names it in messages
         self.windows = [int(w) for w in record["windows"]]
         data = self.committed_bytes()
