@@ -156,6 +156,27 @@ def test_records_of_the_previous_version_resume_with_a_note(setup, tmp_path, cap
     assert len(out.read_text().splitlines()) == 3 * len(CAPTIONS)
 
 
+def test_shard_folders_of_the_previous_version_resume_with_a_note(setup, tmp_path, capsys, monkeypatch):
+    """rewrite.json, a finished shard's metadata and a part's record without content hashes:
+    accepted with one note; rewrite.json and the shards finished from now on hold them."""
+    out, shards = tmp_path / "out", setup["shards"].parquets
+    real = runner.checkpoint_identity
+    with monkeypatch.context() as m:
+        m.setattr(runner, "checkpoint_identity",
+                  lambda ckpt, tok: {k: v for k, v in real(ckpt, tok).items() if k != "content"})
+        interrupt_after(m, 3)
+        assert cli(**flags(setup, out, prompt=shards, max_batch_size=1)) == 130
+    assert "content" not in read_metadata(out / "00000.parquet")["settings"]["checkpoint"]
+    capsys.readouterr()
+    assert cli(**flags(setup, out, prompt=shards)) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("could not be compared") == 1 and "done: 3 of 3 shards finished" in printed
+    assert "content" in json.loads((out / RUN_RECORD).read_text())["settings"]["checkpoint"]
+    assert "content" in read_metadata(out / "00002.parquet")["settings"]["checkpoint"]
+    forbid_model(monkeypatch)
+    assert cli(**flags(setup, out, ckpt_dir=setup["other"], prompt=shards)) == 2  # now told apart
+
+
 def test_vllm_engine_records_the_identity_of_the_users_folder(setup, tmp_path, monkeypatch):
     """--engine vllm loads a converted Hugging Face folder; what is recorded is --ckpt_dir's."""
     import rewrite.vllm_engine as vllm_engine
