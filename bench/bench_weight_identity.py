@@ -86,7 +86,7 @@ def full_hash(files: list[Path]) -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     args = get_args_parser().parse_args(argv)
     root = Path(tempfile.mkdtemp(prefix="bench_weight_identity_", dir=args.dir))
-    os.environ["XDG_CACHE_HOME"] = str(root / "cache")  # a memo of this run's own, empty at first
+    os.environ["LACLIP_CACHE"] = str(root / "cache")  # a memo of this run's own, empty at first
     from rewrite.weights_identity import content_hashes, sampled_spans
     try:
         folder = root / "weights"

@@ -61,8 +61,9 @@ def sampled_digest(path: str | os.PathLike) -> str:
 
 
 def memo_path() -> Path:
+    """$LACLIP_CACHE/weight_blocks.jsonl, by default in $XDG_CACHE_HOME/laclip (~/.cache/laclip)."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "laclip" / MEMO_NAME
+    return Path(os.environ.get("LACLIP_CACHE") or os.path.join(base, "laclip")) / MEMO_NAME
 
 
 def content_hashes(files: list[Path]) -> dict[str, str]:

@@ -176,12 +176,12 @@ def s3_bucket(s3_server) -> str:
 
 @pytest.fixture(scope="session", autouse=True)
 def private_cache(tmp_path_factory):
-    """The rewriter remembers weight hashes in $XDG_CACHE_HOME/laclip: a folder of the session's
-    here (child processes inherit it), not the user's cache."""
-    old = os.environ.get("XDG_CACHE_HOME")
-    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg_cache"))
+    """The rewriter remembers weight hashes in $LACLIP_CACHE (default ~/.cache/laclip): a folder
+    of the session's here (child processes inherit it), not the user's cache."""
+    old = os.environ.get("LACLIP_CACHE")
+    os.environ["LACLIP_CACHE"] = str(tmp_path_factory.mktemp("laclip_cache"))
     yield
     if old is None:
-        os.environ.pop("XDG_CACHE_HOME", None)
+        os.environ.pop("LACLIP_CACHE", None)
     else:
-        os.environ["XDG_CACHE_HOME"] = old
+        os.environ["LACLIP_CACHE"] = old
