@@ -16,7 +16,8 @@ so a repeat start reads no weight bytes at all.
 
 A record written before content hashes existed has an identity without "content": it is
 accepted when everything else matches, with one note that the content could not be compared
-(`same_fingerprint`, `check_weights`); records written from then on hold the hashes.
+(`check_weights` here; every later comparison of records uses rewrite/units.py's
+`same_fingerprint`); records written from then on hold the hashes.
 """
 from __future__ import annotations
 
@@ -25,8 +26,8 @@ import os
 from pathlib import Path
 from typing import Optional
 
-from common.stat_memo import StatMemo
 from common import storage
+from common.stat_memo import StatMemo
 from rewrite.shard_input import RUN_RECORD, is_shard_input
 from rewrite.units import CONTENT, ResumeError, read_record, record_path, without_content
 from rewrite.units_text import existing_parts, mode_output
