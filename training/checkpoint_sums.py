@@ -85,6 +85,13 @@ def write_sums(path: str, versions: list[dict]) -> None:
     write_json_atomic(sum_path(path), {"format": FORMAT, "versions": versions})
 
 
+def remove_record(path: str) -> None:
+    try:
+        os.remove(sum_path(path))
+    except FileNotFoundError:
+        pass
+
+
 def progress_of(ckpt: dict) -> dict:
     """(epoch, steps) of a checkpoint dict, as recorded beside it."""
     inside = ckpt.get("epoch_progress")
