@@ -3,7 +3,10 @@
 `<output-dir>/checkpoint.pt` holds `epoch` (epochs completed), `state_dict` (keys with
 the DDP `module.` prefix, as in the released LaCLIP files), `optimizer`, `scaler`,
 `best_acc1` (zero-shot top-1 in percent, None when no --imagenet-root), `args` (a
-plain dict, so the file also loads with torch.load(weights_only=True)) and `world_size`.
+plain dict, so an epoch-end file also loads with torch.load(weights_only=True)) and `world_size`;
+a mid-epoch one also its progress and a MidEpochCheckpoint marker (which open_clip_train's
+weights-only load refuses: it would restart the epoch). Each file gets a checksum record
+(training/checkpoint_sums.py), verified before a resume unpickles it.
 
 A resume compares this run's flags with the checkpoint's `args`: a difference in what
 decides the training trajectory (RESUME_MUST_MATCH) is refused unless --resume-override
@@ -23,7 +26,6 @@ import torch
 from torch import nn
 
 import models
-from common.fileio import atomic_write
 from training import checkpoint_sums
 from training.output_dir import save_failed
 
@@ -94,17 +96,14 @@ def _link_or_copy(src: str, dst: str) -> None:
 
 
 def keep_epoch_file(latest: str, epoch: int, epochs: int, save_frequency: int, delete_previous: bool) -> None:
-    """--save-frequency: epoch_E.pt beside checkpoint.pt (a hard link where possible), named as
-    open_clip_train names them; --delete-previous-checkpoint removes epoch_{E-1}.pt afterwards."""
+    """--save-frequency: epoch_E.pt beside checkpoint.pt (a hard link where possible, with its own
+    checksum record), named as open_clip_train names them; --delete-previous-checkpoint removes epoch_{E-1}.pt afterwards."""
     if not save_frequency:
         return
     folder = os.path.dirname(latest)
     if epoch % save_frequency == 0 or epoch == epochs:
-        version = (checkpoint_sums.read_versions(latest) or [None])[0]
-        if version is None:  # (cannot happen after save_checkpoint) no record to copy: link the file alone
-            atomic_write(os.path.join(folder, f"epoch_{epoch}.pt"), lambda tmp: _link_or_copy(latest, tmp))
-        else:
-            checkpoint_sums.link(latest, os.path.join(folder, f"epoch_{epoch}.pt"), version, _link_or_copy)
+        version = checkpoint_sums.read_versions(latest)[0]  # save_checkpoint has just written it
+        checkpoint_sums.link(latest, os.path.join(folder, f"epoch_{epoch}.pt"), version, _link_or_copy)
     previous = os.path.join(folder, f"epoch_{epoch - 1}.pt")
     if delete_previous and os.path.isfile(previous):
         os.remove(previous)
