@@ -235,7 +235,7 @@ def setup(args: RunConfig, info: DistInfo, arch: Architecture) -> Setup:
     return Setup(model, optimizer, amp_dtype, scaler, start_epoch, best_acc1, resumed)
 
 
-def csv_identity(args: RunConfig, loader: TrainLoader) -> dict | None:
+def run_data_identity(args: RunConfig, loader: TrainLoader) -> dict | None:
     """The caption files' identity of a CSV run (hashes remembered in --output-dir); None for shards."""
     if args.data == "webdataset":
         return None
@@ -257,12 +257,12 @@ def run(args: RunConfig, info: DistInfo, sync: RemoteSync | None = None) -> list
     # Data first: a bad CSV, rewrite file or --root fails in seconds, before a large model
     # is built and a checkpoint read. (Neither touches the global RNG, so order is free.)
     loader = build_loader(args, info, tokenizer, arch.train_transform)
-    identity = csv_identity(args, loader)
+    identity = run_data_identity(args, loader)
     st = setup(args, info, arch)
     notes = loader.notes + [loader.restore(st.resumed.data_state) if st.resumed else None]
     if st.resumed:  # a changed caption file: refused inside an epoch, noted at an epoch end
         inside = st.resumed.epoch if st.resumed.progress else None
-        notes += data_identity.check(st.resumed.data_identity, identity, inside, args.resume_override)
+        notes += data_identity.compare_on_resume(st.resumed.data_identity, identity, inside, args.resume_override)
     for note in filter(None, notes) if is_main else []:
         print(f"=> note: {note}")
     steps = steps_per_epoch(args, loader, info)

@@ -24,6 +24,7 @@ import time
 import torch
 
 from common.fileio import atomic_write
+from common.stat_memo import file_sha256
 from training import checkpoint_sums, data_identity
 from training.captions import read_caption_csv
 
@@ -37,7 +38,7 @@ def timed(fn) -> float:
 def blake2b_of(path: str) -> str:
     h = hashlib.blake2b()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(checkpoint_sums.BLOCK), b""):
+        for block in iter(lambda: f.read(8 << 20), b""):
             h.update(block)
     return h.hexdigest()
 
@@ -51,9 +52,9 @@ def checkpoint_costs(folder: str, megabytes: int) -> None:
     save_plain = timed(lambda: atomic_write(plain, lambda tmp: torch.save(obj, tmp)))
     save_summed = timed(lambda: checkpoint_sums.save(obj, summed))
     size = os.path.getsize(summed) / 1e9
-    checkpoint_sums.file_sha256(summed)  # warm the page cache
+    file_sha256(summed)  # warm the page cache
     load = timed(lambda: torch.load(summed, map_location="cpu", weights_only=True))
-    sha = timed(lambda: checkpoint_sums.file_sha256(summed))
+    sha = timed(lambda: file_sha256(summed))
     verify = timed(lambda: checkpoint_sums.verify(summed))
     blake = timed(lambda: blake2b_of(summed))
     print(f"checkpoint {size:.2f} GB: torch.load {load:.2f} s (baseline); SHA-256 {sha:.2f} s = {sha / load:.2f}x "

@@ -107,6 +107,9 @@ def test_an_upload_over_a_remote_copy_changed_behind_the_run_is_refused(s3_serve
         sync.push()
     sync.release()
     assert storage.read_bytes(url + "/checkpoint.pt") == b"another writer"
+    # the record now describes another upload than the object: the next start cannot compare, says so
+    with pytest.raises(ValueError, match=r"cannot tell whether .*describes another upload"):
+        remote_sync.start(url, str(out), claim_timeout=60)
 
 
 def test_a_remote_copy_whose_progress_cannot_be_read_is_refused_in_one_line(s3_bucket, tmp_path):

@@ -29,22 +29,14 @@ from typing import Any, Optional
 import torch
 
 from common.fileio import atomic_write, write_json_atomic
+from common.stat_memo import file_sha256
 
 SUFFIX = ".sum"
 FORMAT = 1
-BLOCK = 8 << 20
 
 
 def sum_path(path: str) -> str:
     return path + SUFFIX
-
-
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(BLOCK), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 class _Hashing:

@@ -18,8 +18,7 @@ import os
 from collections.abc import Sequence
 from typing import Optional
 
-from common.stat_memo import StatMemo
-from training.checkpoint_sums import file_sha256
+from common.stat_memo import StatMemo, file_sha256
 
 MEMO = ".data_sha256.jsonl"  # a dot file: local to the folder, never uploaded by --remote-sync
 
@@ -49,7 +48,7 @@ def changes(saved: dict, current: dict) -> list[str]:
             if (old.get("size"), old.get("sha256")) != (now["size"], now["sha256"])]
 
 
-def check(saved: Optional[dict], current: Optional[dict], inside: Optional[int], override: bool) -> list[str]:
+def compare_on_resume(saved: Optional[dict], current: Optional[dict], inside: Optional[int], override: bool) -> list[str]:
     """Compare a checkpoint's data identity with this run's. inside: the epoch a mid-epoch checkpoint
     stopped in (None at an epoch end). Returns notes; a change inside an epoch raises ValueError
     naming the file, unless override (--resume-override)."""

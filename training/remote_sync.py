@@ -88,17 +88,17 @@ class RemoteSync:
         if self.remote.etag is None:
             return []
         if os.path.isfile(local):
-            mine, why = local_progress(local)
+            version, why = local_version(local)
             if why or self.remote.unknown:
                 raise ValueError(f"--remote-sync {self.url}: cannot tell whether its {LATEST} or the local {local} "
                                  f"is further on ({self.remote.unknown or why}); move the one you do not want out "
                                  "of the way and rerun")
-            if mine >= self.remote.progress:
-                if (checkpoint_sums.read_versions(local) or [{}])[0].get("sha256") == self.remote.version["sha256"]:
+            if progress(version) >= self.remote.progress:
+                if version["sha256"] == self.remote.version["sha256"]:
                     self.uploaded[LATEST] = _stamp(local)  # the remote already holds these bytes
                 return []
             print(f"=> --remote-sync: {self.url}/{LATEST} ({_said(self.remote.progress)}) is newer than the local "
-                  f"{local} ({_said(mine)}): continuing from the remote copy")
+                  f"{local} ({_said(progress(version))}): continuing from the remote copy")
         names = set(storage.list_names(self.url))
         skip = {RECORD} if self.remote.unknown else set()  # a record of another upload would call it damaged
         if self.remote.unknown:
@@ -139,23 +139,22 @@ class RemoteSync:
         """checkpoint.pt, only over the remote version this run read or wrote and never over further
         progress; then its record, with the object's ETag, by a conditional PUT."""
         stamp, url = _stamp(local), storage.join(self.url, LATEST)
-        mine, why = local_progress(local)
-        if self.remote.progress is not None and (why or mine < self.remote.progress):
-            raise ValueError(f"--remote-sync {self.url}: not uploading {local} ({why or _said(mine)}) over the remote "
-                             f"{LATEST} ({_said(self.remote.progress)}), which is further on")
+        version, why = local_version(local)
+        if self.remote.progress is not None and (why or progress(version) < self.remote.progress):
+            raise ValueError(f"--remote-sync {self.url}: not uploading {local} ({why or _said(progress(version))}) over "
+                             f"the remote {LATEST} ({_said(self.remote.progress)}), which is further on")
         if _etag(url) != self.remote.etag:
             raise ValueError(f"--remote-sync {self.url}: {LATEST} changed there since this run read it (another run "
                              "writing to the same URL?); not uploading over it. Compare the two and rerun")
         with open(local, "rb") as f:
             storage.write_atomic(url, lambda tmp: _copy(f, tmp))
-        self.remote = RemoteCopy(None if why else mine, _etag(url), self.remote.record_etag)
+        self.remote = RemoteCopy(None if why else progress(version), _etag(url), self.remote.record_etag)
         self.uploaded[LATEST] = stamp
-        versions = None if why else checkpoint_sums.read_versions(local)
-        if versions is None:
+        if version is None:
             return [LATEST]
-        body = json.dumps({"format": checkpoint_sums.FORMAT, "versions": versions[:1], "object_etag": self.remote.etag})
+        body = json.dumps({"format": checkpoint_sums.FORMAT, "versions": [version], "object_etag": self.remote.etag})
         self.remote.record_etag = _put_if(storage.join(self.url, RECORD), body.encode("utf-8"), self.remote.record_etag)
-        self.remote.version = versions[0]
+        self.remote.version = version
         self.uploaded[RECORD] = _stamp(checkpoint_sums.sum_path(local))
         return [LATEST, RECORD]
 
@@ -176,8 +175,12 @@ def _said(progress: tuple[int, int]) -> str:
     return f"inside epoch {epoch} after {steps} steps" if steps else f"epoch {epoch} done"
 
 
-def local_progress(path: str) -> tuple[Optional[tuple[int, int]], str]:
-    """((epoch, steps), '') of a local checkpoint from its record; (None, why) when unknown."""
+def progress(version: dict) -> tuple[int, int]:
+    return int(version.get("epoch", 0)), int(version.get("steps", 0))
+
+
+def local_version(path: str) -> tuple[Optional[dict], str]:
+    """(the recorded version of a local checkpoint, '') ; (None, why) when its record cannot tell."""
     try:
         versions = checkpoint_sums.read_versions(path)
     except ValueError as err:
@@ -188,8 +191,8 @@ def local_progress(path: str) -> tuple[Optional[tuple[int, int]], str]:
         result, why = checkpoint_sums.check(path)
         if result is None:
             return None, f"{path} is damaged: {why}"
-        versions = [result.version]
-    return (int(versions[0].get("epoch", 0)), int(versions[0].get("steps", 0))), ""
+        return result.version, ""
+    return versions[0], ""
 
 
 def _s3(op: str, url: str, **kwargs) -> dict:
@@ -256,13 +259,13 @@ def read_remote(url: str) -> RemoteCopy:
     try:
         record = json.loads(body)
         version = record["versions"][0]
-        progress = (int(version.get("epoch", 0)), int(version.get("steps", 0)))
+        done, _ = progress(version), version["sha256"]  # a record without a checksum is unreadable too
     except (ValueError, KeyError, IndexError, TypeError):
         return RemoteCopy(None, etag, record_etag, None, f"its progress record {RECORD} is unreadable")
     if record.get("object_etag") != etag:
         return RemoteCopy(None, etag, record_etag, None, f"its progress record {RECORD} describes another upload "
                                                          "(an upload cut between the two?)")
-    return RemoteCopy(progress, etag, record_etag, version)
+    return RemoteCopy(done, etag, record_etag, version)
 
 
 def _stamp(path: str) -> tuple[int, int]:
