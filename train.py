@@ -43,7 +43,8 @@ from common.locking import FileLock
 from evaluation.periodic import run_benchmarks
 from imagenet_templates import SIMPLE_TEMPLATES
 from tokenizer import SimpleTokenizer
-from training import remote_sync, train_state
+from models.clip_weights import MidEpochCheckpoint
+from training import data_identity, remote_sync, train_state
 from training.architecture import Architecture, architecture
 from training.data import sample_seed
 from training.engine import CosineSchedule, EpochProgress, Trainer, build_optimizer, train_one_epoch
@@ -112,10 +113,11 @@ def zero_shot(args, raw_model, tokenizer, info: DistInfo, amp: bool, transform=N
 
 
 def end_of_epoch(args, epoch: int, stats: dict, zs: dict | None, best_acc1: float | None,
-                 tr: Trainer, seconds: float, info: DistInfo, benchmark: dict | None, data_state: dict) -> float | None:
+                 tr: Trainer, seconds: float, info: DistInfo, benchmark: dict | None, data: dict) -> float | None:
     """Checkpoint and log.txt line (main process); returns the new best_acc1. A failed save
     stops every rank with the main process's one line (none waits for it forever).
-    data_state: the loader's position (training/loaders.py), saved in the checkpoint."""
+    data: saved in the checkpoint: data_state (the loader's position, training/loaders.py) and
+    data_identity (the caption files, training/data_identity.py)."""
     acc1 = zs["top1"] if zs else None
     if args.imagenet_root:  # best by zero-shot top-1; a failed evaluation is never best
         is_best = acc1 is not None and (best_acc1 is None or acc1 > best_acc1)
@@ -132,7 +134,7 @@ def end_of_epoch(args, epoch: int, stats: dict, zs: dict | None, best_acc1: floa
     def save_and_log() -> None:
         ckpt = train_state.make_checkpoint(epoch + 1, tr.raw_model, tr.optimizer, tr.scaler, best_acc1,
                                            args.settings(), info.world_size)
-        latest = train_state.save_checkpoint({**ckpt, "data_state": data_state}, args.output_dir, is_best)
+        latest = train_state.save_checkpoint({**ckpt, **data}, args.output_dir, is_best)
         train_state.keep_epoch_file(latest, epoch + 1, args.epochs, args.save_frequency, args.delete_previous_checkpoint)
         with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
             f.write(json.dumps(record) + "\n")
@@ -147,10 +149,11 @@ def end_of_epoch(args, epoch: int, stats: dict, zs: dict | None, best_acc1: floa
 
 
 def save_mid_epoch(args, tr: Trainer, info: DistInfo, epoch: int, progress: EpochProgress,
-                   best_acc1: float | None) -> None:
+                   best_acc1: float | None, identity: dict | None = None) -> None:
     """--save-every-steps: checkpoint.pt inside `epoch`, with the loader's position, the steps done
     and every rank's running sums and RNG state, so a rerun continues exactly here. Call on every
-    rank (the positions are gathered); rank 0 writes, atomically as at epoch ends."""
+    rank (the positions are gathered); rank 0 writes, atomically as at epoch ends. The file is marked
+    (MidEpochCheckpoint), so open_clip_train, which would restart the epoch, refuses it."""
     data_state = tr.loader.state()
     cuda = info.device.type == "cuda"
     ranks = on_every_rank(lambda: {"sums": progress.sums, "rng": torch.get_rng_state(),
@@ -162,7 +165,9 @@ def save_mid_epoch(args, tr: Trainer, info: DistInfo, epoch: int, progress: Epoc
                                            info.world_size)
         ckpt["epoch_progress"] = {"steps": progress.steps, "seconds": progress.seconds,
                                   **{key: [r.get(key) for r in ranks] for key in ranks[0]}}
-        train_state.save_checkpoint({**ckpt, "data_state": data_state}, args.output_dir, is_best=False)
+        ckpt["mid_epoch"] = MidEpochCheckpoint()
+        train_state.save_checkpoint({**ckpt, "data_state": data_state, "data_identity": identity}, args.output_dir,
+                                    is_best=False)
 
     on_rank0(save, info.rank)
 
@@ -219,12 +224,23 @@ def setup(args: RunConfig, info: DistInfo, arch: Architecture) -> Setup:
         resumed = train_state.load_training_state(path, model, args.model, optimizer, scaler,
                                               trust=args.trust_checkpoint, check=check, load=arch.load)
         start_epoch, best_acc1 = resumed.epoch, resumed.best_acc1
+        if not resumed.verified and info.rank == 0:
+            print(f"=> note: {path!r} has no checksum beside it (another script's file, or an older train.py's): "
+                  "loaded, not verified")
         print(f"=> rank {info.rank}: resumed from {path!r} after epoch {start_epoch} (best_acc1 {best_acc1})")
     low, high = all_reduce_min_max(start_epoch, info.device)
     if low != high:
         raise RuntimeError(f"ranks disagree on the start epoch ({low:g} vs {high:g}): --output-dir "
                            f"{args.output_dir!r} must be on a filesystem every node can read")
     return Setup(model, optimizer, amp_dtype, scaler, start_epoch, best_acc1, resumed)
+
+
+def run_data_identity(args: RunConfig, loader: TrainLoader) -> dict | None:
+    """The caption files' identity of a CSV run (hashes remembered in --output-dir); None for shards."""
+    if args.data == "webdataset":
+        return None
+    rewrites = args.augmented_caption_filelist if args.aug_text else []
+    return data_identity.csv_identity(args.train_data, rewrites, loader.samples, args.output_dir)
 
 
 def wrap_ddp(model: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
@@ -241,8 +257,12 @@ def run(args: RunConfig, info: DistInfo, sync: RemoteSync | None = None) -> list
     # Data first: a bad CSV, rewrite file or --root fails in seconds, before a large model
     # is built and a checkpoint read. (Neither touches the global RNG, so order is free.)
     loader = build_loader(args, info, tokenizer, arch.train_transform)
+    identity = run_data_identity(args, loader)
     st = setup(args, info, arch)
     notes = loader.notes + [loader.restore(st.resumed.data_state) if st.resumed else None]
+    if st.resumed:  # a changed caption file: refused inside an epoch, noted at an epoch end
+        inside = st.resumed.epoch if st.resumed.progress else None
+        notes += data_identity.compare_on_resume(st.resumed.data_identity, identity, inside, args.resume_override)
     for note in filter(None, notes) if is_main else []:
         print(f"=> note: {note}")
     steps = steps_per_epoch(args, loader, info)
@@ -256,7 +276,7 @@ def run(args: RunConfig, info: DistInfo, sync: RemoteSync | None = None) -> list
     start_epoch, best_acc1 = st.start_epoch, st.best_acc1
 
     def on_save(epoch: int, progress: EpochProgress) -> None:  # --save-every-steps, on every rank
-        save_mid_epoch(args, tr, info, epoch, progress, best_acc1)  # best_acc1: the best so far (late binding)
+        save_mid_epoch(args, tr, info, epoch, progress, best_acc1, identity)  # best_acc1: the best so far (late binding)
         if args.remote_sync:
             on_rank0(sync.push, info.rank)
 
@@ -277,7 +297,7 @@ def run(args: RunConfig, info: DistInfo, sync: RemoteSync | None = None) -> list
         zs = zero_shot(args, st.model, tokenizer, info, amp=st.amp_dtype is not None, transform=arch.eval_transform)
         bench = run_benchmarks(args, st.model, tokenizer, info.rank, info.device, epoch, amp=st.amp_dtype is not None)
         best_acc1 = end_of_epoch(args, epoch, stats, zs, best_acc1, tr, time.time() - start, info, bench,
-                                 loader.state())
+                                 {"data_state": loader.state(), "data_identity": identity})
         if args.remote_sync:  # the main process uploads this epoch's checkpoint and log line
             on_rank0(sync.push, info.rank)
         records.append({"epoch": epoch, **stats, "zeroshot": zs, "benchmark": bench})

@@ -15,22 +15,11 @@ import hashlib
 import json
 import os
 
-from common.stat_memo import StatMemo
+from common.stat_memo import StatMemo, file_sha256
 
 MEMO_NAME = "checkpoint_sha256.jsonl"
 SAMPLE_FILES = 64
 SAMPLE_BYTES = 1 << 16
-CHUNK = 1 << 20
-
-
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(CHUNK), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def checkpoint_sha256(path: str, memo_dir: str | None) -> str:
     """The file's SHA-256, from the memo in ``memo_dir`` when the file's stat matches it."""
     if not memo_dir:

@@ -24,10 +24,18 @@ def _torch_load(path: str, weights_only: bool, mmap: bool):
         raise
 
 
+class MidEpochCheckpoint:
+    """Marks a train.py checkpoint saved inside an epoch (--save-every-steps). open_clip_train reads a
+    checkpoint's `epoch` as the epoch to start and would redo the steps already done in it; its
+    torch.load (weights_only) refuses this class by name, so such a file stops it instead. Holds
+    nothing; this project's readers allow it (SAFE_GLOBALS)."""
+
+
 # What released files pickle besides tensors and plain values: LaCLIP's and SLIP's training
 # scripts save their argparse.Namespace as 'args' (open_clip's save only plain values);
-# torch.__version__ (a str subclass) is a common extra. Neither can run code when loaded.
-SAFE_GLOBALS = (argparse.Namespace, TorchVersion)
+# torch.__version__ (a str subclass) is a common extra. None of them can run code when loaded.
+SAFE_GLOBALS = (argparse.Namespace, TorchVersion, MidEpochCheckpoint)
+TORCH_MAGIC = (b"PK\x03\x04", b"\x80")  # a zip (torch >= 1.6), a pickle (the older format)
 TRUST_FLAG = "--trust-checkpoint"
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel, torch.compile
 
@@ -59,19 +67,39 @@ def read_checkpoint(path: str, flag: str = "--ckpt-path", mmap: bool = False, tr
     try:
         with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
             obj = _torch_load(path, weights_only=not trust, mmap=mmap)
-    except pickle.UnpicklingError as err:
+    except Exception as err:
+        what = not_a_torch_file(path)
+        if what:
+            raise ValueError(f"{flag} {path!r} {what}") from None
+        _explain(err, path, flag)
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"{flag}: {path!r} holds a {type(obj).__name__}, not a checkpoint dict")
+    return dict(obj)
+
+
+def not_a_torch_file(path: str) -> str | None:
+    """Why the file is no torch.save output (empty, text, another format), from its first bytes."""
+    with open(path, "rb") as f:
+        head = f.read(40)
+    if not head:
+        return "is an empty file (0 bytes), not a torch checkpoint"
+    if head.startswith(TORCH_MAGIC):
+        return None
+    shown = head.decode("utf-8", errors="replace")[:24]
+    return f"is not a torch checkpoint (it starts with {shown!r}, not a torch.save file's first bytes)"
+
+
+def _explain(err: Exception, path: str, flag: str) -> None:
+    """Raise the one-line error of a torch.load that failed on a torch file."""
+    if isinstance(err, pickle.UnpicklingError):
         found = refused_globals(path, err)
         if not found and "weights only" not in str(err).lower():
             raise ValueError(f"{flag}: cannot read checkpoint {path!r}: {err}") from None
         raise ValueError(f"{flag}: {path!r} pickles objects other than tensors and plain values "
                          f"({', '.join(found) or 'see torch.load(weights_only=True)'}); unpickling them can run "
                          f"code, so they are refused. If you trust where the file came from, pass {TRUST_FLAG}") from None
-    except Exception as err:  # truncated zip, not a torch file, ...
-        raise ValueError(f"{flag}: cannot read checkpoint {path!r} (not a torch.save file, or truncated "
-                         f"by an interrupted download): {err}") from err
-    if not isinstance(obj, Mapping):
-        raise ValueError(f"{flag}: {path!r} holds a {type(obj).__name__}, not a checkpoint dict")
-    return dict(obj)
+    raise ValueError(f"{flag}: cannot read checkpoint {path!r} (truncated by an interrupted download or "
+                     f"copy?): {' '.join(str(err).split()) or type(err).__name__}") from err
 
 
 def strip_wrappers(key: str) -> str:

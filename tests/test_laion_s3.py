@@ -149,7 +149,8 @@ def test_train_from_s3_resume_from_the_remote_copy(laion, s3_server, tmp_path):
     import shutil
     shutil.rmtree(split)  # the node is gone; the copy in the bucket is what is left
     stdout = run_train(train_cmd(laion, remote, split, 2, "--remote-sync", sync, "--resume-override"), s3_server)
-    assert "fetched checkpoint.pt, checkpoint_best.pt, log.txt from" in stdout
+    assert ("fetched checkpoint.pt, checkpoint.pt.sum, checkpoint_best.pt, checkpoint_best.pt.sum, log.txt from"
+            in stdout)
     a = torch.load(straight / "checkpoint.pt", weights_only=True)
     b = torch.load(split / "checkpoint.pt", weights_only=True)
     assert a["epoch"] == b["epoch"] == 2

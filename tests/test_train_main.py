@@ -185,7 +185,8 @@ def test_best_checkpoint_keeps_its_epoch_when_a_later_one_is_not_best(tmp_path, 
     monkeypatch.setattr(os, "link", no_links)
     train_state.save_checkpoint({"epoch": 3}, str(tmp_path), is_best=True)
     assert torch.load(best)["epoch"] == 3 and os.stat(best).st_ino != os.stat(latest).st_ino
-    assert sorted(p.name for p in tmp_path.iterdir()) == [train_state.LATEST, train_state.BEST]  # no temp files left
+    assert sorted(p.name for p in tmp_path.iterdir()) == [  # no temp files left; each file's checksum record
+        train_state.LATEST, train_state.LATEST + ".sum", train_state.BEST, train_state.BEST + ".sum"]
 
 
 def test_wrong_root_fails_before_the_model_is_built(tmp_path, monkeypatch):

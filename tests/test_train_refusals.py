@@ -52,8 +52,7 @@ def test_failed_save_is_one_line_naming_the_folder_and_free_space(tmp_path, monk
         calls.append(f)
         if len(calls) == 1:
             return real_save(obj, f, *args, **kwargs)
-        with open(f, "wb") as partial:
-            partial.write(b"PK\x03\x04 half")
+        f.write(b"PK\x03\x04 half")  # a file object that hashes what it writes (training/checkpoint_sums.py)
         raise RuntimeError("[enforce fail at inline_container.cc:778] . PytorchStreamWriter failed writing file "
                            "data/3: file write failed")
 
@@ -63,7 +62,8 @@ def test_failed_save_is_one_line_naming_the_folder_and_free_space(tmp_path, monk
     message = str(err.value)
     assert "\n" not in message and message.startswith(f"--output-dir {str(out)!r}: saving checkpoint.pt failed")
     assert "file write failed" in message and "free there" in message and "previous checkpoint.pt is unchanged" in message
-    assert sorted(set(os.listdir(out)) - {"tb_logs"}) == ["checkpoint.pt", "checkpoint_best.pt", "log.txt"]
+    assert sorted(set(os.listdir(out)) - {"tb_logs", ".data_sha256.jsonl"}) == [
+        "checkpoint.pt", "checkpoint.pt.sum", "checkpoint_best.pt", "checkpoint_best.pt.sum", "log.txt"]
     assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 1
 
 
@@ -76,7 +76,8 @@ def test_stale_temporary_checkpoints_are_removed_at_start(tmp_path, capsys):
     (out / "notes.tmp-1").write_text("not ours")
     train.main(train_argv(data, out, "--epochs", "1"))
     assert "removed 2 unfinished checkpoint files left by an earlier run" in capsys.readouterr().out
-    assert sorted(set(os.listdir(out)) - {"tb_logs"}) == ["checkpoint.pt", "checkpoint_best.pt", "log.txt", "notes.tmp-1"]
+    assert sorted(set(os.listdir(out)) - {"tb_logs", ".data_sha256.jsonl"}) == [
+        "checkpoint.pt", "checkpoint.pt.sum", "checkpoint_best.pt", "checkpoint_best.pt.sum", "log.txt", "notes.tmp-1"]
 
 
 def test_resume_with_other_settings_is_refused_unless_overridden(tmp_path, capsys):

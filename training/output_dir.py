@@ -13,7 +13,8 @@ from common.fileio import cannot_write_in
 from common.locking import FileLock
 
 LOCK_NAME = "train"  # the lock is OUTPUT_DIR/train.lock, held by the main process
-CHECKPOINT_TEMPORARY = re.compile(r"checkpoint(_best)?\.pt\.tmp-\d+")  # common.fileio.temp_path's names
+# common.fileio.temp_path's names of checkpoints and their checksum records (training/checkpoint_sums.py)
+CHECKPOINT_TEMPORARY = re.compile(r"(checkpoint(_best)?|epoch_\d+)\.pt(\.sum)?\.tmp-\d+")
 
 
 def lock_target(output_dir: str) -> Path:

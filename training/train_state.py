@@ -3,7 +3,10 @@
 `<output-dir>/checkpoint.pt` holds `epoch` (epochs completed), `state_dict` (keys with
 the DDP `module.` prefix, as in the released LaCLIP files), `optimizer`, `scaler`,
 `best_acc1` (zero-shot top-1 in percent, None when no --imagenet-root), `args` (a
-plain dict, so the file also loads with torch.load(weights_only=True)) and `world_size`.
+plain dict, so an epoch-end file also loads with torch.load(weights_only=True)) and `world_size`;
+a mid-epoch one also its progress and a MidEpochCheckpoint marker (which open_clip_train's
+weights-only load refuses: it would restart the epoch). Each file gets a checksum record
+(training/checkpoint_sums.py), verified before a resume unpickles it.
 
 A resume compares this run's flags with the checkpoint's `args`: a difference in what
 decides the training trajectory (RESUME_MUST_MATCH) is refused unless --resume-override
@@ -23,7 +26,7 @@ import torch
 from torch import nn
 
 import models
-from common.fileio import atomic_write
+from training import checkpoint_sums
 from training.output_dir import save_failed
 
 LATEST = "checkpoint.pt"
@@ -43,9 +46,10 @@ RESUME_FREE = ("output_dir", "resume", "start_epoch", "imagenet_root", "workers"
 LABELS = {"world_size": "processes", "augmented_caption_filelist": "--augmented_caption_filelist"}
 
 
-def atomic_save(obj: Any, path: str) -> None:
-    """torch.save through a temp file: a crash mid-write leaves the previous checkpoint intact."""
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+def atomic_save(obj: Any, path: str) -> dict:
+    """torch.save through a temp file (a crash mid-write leaves the previous checkpoint intact), with
+    its checksum record PATH.sum (training/checkpoint_sums.py); returns the recorded version."""
+    return checkpoint_sums.save(obj, path)
 
 
 def make_checkpoint(epoch: int, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -70,12 +74,12 @@ def save_checkpoint(ckpt: dict, output_dir: str, is_best: bool) -> str:
     A failed write (full disk, read-only mount) is one line naming the folder and its free space."""
     latest = os.path.join(output_dir, LATEST)
     try:
-        atomic_save(ckpt, latest)
+        version = atomic_save(ckpt, latest)
     except (OSError, RuntimeError) as err:  # torch.save reports a failed write as a RuntimeError
         raise save_failed(output_dir, LATEST, err) from None
     if is_best:
         try:
-            atomic_write(os.path.join(output_dir, BEST), lambda tmp: _link_or_copy(latest, tmp))
+            checkpoint_sums.link(latest, os.path.join(output_dir, BEST), version, _link_or_copy)
         except OSError as err:
             raise save_failed(output_dir, BEST, err) from None
     return latest
@@ -92,21 +96,27 @@ def _link_or_copy(src: str, dst: str) -> None:
 
 
 def keep_epoch_file(latest: str, epoch: int, epochs: int, save_frequency: int, delete_previous: bool) -> None:
-    """--save-frequency: epoch_E.pt beside checkpoint.pt (a hard link where possible), named as
-    open_clip_train names them; --delete-previous-checkpoint removes epoch_{E-1}.pt afterwards."""
+    """--save-frequency: epoch_E.pt beside checkpoint.pt (a hard link where possible, with its own
+    checksum record), named as open_clip_train names them; --delete-previous-checkpoint removes epoch_{E-1}.pt afterwards."""
     if not save_frequency:
         return
     folder = os.path.dirname(latest)
     if epoch % save_frequency == 0 or epoch == epochs:
-        atomic_write(os.path.join(folder, f"epoch_{epoch}.pt"), lambda tmp: _link_or_copy(latest, tmp))
+        version = checkpoint_sums.read_versions(latest)[0]  # save_checkpoint has just written it
+        checkpoint_sums.link(latest, os.path.join(folder, f"epoch_{epoch}.pt"), version, _link_or_copy)
     previous = os.path.join(folder, f"epoch_{epoch - 1}.pt")
     if delete_previous and os.path.isfile(previous):
         os.remove(previous)
+        if os.path.isfile(checkpoint_sums.sum_path(previous)):
+            os.remove(checkpoint_sums.sum_path(previous))
 
 
 def resume_path(resume: str | None, output_dir: str) -> str | None:
     """--resume PATH if given (it must exist), else <output-dir>/checkpoint.pt if present."""
     if resume:
+        if os.path.isdir(resume):
+            raise ValueError(f"--resume {resume!r} is a folder: did you mean "
+                             f"{os.path.join(resume, LATEST)!r}? (--resume takes a checkpoint file)")
         if not os.path.isfile(resume):
             raise ValueError(f"--resume: checkpoint {resume!r} does not exist (a wrong path never "
                              f"starts a fresh run; leave --resume out to continue from "
@@ -188,6 +198,8 @@ class Resumed(NamedTuple):
     # a mid-epoch checkpoint's (--save-every-steps): steps done in epoch `epoch`, every rank's running
     # sums, seconds and torch RNG state (train.py's save_mid_epoch); None at an epoch end
     progress: dict | None = None
+    verified: bool = True  # False: no checksum record beside the file (another script's, or older)
+    data_identity: dict | None = None  # the caption files it was trained on (training/data_identity.py)
 
 
 def load_training_state(path: str, model: nn.Module, model_name: str,
@@ -202,6 +214,7 @@ def load_training_state(path: str, model: nn.Module, model_name: str,
     trust: --trust-checkpoint (full unpickling); check(ckpt) runs before anything is restored.
     load(model, state, path, flag): the strict weight load (default: a preset's, models.load_into).
     """
+    verified = checkpoint_sums.verify(path, flag)  # before unpickling: a damaged file is refused here
     ckpt = models.read_checkpoint(path, flag, trust=trust)
     if check is not None:
         check(ckpt)
@@ -223,7 +236,7 @@ def load_training_state(path: str, model: nn.Module, model_name: str,
     best = ckpt.get("best_acc1")
     # float(): another script may have stored a 0-d tensor, which json.dumps rejects.
     return Resumed(int(ckpt.get("epoch", 0)), None if best is None else float(best), ckpt.get("data_state"),
-                   ckpt.get("epoch_progress"))
+                   ckpt.get("epoch_progress"), verified.verified, ckpt.get("data_identity"))
 
 
 def check_optimizer_state(optimizer: torch.optim.Optimizer, path: str, flag: str) -> None:
