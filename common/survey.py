@@ -85,15 +85,17 @@ def local_meta(path: str) -> FileMeta | None:
     return FileMeta(st.st_size, str(st.st_mtime_ns)) if os.path.isfile(storage.local_path(path)) else None
 
 
-def stat_pattern(pattern: str | Iterable[str]) -> tuple[dict[str, FileMeta], list[str]]:
+def stat_pattern(pattern: str | Iterable[str], listings: dict | None = None) \
+        -> tuple[dict[str, FileMeta], list[str]]:
     """(found: location -> FileMeta in pattern order, missing) of a brace pattern (or a list of
-    locations): local files stat-ed concurrently, URLs from one listing per prefix."""
+    locations): local files stat-ed concurrently, URLs from one listing per prefix (kept in
+    `listings`, folder -> name -> FileMeta, when given: other files of the folder are known too)."""
     names = list(braceexpand.braceexpand(pattern)) if isinstance(pattern, str) else list(pattern)
     metas: list[FileMeta | None]
     if names and not storage.is_url(names[0]):
         metas = concurrently(local_meta, names)
     else:
-        listed: dict[str, dict[str, FileMeta]] = {}
+        listed: dict[str, dict[str, FileMeta]] = {} if listings is None else listings
         metas = []
         for name in names:
             folder, _, base = name.rpartition("/")

@@ -250,14 +250,14 @@ def check_stream_flags(args: argparse.Namespace) -> None:
         raise ValueError("--rewrite-columns names columns of the --rewrite-data files; give --rewrite-data")
 
 
-def list_shards(pattern: str, urls: list[str]) -> dict:
+def list_shards(pattern: str, urls: list[str], listings: Optional[dict] = None) -> dict:
     """url -> FileMeta (size, version) of the shards of --train-data (local files stat-ed, fsspec URLs
     from one listing per prefix); a missing one stops the run. pipe: and http(s):// are webdataset's
     to open: {} (not known)."""
     if any(u.startswith(UNCHECKED) for u in urls):
         return {}
     try:
-        found, missing = survey.stat_pattern(urls)
+        found, missing = survey.stat_pattern(urls, listings)
     except storage.StorageError as e:
         raise ValueError(f"--train-data: {e}") from None
     if not urls or missing:
@@ -273,14 +273,17 @@ def read_stream(args: argparse.Namespace) -> StreamSpec:
     urls = list(braceexpand.braceexpand(args.train_data or ""))
     if not urls:
         raise ValueError(f"--train-data {args.train_data!r}: 0 of 0 shards not found, e.g. (none given)")
-    found = list_shards(args.train_data, urls)
     limit = DEFAULT_MISMATCH_LIMIT if args.rewrite_mismatch_limit is None else args.rewrite_mismatch_limit
-    rewrites = open_rewrite_source(args.rewrite_data, tuple(args.rewrite_json_keys), tuple(args.rewrite_columns),
-                                   tuple(urls), limit) if args.aug_text else None
+    listings: dict = {}  # the tars' folder listings, which also tell the sample-count files apart
+    # the two folders are looked at side by side: on object storage each is a paged listing
+    found, rewrites = survey.concurrently(lambda task: task(), [
+        lambda: list_shards(args.train_data, urls, listings),
+        lambda: open_rewrite_source(args.rewrite_data, tuple(args.rewrite_json_keys), tuple(args.rewrite_columns),
+                                    tuple(urls), limit) if args.aug_text else None])
     weights = args.aug_text_weights
     spec = StreamSpec(tuple(urls), args.train_num_samples, args.dataset_resampled, rewrites, args.multi_text,
                       args.seed, tuple(weights) if weights else None)
-    return survey_stream(spec, found)
+    return survey_stream(spec, found, listings)
 
 
 def resolve_stream(args: argparse.Namespace) -> StreamSpec:

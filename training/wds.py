@@ -288,7 +288,7 @@ def find_empty_tars(found: dict) -> list[str]:
     return [u for u, e in zip(candidates, empty) if e]
 
 
-def survey_stream(spec: StreamSpec, found: dict) -> StreamSpec:
+def survey_stream(spec: StreamSpec, found: dict, listings: Optional[dict] = None) -> StreamSpec:
     """The spec with what start-up learns of every shard, once per job (rank 0, training/params.py):
     the shards' sizes and versions (`found`, from the listing), empty tars left out, the sample
     counts when known. Reads run concurrently (common/survey.py)."""
@@ -299,7 +299,7 @@ def survey_stream(spec: StreamSpec, found: dict) -> StreamSpec:
     urls = tuple(u for u in spec.urls if u not in gone)
     versions = {u: found[u].tag() for u in urls} if found else None
     return dataclasses.replace(spec, urls=urls, versions=versions, empty=tuple(empty),
-                               known_samples=known_sample_count(urls), surveyed=True)
+                               known_samples=known_sample_count(urls, listings), surveyed=True)
 
 
 def without_empty_tars(spec: StreamSpec) -> tuple[StreamSpec, list[str]]:
@@ -320,10 +320,11 @@ def empty_note(empty: list[str]) -> list[str]:
     return [f"{len(empty)} --train-data shards are empty tars (e.g. {empty[0]}): left out"] if empty else []
 
 
-def known_sample_count(urls: tuple[str, ...]) -> tuple[int, str] | None:
+def known_sample_count(urls: tuple[str, ...], listings: Optional[dict] = None) -> tuple[int, str] | None:
     """(samples, where from) when every shard's count is known: img2dataset's NNNNN_stats.json
     ("successes") beside each tar, or a sizes.json ({"NNNNN.tar": n}) in its folder. One listing
-    per folder tells which exist; those read are read concurrently."""
+    per folder tells which exist (`listings`: folder -> names, already listed); those read are read
+    concurrently."""
     if any(u.startswith(UNCOUNTED) for u in urls):
         return None
     listed: dict[str, set] = {}
@@ -333,7 +334,7 @@ def known_sample_count(urls: tuple[str, ...]) -> tuple[int, str] | None:
         for url in urls:
             folder, name = url.rsplit("/", 1) if "/" in url else (".", url)
             if folder not in listed:
-                listed[folder] = set(storage.list_names(folder))
+                listed[folder] = set((listings or {}).get(folder) or storage.list_names(folder))
                 sizes[folder] = storage.read_json(storage.join(folder, "sizes.json")) \
                     if "sizes.json" in listed[folder] else {}
             stat = name[: -len(".tar")] + "_stats.json"
