@@ -103,6 +103,65 @@ def start(base: str, n: int, procs: int, env: dict) -> dict:
     return {k: max(r[k] for r in results) for k in ("setup_s", "first_batch_s")}
 
 
+SETTINGS = {"seed": 0, "sample_mode": ["chatgpt"], "text_key": "caption"}  # what the outputs record
+
+
+def make_finished(root: Path, base: str, n: int) -> tuple[str, str]:
+    """N img2dataset-style input parquets under base/in and their finished outputs under base/out
+    (metadata as the rewriter writes it, rewrite.json; the local inputs' hashes remembered, as after
+    a run). Returns (input pattern, output folder)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from common import storage
+    from common.rewrite_format import METADATA_KEY
+    from common.survey import concurrently
+    from rewrite.shard_input import as_location, remembered_fingerprint
+    src = root / "in"
+    src.mkdir(exist_ok=True)
+    for s in range(n):
+        keys = [f"{s:05d}{i:04d}" for i in range(2)]
+        pq.write_table(pa.table({"key": keys, "caption": [f"a photo {k}" for k in keys], "status": ["success"] * 2}),
+                       src / f"{s:05d}.parquet")
+    if storage.is_url(base):
+        concurrently(lambda k: storage.write_bytes(f"{base}/in/{k:05d}.parquet", (src / f"{k:05d}.parquet").read_bytes()),
+                     list(range(n)))
+    out = storage.join(base, "out")
+    if not storage.is_url(out):
+        os.makedirs(out, exist_ok=True)
+    storage.write_json(storage.join(out, "rewrite.json"), {"version": 1, "settings": SETTINGS})
+
+    def finish(k: int) -> None:
+        shard = as_location(f"{base}/in/{k:05d}.parquet")
+        meta = {"settings": SETTINGS, "input": remembered_fingerprint(as_location(out), shard), "stats": {}}
+        table = pa.table({"key": ["a"], "caption": ["a photo"], "chatgpt": ["a picture"]})
+        table = table.replace_schema_metadata({METADATA_KEY: json.dumps(meta, sort_keys=True)})
+        storage.write_atomic(storage.join(out, f"{k:05d}.parquet"), lambda tmp: pq.write_table(table, tmp))
+
+    concurrently(finish, list(range(n)))
+    return f"{base}/in/{{00000..{n - 1:05d}}}.parquet", out
+
+
+def plan_finished(pattern: str, out: str, manifest: bool, requests: list) -> tuple[float, int]:
+    """(seconds, requests to the server) of the rewriter's start on global rank 0 over finished outputs:
+    the flags' checks, the folder's record, every finished output against its input, the look for a
+    free shard (in this process, beside the server)."""
+    from common import rewrite_manifest, storage
+    from rewrite.shard_input import check_finished, check_shard_flags, expand_shards, shard_stem
+    from rewrite.units_shards import ShardUnits, check_run_record, shard_output_path
+    if manifest:
+        rewrite_manifest.write(out)
+    else:
+        storage.remove(storage.join(out, rewrite_manifest.MANIFEST))
+    mark, t0 = len(requests), time.perf_counter()
+    _, folder, key = check_shard_flags(pattern, out, None)
+    shards = expand_shards(pattern)
+    check_run_record(folder, SETTINGS, False)
+    check_finished(folder, [(p, shard_output_path(folder, shard_stem(p))) for p in shards], SETTINGS)
+    if ShardUnits(shards, folder, key, ("chatgpt",), SETTINGS).any_free():
+        raise RuntimeError("a shard is not finished")
+    return time.perf_counter() - t0, len(requests) - mark
+
+
 def run(cli: argparse.Namespace) -> list[dict]:
     from common import rewrite_manifest, storage
     from testkit.s3server import running_s3_server
@@ -126,15 +185,12 @@ def run(cli: argparse.Namespace) -> list[dict]:
                                      "requests": s3.count_since(mark)})
                         print(json.dumps(rows[-1]), flush=True)
             if cli.rewriter:
-                from bench.rewriter_start import make_finished, plan_finished
                 for where in cli.where:
-                    base = bases[where]
-                    make_finished(root, base, n, where)
+                    pattern, out = make_finished(root, bases[where], n)
                     for manifest in (False, True):
-                        mark = len(s3.requests)
-                        seconds = plan_finished(base, n, manifest)
+                        seconds, requests = plan_finished(pattern, out, manifest, s3.requests)
                         rows.append({"shards": n, "where": where, "manifest": manifest, "procs": "rewriter",
-                                     "setup_s": seconds, "first_batch_s": None, "requests": s3.count_since(mark)})
+                                     "setup_s": seconds, "first_batch_s": None, "requests": requests})
                         print(json.dumps(rows[-1]), flush=True)
     return rows
 
