@@ -13,6 +13,7 @@ is in docs/formats.md (Rewriter output for shards).
 from __future__ import annotations
 
 import base64
+import functools
 import json
 from typing import Optional
 
@@ -37,15 +38,18 @@ def _schema_text(schema) -> str:
     return base64.b64encode(schema.remove_metadata().serialize().to_pybytes()).decode("ascii")
 
 
-def entry_schema(manifest: dict, entry: dict):
-    """The pyarrow schema an entry stands for; the rewriter's metadata key is present (holding the
-    entry's settings and input) when the file had it, as the checks look for it."""
+@functools.lru_cache(maxsize=256)
+def _decoded(text: str, rewriter: bool):
     import pyarrow as pa
-    schema = pa.ipc.read_schema(pa.py_buffer(base64.b64decode(manifest["schemas"][entry["schema"]])))
-    if not entry.get("rewriter"):
-        return schema
-    meta = {"settings": settings_of(manifest, entry), "input": entry.get("input")}
-    return schema.with_metadata({METADATA_KEY: json.dumps(meta, sort_keys=True)})
+    schema = pa.ipc.read_schema(pa.py_buffer(base64.b64decode(text, validate=True)))
+    # the checks ask only whether the rewriter's metadata key is there; its per-shard values are in the entry
+    return schema.with_metadata({METADATA_KEY: b'{"from": "manifest.json"}'}) if rewriter else schema
+
+
+def entry_schema(manifest: dict, entry: dict):
+    """The pyarrow schema an entry stands for, with the rewriter's metadata key when the file had it
+    (schemas are shared: decoded once per distinct schema)."""
+    return _decoded(manifest["schemas"][entry["schema"]], bool(entry.get("rewriter")))
 
 
 def settings_of(manifest: dict, entry: dict) -> Optional[dict]:
@@ -88,25 +92,40 @@ def build(folder: str, listed: Optional[dict[str, FileMeta]] = None, old: Option
     return {"version": VERSION, "schemas": schemas, "settings": settings, "files": files}
 
 
+class Damaged(ValueError):
+    """A manifest that cannot be read as this version writes it (then the footers are read)."""
+
+
 def read(folder: str) -> Optional[dict]:
-    """The folder's manifest, or None when it has none (or one this version cannot read: then the
-    footers are read, and the reader's note says how to write a new one)."""
+    """The folder's manifest, None when it has none; Damaged (one line naming it) when it is not one
+    this version can use: not JSON, another version, entries that do not fit its tables."""
+    where = storage.join(folder, MANIFEST)
     try:
-        manifest = storage.read_json(storage.join(folder, MANIFEST))
+        manifest = storage.read_json(where)
     except storage.NotFound:
         return None
-    except ValueError:
-        return None
-    if not isinstance(manifest, dict) or manifest.get("version") != VERSION or \
-            not isinstance(manifest.get("files"), dict):
-        return None
+    except ValueError as e:
+        raise Damaged(f"{where} is not JSON ({e})") from None
+    try:
+        if manifest.get("version") != VERSION:
+            raise ValueError(f"version {manifest.get('version')!r}, not {VERSION}")
+        for entry in manifest["files"].values():  # every entry usable, so a start never fails on one later
+            entry_schema(manifest, entry)
+            if not isinstance(entry["tag"], str) or not isinstance(entry["rows"], int):
+                raise ValueError("an entry without its tag or rows")
+    except Exception as e:  # noqa: BLE001 (KeyError, IndexError, pyarrow's errors, ...: all mean damaged)
+        raise Damaged(f"{where} cannot be used ({type(e).__name__}: {e})") from None
     return manifest
 
 
 def write(folder: str, listed: Optional[dict[str, FileMeta]] = None) -> dict:
     """Build the folder's manifest (reusing the entries of the one there that still match) and
     replace it atomically; returns it."""
-    manifest = build(folder, listed, read(folder))
+    try:
+        old = read(folder)
+    except Damaged:
+        old = None  # made anew from the footers
+    manifest = build(folder, listed, old)
     storage.write_json(storage.join(folder, MANIFEST), manifest)
     return manifest
 

@@ -267,7 +267,10 @@ def finished_metadata(out_dir: Shard, outputs: list[Shard], listing: dict) -> li
     """The recorded metadata (settings, input) of finished outputs: from OUT/manifest.json where its
     entry matches the file's size and version in `listing` (two footers spot-checked), else read
     from the footers, concurrently."""
-    manifest = rewrite_manifest.read(str(out_dir))
+    try:
+        manifest = rewrite_manifest.read(str(out_dir))
+    except rewrite_manifest.Damaged:  # the footers are read; the run's end writes it anew
+        manifest = None
     names = [base_name(o) for o in outputs]
     trusted, _ = rewrite_manifest.split(manifest, listing, names)
     found = {n: {"settings": rewrite_manifest.settings_of(manifest, e), "input": e.get("input")}

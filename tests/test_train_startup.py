@@ -82,6 +82,10 @@ def test_a_manifest_that_lies_about_the_files_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"manifest.json says .*00000.parquet has columns key, caption, human, its "
                                          r"footer says key, caption, chatgpt: the manifest does not describe"):
         rj.open_rewrite_source(pattern)
+    (tmp_path / "rw" / "manifest.json").write_text("{not json")  # damaged: the footers are read, and said
+    source = rj.open_rewrite_source(pattern)
+    assert source.columns == ("chatgpt",)
+    assert any(n.startswith(f"--rewrite-data: {tmp_path / 'rw' / 'manifest.json'} is not JSON") for n in source.notes)
 
 
 def test_without_a_manifest_many_footers_are_read_and_the_note_says_how_to_write_one(tmp_path):

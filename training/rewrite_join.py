@@ -197,10 +197,13 @@ def _folder_schemas(folder: str, paths: list[str], listing: dict) -> tuple[dict,
     """path -> schema for the files of one folder: from its manifest where an entry matches the
     file's size and version (a few spot-checked against their footers), else read from the footer
     (concurrently); and the note to print about the manifest (stale or absent), if any."""
+    damaged = None
     try:
         manifest = rewrite_manifest.read(folder)
     except storage.StorageError as e:
         raise ValueError(f"--rewrite-data: {e}") from None
+    except rewrite_manifest.Damaged as e:
+        manifest, damaged = None, str(e)
     names = {p: p.rstrip("/").rsplit("/", 1)[-1] for p in paths}
     trusted, stale = rewrite_manifest.split(manifest, listing, list(names.values()))
     schemas = {p: rewrite_manifest.entry_schema(manifest, trusted[n]) for p, n in names.items() if n in trusted}
@@ -215,7 +218,9 @@ def _folder_schemas(folder: str, paths: list[str], listing: dict) -> tuple[dict,
     unread = [p for p in paths if p not in schemas]
     schemas.update(zip(unread, survey.concurrently(_schema, unread)))
     note = None
-    if manifest is not None and stale:
+    if damaged:
+        note = f"--rewrite-data: {damaged}: the footers were read; {rewrite_manifest.hint(folder)} anew"
+    elif manifest is not None and stale:
         note = (f"--rewrite-data: {rewrite_manifest.MANIFEST} in {folder} does not describe {len(stale)} of "
                 f"{len(paths)} files (e.g. {stale[0][0]}: {stale[0][1]}): their footers were read; "
                 f"{rewrite_manifest.hint(folder)} anew")

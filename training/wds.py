@@ -275,15 +275,16 @@ def _holds_no_member(url: str, meta) -> bool:
     """An empty tar: no bytes, or a first header of zeros (the end-of-archive blocks alone)."""
     if meta.size == 0:
         return True
-    head = survey.read_head(url, 512) if url.startswith(REMOTE_PREFIXES) else None
-    return not head.strip(b"\0") if head is not None else holds_no_member(url)
+    if not storage.is_url(url):
+        return holds_no_member(storage.local_path(url))
+    return not survey.read_head(url, 512).strip(b"\0")
 
 
 def find_empty_tars(found: dict) -> list[str]:
     """The tars (of `found`: url -> FileMeta) that hold no member, their first 512 bytes read
     concurrently: every local tar, and objects of at most EMPTY_TAR_MAX bytes (a larger one holds a
     member unless written with an unusual blocking factor)."""
-    candidates = [u for u, m in found.items() if not u.startswith(REMOTE_PREFIXES) or m.size <= EMPTY_TAR_MAX]
+    candidates = [u for u, m in found.items() if not storage.is_url(u) or m.size <= EMPTY_TAR_MAX]
     empty = survey.concurrently(lambda u: _holds_no_member(u, found[u]), candidates)
     return [u for u, e in zip(candidates, empty) if e]
 
