@@ -48,7 +48,8 @@ from training.architecture import Architecture, architecture
 from training.data import sample_seed
 from training.engine import CosineSchedule, EpochProgress, Trainer, build_optimizer, train_one_epoch
 from training.loaders import TrainLoader, build_loader
-from training.params import RunConfig, get_args_parser, parse, resolve, with_data  # noqa: F401  (get_args_parser: the CLI's)
+from training.params import (RunConfig, get_args_parser, parse, resolve,  # noqa: F401  (get_args_parser: the CLI's)
+                             with_data)
 from training.output_dir import claim_output_dir
 from training.remote_sync import RemoteSync
 from training.rewrite_join import NEW_COUNTS

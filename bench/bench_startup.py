@@ -87,7 +87,8 @@ def start(base: str, n: int, procs: int, env: dict) -> dict:
     from testkit.net import free_port
     last = f"{n - 1:05d}"
     argv = ["--train-data", f"{base}/laion/{{00000..{last}}}.tar", "--train-num-samples", str(2 * procs),
-            "--batch-size", "1", "--workers", "0", "--aug-text", "--rewrite-data", f"{base}/rw/{{00000..{last}}}.parquet",
+            "--batch-size", "1", "--workers", "0", "--aug-text",
+            "--rewrite-data", f"{base}/rw/{{00000..{last}}}.parquet",
             "--model", "CLIP_TINY", "--output-dir", tempfile.gettempdir() + "/bench-startup-unused", "--device", "cpu"]
     port = free_port()
     clean = {k: v for k, v in env.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
@@ -123,8 +124,8 @@ def make_finished(root: Path, base: str, n: int) -> tuple[str, str]:
         pq.write_table(pa.table({"key": keys, "caption": [f"a photo {k}" for k in keys], "status": ["success"] * 2}),
                        src / f"{s:05d}.parquet")
     if storage.is_url(base):
-        concurrently(lambda k: storage.write_bytes(f"{base}/in/{k:05d}.parquet", (src / f"{k:05d}.parquet").read_bytes()),
-                     list(range(n)))
+        names = [f"{k:05d}.parquet" for k in range(n)]
+        concurrently(lambda name: storage.write_bytes(f"{base}/in/{name}", (src / name).read_bytes()), names)
     out = storage.join(base, "out")
     if not storage.is_url(out):
         os.makedirs(out, exist_ok=True)

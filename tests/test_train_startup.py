@@ -152,7 +152,8 @@ START = (
     "import sys\nfrom datetime import timedelta\nfrom common.distributed import init_distributed_mode, "
     "cleanup_distributed\nfrom training import params\n"
     "cfg = params.parse(sys.argv[1:], read_data=False)\ninfo = init_distributed_mode('cpu', timedelta(minutes=2))\n"
-    "cfg = params.with_data(cfg, info.rank)\nprint('shards', len(cfg.stream.urls), 'columns', cfg.stream.rewrites.columns)\n"
+    "cfg = params.with_data(cfg, info.rank)\n"
+    "print('shards', len(cfg.stream.urls), 'columns', cfg.stream.rewrites.columns)\n"
     "cleanup_distributed()\n")
 
 

@@ -213,8 +213,8 @@ def _folder_schemas(folder: str, paths: list[str], listing: dict) -> tuple[dict,
         if footer.remove_metadata() != schemas[path].remove_metadata() or \
                 (METADATA_KEY in (footer.metadata or {})) != (METADATA_KEY in (schemas[path].metadata or {})):
             raise ValueError(f"--rewrite-data: {storage.join(folder, rewrite_manifest.MANIFEST)} says {path} has "
-                             f"columns {', '.join(schemas[path].names)}, its footer says {', '.join(footer.names)}: the "
-                             f"manifest does not describe these files; {rewrite_manifest.hint(folder)} anew")
+                             f"columns {', '.join(schemas[path].names)}, its footer says {', '.join(footer.names)}: "
+                             f"the manifest does not describe these files; {rewrite_manifest.hint(folder)} anew")
     unread = [p for p in paths if p not in schemas]
     schemas.update(zip(unread, survey.concurrently(_schema, unread)))
     note = None
