@@ -35,11 +35,11 @@ class FileMeta:
         return f"{self.size}:{self.version}"
 
 
-def concurrently(fn: Callable[[T], R], items: Sequence[T], threads: int = THREADS) -> list[R]:
+def concurrently(fn: Callable[[T], R], items: Sequence[T], threads: int | None = None) -> list[R]:
     """[fn(x) for x in items], THREADS at a time; the first failure (in item order) is raised."""
     if len(items) <= 1:
         return [fn(x) for x in items]
-    with ThreadPoolExecutor(max_workers=min(threads, len(items))) as pool:
+    with ThreadPoolExecutor(max_workers=min(threads or THREADS, len(items))) as pool:
         return list(pool.map(fn, items))
 
 
