@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import models
-from common.distributed import launched_as_rank0, on_rank0
+from common.distributed import get_rank, launched_as_rank0, on_rank0
 from evaluation.imagenet_folders import imagenet_val, not_evaluated_note
 from evaluation.periodic import plan_jobs
 from models import open_clip_arch
@@ -250,10 +250,9 @@ def resolve(args: argparse.Namespace, read_data: bool = True) -> RunConfig:
     open_clip = _check_open_clip_flags(args)
     data = dataset_type(args)
     if data == "webdataset":
-        check_stream_flags(args)
+        check_stream_flags(args)  # (the shards themselves: with_data; --aug-text-weights against them there)
     else:
         check_csv_args(args)
-    if data != "webdataset":
         _check_text_weights(args, None)
     if args.multi_text and not args.aug_text:
         raise ValueError("--multi-text (LaCLIP-MT) pairs each image with its original and rewritten texts: "
@@ -271,7 +270,7 @@ def resolve(args: argparse.Namespace, read_data: bool = True) -> RunConfig:
     # --remote-sync may have filled --output-dir.
     resume_path(args.resume, args.output_dir)
     config = RunConfig(args, precision, warmup_epochs, data, None, open_clip)
-    return with_data(config, 0) if read_data else config
+    return with_data(config, get_rank()) if read_data else config
 
 
 def with_data(config: RunConfig, rank: int) -> RunConfig:
