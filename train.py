@@ -49,7 +49,8 @@ from training.architecture import Architecture, architecture
 from training.data import sample_seed
 from training.engine import CosineSchedule, EpochProgress, Trainer, build_optimizer, train_one_epoch
 from training.loaders import TrainLoader, build_loader
-from training.params import RunConfig, get_args_parser, parse, resolve  # noqa: F401  (get_args_parser: the CLI's)
+from training.params import (RunConfig, get_args_parser, parse, resolve,  # noqa: F401  (get_args_parser: the CLI's)
+                             with_data)
 from training.output_dir import claim_output_dir
 from training.remote_sync import RemoteSync
 from training.rewrite_join import NEW_COUNTS
@@ -308,7 +309,8 @@ def run(args: RunConfig, info: DistInfo, sync: RemoteSync | None = None) -> list
 
 def main(argv: list[str] | argparse.Namespace | None = None) -> list[dict]:
     """Train; returns one stats dict per epoch run. Raises ValueError on bad flags or files."""
-    args = resolve(argv) if isinstance(argv, argparse.Namespace) else parse(argv)
+    # the shards are looked at once per job, by rank 0 once the group exists (params.with_data)
+    args = resolve(argv, read_data=False) if isinstance(argv, argparse.Namespace) else parse(argv, read_data=False)
     info = init_distributed_mode(args.device, timedelta(minutes=args.dist_timeout))
     locks: list[FileLock] = []
     syncs: list[RemoteSync] = []
@@ -319,6 +321,7 @@ def main(argv: list[str] | argparse.Namespace | None = None) -> list[dict]:
             syncs.append(remote_sync.start(args.remote_sync, args.output_dir, args.claim_timeout))
 
     try:
+        args = with_data(args, info.rank)
         # The main process claims --output-dir before any other work; every rank learns of a refusal.
         on_rank0(claim, info.rank)
         records = run(args, info, syncs[0] if syncs else None)

@@ -36,7 +36,7 @@ from typing import Optional, Union
 
 import braceexpand
 
-from common import storage
+from common import rewrite_manifest, storage, survey
 from common.tar_keys import duplicated_keys, keyed_samples
 from common.tar_stream import is_storage_failure
 from common.rewrite_format import METADATA_KEY, decode_line, read_metadata, shard_stem  # noqa: F401
@@ -106,8 +106,9 @@ def check_shard_flags(pattern: object, output: object, text_key: object) -> tupl
     if shard_suffix(shards[0]) == ".parquet":  # a wrong --text_key or a damaged footer fails now, not hours in:
         # every local footer (cheap); of URLs the first only (two requests per shard would add minutes
         # at LAION's 41k shards: a damaged later shard stops the run when it is reached)
-        for shard in shards if not storage.is_url(str(shards[0])) else shards[:1]:
-            ShardLines(shard, key).check_columns()
+        # (local footers read concurrently: a network file system answers each in milliseconds)
+        survey.concurrently(lambda shard: ShardLines(shard, key).check_columns(),
+                            shards if not storage.is_url(str(shards[0])) else shards[:1])
     if storage.is_url(str(output)):
         return str(pattern), check_output_prefix(str(output), shards), key
     out = Path(storage.local_path(str(output)))
@@ -262,31 +263,74 @@ def read_output_metadata(out: Shard) -> dict:
                           "redo that shard") from None
 
 
-def check_finished(out_dir: Shard, pairs: Iterable[tuple[Shard, Shard]], settings: dict) -> int:
-    """(input shard, output) pairs whose output exists must match; returns how many were checked."""
-    memo, checked = read_memo(out_dir), 0
-    present = set(storage.list_names(str(out_dir)))  # one listing, not a request per shard
-    for shard, out in pairs:
-        if base_name(out) not in present:
-            continue
+def finished_metadata(out_dir: Shard, outputs: list[Shard], listing: dict) -> list[dict]:
+    """The recorded metadata (settings, input) of finished outputs: from OUT/manifest.json where its
+    entry matches the file's size and version in `listing` (two footers spot-checked), else read
+    from the footers, concurrently."""
+    try:
+        manifest = rewrite_manifest.read(str(out_dir))
+    except rewrite_manifest.Damaged:  # the footers are read; the run's end writes it anew
+        manifest = None
+    names = [base_name(o) for o in outputs]
+    trusted, _ = rewrite_manifest.split(manifest, listing, names)
+    found = {n: {"settings": rewrite_manifest.settings_of(manifest, e), "input": e.get("input")}
+             for n, e in trusted.items()}
+    checked = [o for o in outputs if base_name(o) in found]
+    for out in checked[:: max(1, len(checked) // 2)][:2]:
         meta = read_output_metadata(out)
+        if {k: meta.get(k) for k in ("settings", "input")} != found[base_name(out)]:
+            raise ResumeError(f"--output_filename: {storage.join(str(out_dir), rewrite_manifest.MANIFEST)} does not "
+                              f"describe {out} as its footer does; {rewrite_manifest.hint(str(out_dir))} anew")
+    unread = [o for o in outputs if base_name(o) not in found]
+    found.update(zip((base_name(o) for o in unread), survey.concurrently(read_output_metadata, unread)))
+    return [found[n] for n in names]
+
+
+def current_fingerprints(out_dir: Shard, shards: list[Shard], sizes: dict, recorded: list[dict]) -> list[dict]:
+    """Each input's fingerprint now, as far as the comparison needs it: name and size when the size
+    differs from the recorded one, else the full fingerprint (an object's ETag from the listing, a
+    local file's hash from the memo or read again), concurrently."""
+    memo = read_memo(out_dir)
+
+    def now(k: int) -> dict:
+        shard, meta = shards[k], sizes[str(shards[k])]
+        if recorded[k].get("size") != meta.size:
+            return {"name": base_name(shard), "size": meta.size}
+        if isinstance(shard, str):  # the listing's ETag is what a HEAD request would say
+            return {"name": base_name(shard), "size": meta.size, "etag": meta.version}
+        return remembered_fingerprint(out_dir, shard, memo)
+
+    return survey.concurrently(now, list(range(len(shards))))
+
+
+def check_finished(out_dir: Shard, pairs: Iterable[tuple[Shard, Shard]], settings: dict) -> int:
+    """(input shard, output) pairs whose output exists must match; returns how many were checked.
+    One listing of OUT and of each input folder, the manifest or the footers (concurrently), and
+    the local inputs' remembered hashes: no request per shard on object storage with a manifest."""
+    listing = survey.list_meta(str(out_dir))
+    done = [(shard, out) for shard, out in pairs if base_name(out) in listing]
+    if not done:
+        return 0
+    metas = finished_metadata(out_dir, [out for _, out in done], listing)
+    sizes, gone = survey.stat_pattern([str(shard) for shard, _ in done])
+    if gone:
+        raise ResumeError(f"--prompt_filename: {gone[0]} is gone since the run started")
+    recorded = [meta.get("input") or {} for meta in metas]
+    nows = current_fingerprints(out_dir, [shard for shard, _ in done], sizes, recorded)
+    for (shard, out), meta, rec, now in zip(done, metas, recorded, nows):
         if not same_fingerprint(meta.get("settings"), settings):
             raise ResumeError(f"--output_filename: shard {out} was rewritten with other settings: "
                               f"{describe_changes(meta.get('settings') or {}, settings)}; pass --overwrite to "
                               f"redo it with these")
-        recorded, name = meta.get("input") or {}, base_name(shard)
-        size = storage.size(str(shard))
-        now = {"name": name, "size": size} if recorded.get("size") != size else \
-            remembered_fingerprint(out_dir, shard, memo)
-        if any(recorded.get(k) != now[k] for k in now):
+        name, size = base_name(shard), now["size"]
+        if any(rec.get(k) != now[k] for k in now):
             digest = "etag" if "etag" in now else "blake2b"  # an object's ETag, a file's BLAKE2b
-            what = (f"size {recorded.get('size')} then, {size} now" if recorded.get("size") != size
-                    else f"content hash {recorded.get(digest)} then, {now[digest]} now"
-                    if recorded.get("name") == name else f"input {recorded.get('name')} then, {name} now")
+            what = (f"size {rec.get('size')} then, {size} now" if rec.get("size") != size
+                    else f"content hash {rec.get(digest)} then, {now[digest]} now"
+                    if rec.get("name") == name else f"input {rec.get('name')} then, {name} now")
             raise ResumeError(f"--output_filename: shard {out} was rewritten from another {name} ({what}): "
                               "another data set, or a shard downloaded again? Pass --overwrite to redo it")
-        checked += 1
-    return checked
+    return len(done)
 
 
 def check_overwrite_keeps_one_setting(out_dir: Shard, run_outputs: Iterable[Shard], settings: dict) -> None:

@@ -32,7 +32,7 @@ import hashlib
 import json
 from typing import Iterable, Iterator, Optional, Sequence, Union
 
-from common import claims, storage
+from common import claims, rewrite_manifest, storage, survey
 from common.locking import FileLock, describe_holder, lock_path
 from common.rewrite_format import METADATA_KEY
 from rewrite.shard_input import RUN_RECORD, Shard, ShardLines, base_name, remembered_fingerprint, \
@@ -270,6 +270,19 @@ def write_shard(out: Shard, modes: Sequence[str], metadata: dict, lines: Iterabl
     return table.num_rows
 
 
+def write_manifest(out_dir: Shard, listing: dict) -> str:
+    """OUT/manifest.json made anew from the folder's listing (entries still matching kept, other
+    footers read): what a training start reads instead of every footer. A run ends with it; a
+    failure to write it is said, never fatal (training then reads the footers)."""
+    if not any(name.endswith(".parquet") for name in listing):
+        return ""
+    try:
+        rewrite_manifest.write(str(out_dir), listing)
+    except (OSError, ValueError) as e:
+        return f"; {rewrite_manifest.MANIFEST} not written ({e}): {rewrite_manifest.hint(str(out_dir))}"
+    return ""
+
+
 def combine_mode_stats(per_mode: list[list[dict]]) -> dict:
     """A window's counts over its modes: lines, empty and undecodable once; rewrites per mode."""
     rest = sum_stats(s for per_line in per_mode[1:] for s in per_line)
@@ -356,8 +369,9 @@ class ShardUnits:
         lines, stats, skipped = totals.lines, totals.stats, totals.skipped
         rate = f"{lines / seconds:.2f} samples/s, {totals.tokens / seconds:.1f} generated tokens/s" \
             if lines and seconds else ""
-        names = set(storage.list_names(str(self.out_dir)))  # one listing, not a request per shard
-        finished = sum(base_name(self.output(u)) in names for u in range(self.count))
+        listing = survey.list_meta(str(self.out_dir))  # one listing, not a request per shard
+        finished = sum(base_name(self.output(u)) in listing for u in range(self.count))
+        manifest = write_manifest(self.out_dir, listing)
         left = self.count - finished
         return (f"done: {finished} of {self.count} shards finished in {self.out_dir}"
                 + (f" ({left} still held by another run or unfinished: rerun the same command to complete them)"
@@ -367,4 +381,4 @@ class ShardUnits:
                   f"empty captions, {stats['truncated']} prompts truncated, {stats['undecodable']} with undecodable "
                   f"bytes; skipped {dict(skipped) or 'none'}; {seconds:.1f} s"
                 + (f" for {lines} of those samples (the others were committed before a resume)"
-                   if lines != stats["lines"] else "") + (", " + rate if rate else ""))
+                   if lines != stats["lines"] else "") + (", " + rate if rate else "") + manifest)

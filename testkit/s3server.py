@@ -12,7 +12,7 @@ import logging
 import os
 import uuid
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 
 from testkit.net import free_port
@@ -32,6 +32,13 @@ CLEARED = ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_ROLE_A
 @dataclass(frozen=True)
 class S3Server:
     endpoint: str
+    # (method, path, query) of every request the in-process server answered, in order (tests and
+    # benchmarks count start-up requests with it; a child-process server records none)
+    requests: list = field(default_factory=list, compare=False, repr=False)
+
+    def count_since(self, mark: int, bucket: str = "") -> int:
+        """Requests answered since len(requests) was `mark` (to `bucket` only, when given)."""
+        return sum(1 for _, path, _ in self.requests[mark:] if not bucket or path.lstrip("/").startswith(bucket))
 
     def env(self) -> dict:
         """What a client process needs in its environment to use this server."""
@@ -93,8 +100,9 @@ def running_s3_server(own_process: bool = False) -> Iterator[S3Server]:
     both on exit. own_process: run it as a child process (benchmarks: the server then does not
     share this process's interpreter lock with the code being measured)."""
     port = free_port()
-    stop = _start_thread(port) if not own_process else _start_process(port)
-    s3 = S3Server(f"http://127.0.0.1:{port}")
+    requests: list = []
+    stop = _start_thread(port, requests) if not own_process else _start_process(port)
+    s3 = S3Server(f"http://127.0.0.1:{port}", requests)
     saved = {k: os.environ.get(k) for k in (*s3.env(), *CLEARED)}
     for k in CLEARED:
         os.environ.pop(k, None)
@@ -112,12 +120,29 @@ def running_s3_server(own_process: bool = False) -> Iterator[S3Server]:
         forget_filesystems()
 
 
-def _start_thread(port: int):
-    from moto.server import ThreadedMotoServer
+def _start_thread(port: int, requests: list):
+    """moto's server app on a werkzeug thread server (as moto's ThreadedMotoServer runs it), each
+    request recorded in `requests` first."""
+    import threading
+    from moto.server import DomainDispatcherApplication, create_backend_app
+    from werkzeug.serving import make_server
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    return server.stop
+    app = DomainDispatcherApplication(create_backend_app)
+
+    def recorded(environ, start_response):
+        requests.append((environ.get("REQUEST_METHOD", ""), environ.get("PATH_INFO", ""),
+                         environ.get("QUERY_STRING", "")))  # list.append: atomic across threads
+        return app(environ, start_response)
+
+    server = make_server("127.0.0.1", port, recorded, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+
+    def stop() -> None:
+        server.shutdown()
+        thread.join()
+
+    return stop
 
 
 def _start_process(port: int):

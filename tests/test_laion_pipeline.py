@@ -73,7 +73,8 @@ def test_two_groups_killed_and_resumed_equal_one_process(laion, tmp_path):
     assert "done: 8 of 8 shards finished" in done.stdout, done.stdout
     names = sorted(p.name for p in laion["one"].glob("*.parquet"))
     # no part, lock or temp file; the inputs' remembered hashes (rewrite/shard_input.py)
-    assert sorted(p.name for p in out.iterdir()) == sorted(names + ["rewrite.json", "input_fingerprints.jsonl"])
+    assert sorted(p.name for p in out.iterdir()) == sorted(names + ["rewrite.json", "input_fingerprints.jsonl",
+                                                                        "manifest.json"])
     for name in names:
         assert pq.read_table(out / name).equals(pq.read_table(laion["one"] / name)), name
         assert read_metadata(out / name) == read_metadata(laion["one"] / name)

@@ -70,7 +70,8 @@ def same_as_local(laion, out: str) -> None:
     """Every shard's table equals the local run's; so do its settings, counts and skips (the
     input fingerprint differs by design: an object's ETag, a file's BLAKE2b)."""
     names = sorted(p.name for p in laion["local"].glob("*.parquet"))
-    assert sorted(n for n in storage.list_names(out)) == sorted(names + ["rewrite.json"])  # no part, claim
+    # no part, claim; the run's manifest (common/rewrite_manifest.py)
+    assert sorted(n for n in storage.list_names(out)) == sorted(names + ["rewrite.json", "manifest.json"])
     for name in names:
         data = storage.read_bytes(storage.join(out, name))
         table = pq.read_table(pa.BufferReader(data))

@@ -44,7 +44,12 @@ def tables(out: Path) -> dict[str, list[dict]]:
 def test_one_keyed_parquet_per_shard_in_every_mode(setup):
     out = setup["reference"]
     assert sorted(p.name for p in out.iterdir()) == [f"{s:05d}.parquet" for s in range(4)] + \
-        ["input_fingerprints.jsonl", RUN_RECORD]  # the inputs' hashes, remembered (rewrite/shard_input.py)
+        ["input_fingerprints.jsonl", "manifest.json", RUN_RECORD]  # the inputs' hashes, remembered
+    # (rewrite/shard_input.py); what every output holds, for a training start (common/rewrite_manifest.py)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert sorted(manifest["files"]) == [f"{s:05d}.parquet" for s in range(4)]
+    assert manifest["files"]["00003.parquet"]["rows"] == 4
+    assert manifest["settings"] == [json.loads((out / RUN_RECORD).read_text())["settings"]]
     rows = tables(out)
     assert pq.read_schema(out / "00000.parquet").names == ["key", "caption", "chatgpt", "bard"]
     assert [r["key"] for r in rows["00003.parquet"]] == [sf.key_of(3, i) for i in (0, 1, 3, 4)]  # 2: not downloaded

@@ -18,11 +18,12 @@ import braceexpand
 import torch
 from torch.utils.data import DataLoader
 
-from common import storage
+from common import storage, survey
 from common.distributed import DistInfo, on_every_rank
 from training.data import CaptionImageDataset, EpochSampler, check_root, train_transform
 from training.rewrite_join import DEFAULT_MISMATCH_LIMIT, MISMATCH, MismatchGuard, open_rewrite_source
-from training.wds import COUNT_KEYS, ShardStream, StreamSpec, empty_note, start_notes, without_empty_tars
+from training.wds import COUNT_KEYS, ShardStream, StreamSpec, empty_note, start_notes, survey_stream, \
+    without_empty_tars
 
 UNCHECKED = ("pipe:", "http://", "https://")  # webdataset opens these itself (s3:// etc. go through fsspec)
 WDS_ONLY = ("train_num_samples", "dataset_resampled", "rewrite_data", "rewrite_json_keys", "rewrite_columns",
@@ -107,9 +108,11 @@ class ShardLoader(EpochBatches):
     out: what the next epoch, or a resumed run, starts from."""
     count_keys = COUNT_KEYS
 
-    def __init__(self, stream: ShardStream, loader: DataLoader, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(self, stream: ShardStream, loader: DataLoader, rank: int = 0, world_size: int = 1,
+                 override: bool = False) -> None:
         super().__init__(loader, [], stream.batches * stream.batch_size * world_size, stream.batches)
         self.stream, self.rank, self.world_size = stream, rank, world_size
+        self.override = override  # --resume-override: a changed shard inside an epoch is noted, not refused
         self.seen: dict[int, tuple[int, int, int]] = {}  # worker -> (pass, shard, sample) read so far
         self.drawn: dict[int, tuple[int, int]] = {}  # worker -> (samples drawn from its shuffle buffer, emitted)
         rewrites = stream.spec.rewrites
@@ -144,11 +147,26 @@ class ShardLoader(EpochBatches):
                 raise ValueError(f"the checkpoint is inside epoch {epoch} with data positions for {saved.get('layout')} "
                                  f"processes x --workers (or another shard list); this run has {layout}: rerun with "
                                  f"the checkpoint's --workers, processes and --train-data")
+            self._check_same_files(saved, epoch)
             self.stream.starts = {w: tuple(s) for w, s in enumerate(saved["epoch_starts"][self.rank])}
             self.stream.replay = {w: tuple(d) for w, d in enumerate(saved["drawn"][self.rank])}
             self.drawn = dict(self.stream.replay)
             # a worker that had emitted its share before the checkpoint emits nothing more: keep where it was
             self.seen = {w: tuple(s) for w, s in enumerate(saved["starts"][self.rank])}
+
+    def _check_same_files(self, saved: dict, epoch: int) -> None:
+        """Inside an epoch the positions count samples of the files as they were: a shard or rewrite
+        file replaced since (another size or version) is refused, naming it (--resume-override: noted)."""
+        changed = changed_files(saved.get("versions"), self.stream.spec.identity())
+        if not changed:
+            return
+        what = (f"{changed[0]}{f' and {len(changed) - 1} more' if len(changed) > 1 else ''} changed since the "
+                f"checkpoint inside epoch {epoch} was written")
+        if not self.override:
+            raise ValueError(f"{what}: the saved positions count its samples as they were, so resuming would skip or "
+                             "repeat samples; put the file back, or pass --resume-override to go on regardless")
+        if self.rank == 0:
+            print(f"=> note: {what}; --resume-override: going on (samples of it may be skipped or repeated)")
 
     def state(self) -> dict:
         """Also every rank's next start positions, rank order (a collective); for a mid-epoch
@@ -156,8 +174,9 @@ class ShardLoader(EpochBatches):
         gathered = on_every_rank(lambda: ({**self.stream.starts, **self.seen}, self.stream.starts, self.drawn),
                                  self.world_size)
         workers = range(self.stream.workers)
+        identity = self.stream.spec.identity()
         return {**super().state(), "layout": [self.world_size, self.stream.workers],
-                "shards": self.stream.spec.fingerprint(),
+                "shards": self.stream.spec.fingerprint(), **({"versions": identity} if identity else {}),
                 "starts": [[list(g[0].get(w, (0, 0, 0))) for w in workers] for g in gathered],
                 "epoch_starts": [[list(g[1].get(w, (0, 0, 0))) for w in workers] for g in gathered],
                 "drawn": [[list(g[2].get(w, (0, 0))) for w in workers] for g in gathered]}
@@ -175,7 +194,19 @@ class ShardLoader(EpochBatches):
             return (f"the checkpoint's data positions are for {state.get('layout')} ranks x workers or another "
                     f"shard list; this run has {layout}: its workers start pass {first[0]} from the beginning")
         self.stream.starts = {w: tuple(s) for w, s in enumerate(state["starts"][self.rank])}
+        changed = changed_files(state.get("versions"), self.stream.spec.identity())
+        if changed:  # at an epoch end the next pass reads it as it is; inside an epoch set_epoch refuses
+            return (f"{changed[0]}{f' and {len(changed) - 1} more' if len(changed) > 1 else ''} changed since the "
+                    "checkpoint was written")
         return None
+
+
+def changed_files(saved: Optional[dict], now: dict) -> list[str]:
+    """Files of a checkpoint's `versions` ("size:version" by file) that differ now or are gone, each
+    named with both values; none when either side does not know (older checkpoints, pipe: URLs)."""
+    if not saved or not now:
+        return []
+    return [f"{f} (size:version {tag} then, {now.get(f, 'gone')} now)" for f, tag in saved.items() if now.get(f) != tag]
 
 
 def dataset_type(args: argparse.Namespace) -> str:
@@ -202,25 +233,8 @@ def check_csv_args(args: argparse.Namespace) -> None:
             raise ValueError(f"--augmented_caption_filelist: file {path!r} does not exist")
 
 
-def missing_shards(pattern: str, urls: list[str]) -> list[str]:
-    """Shards of --train-data that do not exist: local files and fsspec URLs (s3://, gs://: one
-    listing per prefix) are checked; pipe: and http(s):// are webdataset's to open."""
-    if any(u.startswith(UNCHECKED) for u in urls):
-        return []
-    try:
-        return storage.expand(pattern)[1]
-    except storage.StorageError as e:
-        raise ValueError(f"--train-data: {e}") from None
-
-
-def resolve_stream(args: argparse.Namespace) -> StreamSpec:
-    """The shard list, epoch size and rewrite sources of a webdataset run (every rewrite file's footer
-    is read: call once per process)."""
-    urls = list(braceexpand.braceexpand(args.train_data or ""))
-    missing = missing_shards(args.train_data, urls)
-    if not urls or missing:
-        raise ValueError(f"--train-data {args.train_data!r}: {len(missing)} of {len(urls)} shards not found, "
-                         f"e.g. {missing[0] if missing else '(none given)'}")
+def check_stream_flags(args: argparse.Namespace) -> None:
+    """The webdataset flags' checks that read no file (every process runs them, before any group)."""
     if args.train_num_samples is None or args.train_num_samples < 1:
         raise ValueError("--train-num-samples N is required with --dataset-type webdataset: the samples of one "
                          "epoch over all processes (a shard list does not say how many it holds)")
@@ -234,11 +248,48 @@ def resolve_stream(args: argparse.Namespace) -> StreamSpec:
         raise ValueError(f"--rewrite-mismatch-limit is a share of an epoch's samples, 0 to 1; got {limit}")
     if args.rewrite_columns and not args.rewrite_data:
         raise ValueError("--rewrite-columns names columns of the --rewrite-data files; give --rewrite-data")
-    rewrites = open_rewrite_source(args.rewrite_data, tuple(args.rewrite_json_keys), tuple(args.rewrite_columns),
-                                   tuple(urls), limit) if args.aug_text else None
+
+
+def list_shards(pattern: str, urls: list[str], listings: Optional[dict] = None) -> dict:
+    """url -> FileMeta (size, version) of the shards of --train-data (local files stat-ed, fsspec URLs
+    from one listing per prefix); a missing one stops the run. pipe: and http(s):// are webdataset's
+    to open: {} (not known)."""
+    if any(u.startswith(UNCHECKED) for u in urls):
+        return {}
+    try:
+        found, missing = survey.stat_pattern(urls, listings)
+    except storage.StorageError as e:
+        raise ValueError(f"--train-data: {e}") from None
+    if not urls or missing:
+        raise ValueError(f"--train-data {pattern!r}: {len(missing)} of {len(urls)} shards not found, "
+                         f"e.g. {missing[0] if missing else '(none given)'}")
+    return found
+
+
+def read_stream(args: argparse.Namespace) -> StreamSpec:
+    """The shard list, epoch size and rewrite sources of a webdataset run, with what start-up learns of
+    every file (listings, empty tars, rewrite schemas, sample counts; concurrent reads): run once per
+    job, on rank 0 (training/params.py hands the result to the other processes)."""
+    urls = list(braceexpand.braceexpand(args.train_data or ""))
+    if not urls:
+        raise ValueError(f"--train-data {args.train_data!r}: 0 of 0 shards not found, e.g. (none given)")
+    limit = DEFAULT_MISMATCH_LIMIT if args.rewrite_mismatch_limit is None else args.rewrite_mismatch_limit
+    listings: dict = {}  # the tars' folder listings, which also tell the sample-count files apart
+    # the two folders are looked at side by side: on object storage each is a paged listing
+    found, rewrites = survey.concurrently(lambda task: task(), [
+        lambda: list_shards(args.train_data, urls, listings),
+        lambda: open_rewrite_source(args.rewrite_data, tuple(args.rewrite_json_keys), tuple(args.rewrite_columns),
+                                    tuple(urls), limit) if args.aug_text else None])
     weights = args.aug_text_weights
-    return StreamSpec(tuple(urls), args.train_num_samples, args.dataset_resampled, rewrites, args.multi_text,
+    spec = StreamSpec(tuple(urls), args.train_num_samples, args.dataset_resampled, rewrites, args.multi_text,
                       args.seed, tuple(weights) if weights else None)
+    return survey_stream(spec, found, listings)
+
+
+def resolve_stream(args: argparse.Namespace) -> StreamSpec:
+    """check_stream_flags, then read_stream: one process's whole look at the shards."""
+    check_stream_flags(args)
+    return read_stream(args)
 
 
 def _data_loader(dataset, args: argparse.Namespace, info: DistInfo, **kw) -> DataLoader:
@@ -259,7 +310,8 @@ def build_shard_loader(args, info: DistInfo, tokenizer, transform=None) -> Shard
                          f"({info.world_size} x {max(1, args.workers)}): some readers would have none. Use fewer "
                          "--workers, more shards, or --dataset-resampled")
     stream = ShardStream(spec, transform or train_transform(), tokenizer, args.batch_size, info.world_size, args.workers)
-    loader = ShardLoader(stream, _data_loader(stream, args, info), info.rank, info.world_size)
+    loader = ShardLoader(stream, _data_loader(stream, args, info), info.rank, info.world_size,
+                         override=args.resume_override)
     loader.notes += empty_note(empty) + start_notes(spec)  # empty tars, rewrite coverage, passes per epoch
     return loader
 

@@ -2,24 +2,29 @@
 which checks every flag and file in one pass, before any model or process group exists, and never
 changes `args`. LaCLIP's README spellings and open_clip_train's are accepted as aliases (listed in
 --help); any other open_clip_train flag is refused by name (`refuse_unknown_flags`), never ignored.
-The shard list and the rewrite files' footers are read here, once per process: the loader gets them
-in `RunConfig.stream`.
+
+The shards' look (listings, empty tars, rewrite schemas, sample counts: `loaders.read_stream`) is
+the one part that reads storage per shard, so it is done once per job: train.py resolves with
+`read_data=False`, joins the process group, and `with_data` reads it on rank 0 alone and hands the
+result (`RunConfig.stream`) to the other processes, which read nothing at start. Called alone,
+`resolve(args)` does both in one process.
 """
 from __future__ import annotations
 
 import argparse
 import ast
+import dataclasses
 import math
 import os
 from dataclasses import dataclass
 from typing import Any, Optional
 
 import models
-from common.distributed import launched_as_rank0
+from common.distributed import get_rank, launched_as_rank0, on_rank0
 from evaluation.imagenet_folders import imagenet_val, not_evaluated_note
 from evaluation.periodic import plan_jobs
 from models import open_clip_arch
-from training.loaders import check_csv_args, dataset_type, resolve_stream
+from training.loaders import check_csv_args, check_stream_flags, dataset_type, read_stream
 from training.train_state import resume_path
 from training.wds import StreamSpec
 
@@ -238,13 +243,17 @@ def _check_numbers(args: argparse.Namespace, warmup_epochs: Optional[int]) -> No
         raise ValueError(f"--claim-timeout must be > 0 seconds, got {args.claim_timeout:g}")
 
 
-def resolve(args: argparse.Namespace) -> RunConfig:
-    """Every check that needs no model, in one pass: errors name the flag and the file."""
+def resolve(args: argparse.Namespace, read_data: bool = True) -> RunConfig:
+    """Every check that needs no model, in one pass: errors name the flag and the file.
+    read_data=False: the shards are not looked at yet (`with_data` does it once per job)."""
     precision, warmup_epochs = _precision(args), _warmup_epochs(args)
     open_clip = _check_open_clip_flags(args)
     data = dataset_type(args)
-    stream = resolve_stream(args) if data == "webdataset" else check_csv_args(args)
-    _check_text_weights(args, stream)
+    if data == "webdataset":
+        check_stream_flags(args)  # (the shards themselves: with_data; --aug-text-weights against them there)
+    else:
+        check_csv_args(args)
+        _check_text_weights(args, None)
     if args.multi_text and not args.aug_text:
         raise ValueError("--multi-text (LaCLIP-MT) pairs each image with its original and rewritten texts: "
                          "it needs --aug-text and the rewrites")
@@ -260,7 +269,19 @@ def resolve(args: argparse.Namespace) -> RunConfig:
     # An explicit --resume must exist; which file a run resumes from is settled at set-up, after
     # --remote-sync may have filled --output-dir.
     resume_path(args.resume, args.output_dir)
-    return RunConfig(args, precision, warmup_epochs, data, stream, open_clip)
+    config = RunConfig(args, precision, warmup_epochs, data, None, open_clip)
+    return with_data(config, get_rank()) if read_data else config
+
+
+def with_data(config: RunConfig, rank: int) -> RunConfig:
+    """The config with the shards' look (`RunConfig.stream`), read by global rank 0 and sent to every
+    process of the group (its error, too: every rank stops with the same line); one process without
+    a group reads it itself. A CSV run, or a config that has it, is returned as it is."""
+    if config.data != "webdataset" or config.stream is not None:
+        return config
+    stream = on_rank0(lambda: read_stream(config.args), rank)
+    _check_text_weights(config.args, stream)
+    return dataclasses.replace(config, stream=stream)
 
 
 def open_clip_train_flags() -> set[str]:
@@ -291,7 +312,7 @@ def refuse_unknown_flags(unknown: list[str]) -> None:
     raise ValueError(f"refused: {', '.join(lines)}; `python train.py --help` lists the flags")
 
 
-def parse(argv: list[str] | None = None) -> RunConfig:
+def parse(argv: list[str] | None = None, read_data: bool = True) -> RunConfig:
     args, unknown = get_args_parser().parse_known_args(argv)
     refuse_unknown_flags(unknown)  # open_clip_train's flags are named as such
-    return resolve(args)
+    return resolve(args, read_data)

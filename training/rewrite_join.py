@@ -33,7 +33,7 @@ import logging
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-from common import storage
+from common import rewrite_manifest, storage, survey
 from common.rewrite_format import METADATA_KEY, decode_line, read_schema, shard_stem
 
 NOT_REWRITES = ("key", "caption")
@@ -41,6 +41,8 @@ MISMATCH, DUPLICATE, MISSING = "rewrite_caption_mismatch", "duplicate_key", "mis
 NON_UTF8 = "non_utf8_captions"
 NEW_COUNTS = (MISMATCH, DUPLICATE, NON_UTF8)  # logged only when not zero (older logs stay as they were)
 DEFAULT_MISMATCH_LIMIT = 0.01
+MANIFEST_HINT_AT = 100  # footers read at start from which the note suggests writing a manifest
+SPOT_CHECKS = 2  # footers read to check a manifest's entries against the files they describe
 
 log = logging.getLogger(__name__)
 
@@ -92,12 +94,14 @@ def _rewrite_columns(path: str, schema, given: Sequence[str]) -> tuple[str, ...]
     return columns
 
 
-def read_rewrite_columns(paths: Sequence[str], given: Sequence[str] = ()) -> RewriteColumns:
-    """Every file's footer: the rewriter's metadata (or --rewrite-columns), string columns, one column set."""
+def read_rewrite_columns(paths: Sequence[str], given: Sequence[str] = (), schemas: Optional[Sequence] = None) \
+        -> RewriteColumns:
+    """Every file's footer (or `schemas`, one per path: from a manifest or read concurrently): the
+    rewriter's metadata (or --rewrite-columns), string columns, one column set."""
     first: Optional[tuple[str, tuple[str, ...]]] = None
     captions = True
-    for path in paths:
-        schema = _schema(path)
+    for k, path in enumerate(paths):
+        schema = _schema(path) if schemas is None else schemas[k]
         columns = _rewrite_columns(path, schema, given)
         captions = captions and "caption" in schema.names
         if first is None:
@@ -189,6 +193,57 @@ class MismatchGuard:
                              f"in {path}. Are these rewrites of another data set or an earlier download?")
 
 
+def _folder_schemas(folder: str, paths: list[str], listing: dict) -> tuple[dict, Optional[str]]:
+    """path -> schema for the files of one folder: from its manifest where an entry matches the
+    file's size and version (a few spot-checked against their footers), else read from the footer
+    (concurrently); and the note to print about the manifest (stale or absent), if any."""
+    damaged = None
+    try:
+        manifest = rewrite_manifest.read(folder)
+    except storage.StorageError as e:
+        raise ValueError(f"--rewrite-data: {e}") from None
+    except rewrite_manifest.Damaged as e:
+        manifest, damaged = None, str(e)
+    names = {p: p.rstrip("/").rsplit("/", 1)[-1] for p in paths}
+    trusted, stale = rewrite_manifest.split(manifest, listing, list(names.values()))
+    schemas = {p: rewrite_manifest.entry_schema(manifest, trusted[n]) for p, n in names.items() if n in trusted}
+    checked = [p for p in paths if p in schemas]
+    for path in checked[:: max(1, len(checked) // SPOT_CHECKS)][:SPOT_CHECKS]:
+        footer = _schema(path)
+        if footer.remove_metadata() != schemas[path].remove_metadata() or \
+                (METADATA_KEY in (footer.metadata or {})) != (METADATA_KEY in (schemas[path].metadata or {})):
+            raise ValueError(f"--rewrite-data: {storage.join(folder, rewrite_manifest.MANIFEST)} says {path} has "
+                             f"columns {', '.join(schemas[path].names)}, its footer says {', '.join(footer.names)}: "
+                             f"the manifest does not describe these files; {rewrite_manifest.hint(folder)} anew")
+    unread = [p for p in paths if p not in schemas]
+    schemas.update(zip(unread, survey.concurrently(_schema, unread)))
+    note = None
+    if damaged:
+        note = f"--rewrite-data: {damaged}: the footers were read; {rewrite_manifest.hint(folder)} anew"
+    elif manifest is not None and stale:
+        note = (f"--rewrite-data: {rewrite_manifest.MANIFEST} in {folder} does not describe {len(stale)} of "
+                f"{len(paths)} files (e.g. {stale[0][0]}: {stale[0][1]}): their footers were read; "
+                f"{rewrite_manifest.hint(folder)} anew")
+    elif manifest is None and len(unread) >= MANIFEST_HINT_AT:
+        note = (f"--rewrite-data: no {rewrite_manifest.MANIFEST} in {folder}: {len(unread)} parquet footers were read "
+                f"at start; {rewrite_manifest.hint(folder)}, so that a start reads one object")
+    return schemas, note
+
+
+def rewrite_schemas(paths: list[str], found: dict) -> tuple[list, tuple[str, ...]]:
+    """The schema of every path (in order) and the manifest notes, folder by folder."""
+    folders: dict[str, list[str]] = {}
+    for p in paths:
+        folders.setdefault(p.rstrip("/").rsplit("/", 1)[0] if "/" in p else ".", []).append(p)
+    schemas, notes = {}, []
+    for folder, inside in folders.items():
+        listing = {p.rstrip("/").rsplit("/", 1)[-1]: found[p] for p in inside}
+        got, note = _folder_schemas(folder, inside, listing)
+        schemas.update(got)
+        notes += [note] if note else []
+    return [schemas[p] for p in paths], tuple(notes)
+
+
 @dataclass(frozen=True)
 class RewriteSource:
     files: dict  # shard name -> rewrite parquet path
@@ -197,6 +252,7 @@ class RewriteSource:
     missing: tuple[str, ...] = ()  # files of the pattern that do not exist (yet): their shards train on originals
     notes: tuple[str, ...] = ()  # printed at start-up: the columns used, what the files do not cover
     mismatch_limit: float = DEFAULT_MISMATCH_LIMIT  # share of an epoch's samples with a foreign rewrite that stops
+    versions: Optional[dict] = None  # rewrite file -> "size:version" at start (common/survey.py), for resumes
 
     @property
     def slots(self) -> int:
@@ -209,14 +265,16 @@ def open_rewrite_source(pattern: Optional[str], json_keys: tuple[str, ...] = (),
                         mismatch_limit: float = DEFAULT_MISMATCH_LIMIT) -> RewriteSource:
     """Check --rewrite-data at start-up: some files exist (a few missing ones, say shards the
     rewriter has not finished, are reported and their samples counted), names are unique, every
-    file's footer passes read_rewrite_columns (--rewrite-columns: the columns to use)."""
+    file's schema passes read_rewrite_columns (--rewrite-columns: the columns to use). The schemas
+    come from the folder's manifest.json where it matches the listing, else from the footers, read
+    concurrently (common/survey.py)."""
     if not pattern:
         return RewriteSource({}, (), tuple(json_keys), mismatch_limit=mismatch_limit)
     try:
-        paths, missing_list = storage.expand(pattern)  # local files, or one listing per s3:// prefix
+        found, missing_list = survey.stat_pattern(pattern)  # local files, or one listing per s3:// prefix
     except storage.StorageError as e:
         raise ValueError(f"--rewrite-data: {e}") from None
-    missing = tuple(missing_list)
+    paths, missing = list(found), tuple(missing_list)
     if not paths:
         raise ValueError(f"--rewrite-data {pattern}: {len(missing)} of {len(missing)} files not found, e.g. "
                          f"{missing[0]}")
@@ -224,11 +282,13 @@ def open_rewrite_source(pattern: Optional[str], json_keys: tuple[str, ...] = (),
     if len(files) != len(paths):
         raise ValueError(f"--rewrite-data {pattern}: two files share a shard name; each tar finds its rewrites "
                          "by name (laion/00012.tar <-> out/00012.parquet)")
-    check = read_rewrite_columns(paths, columns)
+    schemas, manifest_notes = rewrite_schemas(paths, found)
+    check = read_rewrite_columns(paths, columns, schemas)
     named = set(files) | {shard_stem(m) for m in missing}  # missing files of the pattern are noted apart
     cover = coverage_note(len(tar_urls), [u for u in tar_urls if shard_stem(u) not in named])
-    notes = check.notes + ((cover,) if cover else ())
-    return RewriteSource(files, check.columns, tuple(json_keys), missing, notes, mismatch_limit)
+    notes = check.notes + ((cover,) if cover else ()) + manifest_notes
+    return RewriteSource(files, check.columns, tuple(json_keys), missing, notes, mismatch_limit,
+                         {p: found[p].tag() for p in paths})
 
 
 def load_shard_rewrites(source: RewriteSource, url: str) -> Optional[ShardRewrites]:

@@ -35,7 +35,6 @@ import dataclasses
 import hashlib
 import io
 import itertools
-import json
 import logging
 import math
 import os
@@ -51,6 +50,7 @@ from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from common.images import IMAGE_EXTENSIONS
+from common import storage, survey
 from common.storage import StorageError
 from common.tar_keys import duplicated_keys, holds_no_member, keyed_samples
 from common.tar_stream import is_storage_failure
@@ -87,10 +87,22 @@ class StreamSpec:
     multi_text: bool
     seed: int
     text_weights: Optional[tuple[float, ...]] = None  # --aug-text-weights; None: uniform pick
+    # What the start-up survey (survey_stream, once per job) found; `surveyed` False: not run (a spec
+    # made by hand), and the loader asks the files itself.
+    versions: Optional[dict] = None  # shard -> "size:version" (common/survey.py); None: not known
+    empty: tuple[str, ...] = ()  # empty tars, already left out of `urls`
+    known_samples: Optional[tuple[int, str]] = None  # (samples the shards hold, where from) when every count is known
+    surveyed: bool = False
 
     def fingerprint(self) -> str:
         """Identifies the shard list, so saved positions are only reused for the same one."""
         return hashlib.blake2b("\n".join(self.urls).encode(), digest_size=8).hexdigest()
+
+    def identity(self) -> dict:
+        """Every shard's and rewrite file's "size:version" at start: a file replaced under the same
+        name inside an epoch is told apart ({} when not known)."""
+        rewrites = (self.rewrites.versions if self.rewrites else None) or {}
+        return {**(self.versions or {}), **rewrites}
 
 
 class ShardStream(IterableDataset):
@@ -253,11 +265,49 @@ class ShardStream(IterableDataset):
 # ---- start-up ----
 
 REMOTE_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://")  # webdataset opens these itself
+UNCOUNTED = ("pipe:", "http://", "https://")  # no listing: sample counts unknown
+
+
+EMPTY_TAR_MAX = 10240  # an object this small may be an empty tar (tar pads archives to 10240 bytes)
+
+
+def _holds_no_member(url: str, meta) -> bool:
+    """An empty tar: no bytes, or a first header of zeros (the end-of-archive blocks alone)."""
+    if meta.size == 0:
+        return True
+    if not storage.is_url(url):
+        return holds_no_member(storage.local_path(url))
+    return not survey.read_head(url, 512).strip(b"\0")
+
+
+def find_empty_tars(found: dict) -> list[str]:
+    """The tars (of `found`: url -> FileMeta) that hold no member, their first 512 bytes read
+    concurrently: every local tar, and objects of at most EMPTY_TAR_MAX bytes (a larger one holds a
+    member unless written with an unusual blocking factor)."""
+    candidates = [u for u, m in found.items() if not storage.is_url(u) or m.size <= EMPTY_TAR_MAX]
+    empty = survey.concurrently(lambda u: _holds_no_member(u, found[u]), candidates)
+    return [u for u, e in zip(candidates, empty) if e]
+
+
+def survey_stream(spec: StreamSpec, found: dict, listings: Optional[dict] = None) -> StreamSpec:
+    """The spec with what start-up learns of every shard, once per job (rank 0, training/params.py):
+    the shards' sizes and versions (`found`, from the listing), empty tars left out, the sample
+    counts when known. Reads run concurrently (common/survey.py)."""
+    empty = find_empty_tars(found) if found else []
+    if len(empty) == len(spec.urls):
+        raise ValueError(f"--train-data: all {len(empty)} shards are empty tars (e.g. {empty[0]})")
+    gone = set(empty)
+    urls = tuple(u for u in spec.urls if u not in gone)
+    versions = {u: found[u].tag() for u in urls} if found else None
+    return dataclasses.replace(spec, urls=urls, versions=versions, empty=tuple(empty),
+                               known_samples=known_sample_count(urls, listings), surveyed=True)
 
 
 def without_empty_tars(spec: StreamSpec) -> tuple[StreamSpec, list[str]]:
     """(the spec without the local tars that hold no member, those tars): a loader worker with
-    only empty shards would fail with a worker traceback."""
+    only empty shards would fail with a worker traceback. A surveyed spec has them out already."""
+    if spec.surveyed:
+        return spec, list(spec.empty)
     empty = [u for u in spec.urls if not u.startswith(REMOTE_PREFIXES) and holds_no_member(u)]
     if not empty:
         return spec, []
@@ -271,32 +321,38 @@ def empty_note(empty: list[str]) -> list[str]:
     return [f"{len(empty)} --train-data shards are empty tars (e.g. {empty[0]}): left out"] if empty else []
 
 
-def _read_json(path: str):
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
-
-
-def known_sample_count(urls: tuple[str, ...]) -> tuple[int, str] | None:
+def known_sample_count(urls: tuple[str, ...], listings: Optional[dict] = None) -> tuple[int, str] | None:
     """(samples, where from) when every shard's count is known: img2dataset's NNNNN_stats.json
-    ("successes") beside each tar, or a sizes.json ({"NNNNN.tar": n}) in its folder."""
-    total, sources, sizes = 0, set(), {}
-    for url in urls:
-        if url.startswith(REMOTE_PREFIXES):
-            return None
-        folder, name = os.path.split(url)
-        stats = os.path.join(folder, name[: -len(".tar")] + "_stats.json")
-        try:
-            if os.path.isfile(stats):
-                total += int(_read_json(stats)["successes"])
-                sources.add("_stats.json")
-                continue
-            if folder not in sizes:
-                path = os.path.join(folder, "sizes.json")
-                sizes[folder] = _read_json(path) if os.path.isfile(path) else {}
-            total += int(sizes[folder][name])
-            sources.add("sizes.json")
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
+    ("successes") beside each tar, or a sizes.json ({"NNNNN.tar": n}) in its folder. One listing
+    per folder tells which exist (`listings`: folder -> names, already listed); those read are read
+    concurrently."""
+    if any(u.startswith(UNCOUNTED) for u in urls):
+        return None
+    listed: dict[str, set] = {}
+    sizes: dict[str, dict] = {}
+    stats: list[str] = []
+    try:
+        for url in urls:
+            folder, name = url.rsplit("/", 1) if "/" in url else (".", url)
+            if folder not in listed:
+                listed[folder] = set((listings or {}).get(folder) or storage.list_names(folder))
+                sizes[folder] = storage.read_json(storage.join(folder, "sizes.json")) \
+                    if "sizes.json" in listed[folder] else {}
+            stat = name[: -len(".tar")] + "_stats.json"
+            if stat in listed[folder]:
+                stats.append(storage.join(folder, stat))
+            elif name not in sizes[folder]:
+                return None
+        counts = dict(zip(stats, survey.concurrently(lambda p: int(storage.read_json(p)["successes"]), stats)))
+        total = 0
+        for url in urls:
+            folder, name = url.rsplit("/", 1) if "/" in url else (".", url)
+            stat = storage.join(folder, name[: -len(".tar")] + "_stats.json")
+            total += counts[stat] if stat in counts else int(sizes[folder][name])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    sources = {"_stats.json"} if stats else set()
+    sources |= {"sizes.json"} if len(stats) < len(urls) else set()
     return total, " and ".join(sorted(sources))
 
 
@@ -307,7 +363,7 @@ def start_notes(spec: StreamSpec) -> list[str]:
         notes.append(f"{len(missing)} --rewrite-data files do not exist (e.g. {missing[0]}): the samples of "
                      "their shards train on their original captions, counted as missing_rewrites in log.txt")
     notes += spec.rewrites.notes if spec.rewrites else ()
-    known = known_sample_count(spec.urls)
+    known = spec.known_samples if spec.surveyed else known_sample_count(spec.urls)
     if known and not spec.resampled and spec.num_samples > known[0]:
         notes.append(f"--train-num-samples {spec.num_samples} is above the {known[0]} samples the shards hold "
                      f"({known[1]}): each epoch reads them {spec.num_samples / max(known[0], 1):.1f} times")
