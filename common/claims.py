@@ -100,12 +100,7 @@ class S3Claim:
     _stop: Optional[threading.Event] = None
 
     def _s3(self, op: str, **kwargs) -> dict:
-        from fsspec.asyn import sync
-        fs, path = storage.filesystem(self.url)
-        bucket, key = path.split("/", 1)
-        fs.invalidate_cache(path)
-        return storage.call(f"claim {op}", self.url,
-                            lambda: sync(fs.loop, fs._call_s3, op, Bucket=bucket, Key=key, **kwargs))
+        return storage.s3_object("claim", self.url, op, **kwargs)
 
     def _body(self) -> bytes:
         return json.dumps({"host": socket.gethostname(), "pid": os.getpid(), **_machine(),
@@ -124,18 +119,8 @@ class S3Claim:
 
     def read(self) -> tuple[Optional[dict], Optional[str]]:
         """(holder record, its ETag) of one version; (None, None) when there is no claim object."""
-        from fsspec.asyn import sync
-        fs, path = storage.filesystem(self.url)
-        bucket, key = path.split("/", 1)
-
-        async def get() -> tuple[bytes, str]:
-            got = await fs._call_s3("get_object", Bucket=bucket, Key=key)
-            async with got["Body"] as stream:
-                return await stream.read(), got["ETag"]
-
-        try:
-            body, etag = storage.call("claim read", self.url, lambda: sync(fs.loop, get))
-        except storage.NotFound:
+        body, etag = storage.s3_read_versioned("claim", self.url)
+        if body is None:
             return None, None
         try:
             record = json.loads(body.decode("utf-8"))

@@ -20,7 +20,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable
-from typing import Any, IO, TypeVar
+from typing import IO, Any, Optional, TypeVar
 
 import braceexpand
 
@@ -135,6 +135,35 @@ def call(what: str, url: str, fn: Callable[[], T]) -> T:
                                    "rerun to continue from what was saved)") from err
             time.sleep(BACKOFF_S * 2 ** (attempt - 1))
     raise AssertionError("unreachable")
+
+
+# ---------------------------------------------------------------- one S3 object, by version
+def s3_object(what: str, url: str, op: str, **kwargs) -> dict:
+    """One S3 API call on the object at url (head_object, conditional put_object, ...); fsspec's
+    cache of it dropped first, since conditional writes must see the object as it is now."""
+    from fsspec.asyn import sync
+    fs, path = filesystem(url)
+    bucket, key = path.split("/", 1)
+    fs.invalidate_cache(path)
+    return call(f"{what} {op}", url, lambda: sync(fs.loop, fs._call_s3, op, Bucket=bucket, Key=key, **kwargs))
+
+
+def s3_read_versioned(what: str, url: str) -> tuple[Optional[bytes], Optional[str]]:
+    """(body, ETag) of one version of the object, from one GET (a HEAD then a GET could see two
+    versions); (None, None) when there is none."""
+    from fsspec.asyn import sync
+    fs, path = filesystem(url)
+    bucket, key = path.split("/", 1)
+
+    async def get() -> tuple[bytes, str]:
+        got = await fs._call_s3("get_object", Bucket=bucket, Key=key)
+        async with got["Body"] as stream:
+            return await stream.read(), got["ETag"]
+
+    try:
+        return call(f"{what} read", url, lambda: sync(fs.loop, get))
+    except NotFound:
+        return None, None
 
 
 # ---------------------------------------------------------------- reading

@@ -14,8 +14,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 
+import models
 import shard_fixtures as sf
 import train
 import training.rewrite_join as rj
@@ -135,7 +135,7 @@ def test_a_shard_replaced_inside_an_epoch_is_refused_naming_it(tmp_path, monkeyp
     with pytest.raises(KeyboardInterrupt):
         train.main(shard_argv(shards, tmp_path / "out"))
     monkeypatch.undo()
-    versions = torch.load(tmp_path / "out" / "checkpoint.pt", weights_only=True)["data_state"]["versions"]
+    versions = models.read_checkpoint(str(tmp_path / "out" / "checkpoint.pt"))["data_state"]["versions"]
     assert sorted(versions) == sorted(str(shards.folder / f"{s:05d}.tar") for s in range(4))
     rewrite_tar(shards.folder / "00000.tar", 0, 3)
     with pytest.raises(ValueError, match=r"00000.tar \(size:version \d+:\d+ then, \d+:\d+ now\) changed since the "

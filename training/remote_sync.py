@@ -196,12 +196,7 @@ def local_version(path: str) -> tuple[Optional[dict], str]:
 
 
 def _s3(op: str, url: str, **kwargs) -> dict:
-    from fsspec.asyn import sync
-    fs, path = storage.filesystem(url)
-    bucket, key = path.split("/", 1)
-    fs.invalidate_cache(path)
-    return storage.call(f"--remote-sync {op}", url, lambda: sync(fs.loop, fs._call_s3, op, Bucket=bucket, Key=key,
-                                                                 **kwargs))
+    return storage.s3_object("--remote-sync", url, op, **kwargs)
 
 
 def _versions(path: str) -> Optional[list[dict]]:
@@ -209,23 +204,6 @@ def _versions(path: str) -> Optional[list[dict]]:
         return checkpoint_sums.read_versions(path) if os.path.isfile(path) else None
     except ValueError:
         return None
-
-
-def _get(url: str) -> tuple[Optional[bytes], Optional[str]]:
-    """(body, ETag) of one version of an object, read together; (None, None) when there is none."""
-    from fsspec.asyn import sync
-    fs, path = storage.filesystem(url)
-    bucket, key = path.split("/", 1)
-
-    async def get() -> tuple[bytes, str]:
-        got = await fs._call_s3("get_object", Bucket=bucket, Key=key)
-        async with got["Body"] as stream:
-            return await stream.read(), got["ETag"]
-
-    try:
-        return storage.call("--remote-sync read", url, lambda: sync(fs.loop, get))
-    except storage.NotFound:
-        return None, None
 
 
 def _etag(url: str) -> Optional[str]:
@@ -250,7 +228,7 @@ def _put_if(url: str, body: bytes, etag: Optional[str]) -> str:
 def read_remote(url: str) -> RemoteCopy:
     """The remote checkpoint.pt's ETag and progress; `unknown` says why the progress is not certain."""
     etag = _etag(storage.join(url, LATEST))
-    body, record_etag = _get(storage.join(url, RECORD))
+    body, record_etag = storage.s3_read_versioned("--remote-sync", storage.join(url, RECORD))
     if etag is None:
         return RemoteCopy(record_etag=record_etag)
     if body is None:
