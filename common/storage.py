@@ -262,23 +262,35 @@ def exists(location: str) -> bool:
     return bool(call("stat", location, lambda: fs.exists(path)))
 
 
-def list_names(folder: str) -> list[str]:
-    """Names directly inside a folder or prefix (none when it does not exist)."""
-    if not is_url(folder):
-        path = local_path(folder)
-        return sorted(os.listdir(path)) if os.path.isdir(path) else []
+def _listing(folder: str, detail: bool) -> list:
+    """fsspec's ls of a URL prefix, with the cache dropped (other processes write there: never
+    answer from a stale listing); [] for an empty prefix, a missing bucket named."""
     fs, path = filesystem(folder)
     fs.invalidate_cache()
 
-    def ls() -> list[str]:
+    def ls() -> list:
         try:
-            return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False))
+            return fs.ls(path, detail=detail)
         except FileNotFoundError as err:
             if no_such_bucket(err):
                 raise
             return []  # an empty prefix: object stores have no folders
 
     return call("list", folder, ls)
+
+
+def list_names(folder: str) -> list[str]:
+    """Names directly inside a folder or prefix (none when it does not exist)."""
+    if not is_url(folder):
+        path = local_path(folder)
+        return sorted(os.listdir(path)) if os.path.isdir(path) else []
+    return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in _listing(folder, detail=False))
+
+
+def list_details(folder: str) -> list[dict]:
+    """fsspec's entries (name, size, type, ETag, ...) directly inside a URL prefix: one listing,
+    paged by the server."""
+    return _listing(folder, detail=True)
 
 
 def expand(pattern: str) -> tuple[list[str], list[str]]:

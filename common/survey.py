@@ -62,19 +62,8 @@ def list_meta(folder: str) -> dict[str, FileMeta]:
                     st = e.stat()
                     found[e.name] = FileMeta(st.st_size, str(st.st_mtime_ns))
         return found
-    fs, inner = storage.filesystem(folder)
-    fs.invalidate_cache()  # other processes write here: never answer from a stale listing
-
-    def ls() -> list[dict]:
-        try:
-            return fs.ls(inner, detail=True)
-        except FileNotFoundError as err:
-            if storage.no_such_bucket(err):
-                raise
-            return []
-
     return {d["name"].rstrip("/").rsplit("/", 1)[-1]: FileMeta(int(d.get("size") or 0), _object_version(d))
-            for d in storage.call("list", folder, ls) if d.get("type", "file") != "directory"}
+            for d in storage.list_details(folder) if d.get("type", "file") != "directory"}
 
 
 def local_meta(path: str) -> FileMeta | None:
