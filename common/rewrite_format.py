@@ -37,11 +37,18 @@ def shard_stem(path: str | os.PathLike) -> str:
     return name
 
 
-def read_schema(location: str | os.PathLike):
-    """A parquet file's schema from its footer: a URL by ranged reads (common.storage), not the whole
-    object. Raises storage.StorageError for storage failures, pyarrow's errors for a damaged file."""
+def read_footer(location: str | os.PathLike) -> tuple[int, object]:
+    """(rows, schema with its metadata) of a parquet file from its footer alone: a URL by ranged
+    reads (common.storage), not the whole object. Raises storage.StorageError for storage
+    failures, pyarrow's errors for a damaged file."""
     import pyarrow.parquet as pq
-    return pq.read_schema(storage.open_read(location) if storage.is_url(location) else location)
+    meta = pq.read_metadata(storage.open_read(location) if storage.is_url(location) else storage.local_path(location))
+    return meta.num_rows, meta.schema.to_arrow_schema()
+
+
+def read_schema(location: str | os.PathLike):
+    """A parquet file's schema (with the rewriter's metadata) from its footer."""
+    return read_footer(location)[1]
 
 
 def read_metadata(location: str | os.PathLike) -> dict:

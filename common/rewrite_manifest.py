@@ -18,19 +18,11 @@ import json
 from typing import Optional
 
 from common import storage
-from common.rewrite_format import METADATA_KEY
+from common.rewrite_format import METADATA_KEY, read_footer
 from common.survey import FileMeta, concurrently, list_meta
 
 MANIFEST = "manifest.json"
 VERSION = 1
-
-
-def read_footer(location: str) -> tuple[int, object]:
-    """(rows, pyarrow schema with its metadata) of one parquet file, from its footer alone."""
-    import pyarrow.parquet as pq
-    source = storage.open_read(location) if storage.is_url(location) else storage.local_path(location)
-    meta = pq.read_metadata(source)
-    return meta.num_rows, meta.schema.to_arrow_schema()
 
 
 def _schema_text(schema) -> str:
