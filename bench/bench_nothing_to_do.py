@@ -8,7 +8,10 @@ sparse model.safetensors files of the right size (a real header, zero-filled ten
 truncate: no disk space). The vocabulary is the tiny test tokenizer's (a few hundred rows, not
 32000: 0.52 GB less than LLaMA-7B at 32 layers). --layers takes several sizes, to show whether
 the time depends on the model's size; --repo times another copy of the code (the rewriter as it
-was before a change: `git archive COMMIT | tar -x -C DIR`). A run that loads the model needs
+was before a change: `git archive COMMIT | tar -x -C DIR`). Each run has a cache of its own
+($LACLIP_CACHE), empty: a machine that has never read these weights, the worst case for a code
+that takes their identity first. The files are sparse, so such reads cost seeks in the page
+cache, not the disk's: a real first read of sampled blocks is slower. A run that loads the model needs
 float32 room in memory (0.81 GB per layer): 32 layers need ~27 GB.
 
     python -m bench.bench_nothing_to_do [--layers 1 4 32] [--repeats 3] [--repo DIR]
@@ -75,7 +78,9 @@ def one_run(repo: Path, root: Path, ckpt: Path, tok: Path, src: Path, k: int) ->
     out = root / f"out{k}.txt"
     flags = {"ckpt_dir": ckpt, "tokenizer_path": tok, "prompt_filename": src, "output_filename": out,
              "max_seq_len": 1024, "max_batch_size": 1}
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
+    # a machine that never read these weights: nothing remembered of them (rewrite/weights_identity.py)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo),
+           "LACLIP_CACHE": str(root / f"cache-{ckpt.name}-{k}")}
     done = subprocess.run([sys.executable, "-c", CHILD, str(out), *(f"--{a}={v}" for a, v in flags.items())],
                           capture_output=True, text=True, env=env, cwd=repo)
     result = json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else {}

@@ -10,7 +10,7 @@ is counted). A training start is a child process per rank (gloo, RANK/WORLD_SIZE
 them) running train.py's start: flags, process group, the shards' look (training/params.with_data:
 rank 0 reads, the others receive it), the loader, the first batch (--workers 0). Times are after
 imports, the slowest rank's; `requests` counts what the server answered during the start, all ranks
-together. The rewriter's start is its planning on global rank 0 (rewrite/runner.plan_units's checks:
+together. The rewriter's start is its planning on global rank 0 (rewrite/planning.plan_units's checks:
 flags, finished outputs against their inputs, a free shard) over N finished outputs.
 The goals (docs/training.md): requests O(1) per process beyond rank 0; s3:// within 3 s of local at
 1,000 shards; 10,000 shards on s3:// in under 20 s.

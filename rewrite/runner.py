@@ -27,11 +27,10 @@ from rewrite.llama import (Generator, ParallelInfo, TokenizerBase, default_dtype
                            open_checkpoint)
 from rewrite.prompts import (Pool, TokenizerLike, build_prompt, choose_examples, finish_line, fit_prompt, load_pool,
                              longest_prefix_tokens, normalize_sample_modes, one_line, sampling_seed)
-from rewrite.shard_input import (ShardLines, check_finished, check_overwrite_keeps_one_setting, expand_shards,
-                                 is_shard_input, shard_stem)
+from rewrite.planning import log, make_output_folder, plan_units
+from rewrite.shard_input import ShardLines, expand_shards, is_shard_input, shard_stem
 from rewrite.units import CONTENT, Line, RunTotals, UnitClaim, Units
-from rewrite.units_shards import ShardUnits, check_run_record, clear_for_overwrite, shard_output_path
-from rewrite.units_text import TextUnits, mode_output, read_lines, scan_input
+from rewrite.units_text import mode_output, read_lines, scan_input
 from rewrite.vllm_engine import check_supported
 from rewrite.weights_identity import check_output_weights, content_hashes
 
@@ -41,11 +40,6 @@ MIN_ROOM = 16  # tokens a prompt needs beyond its examples: some caption (max_se
 TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 DTYPE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
 MAX_WARNINGS = 5  # undecodable lines named one by one; the summary counts them all
-
-
-def log(*args: object) -> None:
-    if launched_as_rank0():
-        print(*args, flush=True)
 
 
 # ---------------------------------------------------------------- prompts of one line
@@ -252,54 +246,6 @@ def settings_fingerprint(cfg: Config, pool: Pool, dtype: str, identity: dict) ->
     return settings
 
 
-def make_output_folder(out: Path | str) -> None:
-    """A local output folder is created; an object-storage prefix needs nothing (no folders there)."""
-    if isinstance(out, Path):
-        out.mkdir(exist_ok=True)
-
-
-def plan_units(cfg: Config, settings: dict[str, dict], dp_size: int) -> tuple[Units, bool]:
-    """On global rank 0: the units, with leftovers checked (and removed by --overwrite); False:
-    all done. A caption file is scanned and its plan made under the plan lock."""
-    if is_shard_input(cfg.prompt_filename):
-        first = next(iter(settings.values()))
-        combined = {**first, "sample_mode": list(settings), "examples": {m: s["examples"] for m, s in settings.items()},
-                    "text_key": cfg.text_key}
-        shards = expand_shards(cfg.prompt_filename)
-        make_output_folder(cfg.output_filename)
-        pairs = [(p, shard_output_path(cfg.output_filename, shard_stem(p))) for p in shards]
-        if cfg.overwrite:
-            check_overwrite_keeps_one_setting(cfg.output_filename, [out for _, out in pairs], combined)
-            removed = clear_for_overwrite(cfg.output_filename, [shard_stem(p) for p in shards])
-            log(f"--overwrite: removed {removed} finished shards of this input from {cfg.output_filename}")
-        check_run_record(cfg.output_filename, combined, cfg.overwrite)
-        check_finished(cfg.output_filename, pairs, combined)  # finished only for this input and these settings
-        units = ShardUnits(shards, cfg.output_filename, cfg.text_key, tuple(settings), combined, cfg.claim_timeout)
-        return units, some_unit_free(units)
-    info = scan_input(cfg.prompt_filename)
-    units = TextUnits(cfg.prompt_filename, cfg.output_filename, info,
-                      {m: {"input": info.fingerprint(), "settings": s} for m, s in settings.items()})
-    with units.plan_lock():
-        units.plan(dp_size, cfg.overwrite)
-    for m in set(units.outputs) - set(units.pending):
-        log(f"{units.outputs[m]} is already complete ({info.lines} lines; record {units.outputs[m].name}"
-            ".progress.json); nothing to do. Pass --overwrite to redo it.")
-    return units, bool(units.pending) and some_unit_free(units)
-
-
-def some_unit_free(units: Units) -> bool:
-    """On global rank 0, before any weight is read: False (with the summary) when no unit is
-    free, each finished or held by another live run, so such a run ends now instead of after
-    loading the model. A unit freed after this look is left to a rerun, as a walk that found it
-    held would leave it; one found free is claimed by the walk (or by whoever came first)."""
-    if units.any_free():
-        return True
-    log("no unit is free (each is finished or held by another live run): nothing for this run to do; "
-        "the model is not loaded")
-    log(units.conclude(RunTotals(), 0.0))  # also merges a caption file whose units all finished
-    return False
-
-
 def prepare(cfg: Config) -> Job:
     """The checkpoint folder and tokenizer (opened once), process groups, context checks, and
     on rank 0 the plan of the units (sent to every rank)."""
@@ -318,17 +264,16 @@ def prepare(cfg: Config) -> Job:
         args = ckpt.model_args()
         check_supported(args.dim // args.n_heads, TORCH_DTYPES[dtype], f"--ckpt_dir {cfg.ckpt_dir}")
 
-    def plan() -> tuple[Units, bool]:  # on global rank 0: the identity of --ckpt_dir, whatever the engine loads
+    def settings() -> dict[str, dict]:  # on global rank 0: the identity of --ckpt_dir, whatever the engine loads
         identity = checkpoint_identity(ckpt, cfg.tokenizer_path)
         if not cfg.overwrite:
             note = check_output_weights(cfg.output_filename, cfg.prompt_filename, tuple(configs), identity,
                                         cfg.ckpt_dir)
             if note:
                 log(note)
-        settings = {m: settings_fingerprint(configs[m], pools[m], dtype, identity) for m in configs}
-        return plan_units(cfg, settings, parallel.dp_size)
+        return {m: settings_fingerprint(configs[m], pools[m], dtype, identity) for m in configs}
 
-    units, todo = on_rank0(plan, parallel.rank)
+    units, todo = on_rank0(lambda: plan_units(cfg, tuple(configs), settings, parallel.dp_size), parallel.rank)
     return Job(parallel, tokenizer, ckpt, configs, pools, units, TORCH_DTYPES[dtype], todo)
 
 

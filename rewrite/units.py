@@ -356,6 +356,11 @@ class Line(NamedTuple):
     end: int  # byte offset just after the line (a shard: its row position): where the next one starts
 
 
+# What a look at the units finds before the weights are read (TextUnits.look, ShardUnits.look):
+# some unit can be claimed; none can, and another live run holds one; none is left unfinished.
+FREE, HELD, DONE = "free", "held", "done"
+
+
 class Units(Protocol):
     """The units of a run as rewrite/runner.py walks them; made on global rank 0 (TextUnits, ShardUnits)."""
     count: int  # units, numbered 0..count-1
@@ -363,6 +368,9 @@ class Units(Protocol):
 
     def claim(self, unit: int) -> Optional[UnitClaim]:
         """The unit's writers (resumed) if it is unfinished and no live process holds it."""
+
+    def any_free(self) -> bool:
+        """On global rank 0 before the model is loaded: whether some unit can be claimed."""
 
     def lines(self, claim: UnitClaim) -> Iterator[Line]:
         """The claimed unit's lines from its resume point."""

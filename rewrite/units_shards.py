@@ -37,9 +37,9 @@ from common.locking import FileLock, describe_holder, lock_path
 from common.rewrite_format import METADATA_KEY
 from rewrite.shard_input import RUN_RECORD, Shard, ShardLines, base_name, remembered_fingerprint, \
     shard_stem
-from rewrite.units import (RECORD_SUFFIX, RECORD_VERSION, Line, ResumeError, RunTotals, ShareState, ShareWriter,
-                           UnitClaim, add_stats, check_seal, describe_changes, record_path, same_fingerprint, sealed,
-                           share_state, sum_stats)
+from rewrite.units import (DONE, FREE, HELD, RECORD_SUFFIX, RECORD_VERSION, Line, ResumeError, RunTotals,
+                           ShareState, ShareWriter, UnitClaim, add_stats, check_seal, describe_changes, record_path,
+                           same_fingerprint, sealed, share_state, sum_stats)
 
 RUN_RECORD_VERSION = 1
 PART_SUFFIX = ".part"
@@ -327,13 +327,22 @@ class ShardUnits:
             raise
         return claim
 
+    def look(self) -> str:
+        """FREE (some shard is unfinished and held by no live run), HELD (none is, and a live run
+        holds one) or DONE (every shard is finished). Needs no settings and writes nothing, so it
+        is asked before the weights are read. A shard whose output exists is never claimed (a part
+        beside it is a crash's leftover), so one listing of OUT tells the finished ones."""
+        names, held = set(storage.list_names(str(self.out_dir))), False
+        for u in range(self.count):
+            if base_name(self.output(u)) in names:
+                continue
+            if shard_free(self.output(u), self.claim_timeout):
+                return FREE
+            held = True
+        return HELD if held else DONE
+
     def any_free(self) -> bool:
-        """Whether some shard is unfinished and held by no live run; asked before the model is
-        loaded. A shard whose output exists is never claimed (a part beside it is a crash's
-        leftover), so one listing of OUT tells the finished ones."""
-        names = set(storage.list_names(str(self.out_dir)))
-        return any(base_name(self.output(u)) not in names and shard_free(self.output(u), self.claim_timeout)
-                   for u in range(self.count))
+        return self.look() == FREE
 
     def lines(self, claim: UnitClaim) -> Iterator[Line]:
         reader = ShardLines(self.shards[claim.unit], self.text_key)

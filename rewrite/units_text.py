@@ -26,10 +26,10 @@ from typing import Iterator, Optional
 
 from common.fileio import atomic_write, write_json_atomic
 from common.locking import FileLock
-from rewrite.units import (COMMITTED_TYPES, READ_CHUNK, RECORD_VERSION, Line, ResumeError, RunTotals, ShareWriter,
-                           UnitClaim, check_committed, check_fits, decode_line, describe_changes, new_checksum,
-                           read_record, record_path, same_fingerprint, sealed, sum_stats,
-                           typed_state)
+from rewrite.units import (COMMITTED_TYPES, DONE, FREE, HELD, READ_CHUNK, RECORD_VERSION, Line, ResumeError,
+                           RunTotals, ShareWriter, UnitClaim, check_committed, check_fits, decode_line,
+                           describe_changes, new_checksum, read_record, record_path, same_fingerprint, sealed,
+                           sum_stats, typed_state)
 
 SCAN_CHUNK = 8 << 20  # bytes read per step of the scan; one index entry per chunk
 UNIT_LINES = 1 << 20  # a fresh plan has at least one unit per this many lines
@@ -116,6 +116,11 @@ def existing_parts(output: Path) -> list[tuple[Path, int]]:
 def _remove(path: Path) -> None:
     for p in (path, record_path(path)):
         p.unlink(missing_ok=True)
+
+
+def _complete(record_file: Path) -> bool:
+    record = read_record(record_file)
+    return record is not None and bool(record.get("complete"))
 
 
 def _finished(output: Path, fingerprint: dict) -> bool:
@@ -226,23 +231,40 @@ class TextUnits:
         claim.start, claim.offset = first.state.next_line, first.state.in_offset
         return claim
 
-    def any_free(self) -> bool:
-        """Whether some unit is unfinished and held by no live run; asked before the model is
-        loaded. Only locks are tried (no writer opened, no output read), each released at once:
-        a run that tries the unit in that instant leaves it, and this one, having found it
-        free, walks all units next."""
+    def look(self, dp_size: int) -> str:
+        """Before the weights are read and the plan is made (no fingerprint needed, nothing
+        written): FREE, HELD or DONE (rewrite/units.py) for the units the plan would find, and
+        pending and count set as it would set them. DONE also where the files on disk do not
+        make one plan: plan() refuses them, naming why."""
+        self.pending = tuple(m for m, out in self.outputs.items() if not _complete(record_path(out)))
+        counts = {units_on_disk(self.outputs[m]) for m in self.pending} - {0}
+        if not self.pending or len(counts) > 1:
+            return DONE
+        self.count = counts.pop() if counts else max(dp_size, math.ceil(self.info.lines / UNIT_LINES))
+        return self._look()
+
+    def _look(self) -> str:
+        """Only locks are tried (no writer opened, no output read), each released at once: a run
+        that tries the unit in that instant leaves it, and this one, having found it free, walks
+        all units next."""
+        held = False
         for u in range(self.count if self.pending else 0):
             paths = [unit_file(self.outputs[m], u, self.count) for m in self.pending]
-            if all((r := read_record(record_path(p))) is not None and r.get("complete") for p in paths):
+            if all(_complete(record_path(p)) for p in paths):
                 continue
             locks = [FileLock(p, f"--output_filename {p}") for p in paths]
             try:
                 if all(lock.try_acquire() for lock in locks):
-                    return True
+                    return FREE
+                held = True
             finally:
                 for lock in locks:
                     lock.release()
-        return False
+        return HELD if held else DONE
+
+    def any_free(self) -> bool:
+        """Whether some unit is unfinished and held by no live run; asked before the model is loaded."""
+        return self._look() == FREE
 
     def lines(self, claim: UnitClaim) -> Iterator[Line]:
         return read_lines(self.prompt, claim.offset, claim.start, self.share(claim.unit)[1])
@@ -299,8 +321,8 @@ class TextUnits:
                 if self.count > 1 and not (record and record.get("complete")):
                     parts = [unit_file(out, u, self.count) for u in range(self.count)]
                     records = [read_record(record_path(p)) for p in parts]
-                    if not all(r and r.get("complete") for r in records):
-                        result[m] = None
+                    if not all(r and r.get("complete") for r in records) or not self.fingerprints[m]:
+                        result[m] = None  # a look's units (no fingerprint) merge nothing: the holder does
                         continue
                     merge_parts(out, parts, records, self.fingerprints[m])
                     record = read_record(record_path(out))

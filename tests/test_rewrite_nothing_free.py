@@ -16,6 +16,7 @@ from common.locking import FileLock
 from conftest import REWRITE_PAIRS, make_tiny_rewrite_setup
 from rewrite import llama_rewrite, runner, units_text as text_units
 from rewrite.llama import default_dtype, hf, meta
+from rewrite.units import DONE
 from rewrite.units_text import unit_file
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -70,23 +71,22 @@ def argv(tiny, src, out, **extra) -> list[str]:
                                         **extra}.items()]
 
 
-def remember_weight_hashes(ckpt_dir: str) -> None:
-    """What any earlier start on this machine did: the weights' sampled-block hashes (their
-    identity, rewrite/weights_identity.py) remembered by stat, so a start reads no weight bytes."""
-    from rewrite.llama import open_checkpoint
-    from rewrite.weights_identity import content_hashes
-    content_hashes(list(open_checkpoint(ckpt_dir).weight_files))
+@pytest.fixture
+def fresh_cache(tmp_path, monkeypatch):
+    """A machine that has never read these weights: no sampled-block hash is remembered
+    (rewrite/weights_identity.py), so taking their identity would open every weight file."""
+    monkeypatch.setenv("LACLIP_CACHE", str(tmp_path / "fresh_cache"))
 
 
-def test_a_held_caption_file_ends_before_the_weights(tiny, tmp_path, capsys):
+def test_a_held_caption_file_ends_before_the_weights(tiny, tmp_path, capsys, fresh_cache):
     src = tmp_path / "src.txt"
     src.write_text("".join(f"{c}\n" for c in CAPTIONS))
     out = tmp_path / "out.txt"
-    remember_weight_hashes(tiny["ckpt_dir"])
     with FileLock(out, "a first run"), weights_forbidden(tiny["ckpt_dir"]):  # OUT's only unit, held
         assert llama_rewrite.cli(argv(tiny, src, out)) == 0
     printed = capsys.readouterr().out
-    assert NOTHING in printed and f"done: {out} is not finished" in printed
+    assert NOTHING + "; the model is not loaded and no weight file is opened" in printed
+    assert f"done: {out} is not finished" in printed
     assert "This run: 0 lines" in printed
     assert not out.exists() and not list(tmp_path.glob("*.lock"))  # the look took no claim that stays
 
@@ -101,10 +101,12 @@ def test_finished_and_held_units_end_before_the_weights(tiny, tmp_path, capsys, 
     with FileLock(unit_file(out, 1, 2), "a first run") as held:
         assert llama_rewrite.cli(argv(tiny, src, out)) == 0  # plans 2 units, does unit 0
         assert "This run: 3 lines" in capsys.readouterr().out
+        monkeypatch.setenv("LACLIP_CACHE", str(tmp_path / "another_machine"))  # nothing remembered there
         with weights_forbidden(tiny["ckpt_dir"]):
             assert llama_rewrite.cli(argv(tiny, src, out)) == 0
         printed = capsys.readouterr().out
-        assert NOTHING in printed and f"done: {out} is not finished: some of its 2 units" in printed
+        assert NOTHING + "; the model is not loaded and no weight file is opened" in printed
+        assert f"done: {out} is not finished: some of its 2 units" in printed
         assert held.path.exists()
     assert llama_rewrite.cli(argv(tiny, src, out)) == 0
     assert "This run: 3 lines" in capsys.readouterr().out
@@ -122,6 +124,9 @@ def test_finished_but_unmerged_units_are_merged_without_the_model(tiny, tmp_path
     assert unit_file(out, 1, 2).exists() and not out.exists()
     monkeypatch.undo()
     monkeypatch.setattr(text_units, "UNIT_LINES", 3)
+    seen = text_units.TextUnits(src, out, text_units.scan_input(src), {"chatgpt": {}})  # a look's units
+    assert seen.look(1) == DONE and seen.merge_finished() == {"chatgpt": None}  # no fingerprint: no merge
+    assert not out.exists()
     capsys.readouterr()
     with weights_forbidden(tiny["ckpt_dir"]):
         assert llama_rewrite.cli(argv(tiny, src, out)) == 0
@@ -136,10 +141,12 @@ def test_finished_and_held_shards_end_before_the_weights(tiny, tmp_path, capsys,
     with FileLock(out / "00001.parquet", "another run") as held:
         assert llama_rewrite.cli(argv(tiny, shards.parquets, out)) == 0
         assert "done: 2 of 3 shards finished" in capsys.readouterr().out
+        monkeypatch.setenv("LACLIP_CACHE", str(tmp_path / "another_machine"))  # nothing remembered there
         with weights_forbidden(tiny["ckpt_dir"]):
             assert llama_rewrite.cli(argv(tiny, shards.parquets, out)) == 0
         printed = capsys.readouterr().out
-        assert NOTHING in printed and "done: 2 of 3 shards finished" in printed and "This run: 0 shards" in printed
+        assert NOTHING + "; the model is not loaded and no weight file is opened" in printed
+        assert "done: 2 of 3 shards finished" in printed and "This run: 0 shards" in printed
         assert held.path.exists()
     assert llama_rewrite.cli(argv(tiny, shards.parquets, out)) == 0
     assert "done: 3 of 3 shards finished" in capsys.readouterr().out
