@@ -35,7 +35,8 @@ def stat_key(path: str | os.PathLike) -> dict:
 
 
 class StatMemo:
-    """`field` of each entry holds the value. read=False: remember only (every value computed afresh)."""
+    """`field` of each entry holds the value. read=False: remember only (every value computed afresh).
+    A memo that cannot be read or written only costs time: the values are computed afresh."""
 
     def __init__(self, memo_path: str | os.PathLike, field: str, read: bool = True) -> None:
         self.memo_path, self.field, self.entries = memo_path, field, {}
@@ -59,6 +60,9 @@ class StatMemo:
             return entry[self.field]
         value = compute()
         self.entries[where] = entry = {"path": where, **key, self.field: value}
-        with open(self.memo_path, "a", encoding="utf-8") as f:  # one short line: appends do not interleave
-            f.write(json.dumps(entry) + "\n")
+        try:
+            with open(self.memo_path, "a", encoding="utf-8") as f:  # one short line: appends do not interleave
+                f.write(json.dumps(entry) + "\n")
+        except OSError:  # the memo cannot be written (a read-only home, a full disk): computed again next time
+            pass
         return value

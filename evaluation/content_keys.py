@@ -20,6 +20,8 @@ from common.stat_memo import StatMemo, file_sha256
 MEMO_NAME = "checkpoint_sha256.jsonl"
 SAMPLE_FILES = 64
 SAMPLE_BYTES = 1 << 16
+
+
 def checkpoint_sha256(path: str, memo_dir: str | None) -> str:
     """The file's SHA-256, from the memo in ``memo_dir`` when the file's stat matches it."""
     if not memo_dir:

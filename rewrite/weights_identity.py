@@ -72,18 +72,10 @@ def content_hashes(files: list[Path]) -> dict[str, str]:
     written (a read-only home)."""
     try:
         memo_path().parent.mkdir(parents=True, exist_ok=True)
-        memo: Optional[StatMemo] = StatMemo(memo_path(), "blake2b_sampled")
     except OSError:
-        memo = None
-    hashes = {}
-    for path in files:
-        try:
-            hashes[path.name] = memo.value(path, lambda: sampled_digest(path)) if memo else sampled_digest(path)
-        except OSError:
-            if not os.path.isfile(path):
-                raise
-            hashes[path.name] = sampled_digest(path)  # the memo's append failed, not the read
-    return hashes
+        pass  # StatMemo then computes every value afresh
+    memo = StatMemo(memo_path(), "blake2b_sampled")
+    return {path.name: memo.value(path, lambda path=path: sampled_digest(path)) for path in files}
 
 
 def differing(recorded: dict, now: dict) -> str:

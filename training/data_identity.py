@@ -24,13 +24,10 @@ MEMO = ".data_sha256.jsonl"  # a dot file: local to the folder, never uploaded b
 
 
 def _digests(paths: Sequence[str], memo_dir: Optional[str]) -> list[str]:
-    if memo_dir:
-        try:
-            memo = StatMemo(os.path.join(memo_dir, MEMO), "sha256")
-            return [memo.value(p, lambda p=p: file_sha256(p)) for p in paths]
-        except OSError:  # the memo cannot be written: hash without it
-            pass
-    return [file_sha256(p) for p in paths]
+    if not memo_dir:
+        return [file_sha256(p) for p in paths]
+    memo = StatMemo(os.path.join(memo_dir, MEMO), "sha256")  # one that cannot be written: hashed afresh
+    return [memo.value(p, lambda p=p: file_sha256(p)) for p in paths]
 
 
 def csv_identity(csv_path: str, rewrite_files: Sequence[str], samples: int, memo_dir: Optional[str]) -> dict:
