@@ -179,11 +179,11 @@ class TextUnits:
                 with FileLock(path, f"--overwrite: {path}"):  # a live run's unit is not pulled away
                     _remove(path)
         self.pending = tuple(m for m, out in self.outputs.items() if not _finished(out, self.fingerprints[m]))
-        counts = {units_on_disk(self.outputs[m]) for m in self.pending} - {0}
+        counts = self._unit_counts()
         if len(counts) > 1:
             raise ResumeError(f"--output_filename: the mode files of {self.outputs[self.pending[0]]} hold partial "
                               f"runs with {sorted(counts)} units; pass --overwrite to start over")
-        self.count = counts.pop() if counts else max(dp_size, math.ceil(self.info.lines / UNIT_LINES))
+        self.count = self._planned_count(counts, dp_size)
         for u in range(self.count if self.pending else 0):
             paths = {m: unit_file(self.outputs[m], u, self.count) for m in self.pending}
             records = {m: read_record(record_path(p)) for m, p in paths.items()}
@@ -237,11 +237,19 @@ class TextUnits:
         pending and count set as it would set them. DONE also where the files on disk do not
         make one plan: plan() refuses them, naming why."""
         self.pending = tuple(m for m, out in self.outputs.items() if not _complete(record_path(out)))
-        counts = {units_on_disk(self.outputs[m]) for m in self.pending} - {0}
+        counts = self._unit_counts()
         if not self.pending or len(counts) > 1:
             return DONE
-        self.count = counts.pop() if counts else max(dp_size, math.ceil(self.info.lines / UNIT_LINES))
+        self.count = self._planned_count(counts, dp_size)
         return self._look()
+
+    def _unit_counts(self) -> set[int]:
+        """N of the partial runs on disk of the pending modes (more than one: they disagree)."""
+        return {units_on_disk(self.outputs[m]) for m in self.pending} - {0}
+
+    def _planned_count(self, counts: set[int], dp_size: int) -> int:
+        """The units on disk, else a fresh plan's: one per data-parallel group, at least one per UNIT_LINES."""
+        return next(iter(counts)) if counts else max(dp_size, math.ceil(self.info.lines / UNIT_LINES))
 
     def _look(self) -> str:
         """Only locks are tried (no writer opened, no output read), each released at once: a run
