@@ -258,7 +258,7 @@ def run(args: RunConfig, info: DistInfo, sync: RemoteSync | None = None) -> list
     # Data first: a bad CSV, rewrite file or --root fails in seconds, before a large model
     # is built and a checkpoint read. (Neither touches the global RNG, so order is free.)
     loader = build_loader(args, info, tokenizer, arch.train_transform)
-    identity = run_data_identity(args, loader)
+    identity = on_rank0(lambda: run_data_identity(args, loader), info.rank)  # the files hashed once per job
     st = setup(args, info, arch)
     notes = loader.notes + [loader.restore(st.resumed.data_state) if st.resumed else None]
     if st.resumed:  # a changed caption file: refused inside an epoch, noted at an epoch end
