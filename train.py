@@ -277,7 +277,8 @@ def run(args: RunConfig, info: DistInfo, sync: RemoteSync | None = None) -> list
     start_epoch, best_acc1 = st.start_epoch, st.best_acc1
 
     def on_save(epoch: int, progress: EpochProgress) -> None:  # --save-every-steps, on every rank
-        save_mid_epoch(args, tr, info, epoch, progress, best_acc1, identity)  # best_acc1: the best so far (late binding)
+        # best_acc1: the best so far (late binding)
+        save_mid_epoch(args, tr, info, epoch, progress, best_acc1, identity)
         if args.remote_sync:
             on_rank0(sync.push, info.rank)
 

@@ -225,10 +225,13 @@ def _proc_stat(pid: int) -> Optional[list[bytes]]:
     return data[data.rindex(b")") + 2:].split()
 
 
-def _process_start(pid: int) -> Optional[str]:
+def _start_tick(fields: Optional[list[bytes]]) -> Optional[str]:
     """The process's start time in clock ticks since boot (field 22 of /proc/PID/stat)."""
-    fields = _proc_stat(pid)
     return fields[19].decode() if fields and len(fields) > 19 else None
+
+
+def _process_start(pid: int) -> Optional[str]:
+    return _start_tick(_proc_stat(pid))
 
 
 def _dead_here(record: Optional[dict]) -> bool:
@@ -253,8 +256,7 @@ def _dead_here(record: Optional[dict]) -> bool:
     fields = _proc_stat(pid)
     if fields is None:
         return False
-    started = fields[19].decode() if len(fields) > 19 else None
-    return fields[0] == b"Z" or (record.get("started") is not None and started != record.get("started"))
+    return fields[0] == b"Z" or (record.get("started") is not None and _start_tick(fields) != record.get("started"))
 
 
 def _age(record: Optional[dict]) -> float:
