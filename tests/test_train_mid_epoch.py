@@ -18,26 +18,10 @@ from conftest import clean_dist_env
 from openclip_fixtures import write_tiny_config
 from shard_fixtures import make_shards
 from testkit.processes import kill_tree, wait_until_paused
-from train_fixtures import make_train_data, read_log, train_argv
+from train_fixtures import Crash, crash_after_saves, make_train_data, read_log, train_argv
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-class Crash(Exception):
-    """Stands in for a preemption right after a mid-epoch checkpoint."""
-
-
-def crash_after(monkeypatch, saves: int) -> None:
-    real, calls = train.save_mid_epoch, []
-
-    def save_then_crash(*args, **kwargs):
-        real(*args, **kwargs)
-        calls.append(1)
-        if len(calls) == saves:
-            raise Crash
-
-    monkeypatch.setattr(train, "save_mid_epoch", save_then_crash)
 
 
 def weights(out: Path) -> dict:
@@ -67,7 +51,7 @@ def test_a_crash_mid_epoch_then_the_same_command_equals_an_uninterrupted_run_csv
     data = make_train_data(tmp_path, n=12)
     train.main(csv_argv(data, tmp_path / "whole"))
     argv = csv_argv(data, tmp_path / "cut", "--save-every-steps", "2")
-    crash_after(monkeypatch, 3)  # epoch 1, after 2 of its 6 steps
+    crash_after_saves(monkeypatch, 3)  # epoch 1, after 2 of its 6 steps
     with pytest.raises(Crash):
         train.main(argv)
     ckpt = weights(tmp_path / "cut")
@@ -90,7 +74,7 @@ def test_a_crash_mid_epoch_on_shards_equals_an_uninterrupted_run(tmp_path, monke
     extra = ["--dataset-resampled"] if resampled else []
     train.main(shard_argv(shards, tmp_path / "whole", *extra, model=config))
     argv = shard_argv(shards, tmp_path / "cut", "--save-every-steps", "5", *extra, model=config)
-    crash_after(monkeypatch, 3)  # epoch 1, after 5 of its 12 steps: an odd batch count, so the
+    crash_after_saves(monkeypatch, 3)  # epoch 1, after 5 of its 12 steps: an odd batch count, so the
     # resumed DataLoader's first process must continue the stream of loader worker 1
     with pytest.raises(Crash):
         train.main(argv)
@@ -105,7 +89,7 @@ def test_a_crash_mid_epoch_on_shards_equals_an_uninterrupted_run(tmp_path, monke
 def test_a_mid_epoch_checkpoint_from_other_data_or_batch_size_is_refused(tmp_path, monkeypatch):
     data = make_train_data(tmp_path, n=12)
     argv = csv_argv(data, tmp_path / "cut", "--save-every-steps", "2")
-    crash_after(monkeypatch, 1)
+    crash_after_saves(monkeypatch, 1)
     with pytest.raises(Crash):
         train.main(argv)
     monkeypatch.undo()

@@ -13,27 +13,10 @@ import torch
 import models
 import train
 from common import storage
-from train_fixtures import make_train_data, read_log, train_argv
+from train_fixtures import Crash, crash_after_saves, make_train_data, read_log, train_argv
 from training import remote_sync, train_state
 
 pytestmark = pytest.mark.usefixtures("one_thread", "single_process")
-
-
-class Crash(Exception):
-    """Stands in for a preemption."""
-
-
-def crash_at_save(monkeypatch, saves: int) -> None:
-    """The `saves`-th mid-epoch checkpoint is written locally, then the process dies before the upload."""
-    real, calls = train.save_mid_epoch, []
-
-    def save(*args, **kwargs):
-        real(*args, **kwargs)
-        calls.append(1)
-        if len(calls) == saves:
-            raise Crash
-
-    monkeypatch.setattr(train, "save_mid_epoch", save)
 
 
 def remote_progress(url: str) -> dict:
@@ -54,7 +37,7 @@ def test_a_stale_local_folder_takes_the_newer_remote_progress_and_never_uploads_
     def argv(out):
         return train_argv(data, out, "--batch-size", "2", "--save-every-steps", "2", "--remote-sync", url)
 
-    crash_at_save(monkeypatch, 2)  # A uploaded step 2 of epoch 0, then wrote step 4 locally and died
+    crash_after_saves(monkeypatch, 2)  # A uploaded step 2 of epoch 0, then wrote step 4 locally and died
     with pytest.raises(Crash):
         train.main(argv(a))
     monkeypatch.undo()
@@ -77,7 +60,7 @@ def test_a_newer_local_checkpoint_is_kept_and_uploaded(s3_bucket, tmp_path, monk
     data = make_train_data(tmp_path, n=12)
     url = f"s3://{s3_bucket}/runs/laclip"
     argv = train_argv(data, tmp_path / "a", "--batch-size", "2", "--save-every-steps", "2", "--remote-sync", url)
-    crash_at_save(monkeypatch, 2)
+    crash_after_saves(monkeypatch, 2)
     with pytest.raises(Crash):
         train.main(argv)
     monkeypatch.undo()

@@ -13,24 +13,24 @@ import torch
 
 import models
 import train
-from train_fixtures import make_train_data, read_log, train_argv
+from train_fixtures import Crash, crash_after_saves, make_train_data, read_log, train_argv
 from training import checkpoint_sums
 
 pytestmark = pytest.mark.usefixtures("one_thread", "single_process")
 
 
-class Crash(Exception):
-    """Stands in for a preemption right after a mid-epoch checkpoint."""
-
-
-def crash_after_first_mid_epoch_save(monkeypatch) -> None:
-    real = train.save_mid_epoch
-
-    def save_then_crash(*args, **kwargs):
-        real(*args, **kwargs)
-        raise Crash
-
-    monkeypatch.setattr(train, "save_mid_epoch", save_then_crash)
+def preempted_mid_epoch(tmp_path: Path, monkeypatch, model: str | None = None) -> tuple[dict, Path, list[str]]:
+    """A CSV run (12 samples, batch 2, a checkpoint every 2 steps) preempted right after its first
+    checkpoint: (data, output folder, the run's argv)."""
+    data = make_train_data(tmp_path, n=12)
+    out = tmp_path / "out"
+    argv = train_argv(data, out, "--batch-size", "2", "--save-every-steps", "2")
+    if model:
+        argv[argv.index("CLIP_TINY")] = model
+    crash_after_saves(monkeypatch)
+    with pytest.raises(Crash):
+        train.main(argv)
+    return data, out, argv
 
 
 def flip_bytes_in_last_tensor(path: Path, count: int = 64) -> None:
@@ -113,12 +113,7 @@ def grow(data: dict, rows: int) -> None:
 
 
 def test_a_changed_csv_inside_an_epoch_is_refused_naming_it(tmp_path, monkeypatch):
-    data = make_train_data(tmp_path, n=12)
-    out = tmp_path / "out"
-    argv = train_argv(data, out, "--batch-size", "2", "--save-every-steps", "2")
-    crash_after_first_mid_epoch_save(monkeypatch)
-    with pytest.raises(Crash):
-        train.main(argv)
+    data, out, argv = preempted_mid_epoch(tmp_path, monkeypatch)
     monkeypatch.undo()
     grow(data, 4)
     with pytest.raises(ValueError) as err:
@@ -129,12 +124,7 @@ def test_a_changed_csv_inside_an_epoch_is_refused_naming_it(tmp_path, monkeypatc
 
 
 def test_a_changed_rewrite_file_inside_an_epoch_is_refused_naming_it(tmp_path, monkeypatch):
-    data = make_train_data(tmp_path, n=12)
-    out = tmp_path / "out"
-    argv = train_argv(data, out, "--batch-size", "2", "--save-every-steps", "2")
-    crash_after_first_mid_epoch_save(monkeypatch)
-    with pytest.raises(Crash):
-        train.main(argv)
+    data, out, argv = preempted_mid_epoch(tmp_path, monkeypatch)
     monkeypatch.undo()
     path = Path(data["rewrites"][1])
     path.write_text(path.read_text().replace("rewrite 2 of sample 5", "something else entirely"))
@@ -190,12 +180,7 @@ def test_resume_of_something_that_is_no_checkpoint_says_what_it_is(tmp_path, kin
 
 # ------------------------------------------------------------------ case 6: open_clip_train and mid-epoch files
 def test_a_mid_epoch_checkpoint_is_marked_and_train_py_still_resumes_it(tmp_path, monkeypatch):
-    data = make_train_data(tmp_path, n=12)
-    out = tmp_path / "out"
-    argv = train_argv(data, out, "--batch-size", "2", "--save-every-steps", "2")
-    crash_after_first_mid_epoch_save(monkeypatch)
-    with pytest.raises(Crash):
-        train.main(argv)
+    _, out, argv = preempted_mid_epoch(tmp_path, monkeypatch)
     monkeypatch.undo()
     with pytest.raises(Exception, match="MidEpochCheckpoint"):  # what open_clip_train's torch.load does
         torch.load(out / "checkpoint.pt", weights_only=True)
@@ -208,14 +193,8 @@ def test_a_mid_epoch_checkpoint_is_marked_and_train_py_still_resumes_it(tmp_path
 def test_open_clip_train_refuses_a_mid_epoch_checkpoint(tmp_path, monkeypatch):
     from openclip_fixtures import run_open_clip_train, write_tiny_config
     from shard_fixtures import make_shards
-    data = make_train_data(tmp_path, n=12)
     config = write_tiny_config(tmp_path / "cfg")
-    out = tmp_path / "out"
-    argv = train_argv(data, out, "--batch-size", "2", "--save-every-steps", "2")
-    argv[argv.index("CLIP_TINY")] = config
-    crash_after_first_mid_epoch_save(monkeypatch)
-    with pytest.raises(Crash):
-        train.main(argv)
+    _, out, _ = preempted_mid_epoch(tmp_path, monkeypatch, model=config)
     shards = make_shards(tmp_path / "shards", n_shards=4, per_shard=6, bad=False)
     run = run_open_clip_train(config, [
         "--train-data", shards.tars, "--dataset-type", "webdataset", "--train-num-samples", "16",

@@ -68,3 +68,21 @@ def read_log(out: Path) -> list[dict]:
     """The JSON lines of <output-dir>/log.txt, one per epoch."""
     return [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
 
+
+
+class Crash(Exception):
+    """Stands in for a preemption right after a mid-epoch checkpoint (--save-every-steps)."""
+
+
+def crash_after_saves(monkeypatch, saves: int = 1) -> None:
+    """train.py dies right after writing its `saves`-th mid-epoch checkpoint, before any upload."""
+    import train
+    real, calls = train.save_mid_epoch, []
+
+    def save_then_crash(*args, **kwargs):
+        real(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == saves:
+            raise Crash
+
+    monkeypatch.setattr(train, "save_mid_epoch", save_then_crash)
