@@ -159,6 +159,30 @@ def make_tiny_rewrite_setup(root, captions, pairs) -> dict:
     return {"ckpt_dir": str(ckpt), "tokenizer_path": str(ckpt / "tokenizer.model"), "examples": str(examples)}
 
 
+def one_line_error(capsys) -> str:
+    """The one line a rewriting run wrote besides its progress bar (tqdm's updates end in '\r' or '\n')."""
+    import re
+    err = capsys.readouterr().err
+    lines = [part for part in re.split(r"[\r\n]", err) if part.strip() and not re.search(r"\d+%\|", part)]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def interrupt_at_window(monkeypatch, windows: int, error: type[BaseException] = KeyboardInterrupt) -> None:
+    """`error` (Ctrl-C by default) when the rewriting engine is asked for window number `windows`
+    (counted from 0, over modes)."""
+    from rewrite import runner
+    real, calls = runner.rewrite_window, {"n": 0}
+
+    def wrapped(*args, **kwargs):
+        if calls["n"] == windows:
+            raise error()
+        calls["n"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "rewrite_window", wrapped)
+
+
 @pytest.fixture(scope="session")
 def s3_server():
     """moto's S3 server on 127.0.0.1 for the whole session, the environment pointed at it

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REWRITE_PAIRS as PAIRS, make_tiny_rewrite_setup
+from conftest import REWRITE_PAIRS as PAIRS, interrupt_at_window, make_tiny_rewrite_setup
 from rewrite import cli_args, llama_rewrite, runner
 from rewrite.llama import Tokenizer
 from rewrite.units import ShareWriter, record_path
@@ -64,26 +64,13 @@ class Interrupt(Exception):
     pass
 
 
-def interrupt_after(monkeypatch, windows: int) -> None:
-    real = runner.rewrite_window
-    calls = {"n": 0}
-
-    def wrapped(*args, **kwargs):
-        if calls["n"] == windows:
-            raise Interrupt()
-        calls["n"] += 1
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(runner, "rewrite_window", wrapped)
-
-
 @pytest.mark.parametrize("windows", [0, 1, 2])
 def test_resume_gives_identical_file(tiny, tmp_path, monkeypatch, windows):
     src = write_lines(tmp_path / "src.txt", CAPTIONS * 2)
     reference = rewrite(tiny, src, tmp_path / "ref.txt")
     out = tmp_path / "out.txt"
     with monkeypatch.context() as m:
-        interrupt_after(m, windows)
+        interrupt_at_window(m, windows, Interrupt)
         with pytest.raises(Interrupt):
             rewrite(tiny, src, out)
     with open(out, "ab") as f:  # bytes written after the last commit must be discarded
@@ -126,7 +113,7 @@ def test_more_units_than_processes_resume_to_the_same_file(tiny, tmp_path, monke
     out = tmp_path / "out.txt"
     with monkeypatch.context() as m:
         m.setattr(units_text, "UNIT_LINES", 10)  # 28 lines: 3 units
-        interrupt_after(m, 2)
+        interrupt_at_window(m, 2, Interrupt)
         with pytest.raises(Interrupt):
             rewrite(tiny, src, out)
     assert sorted(p.name for p in tmp_path.glob("out.txt.part-*-of-00003")) == [
@@ -157,7 +144,7 @@ def test_changed_input_or_settings_refuse_and_overwrite_restarts(tiny, tmp_path,
     src = write_lines(tmp_path / "src.txt", CAPTIONS)
     out = tmp_path / "out.txt"
     with monkeypatch.context() as m:
-        interrupt_after(m, 1)
+        interrupt_at_window(m, 1, Interrupt)
         with pytest.raises(Interrupt):
             rewrite(tiny, src, out)
     write_lines(src, CAPTIONS[::-1])

@@ -4,7 +4,6 @@ damaged record, an unwritable folder; Ctrl-C is one line and keeps the committed
 from __future__ import annotations
 
 import json
-import re
 import signal
 import subprocess
 import sys
@@ -13,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from common.locking import FileLock
-from conftest import REWRITE_PAIRS as PAIRS, make_tiny_rewrite_setup, unwritable_dir
+from conftest import REWRITE_PAIRS as PAIRS, interrupt_at_window, make_tiny_rewrite_setup, one_line_error, \
+    unwritable_dir
 from rewrite import cli as rewrite_cli, llama_rewrite, runner
 from rewrite.units import record_path
 
@@ -40,14 +40,6 @@ def argv(tiny, src: Path, out: Path, **extra) -> list[str]:
                  max_batch_size=2)
     flags.update(extra)
     return [f"--{k}={v}" for k, v in flags.items()]
-
-
-def one_line_error(capsys) -> str:
-    """The one line written besides the progress bar (tqdm's updates end in '\r' or '\n')."""
-    err = capsys.readouterr().err
-    lines = [part for part in re.split(r"[\r\n]", err) if part.strip() and not re.search(r"\d+%\|", part)]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
 
 
 def forbid_model(monkeypatch) -> None:
@@ -204,18 +196,6 @@ def test_record_with_incomplete_state_is_one_line(tiny, src, tmp_path, capsys, m
 
 
 # ---------------------------------------------------------------- Ctrl-C and folders
-def interrupt_at_window(monkeypatch, windows: int) -> None:
-    real, calls = runner.rewrite_window, {"n": 0}
-
-    def wrapped(*args, **kwargs):
-        if calls["n"] == windows:
-            raise KeyboardInterrupt
-        calls["n"] += 1
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(runner, "rewrite_window", wrapped)
-
-
 def test_ctrl_c_is_one_line_and_keeps_committed_work(tiny, src, tmp_path, capsys, monkeypatch):
     reference = run_once(tiny, src, tmp_path / "ref.txt")
     out = tmp_path / "out.txt"

@@ -15,7 +15,7 @@ import torch
 
 import shard_fixtures as sf
 from common.rewrite_format import read_metadata
-from conftest import REWRITE_PAIRS, make_tiny_rewrite_setup
+from conftest import REWRITE_PAIRS, interrupt_at_window, make_tiny_rewrite_setup, one_line_error
 from rewrite import llama_rewrite, runner
 from rewrite.shard_input import RUN_RECORD
 from rewrite.units import record_path
@@ -54,26 +54,6 @@ def cli(**kwargs) -> int:
     return llama_rewrite.cli([f"--{k}={v}" for k, v in kwargs.items()])
 
 
-def one_line_error(capsys) -> str:
-    err = capsys.readouterr().err
-    lines = [part for part in re.split(r"[\r\n]", err) if part.strip() and not re.search(r"\d+%\|", part)]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
-
-
-def interrupt_after(monkeypatch, windows: int) -> None:
-    """Ctrl-C when the engine is asked for window number `windows` (counted over modes)."""
-    real, calls = runner.rewrite_window, {"n": 0}
-
-    def wrapped(*args, **kwargs):
-        if calls["n"] == windows:
-            raise KeyboardInterrupt
-        calls["n"] += 1
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(runner, "rewrite_window", wrapped)
-
-
 def forbid_model(monkeypatch) -> None:
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded")
@@ -85,7 +65,7 @@ def forbid_model(monkeypatch) -> None:
 def test_text_resume_with_other_weights_is_refused_naming_the_folder(setup, tmp_path, capsys, monkeypatch):
     out = tmp_path / "out.txt"
     with monkeypatch.context() as m:
-        interrupt_after(m, 2)
+        interrupt_at_window(m, 2)
         assert cli(**flags(setup, out)) == 130
     forbid_model(monkeypatch)
     capsys.readouterr()
@@ -113,7 +93,7 @@ def test_shards_rerun_with_other_weights_is_refused_and_the_identity_recorded(se
     out = tmp_path / "out"
     shards = setup["shards"].parquets
     with monkeypatch.context() as m:
-        interrupt_after(m, 3)  # windows of 4 lines: shard 0 finished, shard 1 partly
+        interrupt_at_window(m, 3)  # windows of 4 lines: shard 0 finished, shard 1 partly
         assert cli(**flags(setup, out, prompt=shards, max_batch_size=1)) == 130
     assert (out / "00000.parquet").exists() and (out / "00001.parquet.part").exists()
     forbid_model(monkeypatch)
@@ -145,7 +125,7 @@ def test_records_of_the_previous_version_resume_with_a_note(setup, tmp_path, cap
 
     with monkeypatch.context() as m:
         m.setattr(runner, "checkpoint_identity", previous_version)
-        interrupt_after(m, 2)
+        interrupt_at_window(m, 2)
         assert cli(**flags(setup, out)) == 130
     assert "content" not in json.loads(record_path(out).read_text())["fingerprint"]["settings"]["checkpoint"]
     capsys.readouterr()
@@ -164,7 +144,7 @@ def test_shard_folders_of_the_previous_version_resume_with_a_note(setup, tmp_pat
     with monkeypatch.context() as m:
         m.setattr(runner, "checkpoint_identity",
                   lambda ckpt, tok: {k: v for k, v in real(ckpt, tok).items() if k != "content"})
-        interrupt_after(m, 3)
+        interrupt_at_window(m, 3)
         assert cli(**flags(setup, out, prompt=shards, max_batch_size=1)) == 130
     assert "content" not in read_metadata(out / "00000.parquet")["settings"]["checkpoint"]
     capsys.readouterr()
@@ -203,7 +183,7 @@ def flip_last_digit(path: Path, key: str) -> None:
 def test_text_record_with_a_flipped_byte_is_refused(setup, tmp_path, capsys, monkeypatch):
     out = tmp_path / "out.txt"
     with monkeypatch.context() as m:
-        interrupt_after(m, 2)
+        interrupt_at_window(m, 2)
         assert cli(**flags(setup, out)) == 130
     flip_last_digit(record_path(out), "next_line")  # today: resumed one line off, silently
     forbid_model(monkeypatch)
@@ -216,7 +196,7 @@ def test_text_record_with_a_flipped_byte_is_refused(setup, tmp_path, capsys, mon
 def test_shard_part_record_with_a_flipped_byte_is_refused(setup, tmp_path, capsys, monkeypatch):
     out = tmp_path / "out"
     with monkeypatch.context() as m:
-        interrupt_after(m, 3)
+        interrupt_at_window(m, 3)
         assert cli(**flags(setup, out, prompt=setup["shards"].parquets, max_batch_size=1)) == 130
     record = out / "00001.parquet.part.progress.json"
     flip_last_digit(record, "rewritten")  # today: resumed, the shard's counts wrong
@@ -229,7 +209,7 @@ def test_shard_part_record_with_a_flipped_byte_is_refused(setup, tmp_path, capsy
 def test_records_without_a_checksum_still_resume(setup, tmp_path, monkeypatch):
     out = tmp_path / "out.txt"
     with monkeypatch.context() as m:
-        interrupt_after(m, 2)
+        interrupt_at_window(m, 2)
         assert cli(**flags(setup, out)) == 130
     record = json.loads(record_path(out).read_text())
     record.pop("checksum", None)  # as the previous version wrote it
@@ -243,7 +223,7 @@ def test_resumed_shard_summary_adds_up(setup, tmp_path, capsys, monkeypatch):
     out = tmp_path / "out"
     two = dict(prompt=setup["shards"].parquets, sample_mode="chatgpt,bard")
     with monkeypatch.context() as m:
-        interrupt_after(m, 6)  # windows of 8 lines x 2 modes: shard 0 done, shard 1 one window in
+        interrupt_at_window(m, 6)  # windows of 8 lines x 2 modes: shard 0 done, shard 1 one window in
         assert cli(**flags(setup, out, max_batch_size=1, **two)) == 130
     assert (out / "00000.parquet").exists() and (out / "00001.parquet.part").exists()
     capsys.readouterr()
@@ -263,7 +243,7 @@ def test_resumed_shard_summary_adds_up(setup, tmp_path, capsys, monkeypatch):
 def test_a_record_without_checksum_is_still_checked_by_its_line_count(setup, tmp_path, capsys, monkeypatch):
     out = tmp_path / "out.txt"
     with monkeypatch.context() as m:
-        interrupt_after(m, 2)
+        interrupt_at_window(m, 2)
         assert cli(**flags(setup, out)) == 130
     record = json.loads(record_path(out).read_text())
     del record["checksum"]  # as the previous version wrote it
